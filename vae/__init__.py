@@ -1,0 +1,29 @@
+"""The mask VQ-VAE: 64x64 masks <-> 16 seg tokens, and full-resolution masks <-> tokens via boxes.
+
+    import vae
+    model = vae.load()                        # models/vae-oid.npz if present (cwd-relative), else bundled
+    seg = vae.mask_to_tokens(model, mask, box_xyxy)           # 16 ints in [0, 128)
+    mask = vae.tokens_to_mask(model, seg, locs, width, height)  # bool [height, width]
+
+A library: imports no pipeline stage.
+"""
+
+from vae.masks import (
+    DegenerateBoxWarning,
+    mask_to_tokens,
+    masks_to_tokens,
+    tokens_to_mask,
+    tokens_to_masks,
+)
+from vae.model import MaskVAE, load, write_random_npz
+
+__all__ = [
+    "DegenerateBoxWarning",
+    "MaskVAE",
+    "load",
+    "mask_to_tokens",
+    "masks_to_tokens",
+    "tokens_to_mask",
+    "tokens_to_masks",
+    "write_random_npz",
+]

@@ -1,0 +1,318 @@
+"""The mask VQ-VAE of PaliGemma (big_vision's `vae-oid.npz`) in Flax: 64x64 mask <-> 16 codes of 128.
+
+Architecture (big_vision reference §3, upstream AiT `VQVAE` with hidden 16, 2 res blocks, D = 512):
+
+    encoder: 2*(x-0.5) -> [conv4x4 s2 p1 + ReLU] x4 (16, 32, 64, 128) -> 2 ResBlocks -> conv1x1 to 512
+    quantize: nearest of 128 codebook rows, raster order over the 4x4 grid -> int32 [N, 16]
+    decoder: codes -> conv1x1 512->128 + ReLU -> 2 ResBlocks -> [convT4x4 s2 p1 + ReLU] x4
+             (128, 64, 32, 16) -> conv1x1 to 1; unclamped, foreground is > 0
+
+Weights live in PyTorch state-dict layout (`encoder.N.weight` OIHW, `decoder.N.weight` of a transposed
+conv as (in, out, kh, kw), `_vq_vae._embedding` (128, 512)) so the released file, our own trained files and
+the random test files are interchangeable. Flax module names mirror the torch keys (`encoder.8.net.0` ->
+`encoder_8/net_0`), which makes the conversion a mechanical rename + transpose.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from paliseg import files
+
+GRID = 4  # the latent grid is 4x4 ...
+TOKENS = GRID * GRID  # ... read in raster order: 16 tokens per mask
+MASK_SIZE = 64
+CODEBOOK_SIZE = 128
+CODE_DIM = 512
+CODEBOOK_KEY = "_vq_vae._embedding"
+ENCODER_WIDTHS = (16, 32, 64, 128)
+DECODER_WIDTHS = (128, 64, 32, 16)
+
+# Batches are padded up to one of these sizes (larger inputs run in chunks of the largest), so a long
+# dataset compiles at most len(BATCH_BUCKETS) programs per function instead of one per batch size.
+BATCH_BUCKETS = (1, 8, 32, 128, 256)
+
+# Where `load(None)` looks first (relative to the current directory, normally the repository root):
+# the released VAE, fetched by `paliseg vae download`. If absent, the small VAE bundled in the package.
+DEFAULT_VAE_PATH = Path("models") / "vae-oid.npz"
+BUNDLED_VAE_PATH = Path(__file__).resolve().parent / "assets" / "paliseg-vae-f16.npz"
+
+
+class ResBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(conv3x3(x))))), torch `nn.Sequential` indices 0, 2, 4."""
+
+    features: int = 128
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(self.features, (3, 3), padding=1, name="net_0")(x))
+        h = nn.relu(nn.Conv(self.features, (3, 3), padding=1, name="net_2")(h))
+        return x + nn.Conv(self.features, (1, 1), name="net_4")(h)
+
+
+class Encoder(nn.Module):
+    """[N, 64, 64] masks in [0, 1] -> [N, 4, 4, 512] continuous latents (before quantization)."""
+
+    @nn.compact
+    def __call__(self, masks):
+        x = 2.0 * (masks[..., None] - 0.5)
+        for index, width in zip((0, 2, 4, 6), ENCODER_WIDTHS):
+            # k4 s2 with padding 1 each side: torch `padding=1`, and TF 'SAME' on even sizes.
+            x = nn.relu(nn.Conv(width, (4, 4), strides=(2, 2), padding=1, name=f"encoder_{index}")(x))
+        x = ResBlock(ENCODER_WIDTHS[-1], name="encoder_8")(x)
+        x = ResBlock(ENCODER_WIDTHS[-1], name="encoder_9")(x)
+        return nn.Conv(CODE_DIM, (1, 1), name="encoder_10")(x)
+
+
+class Decoder(nn.Module):
+    """[N, 4, 4, 512] code vectors -> [N, 64, 64] mask logits (> 0 is foreground, roughly in [-1, 1])."""
+
+    @nn.compact
+    def __call__(self, codes):
+        x = nn.relu(nn.Conv(DECODER_WIDTHS[0], (1, 1), name="decoder_0")(codes))
+        x = ResBlock(DECODER_WIDTHS[0], name="decoder_2")(x)
+        x = ResBlock(DECODER_WIDTHS[0], name="decoder_3")(x)
+        for index, width in zip((4, 6, 8, 10), DECODER_WIDTHS):
+            # torch ConvTranspose2d(k=4, s=2, p=1) == lax padding k-1-p = 2 with the torch kernel flipped
+            # and in/out swapped, which is what `transpose_kernel=True` does.
+            x = nn.ConvTranspose(
+                width, (4, 4), strides=(2, 2), padding=2, transpose_kernel=True, name=f"decoder_{index}"
+            )(x)
+            x = nn.relu(x)
+        return nn.Conv(1, (1, 1), name="decoder_12")(x)[..., 0]
+
+
+def quantize(latents: jax.Array, codebook: jax.Array) -> jax.Array:
+    """[N, 4, 4, D] latents -> int32 [N, 16]: index of the nearest codebook row (squared L2), raster order."""
+    flat = latents.reshape(-1, latents.shape[-1])
+    distances = (
+        jnp.sum(flat**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)[None, :] - 2.0 * flat @ codebook.T
+    )
+    return jnp.argmin(distances, axis=1).astype(jnp.int32).reshape(latents.shape[0], TOKENS)
+
+
+def embed(tokens: jax.Array, codebook: jax.Array) -> jax.Array:
+    """int [N, 16] -> [N, 4, 4, D] code vectors."""
+    return jnp.take(codebook, tokens, axis=0).reshape(tokens.shape[0], GRID, GRID, codebook.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PyTorch state dict (npz) <-> Flax params
+
+
+def _torch_key_to_path(key: str) -> tuple[tuple[str, ...], str]:
+    """'encoder.8.net.0.weight' -> (('encoder_8', 'net_0'), 'weight')."""
+    *parts, leaf = key.split(".")
+    return tuple(f"{name}_{index}" for name, index in zip(parts[::2], parts[1::2])), leaf
+
+
+def _path_to_torch_key(path: tuple[str, ...], leaf: str) -> str:
+    return ".".join(part.replace("_", ".") for part in path) + "." + leaf
+
+
+@functools.cache
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """Every key of the vae-oid layout and its PyTorch shape, derived from the Flax modules."""
+    shapes = {CODEBOOK_KEY: (CODEBOOK_SIZE, CODE_DIM)}
+    trees = {
+        "encoder": jax.eval_shape(Encoder().init, jax.random.key(0), jnp.zeros((1, MASK_SIZE, MASK_SIZE))),
+        "decoder": jax.eval_shape(Decoder().init, jax.random.key(0), jnp.zeros((1, GRID, GRID, CODE_DIM))),
+    }
+    for tree in trees.values():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree["params"])[0]:
+            names = tuple(p.key for p in path)
+            if names[-1] == "bias":
+                shapes[_path_to_torch_key(names[:-1], "bias")] = leaf.shape
+            else:  # flax kernel (kh, kw, a, b) -> torch (b, a, kh, kw)
+                kh, kw, a, b = leaf.shape
+                shapes[_path_to_torch_key(names[:-1], "weight")] = (b, a, kh, kw)
+    return shapes
+
+
+def state_dict_to_params(state: Mapping[str, np.ndarray], source: str = "<state dict>") -> dict:
+    """Torch-layout arrays -> {'encoder': params, 'decoder': params, 'codebook': (128, 512)} in float32.
+
+    Extra keys (the real file may carry EMA buffers) are ignored; a missing key or a wrong shape raises
+    ValueError naming `source`.
+    """
+    want = expected_shapes()
+    missing = sorted(set(want) - set(state))
+    if missing:
+        raise ValueError(f"{source}: not a mask VAE in the vae-oid layout; missing {len(missing)} keys, e.g. {missing[:3]}")
+    params: dict = {"encoder": {}, "decoder": {}}
+    for key, shape in want.items():
+        value = np.asarray(state[key], dtype=np.float32)
+        if value.shape != shape:
+            raise ValueError(f"{source}: {key} has shape {value.shape}, expected {shape}")
+        if key == CODEBOOK_KEY:
+            params["codebook"] = value
+            continue
+        path, leaf = _torch_key_to_path(key)
+        node = params[path[0].split("_")[0]]
+        for part in path:
+            node = node.setdefault(part, {})
+        # OIHW (conv) and (in, out, kh, kw) (transposed conv) both become (kh, kw, b, a) by (2, 3, 1, 0).
+        node["bias" if leaf == "bias" else "kernel"] = value if leaf == "bias" else value.transpose(2, 3, 1, 0)
+    return params
+
+
+def params_to_state_dict(params: Mapping, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
+    """Inverse of `state_dict_to_params`: exactly the vae-oid keys, in torch layout, as `dtype`."""
+    state = {CODEBOOK_KEY: np.asarray(params["codebook"], dtype=dtype)}
+    for part in ("encoder", "decoder"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params[part])[0]:
+            names = tuple(p.key for p in path)
+            value = np.asarray(leaf, dtype=dtype)
+            if names[-1] == "bias":
+                state[_path_to_torch_key(names[:-1], "bias")] = value
+            else:
+                state[_path_to_torch_key(names[:-1], "weight")] = value.transpose(3, 2, 0, 1)
+    return state
+
+
+def save_npz(path: str | os.PathLike, params: Mapping, dtype: np.dtype = np.float32, overwrite: bool = False) -> None:
+    """Write params as a vae-oid-layout npz (atomic; refuses to replace a file unless `overwrite`)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **params_to_state_dict(params, dtype))
+    files.write_bytes(path, buffer.getvalue(), overwrite=overwrite)
+
+
+def random_params(seed: int = 0) -> dict:
+    """Freshly initialised params (Flax default init, codebook ~ U(-1/128, 1/128) as in torch VQ code)."""
+    enc_key, dec_key, code_key = jax.random.split(jax.random.key(seed), 3)
+    encoder = Encoder().init(enc_key, jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"]
+    decoder = Decoder().init(dec_key, jnp.zeros((1, GRID, GRID, CODE_DIM)))["params"]
+    codebook = jax.random.uniform(code_key, (CODEBOOK_SIZE, CODE_DIM), minval=-1, maxval=1) / CODEBOOK_SIZE
+    return jax.tree.map(np.asarray, {"encoder": encoder, "decoder": decoder, "codebook": codebook})
+
+
+def write_random_npz(path: str | os.PathLike, seed: int = 0) -> Path:
+    """An npz with the exact keys, shapes and dtype (float32) of vae-oid.npz, filled with random values.
+
+    For tests: the real file is a download. The weights are scaled like torch's default init and the
+    biases are random too (not zero), and the codebook is spread like trained latents, so encode gives
+    varied tokens and decode gives varied outputs.
+    """
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, shape in expected_shapes().items():
+        if key == CODEBOOK_KEY:
+            state[key] = rng.normal(0.0, 0.5, shape).astype(np.float32)
+            continue
+        if key.endswith("bias"):
+            state[key] = rng.uniform(-0.1, 0.1, shape).astype(np.float32)
+            continue
+        is_transposed = key.startswith("decoder.") and len(shape) == 4 and shape[2] == 4
+        fan_in = (shape[0] if is_transposed else shape[1]) * shape[2] * shape[3]
+        bound = np.sqrt(6.0 / fan_in)  # He-uniform: activations keep their scale through the ReLUs
+        state[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    files.write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model object used by the rest of paliseg
+
+
+def bucket_size(n: int) -> int:
+    """Smallest batch bucket >= n (n <= the largest bucket)."""
+    return next(b for b in BATCH_BUCKETS if b >= n)
+
+
+@jax.jit
+def _encode(params, masks):
+    return quantize(Encoder().apply({"params": params["encoder"]}, masks), params["codebook"])
+
+
+@jax.jit
+def _decode(params, tokens):
+    return Decoder().apply({"params": params["decoder"]}, embed(tokens, params["codebook"]))
+
+
+class MaskVAE:
+    """A loaded VAE: batched, jit-compiled `encode` / `decode` on fixed batch buckets."""
+
+    def __init__(self, params: Mapping, source: str = "<params>"):
+        self.params = jax.tree.map(jnp.asarray, dict(params))
+        self.source = source
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike) -> "MaskVAE":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: VAE file not found")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                state = {key: data[key] for key in data.files}
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable npz file: {error}") from error
+        return cls(state_dict_to_params(state, str(path)), str(path))
+
+    def _batched(self, function, inputs: np.ndarray, out_shape: tuple[int, ...], out_dtype) -> np.ndarray:
+        largest = BATCH_BUCKETS[-1]
+        outputs = []
+        for start in range(0, len(inputs), largest):
+            chunk = inputs[start : start + largest]
+            padded = np.zeros((bucket_size(len(chunk)),) + chunk.shape[1:], chunk.dtype)
+            padded[: len(chunk)] = chunk
+            outputs.append(np.asarray(function(self.params, padded))[: len(chunk)])
+        if not outputs:
+            return np.zeros((0,) + out_shape, out_dtype)
+        return np.concatenate(outputs).astype(out_dtype, copy=False)
+
+    def encode(self, masks) -> np.ndarray:
+        """float [N, 64, 64] masks in [0, 1] (soft values allowed) -> int32 [N, 16] codes."""
+        masks = np.asarray(masks, dtype=np.float32)
+        if masks.ndim != 3 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE):
+            raise ValueError(f"encode expects masks of shape [N, {MASK_SIZE}, {MASK_SIZE}], got {masks.shape}")
+        return self._batched(_encode, masks, (TOKENS,), np.int32)
+
+    def decode(self, tokens) -> np.ndarray:
+        """int [N, 16] codes in [0, 128) -> float32 [N, 64, 64] logits (> 0 is foreground)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] != TOKENS:
+            raise ValueError(f"decode expects tokens of shape [N, {TOKENS}], got {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= CODEBOOK_SIZE):
+            raise ValueError(f"decode expects token values in [0, {CODEBOOK_SIZE}), got {tokens.min()}..{tokens.max()}")
+        return self._batched(_decode, tokens.astype(np.int32), (MASK_SIZE, MASK_SIZE), np.float32)
+
+    def __repr__(self) -> str:
+        return f"MaskVAE({self.source})"
+
+
+def load(path: str | os.PathLike | None = None) -> MaskVAE:
+    """Load a VAE npz (vae-oid layout, float32 or float16).
+
+    `path=None` picks the default: `models/vae-oid.npz` relative to the current directory (where
+    `paliseg vae download` puts the released VAE), else the small VAE bundled with paliseg.
+    """
+    if path is not None:
+        return MaskVAE.from_npz(path)
+    if DEFAULT_VAE_PATH.is_file():
+        return MaskVAE.from_npz(DEFAULT_VAE_PATH)
+    if BUNDLED_VAE_PATH.is_file():
+        return MaskVAE.from_npz(BUNDLED_VAE_PATH)
+    raise FileNotFoundError(
+        f"no VAE found: neither {DEFAULT_VAE_PATH} (run `paliseg vae download`) nor the bundled "
+        f"{BUNDLED_VAE_PATH} exists; pass a path to a vae-oid-layout npz"
+    )

@@ -1,0 +1,1 @@
+"""The `paliseg` command: the one module that sees every stage."""

@@ -1,0 +1,96 @@
+"""Atomic writes and the mask PNG convention shared by every stage.
+
+Nothing paliseg writes is ever half-written: content goes to a temporary file in the target folder and
+is renamed into place. Existing files are replaced only when the caller says so (`overwrite=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+
+class OutputExistsError(FileExistsError):
+    """Raised instead of silently replacing a file the user already has."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} already exists; pass --overwrite to replace it")
+        self.path = path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", overwrite: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of `path` for writing; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise OutputExistsError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
+    with atomic_open(path, "wb", overwrite=overwrite) as handle:
+        handle.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any, overwrite: bool = True) -> None:
+    with atomic_open(path, "w", overwrite=overwrite) as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True, default=_json_default)
+        handle.write("\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_image(path: str | os.PathLike, image: Image.Image, overwrite: bool = True) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    write_bytes(path, buffer.getvalue(), overwrite=overwrite)
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray, overwrite: bool = True) -> None:
+    """Save a boolean HxW mask as a single-channel 0/255 PNG."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask for {path} must be 2-D, got shape {mask.shape}")
+    write_image(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), overwrite)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Load a mask PNG (any mode) as a boolean HxW array: foreground is any value above 127."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L")) > 127
+
+
+def read_rgb(path: str | os.PathLike) -> Image.Image:
+    """Load an image as RGB (grey is stacked, alpha dropped), with a message naming the file on failure."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read image: {error}") from error

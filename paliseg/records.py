@@ -1,0 +1,112 @@
+"""The annotation record: one line of `_annotations.<split>.jsonl`, the contract between all stages.
+
+    {"image": "images/a.jpg", "prefix": "segment crack", "suffix": "<loc...>... crack ; ...",
+     "mask": "masks/a.segment_crack.png", ...provenance fields}
+
+Paths are relative to the JSONL file. `mask` is the full-resolution ground-truth PNG (0/255), the union of
+the prompt's objects; an image with no object of the prompt has an empty suffix and an all-zero mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from paliseg import files
+
+SPLITS = ("train", "valid", "test")
+_FIELDS = ("image", "prefix", "suffix", "mask")
+
+
+class RecordError(ValueError):
+    """A malformed annotation line; the message starts with `file:line:`."""
+
+
+def annotations_path(directory: str | os.PathLike, split: str) -> Path:
+    """Roboflow's naming: DIR/_annotations.<split>.jsonl."""
+    return Path(directory) / f"_annotations.{split}.jsonl"
+
+
+def available_splits(directory: str | os.PathLike) -> list[str]:
+    """Splits with an annotation file in `directory`, known splits first."""
+    found = sorted(p.name[len("_annotations.") : -len(".jsonl")] for p in Path(directory).glob("_annotations.*.jsonl"))
+    return sorted(found, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+
+
+@dataclasses.dataclass
+class Record:
+    image: str
+    prefix: str
+    suffix: str
+    mask: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Where the record was read from, for messages and for resolving relative paths; not serialised.
+    source: Path | None = dataclasses.field(default=None, compare=False)
+    line: int | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.source is not None else "<record>"
+
+    def resolve(self, relative: str) -> Path:
+        base = self.source.parent if self.source is not None else Path(".")
+        return base / relative
+
+    @property
+    def image_path(self) -> Path:
+        return self.resolve(self.image)
+
+    @property
+    def mask_path(self) -> Path | None:
+        return self.resolve(self.mask) if self.mask else None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"image": self.image, "prefix": self.prefix, "suffix": self.suffix}
+        if self.mask is not None:
+            data["mask"] = self.mask
+        data.update(self.extra)
+        return data
+
+
+def parse_record(line: str, source: Path | None = None, line_number: int | None = None) -> Record:
+    where = f"{source}:{line_number}"
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    for field in ("image", "prefix"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise RecordError(f"{where}: field '{field}' must be a non-empty string")
+    if not isinstance(data.get("suffix", ""), str):
+        raise RecordError(f"{where}: field 'suffix' must be a string")
+    if data.get("mask") is not None and not isinstance(data["mask"], str):
+        raise RecordError(f"{where}: field 'mask' must be a string path")
+    extra = {k: v for k, v in data.items() if k not in _FIELDS}
+    return Record(data["image"], data["prefix"], data.get("suffix", ""), data.get("mask"), extra, source, line_number)
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Read every record of a JSONL file; the first malformed line raises `RecordError` naming it."""
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                records.append(parse_record(line, path, number))
+    return records
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Record], overwrite: bool = False) -> int:
+    """Atomically write records as JSONL; refuses to replace an existing file unless `overwrite`."""
+    count = 0
+    with files.atomic_open(path, "w", overwrite=overwrite) as handle:
+        for record in records:
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False, sort_keys=False) + "\n")
+            count += 1
+    return count

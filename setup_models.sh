@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Download the real model assets into models/ (PaliGemma from Kaggle or Hugging Face, the PaliGemma
+# tokenizer, vae-oid.npz, SAM), each checked and resumable. Needs network access and `bash setup_env.sh` first.
+#
+#   bash setup_models.sh                 # tokenizer, vae, paligemma (pt/mix 224, Kaggle), sam (vit_h)
+#   bash setup_models.sh --only sam-small --only paligemma-448
+#   bash setup_models.sh --list          # what is present
+# Kaggle needs ~/.kaggle/kaggle.json (or KAGGLE_USERNAME/KAGGLE_KEY) and the accepted Gemma licence;
+# Hugging Face needs HF_TOKEN and the accepted licence on the model page.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+[ -x .venv/bin/python ] || { echo "setup_models.sh: run 'bash setup_env.sh' first" >&2; exit 1; }
+exec .venv/bin/python -m paliseg.downloads "$@"

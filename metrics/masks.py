@@ -3,7 +3,6 @@
 Conventions (quoted by the report and README):
 - Masks are compared pixel for pixel; prediction and ground truth must have the same height and width
   (a prediction is never resized to fit, so a size mismatch is a bug upstream and raises).
-- A missing or unparsable prediction (`pred=None`) scores 0, and the caller counts it as invalid.
 - When both prediction and ground truth are empty there is nothing to get wrong: the score is `empty`
   (1.0 by default, configurable). One empty and the other not scores 0.
 """

@@ -6,7 +6,6 @@ Conventions (quoted by the report and README):
   union |gt|.
 - A prediction whose text had some invalid objects is scored on its valid objects; the number of rejected
   objects is recorded in `invalid_objects` (the image still counts as valid).
-- Prediction and ground truth both empty score `empty` (1.0 by default), for masks and for boxes.
 - Box scores exist only when ground-truth boxes are given (`gt_boxes` not None); `pred_boxes=None` with
   ground-truth boxes means the prediction has no boxes.
 """

@@ -1,0 +1,305 @@
+"""Synthetic shapes in Roboflow's COCO layout: a dataset anyone can make offline, with a known right answer.
+
+    from converters import synthetic
+    synthetic.write_synthetic_coco("shapes", n_train=400, n_valid=40, image_size=64, seed=0)
+    # shapes/train/*.jpg + shapes/train/_annotations.coco.json, shapes/valid/... (the `paliseg convert` input)
+
+Each image is a textured, noisy background with one or a few non-overlapping shapes (`ellipse`,
+`rectangle`, `triangle`, `crack`: a thin wandering band) whose colours are random and unrelated to the
+class, so a model has to learn the shape, not the colour. Every shape is a polygon; the pixels painted
+for it are exactly pycocotools' rasterisation of the polygon written to the JSON (the same rounded
+coordinates), so the ground truth the pipeline reads back is what was drawn.
+
+The JSON is what a Roboflow instance-segmentation export holds: category 0 is a placeholder named after
+the project (`supercategory: "none"`, used by no annotation), the classes are 1..N; annotations carry
+polygon `segmentation`, `bbox` [x, y, w, h] (the polygon's extent), `area` (pixels) and `iscrowd: 0`.
+
+Deterministic: image `i` of a split depends only on (seed, split, i), so growing a split keeps its first
+images. Run as a script to make a dataset by hand: `python -m converters.synthetic OUT --train 400`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from paliseg import files
+
+ANNOTATION_FILE = "_annotations.coco.json"
+SPLIT_NAMES = ("train", "valid", "test")
+# Colours of a shape and of the background around it differ by at least this much in luminance (0-255):
+# the shapes are plainly visible, the task is learning where and what they are.
+MIN_CONTRAST = 60.0
+_PLACEMENT_TRIES = 200
+_DATE = "2025-01-01T00:00:00+00:00"  # fixed, so a dataset is byte-identical for a seed
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticObject:
+    class_name: str
+    polygon: tuple[float, ...]  # COCO flat [x1, y1, x2, y2, ...] in pixels, rounded as written to the JSON
+    mask: np.ndarray = dataclasses.field(repr=False, compare=False)  # bool HxW: the painted pixels
+
+    @property
+    def bbox_xywh(self) -> tuple[float, float, float, float]:
+        xs, ys = self.polygon[0::2], self.polygon[1::2]
+        return min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticImage:
+    pixels: np.ndarray  # uint8 HxWx3
+    objects: tuple[SyntheticObject, ...]
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+# Each returns polygon vertices (N x 2, x then y) centred near (0, 0) with extent about `scale` pixels.
+
+
+def _ellipse(rng: np.random.Generator, scale: float) -> np.ndarray:
+    radii = scale / 2 * rng.uniform([0.55, 0.35], [1.0, 0.8])
+    angles = np.linspace(0, 2 * math.pi, 40, endpoint=False)
+    return _rotate(np.stack([radii[0] * np.cos(angles), radii[1] * np.sin(angles)], 1), rng.uniform(0, math.pi))
+
+
+def _rectangle(rng: np.random.Generator, scale: float) -> np.ndarray:
+    half = scale / 2 * rng.uniform([0.5, 0.3], [1.0, 0.75])
+    corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
+    return _rotate(corners, rng.uniform(-0.5, 0.5))
+
+
+def _triangle(rng: np.random.Generator, scale: float) -> np.ndarray:
+    # Corners on a circle, at least 70 degrees apart: no slivers, every triangle plainly a triangle.
+    while True:
+        angles = np.sort(rng.uniform(0, 2 * math.pi, 3))
+        gaps = np.diff(np.append(angles, angles[0] + 2 * math.pi))
+        if gaps.min() > math.radians(70):
+            return scale / 2 * np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
+def _crack(rng: np.random.Generator, scale: float) -> np.ndarray:
+    """A thin band along a smooth random walk: the outline of a crack (left edge, then right edge back)."""
+    steps = 10
+    turns = np.cumsum(rng.normal(0, 0.25, steps)) + rng.uniform(0, 2 * math.pi)
+    spine = np.concatenate([[[0.0, 0.0]], np.cumsum(np.stack([np.cos(turns), np.sin(turns)], 1), 0)])
+    spine *= scale / max(np.ptp(spine, axis=0).max(), 1e-6)
+    spine -= spine.mean(0)
+    tangents = np.gradient(spine, axis=0)
+    normals = np.stack([-tangents[:, 1], tangents[:, 0]], 1) / np.linalg.norm(tangents, axis=1, keepdims=True)
+    half_width = scale * rng.uniform(0.035, 0.06) * rng.uniform(0.7, 1.0, (len(spine), 1))
+    return np.concatenate([spine + normals * half_width, (spine - normals * half_width)[::-1]])
+
+
+SHAPES: dict[str, Callable[[np.random.Generator, float], np.ndarray]] = {
+    "ellipse": _ellipse,
+    "rectangle": _rectangle,
+    "triangle": _triangle,
+    "crack": _crack,
+}
+
+
+def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return points @ np.array([[c, s], [-s, c]])
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def _rasterise(polygon: Sequence[float], size: int) -> np.ndarray:
+    rle = mask_utils.frPyObjects([list(polygon)], size, size)
+    return mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+
+
+def _texture(rng: np.random.Generator, size: int, colour: np.ndarray, amplitude: float) -> np.ndarray:
+    """A colour with smooth blotches (a bicubic-upsampled random grid) and per-pixel noise."""
+    cells = int(rng.integers(3, 7))
+    blotches = ndimage.zoom(rng.normal(0, amplitude, (cells, cells, 3)), (size / cells, size / cells, 1), order=3)
+    return colour + blotches[:size, :size] + rng.normal(0, amplitude / 4, (size, size, 3))
+
+
+def _luminance(colour: np.ndarray) -> float:
+    return float(colour @ np.array([0.299, 0.587, 0.114]))
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    while True:
+        colour = rng.uniform(20, 235, 3)
+        if abs(_luminance(colour) - _luminance(background)) >= MIN_CONTRAST:
+            return colour
+
+
+def _place(rng: np.random.Generator, class_name: str, size: int, taken: np.ndarray) -> SyntheticObject | None:
+    """A shape at a random place fully inside the image, one pixel clear of the shapes already there."""
+    for _ in range(_PLACEMENT_TRIES):
+        outline = SHAPES[class_name](rng, rng.uniform(0.3, 0.7) * size)
+        low, high = outline.min(0), outline.max(0)
+        if np.any(high - low > size - 4):
+            continue
+        offset = rng.uniform(1 - low, size - 1 - high)
+        polygon = tuple(round(float(v), 2) for v in (outline + offset).ravel())
+        mask = _rasterise(polygon, size)
+        if mask.sum() >= 12 and not np.any(ndimage.binary_dilation(mask, iterations=1) & taken):
+            return SyntheticObject(class_name, polygon, mask)
+    return None
+
+
+def make_image(
+    rng: np.random.Generator, image_size: int, classes: Sequence[str], objects_per_image: tuple[int, int] = (1, 1)
+) -> SyntheticImage:
+    """One image: a textured background and `objects_per_image` (min, max) shapes of random classes."""
+    unknown = sorted(set(classes) - set(SHAPES))
+    if unknown or not classes:
+        raise ValueError(f"unknown shape classes {unknown or '(none)'}; choose from: {', '.join(SHAPES)}")
+    background = rng.uniform(40, 215, 3)
+    pixels = _texture(rng, image_size, background, amplitude=rng.uniform(8, 25))
+    taken = np.zeros((image_size, image_size), bool)
+    objects = []
+    for _ in range(int(rng.integers(objects_per_image[0], objects_per_image[1] + 1))):
+        obj = _place(rng, str(rng.choice(list(classes))), image_size, taken)
+        if obj is None:
+            break  # the image is full: fewer objects rather than overlapping ones
+        fill = _texture(rng, image_size, _contrasting_colour(rng, background), amplitude=rng.uniform(4, 10))
+        pixels[obj.mask] = fill[obj.mask]
+        taken |= obj.mask
+        objects.append(obj)
+    return SyntheticImage(np.clip(np.round(pixels), 0, 255).astype(np.uint8), tuple(objects))
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one image: independent of every other image, so splits can grow."""
+    return np.random.default_rng([seed, SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES), index])
+
+
+# ---------------------------------------------------------------------------------------------- COCO
+
+
+def _encode(pixels: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "jpg":
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    else:
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def coco_split(
+    out_dir: str | Path,
+    split: str,
+    count: int,
+    image_size: int,
+    seed: int,
+    classes: Sequence[str],
+    objects_per_image: tuple[int, int],
+    project: str,
+    image_format: str,
+    overwrite: bool,
+    on_image: Callable[[], None] | None = None,
+) -> dict:
+    """Write one split folder (images + `_annotations.coco.json`); returns its COCO dict."""
+    folder = Path(out_dir) / split
+    categories = [{"id": 0, "name": project, "supercategory": "none"}]
+    categories += [{"id": i, "name": name, "supercategory": project} for i, name in enumerate(classes, start=1)]
+    category_ids = {c["name"]: c["id"] for c in categories[1:]}
+    images, annotations = [], []
+    for index in range(count):
+        sample = make_image(image_rng(seed, split, index), image_size, classes, objects_per_image)
+        name = f"{split}_{index:05d}.{image_format}"
+        files.write_bytes(folder / name, _encode(sample.pixels, image_format), overwrite=overwrite)
+        images.append({"id": index, "license": 1, "file_name": name, "height": image_size, "width": image_size,
+                       "date_captured": _DATE})
+        for obj in sample.objects:
+            annotations.append({
+                "id": len(annotations),
+                "image_id": index,
+                "category_id": category_ids[obj.class_name],
+                "bbox": list(obj.bbox_xywh),
+                "area": int(obj.mask.sum()),
+                "segmentation": [list(obj.polygon)],
+                "iscrowd": 0,
+            })
+        if on_image is not None:
+            on_image()
+    coco = {
+        "info": {"year": "2025", "version": "1", "description": f"paliseg synthetic shapes (seed {seed})",
+                 "contributor": "paliseg", "url": "", "date_created": _DATE},
+        "licenses": [{"id": 1, "url": "https://creativecommons.org/publicdomain/zero/1.0/", "name": "CC0 1.0"}],
+        "categories": categories,
+        "images": images,
+        "annotations": annotations,
+    }
+    files.write_json(folder / ANNOTATION_FILE, coco, overwrite=overwrite)
+    return coco
+
+
+def write_synthetic_coco(
+    out_dir: str | Path,
+    n_train: int,
+    n_valid: int,
+    image_size: int = 64,
+    seed: int = 0,
+    classes: Sequence[str] = tuple(SHAPES),
+    objects_per_image: tuple[int, int] = (1, 1),
+    project: str = "shapes",
+    image_format: str = "jpg",
+    overwrite: bool = False,
+    on_image: Callable[[], None] | None = None,
+) -> dict[str, int]:
+    """Write OUT/train and OUT/valid as a Roboflow COCO export; returns {split: number of images}.
+
+    `on_image` is called after each image (a progress bar's update). Existing files are refused unless
+    `overwrite`. `image_format` "jpg" is what Roboflow exports (lossy: the painted pixels blur a little at the
+    edges); "png" keeps them exact."""
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+    if not 1 <= objects_per_image[0] <= objects_per_image[1]:
+        raise ValueError(f"objects_per_image must be (min, max) with 1 <= min <= max, got {objects_per_image}")
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if project in classes:
+        raise ValueError(f"the project name {project!r} must differ from the class names (it is the placeholder)")
+    counts = {"train": n_train, "valid": n_valid}
+    for split, count in counts.items():
+        coco_split(out_dir, split, count, image_size, seed, list(classes), objects_per_image, project, image_format,
+                   overwrite, on_image)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m converters.synthetic",
+        description="Write a synthetic-shapes dataset as a Roboflow COCO export (OUT/train, OUT/valid).",
+        epilog="example:\n  python -m converters.synthetic shapes --train 400 --valid 40 --size 64 --seed 0\n"
+               "  paliseg convert shapes --out shapes_data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out", help="output folder (its train/ and valid/ must not exist yet, unless --overwrite)")
+    parser.add_argument("--train", type=int, default=400, help="training images (default 400)")
+    parser.add_argument("--valid", type=int, default=40, help="validation images (default 40)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", default=",".join(SHAPES), help=f"comma-separated (default {','.join(SHAPES)})")
+    parser.add_argument("--objects", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
+                        help="shapes per image (default 1 1)")
+    parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    counts = write_synthetic_coco(args.out, args.train, args.valid, args.size, args.seed,
+                                  tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+                                  tuple(args.objects), image_format=args.format, overwrite=args.overwrite)
+    print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,9 @@ from paliseg.records import Record
 
 GT_COLOUR = (0, 200, 60)
 PRED_COLOUR = (255, 110, 0)
+# Boxes in a darker shade of the mask colour, so a box hugging a thin crack stays distinct from it.
+GT_BOX_COLOUR = (0, 110, 35)
+PRED_BOX_COLOUR = (185, 60, 0)
 _FILL_ALPHA = 0.45
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
@@ -51,7 +54,7 @@ def _shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _overlay(panel: Image.Image, mask: np.ndarray | None, colour: tuple[int, int, int]) -> Image.Image:
     if mask is None:
-        return panel
+        return panel.copy()  # boxes are drawn on the result: never on the caller's panel
     on = _shrink_mask(mask, panel.size)
     pixels = np.asarray(panel, dtype=np.float32).copy()
     pixels[on] = (1 - _FILL_ALPHA) * pixels[on] + _FILL_ALPHA * np.array(colour, np.float32)
@@ -74,7 +77,7 @@ def _draw_boxes(
             left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
             tx, ty = x1, max(0.0, y1 - (bottom - top) - 4)
             draw.rectangle([tx, ty, tx + right - left + 6, ty + bottom - top + 4], fill=colour)
-            draw.text((tx + 3 - left, ty + 2 - top), label, fill=(0, 0, 0), font=font)
+            draw.text((tx + 3 - left, ty + 2 - top), label, fill=(255, 255, 255), font=font)
 
 
 def _with_title(panel: Image.Image, title: str, colour: tuple[int, int, int]) -> Image.Image:
@@ -121,12 +124,12 @@ def make_canvas(
     base = image.resize(size, Image.LANCZOS)
 
     truth = _overlay(base, gt_mask, GT_COLOUR)
-    _draw_boxes(truth, gt_boxes, gt_labels, GT_COLOUR, scale)
+    _draw_boxes(truth, gt_boxes, gt_labels, GT_BOX_COLOUR, scale)
     if pred_mask is None and not len(pred_boxes):
         prediction = _no_prediction(base)
     else:
         prediction = _overlay(base, pred_mask, PRED_COLOUR)
-        _draw_boxes(prediction, pred_boxes, pred_labels, PRED_COLOUR, scale)
+        _draw_boxes(prediction, pred_boxes, pred_labels, PRED_BOX_COLOUR, scale)
     panels = [
         _with_title(base, "original", (160, 160, 160)),
         _with_title(truth, "ground truth", GT_COLOUR),

@@ -1,0 +1,204 @@
+"""Typed model configs and the named presets.
+
+A `ModelConfig` fully determines the parameter tree (big_vision's: `img/...` SigLIP, `llm/...` Gemma) and
+the numerics (dtype policy, remat, LoRA). Presets:
+
+- `paligemma-3b-224`, `-448`, `-896`: the released PaliGemma 1 sizes (So400m/14 + Gemma 2B, vocab 257152 =
+  256000 + 1024 loc + 128 seg). They need the real `paligemma_tokenizer.model` (`--tokenizer`).
+- `tiny`, `tiny-112`: a few-layer model over the bundled tiny tokenizer (`paliseg/assets/`), small enough to
+  train from scratch on two CPU cores; the demo and the tests use them.
+- `mid`: the benchmark's mid-size config (4 layers, width 512, vision width 384, 224 px).
+
+Configs are frozen dataclasses, so they hash: a config can be a static argument of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Made (deterministically) by:
+#   python -c "from paliseg.tokenizer import build_tiny_tokenizer as b; b('paliseg/assets/tiny_tokenizer.model')"
+TINY_TOKENIZER = ASSETS / "tiny_tokenizer.model"
+# Pieces in the bundled tiny tokenizer (tests check this against the file): the tiny presets' vocab.
+TINY_VOCAB_SIZE = 1792
+PALIGEMMA_VOCAB_SIZE = 256_000 + 1024 + 128
+
+# Short LoRA target names: the Gemma projections, and (prefixed `img_`) the SigLIP ones.
+LLM_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+IMG_LORA_TARGETS = ("img_q", "img_k", "img_v", "img_o", "img_fc1", "img_fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+    """The image encoder: a ViT without CLS token or pooling, whose per-patch `head` projects to the LLM."""
+
+    width: int = 1152
+    depth: int = 27
+    mlp_dim: int = 4304
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 224
+    norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"vision width {self.width} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """The Gemma-1 decoder (no soft-capping, no post-norms)."""
+
+    width: int = 2048
+    depth: int = 18
+    mlp_dim: int = 16384
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    vocab_size: int = PALIGEMMA_VOCAB_SIZE
+    norm_eps: float = 1e-6
+    rope_max_wavelength: float = 10_000.0
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters inside the projections: y = x@W + (alpha/rank) * dropout(x)@A@B, B zero-initialised.
+
+    `targets` are short names (`LLM_LORA_TARGETS`, `IMG_LORA_TARGETS`). Each target adapts its own slice of
+    a fused weight: `k` adapts only index 0 of `kv_einsum`, `gate` only index 0 of `gating_einsum`.
+    `rank=0` disables LoRA.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LLM_LORA_TARGETS
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = sorted(set(self.targets) - set(LLM_LORA_TARGETS + IMG_LORA_TARGETS))
+        if unknown:
+            raise ValueError(
+                f"unknown LoRA targets {unknown}; valid: {', '.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}"
+            )
+        if self.rank < 0:
+            raise ValueError(f"LoRA rank must be >= 0, got {self.rank}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 and bool(self.targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapts(self, target: str) -> bool:
+        return self.enabled and target in self.targets
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """PaliGemma = SigLIP + Gemma, plus the numerics.
+
+    dtype policy: parameters are stored in `param_dtype` and matmuls run in `compute_dtype`; norms, softmax
+    and logits always run in float32. `remat` recomputes each layer in the backward pass
+    (`nothing_saveable`), trading compute for activation memory when training. `tokenizer` is the default
+    tokenizer file for this config (the tiny presets point at the bundled one; None means "must be given").
+    """
+
+    img: SiglipConfig = SiglipConfig()
+    llm: GemmaConfig = GemmaConfig()
+    lora: LoraConfig = LoraConfig()
+    param_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"
+    cache_dtype: str = "bfloat16"
+    dropout: float = 0.0
+    remat: bool = False
+    tokenizer: str | None = None
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.img.num_patches
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with fields changed; `img`, `llm` and `lora` also accept dicts of their own fields."""
+        for name, cls in (("img", SiglipConfig), ("llm", GemmaConfig), ("lora", LoraConfig)):
+            if isinstance(changes.get(name), dict):
+                changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        lora = dict(data.pop("lora", {}))
+        if "targets" in lora:
+            lora["targets"] = tuple(lora["targets"])
+        return cls(
+            img=SiglipConfig(**data.pop("img", {})),
+            llm=GemmaConfig(**data.pop("llm", {})),
+            lora=LoraConfig(**lora),
+            **data,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _paligemma(image_size: int) -> ModelConfig:
+    return ModelConfig(img=SiglipConfig(image_size=image_size), llm=GemmaConfig())
+
+
+def _tiny(image_size: int) -> ModelConfig:
+    return ModelConfig(
+        img=SiglipConfig(width=96, depth=2, mlp_dim=384, num_heads=4, patch_size=8, image_size=image_size),
+        llm=GemmaConfig(
+            width=128, depth=3, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32, vocab_size=TINY_VOCAB_SIZE
+        ),
+        param_dtype="float32",
+        compute_dtype="float32",
+        cache_dtype="float32",
+        tokenizer=str(TINY_TOKENIZER),
+    )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "paligemma-3b-224": _paligemma(224),
+    "paligemma-3b-448": _paligemma(448),
+    "paligemma-3b-896": _paligemma(896),
+    "tiny": _tiny(64),
+    "tiny-112": _tiny(112),
+    "mid": ModelConfig(
+        img=SiglipConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch_size=14, image_size=224),
+        llm=GemmaConfig(
+            width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64, vocab_size=TINY_VOCAB_SIZE
+        ),
+        param_dtype="float32",
+        compute_dtype="float32",
+        cache_dtype="float32",
+        tokenizer=str(TINY_TOKENIZER),
+    ),
+}
+
+
+def preset(name: str, **changes: Any) -> ModelConfig:
+    """A named preset, optionally with fields changed (see `ModelConfig.replace`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes) if changes else PRESETS[name]

@@ -1,0 +1,79 @@
+"""PaliGemma (SigLIP + Gemma-1) in Flax linen, with big_vision's parameter tree.
+
+Public API:
+
+    from paliseg import config, model
+    cfg = config.preset("tiny")                       # or a ModelConfig; LoRA: cfg.replace(lora={"rank": 8})
+    params = model.init_params(cfg, jax.random.key(0))   # {"img": ..., "llm": ...}: big_vision's tree
+    logits = model.forward(cfg, params, images, tokens, mask_ar, mask_input)   # [B, T, V] float32
+    logits = model.forward(cfg, params, ..., train=True, rng=key)               # dropout / LoRA dropout on
+
+- `params` is the checkpoint tree itself: `img/embedding/kernel`, `img/Transformer/encoderblock/...` and
+  `llm/layers/...` stacked over depth (nn.scan), `llm/embedder/input_embedding`, ... (no "params" wrapper).
+- `forward` computes text logits exactly as big_vision's training forward: `images` [B,H,W,3] in [-1,1],
+  `tokens`/`mask_ar`/`mask_input` [B,T] as built by `paliseg.tokenizer`. For the loss, compare
+  `logits[:, :-1]` with `tokens[:, 1:]` under `mask_loss[:, 1:]`.
+- `PaliGemma(cfg)` is the module (methods `__call__`, `embed_image`, `prefill`, `extend`); decoding lives
+  in `paliseg.decoding`.
+- LoRA: `paliseg.model.lora` (`split_params`, `join_params`, `merge_lora`); see its docstring for names.
+- `param_shapes(cfg)`: the expected tree of `jax.ShapeDtypeStruct`, without allocating.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from paliseg.config import ModelConfig
+from paliseg.model.lora import join_params, merge_lora, split_params
+from paliseg.model.paligemma import PaliGemma, make_attn_mask
+
+__all__ = [
+    "PaliGemma",
+    "forward",
+    "init_params",
+    "join_params",
+    "make_attn_mask",
+    "merge_lora",
+    "param_shapes",
+    "split_params",
+]
+
+
+def _dummy_inputs(config: ModelConfig):
+    size = config.img.image_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return images, tokens, tokens, jnp.ones((1, 2), jnp.int32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters (jit-compiled, so no float32 copy of a bf16 model is ever materialised)."""
+    model = PaliGemma(config)
+    init = jax.jit(lambda key: model.init(key, *_dummy_inputs(config))["params"])
+    return init(rng)
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    model = PaliGemma(config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs(config)))["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "train"))
+def forward(
+    config: ModelConfig,
+    params: dict,
+    images: jax.Array,
+    tokens: jax.Array,
+    mask_ar: jax.Array,
+    mask_input: jax.Array,
+    *,
+    train: bool = False,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Text logits [B,T,V] (float32). With `train=True`, dropout needs `rng`."""
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    model = PaliGemma(config, deterministic=not train)
+    return model.apply({"params": params}, images, tokens, mask_ar, mask_input, rngs=rngs)

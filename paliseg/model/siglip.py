@@ -1,0 +1,128 @@
+"""SigLIP image encoder as big_vision's `vit.Model(pool_type="none", scan=True)`.
+
+Param tree (under `img/`): `embedding/{kernel,bias}` (patch conv, HWIO), `pos_embedding` [1,n,W] (learned),
+`Transformer/encoderblock/...` (scanned: leading depth axis), `Transformer/encoder_norm`, and `head`, the
+per-patch Dense that projects onto the LLM width. Pre-LN blocks, tanh-GELU MLP, LayerNorm eps 1e-6, no CLS.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paliseg.config import ModelConfig
+from paliseg.model.projection import Numerics, Projection
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the activation dtype (params `scale`, `bias`)."""
+
+    eps: float
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,), jnp.dtype(self.param_dtype))
+        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.dtype(self.param_dtype))
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class SelfAttention(nn.Module):
+    config: ModelConfig
+    numerics: Numerics
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config.img
+        sizes = (("D", cfg.width), ("N", cfg.num_heads), ("H", cfg.width // cfg.num_heads))
+        site = "MultiHeadDotProductAttention_0/{}/kernel"
+
+        def proj(name: str, bias_axes: str) -> Projection:
+            return Projection(site.format(name), sizes, self.numerics, "kernel", bias_axes, name=name)
+
+        q, k, v = (proj(name, "NH")(x) for name in ("query", "key", "value"))
+        q = q * (cfg.width // cfg.num_heads) ** -0.5
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
+        return proj("out", "D")(out)
+
+
+class EncoderBlock(nn.Module):
+    config: ModelConfig
+    numerics: Numerics
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+        cfg = self.config.img
+        norm = lambda name: LayerNorm(cfg.norm_eps, self.config.param_dtype, name=name)  # noqa: E731
+        x = x + SelfAttention(self.config, self.numerics, name="MultiHeadDotProductAttention_0")(norm("LayerNorm_0")(x))
+        x = x + MlpBlock(self.config, self.numerics, name="MlpBlock_0")(norm("LayerNorm_1")(x))
+        return x, None
+
+
+class MlpBlock(nn.Module):
+    config: ModelConfig
+    numerics: Numerics
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config.img
+        sizes = (("D", cfg.width), ("F", cfg.mlp_dim))
+        h = Projection("MlpBlock_0/Dense_0/kernel", sizes, self.numerics, "kernel", "F", name="Dense_0")(x)
+        h = nn.gelu(h, approximate=True)
+        return Projection("MlpBlock_0/Dense_1/kernel", sizes, self.numerics, "kernel", "D", name="Dense_1")(h)
+
+
+class Encoder(nn.Module):
+    config: ModelConfig
+    numerics: Numerics
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block = EncoderBlock
+        if self.config.remat:
+            block = nn.remat(block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            length=self.config.img.depth,
+        )(self.config, self.numerics, name="encoderblock")
+        x, _ = blocks(x, None)
+        return LayerNorm(self.config.img.norm_eps, self.config.param_dtype, name="encoder_norm")(x)
+
+
+class Siglip(nn.Module):
+    """images [B,H,W,3] in [-1,1] -> image embeddings [B, num_patches, llm width] (float32)."""
+
+    config: ModelConfig
+    numerics: Numerics
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.config.img
+        dtype = jnp.dtype(self.config.compute_dtype)
+        param_dtype = jnp.dtype(self.config.param_dtype)
+        x = nn.Conv(
+            cfg.width,
+            (cfg.patch_size, cfg.patch_size),
+            strides=cfg.patch_size,
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="embedding",
+        )(images.astype(dtype))
+        x = x.reshape(x.shape[0], -1, cfg.width)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=cfg.width**-0.5), (1, cfg.num_patches, cfg.width), param_dtype
+        )
+        x = x.astype(jnp.float32) + pos.astype(jnp.float32)
+        x = Encoder(self.config, self.numerics, name="Transformer")(x)
+        head = nn.Dense(self.config.llm.width, dtype=dtype, param_dtype=param_dtype, name="head")
+        return head(x.astype(dtype)).astype(jnp.float32)

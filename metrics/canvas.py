@@ -64,7 +64,11 @@ def _overlay(panel: Image.Image, mask: np.ndarray | None, colour: tuple[int, int
 
 
 def _draw_boxes(
-    panel: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str], colour: tuple[int, int, int], scale: float
+    panel: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    colour: tuple[int, int, int],
+    scale: float,
 ) -> None:
     draw = ImageDraw.Draw(panel)
     line = max(2, round(panel.height / 200))
@@ -140,7 +144,8 @@ def make_canvas(
 
     font = _font(max(13, panel_height // 24))
     char_width = max(1.0, font.getlength("n"))
-    lines = [w for line in caption.splitlines() or [""] for w in textwrap.wrap(line, int(width / char_width) - 2) or [""]]
+    columns = int(width / char_width) - 2
+    lines = [wrapped for line in caption.splitlines() or [""] for wrapped in textwrap.wrap(line, columns) or [""]]
     line_height = font.getbbox("Hg")[3] + 6
     caption_height = line_height * len(lines) + 12
 
@@ -217,10 +222,17 @@ def canvas_for_record(
         if prediction.suffix is not None:
             pred_boxes, pred_labels, invalid = suffix_boxes(prediction.suffix, width, height)
         pred_mask = prediction.mask
+        if pred_mask is not None and pred_mask.shape != (height, width):
+            raise ValueError(
+                f"{record.where}: predicted mask is {pred_mask.shape[1]}x{pred_mask.shape[0]} but image "
+                f"{record.image_path} is {width}x{height}"
+            )
         if pred_mask is not None or prediction.suffix is None:
+            # Boxes are scored only when the prediction has text (a mask folder has no boxes).
             score = scoring.score_image(
                 pred_mask, gt_mask if gt_mask is not None else np.zeros((height, width), bool), record.prefix, name,
-                pred_boxes=pred_boxes, gt_boxes=gt_boxes, invalid_objects=invalid, empty=empty,
+                pred_boxes=pred_boxes, gt_boxes=gt_boxes if prediction.suffix is not None else None,
+                invalid_objects=invalid, empty=empty,
             )  # fmt: skip
             caption.append(_score_text(score))
         else:

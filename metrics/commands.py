@@ -43,6 +43,7 @@ example:
 """
 
 GRID_CANVASES = 8
+_EMPTY_HELP = "score when prediction and ground truth are both empty (default 1.0)"
 
 
 def register(subparsers) -> None:
@@ -53,10 +54,10 @@ def register(subparsers) -> None:
     score.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted mask PNGs")
     score.add_argument("--gt", required=True, type=Path, metavar="DIR", help="folder of ground-truth mask PNGs")
     prompt = score.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="all", metavar="TEXT", help="prompt to report all masks under (default: all)")
+    prompt.add_argument("--prompt", default="all", metavar="TEXT", help="prompt for every mask (default: all)")
     prompt.add_argument("--prompt-from-name", action="store_true", help="read each mask's prompt from NAME.PROMPT.png")
-    score.add_argument("--empty-score", type=float, default=1.0, metavar="S", help="score when prediction and GT are both empty")
-    score.add_argument("--out", type=Path, metavar="REPORT_DIR", help="write scores.json, per_image.csv, summary.md here")
+    score.add_argument("--empty-score", type=float, default=1.0, metavar="S", help=_EMPTY_HELP)
+    score.add_argument("--out", type=Path, metavar="REPORT_DIR", help="write scores.json, per_image.csv, summary.md")
     score.add_argument("--overwrite", action="store_true", help="replace an existing report in REPORT_DIR")
     score.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     score.set_defaults(run=run_score)
@@ -66,12 +67,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     visualize.add_argument("--data", required=True, type=Path, metavar="JSONL", help="annotation records to draw")
-    visualize.add_argument("--pred", type=Path, metavar="DIR_OR_JSONL", help="predicted mask folder or predictions JSONL")
+    visualize.add_argument("--pred", type=Path, metavar="DIR_OR_JSONL", help="mask PNG folder or predictions JSONL")
     visualize.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the canvas PNGs")
     visualize.add_argument("--limit", type=int, metavar="N", help="draw only the first N records")
-    visualize.add_argument("--grid", action="store_true", help=f"also write grid.png of the first {GRID_CANVASES} canvases")
-    visualize.add_argument("--panel-height", type=int, default=400, metavar="PX", help="height of each panel (default 400)")
-    visualize.add_argument("--empty-score", type=float, default=1.0, metavar="S", help="score when prediction and GT are both empty")
+    visualize.add_argument("--grid", action="store_true", help=f"also write grid.png ({GRID_CANVASES} canvases)")
+    visualize.add_argument("--panel-height", type=int, default=400, metavar="PX", help="panel height (default 400)")
+    visualize.add_argument("--empty-score", type=float, default=1.0, metavar="S", help=_EMPTY_HELP)
     visualize.add_argument("--overwrite", action="store_true", help="replace existing canvases")
     visualize.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     visualize.set_defaults(run=run_visualize)
@@ -123,7 +124,8 @@ def run_score(args: argparse.Namespace) -> int:
     if args.out is not None:
         details = {"gt_dir": str(args.gt), "pred_dir": str(args.pred), "empty_score": args.empty_score}
         details |= {"missing_predictions": missing, "extra_predictions": extra}
-        report.write_report(args.out, summary, scores, title=f"scores of {args.pred}", extra=details, overwrite=args.overwrite)
+        title = f"scores of {args.pred}"
+        report.write_report(args.out, summary, scores, title=title, extra=details, overwrite=args.overwrite)
         result["report"] = str(args.out)
     lines = [report.summary_table(summary), ""]
     lines.append(f"{len(scores)} ground-truth masks, {len(missing)} without a prediction (scored 0 as invalid)")
@@ -182,14 +184,14 @@ def run_visualize(args: argparse.Namespace) -> int:
         path = args.out / f"{Path(record.image).stem}.{_slug(record.prefix)}.png"
         files.write_image(path, image, overwrite=args.overwrite)
         written.append(str(path))
-        scored.append(None if score is None else score.iou)
+        scored.append(None if score is None else score.to_row())
         if len(drawn) < GRID_CANVASES:
             drawn.append(image)
     grid = None
     if args.grid:
         grid = args.out / "grid.png"
         files.write_image(grid, canvases.make_grid(drawn, columns=2), overwrite=args.overwrite)
-    result = {"canvases": written, "iou": scored, "grid": None if grid is None else str(grid)}
+    result = {"canvases": written, "scores": scored, "grid": None if grid is None else str(grid)}
     human = f"{len(written)} canvases written to {args.out}/" + (f", grid at {grid}" if grid else "")
     console.report(result, human, args.json)
     return 0

@@ -51,7 +51,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     rows = [(prompt, stats) for prompt, stats in summary["per_prompt"].items()] + [("**all**", summary["overall"])]
     return console.markdown_table(
         ["prompt"] + [header for header, _ in _TABLE_COLUMNS],
-        [[prompt] + ["–" if stats[key] is None else stats[key] for _, key in _TABLE_COLUMNS] for prompt, stats in rows],
+        [[prompt] + ["–" if stats[k] is None else stats[k] for _, k in _TABLE_COLUMNS] for prompt, stats in rows],
     )
 
 
@@ -111,7 +111,7 @@ def plot_metric_vs_step(rows: Sequence[Mapping[str, Any]], metric: str, out_png:
     axes = figure.subplots()
     prompts = sorted({row["prompt"] for row in rows}, key=lambda p: (p == "all", p))
     for prompt in prompts:
-        points = sorted((row["step"], row[metric]) for row in rows if row["prompt"] == prompt and row[metric] is not None)
+        points = sorted((r["step"], r[metric]) for r in rows if r["prompt"] == prompt and r[metric] is not None)
         if not points:
             continue
         steps, values = zip(*points)

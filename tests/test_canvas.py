@@ -120,14 +120,16 @@ def cracks_record(roboflow_dir, tmp_path_factory):
     for annotation in annotations:
         mask |= coco.annToMask(annotation) > 0
     boxes = [(x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in annotations)]
-    objects = [tokens.SegObject(tokens.box_to_locs(b, info["width"], info["height"]), (0,) * 16, "crack") for b in boxes]
+    size = (info["width"], info["height"])
+    objects = [tokens.SegObject(tokens.box_to_locs(b, *size), (0,) * 16, "crack") for b in boxes]
 
     root = tmp_path_factory.mktemp("cracks")
     stem = info["file_name"].rsplit(".", 1)[0]
     shutil.copy(split / info["file_name"], root / info["file_name"])
     files.write_mask(root / "masks" / f"{stem}.segment_crack.png", mask)
-    record = {"image": info["file_name"], "prefix": "segment crack",
-              "suffix": tokens.format_suffix(tokens.sort_objects(objects)), "mask": f"masks/{stem}.segment_crack.png"}  # fmt: skip
+    suffix = tokens.format_suffix(tokens.sort_objects(objects))
+    mask_path = f"masks/{stem}.segment_crack.png"
+    record = {"image": info["file_name"], "prefix": "segment crack", "suffix": suffix, "mask": mask_path}
     (root / "data.jsonl").write_text(json.dumps(record) + "\n")
     return root, info, mask, boxes
 
@@ -137,7 +139,7 @@ def test_visualize_real_cracks_image_ground_truth_only(cracks_record, tmp_path, 
     assert cli.main(["visualize", "--data", str(root / "data.jsonl"), "--out", str(tmp_path), "--grid", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     (path,) = result["canvases"]
-    assert path.endswith(".segment_crack.png") and result["iou"] == [None]
+    assert path.endswith(".segment_crack.png") and result["scores"] == [None]
     with Image.open(path) as drawn:
         drawn = drawn.convert("RGB")
     image = files.read_rgb(root / info["file_name"])
@@ -158,7 +160,9 @@ def test_visualize_scores_a_prediction_folder_and_a_predictions_jsonl(cracks_rec
     args = ["visualize", "--data", str(root / "data.jsonl"), "--json", "--panel-height", "320"]
     assert cli.main([*args, "--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "a")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["iou"] == [pytest.approx(masks.iou(shifted, mask))]
+    (score,) = result["scores"]
+    assert score["iou"] == pytest.approx(masks.iou(shifted, mask)) and score["valid"]
+    assert score["box_miou"] is None  # a mask folder has no boxes to score
     with Image.open(result["canvases"][0]) as drawn:
         drawn = drawn.convert("RGB")
     geometry = panel_geometry(drawn, files.read_rgb(root / info["file_name"]), 320)
@@ -170,8 +174,20 @@ def test_visualize_scores_a_prediction_folder_and_a_predictions_jsonl(cracks_rec
                          "mask": f"pred/{mask_name}"}  # fmt: skip
     (tmp_path / "predictions.jsonl").write_text(json.dumps(prediction_record) + "\n")
     assert cli.main([*args, "--pred", str(tmp_path / "predictions.jsonl"), "--out", str(tmp_path / "b")]) == 0
-    assert json.loads(capsys.readouterr().out)["iou"] == [pytest.approx(masks.iou(shifted, mask))]
+    (score,) = json.loads(capsys.readouterr().out)["scores"]
+    assert score["iou"] == pytest.approx(masks.iou(shifted, mask))
+    assert score["box_miou"] == 1.0 and score["n_pred"] == score["n_gt"] == len(boxes)  # same boxes as the GT
+
+    without_mask = {k: v for k, v in prediction_record.items() if k != "mask"}
+    (tmp_path / "boxes.jsonl").write_text(json.dumps(without_mask) + "\n")
+    assert cli.main([*args, "--pred", str(tmp_path / "boxes.jsonl"), "--out", str(tmp_path / "e")]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"] == [None]  # drawn (boxes), but no mask to score
 
     (tmp_path / "other.jsonl").write_text(json.dumps(prediction_record | {"prefix": "segment wall"}) + "\n")
     assert cli.main([*args, "--pred", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "c")]) == 0
-    assert json.loads(capsys.readouterr().out)["iou"] == [0.0]  # no prediction for this record: invalid
+    (score,) = json.loads(capsys.readouterr().out)["scores"]
+    assert score["iou"] == 0.0 and not score["valid"]  # no prediction for this record: invalid
+
+    files.write_mask(tmp_path / "small" / mask_name, shifted[::2, ::2])
+    assert cli.main([*args, "--pred", str(tmp_path / "small"), "--out", str(tmp_path / "d")]) == 1
+    assert "data.jsonl:1: predicted mask is" in capsys.readouterr().err

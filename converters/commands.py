@@ -1,22 +1,129 @@
-"""`paliseg` subcommands of this stage (registered by paliseg.cli.main)."""
+"""`paliseg convert` and `paliseg validate` (registered by paliseg.cli.main; heavy imports in the handlers)."""
+
 from __future__ import annotations
+
 import argparse
-import sys
 
-_PENDING = {
-    'convert': ('Convert a Roboflow export (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens.', 5),
-    'validate': ('Check every record of a converted dataset (images, masks, token counts, boxes).', 5),
-}
+_CONVERT_HELP = "Convert Roboflow exports (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens."
+_CONVERT_EPILOG = """\
+inputs (detected per split, or forced with --format):
+  coco       <split>/_annotations.coco.json beside the images; polygons, RLE, or boxes (segmentation: [])
+  yolo       data.yaml + <split>/images + <split>/labels (normalised boxes and/or polygons)
+  paligemma  [dataset/]_annotations.<split>.jsonl with image/prefix/suffix (boxes as loc tokens)
+  masks      <stem>_mask.png beside the image, in <split>_masks/, or in <split>/masks/; connected
+             components become instances (class: --mask-class, else the export's only COCO class)
+  SRC may also be one split folder (e.g. cracks/valid). Several SRCs are written into one DIR.
 
+outputs:
+  DIR/_annotations.<split>.jsonl      one record per image and prompt: image, prefix, suffix, mask, provenance
+  DIR/images/<split>/<export>/...     hard links to the source images (copies across file systems)
+  DIR/masks/<split>/<export>/<stem>.<prompt>.png   ground truth: union of the prompt's objects, 0/255
+  DIR/conversion.json                 the summary printed at the end
 
-def _pending(args: argparse.Namespace) -> int:
-    issue = _PENDING[args.command][1]
-    print(f"paliseg {args.command}: not implemented yet (tracked in issue {issue})", file=sys.stderr)
-    return 2
+behaviour:
+  Every prompt of an export's classes gets a record for every image of that export: images without the
+  class are kept as negatives (empty suffix, empty mask) unless --no-negatives. Each object's box is its
+  geometry's extent (polygon vertices as COCO's bbox; raster masks' pixel extent; else the annotated box);
+  box-only objects get masks from SAM (--box-masks sam, one image embedding per image, all boxes batched)
+  or the box itself (fill). Objects are sorted top-to-bottom, left-to-right. Bad items (missing/corrupt
+  images, unknown categories, zero-area boxes, malformed lines, ...) are skipped and counted with file
+  and position; --strict stops at the first one instead.
+
+example:
+  paliseg convert ../shared/data/roboflow/cracks ../shared/data/roboflow/drywall --out data \\
+      --prompt-map 'NewCracks*=segment crack' drywall-join='segment taping area' \\
+      --label-map 'NewCracks*=crack' drywall-join=taping --box-masks fill
+  paliseg validate data"""
+
+_VALIDATE_HELP = "Check every record of a converted dataset (images, masks, token counts, boxes)."
+_VALIDATE_EPILOG = """\
+checks, per record of every DIR/_annotations.<split>.jsonl:
+  the line is a JSON record with image, prefix, suffix and mask; the image decodes; the mask exists and has
+  the image's size; the suffix parses into objects of exactly 4 loc + 16 seg tokens with y2 > y1, x2 > x1;
+  an empty suffix has an empty mask and a non-empty suffix a non-empty mask.
+
+output: one `file:line: message` per problem, then a table per split; exit status 1 if anything is wrong.
+
+example:
+  paliseg validate data --json | jq .splits"""
 
 
 def register(subparsers) -> None:
-    for name, (help_text, _) in _PENDING.items():
-        parser = subparsers.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-        parser.set_defaults(run=_pending)
+    convert = subparsers.add_parser(
+        "convert", help=_CONVERT_HELP, description=_CONVERT_HELP, epilog=_CONVERT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("sources", nargs="+", metavar="SRC", help="Roboflow export folder(s), or split folder(s)")
+    convert.add_argument("--out", required=True, metavar="DIR", help="output dataset folder (must be empty or new)")
+    convert.add_argument("--format", choices=("coco", "yolo", "paligemma", "masks"), help="skip detection and read only this format")
+    convert.add_argument("--prompt-map", nargs="+", action="extend", default=[], metavar="CLASS=PROMPT",
+                         help="prompt for a class (CLASS may be a glob, e.g. 'NewCracks*'); default 'segment <class>'")
+    convert.add_argument("--label-map", nargs="+", action="extend", default=[], metavar="CLASS=LABEL",
+                         help="label written after each object's tokens; default the class name")
+    convert.add_argument("--objects", choices=("instance", "merged"), default="instance",
+                         help="instance: each object's tokens from its own mask (default); merged: from the "
+                         "prompt's union mask cropped to each box (the peer project's encoding, for comparison)")
+    convert.add_argument("--vae", metavar="PATH", help="mask VAE npz (default: models/vae-oid.npz, else the bundled VAE)")
+    convert.add_argument("--box-masks", choices=("sam", "fill"),
+                         help="masks for box-only objects: sam (default when --sam-checkpoint is given) or fill (the box)")
+    convert.add_argument("--sam-checkpoint", metavar="PATH", help="segment-anything checkpoint (sam_vit_h_4b8939.pth, ...)")
+    convert.add_argument("--sam-model", choices=("vit_h", "vit_l", "vit_b", "tiny"), default="vit_h",
+                         help="architecture of --sam-checkpoint (tiny: the random test model of converters.sam)")
+    convert.add_argument("--sam-device", metavar="DEVICE", help="torch device for SAM (default: cuda if available, else cpu)")
+    convert.add_argument("--mask-class", metavar="NAME", help="class name of mask-folder objects")
+    convert.add_argument("--splits", nargs="+", metavar="SPLIT", help="convert only these splits (default: all)")
+    convert.add_argument("--limit", type=int, metavar="N", help="convert only the first N images of each split")
+    convert.add_argument("--no-negatives", action="store_true", help="drop records whose image has no object of the prompt")
+    convert.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping it")
+    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing its files")
+    convert.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    convert.set_defaults(run=_run_convert)
+
+    validate = subparsers.add_parser(
+        "validate", help=_VALIDATE_HELP, description=_VALIDATE_HELP, epilog=_VALIDATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument("directory", metavar="DIR", help="a converted dataset folder")
+    validate.add_argument("--splits", nargs="+", metavar="SPLIT", help="check only these splits (default: all)")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    validate.set_defaults(run=_run_validate)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from converters.convert import ConvertConfig, convert, parse_map, summary_text
+    from paliseg import console
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    config = ConvertConfig(
+        sources=args.sources,
+        out=args.out,
+        format=args.format,
+        prompt_map=parse_map(args.prompt_map, "--prompt-map"),
+        label_map=parse_map(args.label_map, "--label-map"),
+        objects=args.objects,
+        vae=args.vae,
+        box_masks=args.box_masks,
+        sam_checkpoint=args.sam_checkpoint,
+        sam_model=args.sam_model,
+        sam_device=args.sam_device,
+        negatives=not args.no_negatives,
+        splits=args.splits,
+        limit=args.limit,
+        mask_class=args.mask_class,
+        strict=args.strict,
+        overwrite=args.overwrite,
+    )
+    summary = convert(config)
+    console.report(summary, summary_text(summary), args.json)
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from converters.validate import result_json, result_text, validate
+    from paliseg import console
+
+    checks = validate(args.directory, args.splits)
+    result = result_json(checks)
+    console.report(result, result_text(checks), args.json)
+    return 0 if result["ok"] else 1

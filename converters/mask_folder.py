@@ -1,0 +1,59 @@
+"""Mask folders: each image `<stem>.<ext>` has a union mask `<stem>_mask.png` (foreground > 127).
+
+Three layouts are recognised: masks beside the images (`<split>/a.jpg`, `<split>/a_mask.png`), in a
+sibling folder (`train/a.jpg`, `train_masks/a_mask.png`, as the cracks train split here), or
+`<split>/images/` with `<split>/masks/`. A mask holds no class, so all its objects get one class name;
+instances are its 8-connected components (see `geometry.mask_components`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from converters import geometry
+from converters.sources import IssueLog, SourceImage, SourceSplit, image_files, image_size
+
+MASK_SUFFIX = "_mask.png"
+
+
+def find_layout(folder: Path) -> tuple[Path, Path] | None:
+    """(image folder, mask folder) of a split folder, or None if it has no masks."""
+    candidates = [
+        (folder, folder),
+        (folder, folder.with_name(folder.name + "_masks")),
+        (folder / "images", folder / "masks"),
+    ]
+    for images, masks in candidates:
+        if images.is_dir() and masks.is_dir() and any(masks.glob(f"*{MASK_SUFFIX}")):
+            return images, masks
+    return None
+
+
+def read_split(export: Path, split: str, image_folder: Path, mask_folder: Path, class_name: str) -> SourceSplit:
+    images = image_files(image_folder)
+
+    def read(log: IssueLog) -> Iterator[SourceImage]:
+        for path in images:
+            where = str(path)
+            mask_path = mask_folder / f"{path.stem}{MASK_SUFFIX}"
+            if not mask_path.is_file():
+                log.skip(where, "missing_mask", f"no mask {mask_path.name} in {mask_folder}")
+                continue
+            try:
+                width, height = image_size(path)
+                with Image.open(mask_path) as mask_image:
+                    mask = np.asarray(mask_image.convert("L")) > 127
+            except (OSError, ValueError) as error:
+                log.skip(where, "corrupt_image", str(error))
+                continue
+            if mask.shape != (height, width):
+                log.skip(str(mask_path), "size_mismatch", f"mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
+                continue
+            objects = geometry.mask_components(class_name, mask, str(mask_path), log)
+            yield SourceImage(path, path.name, width, height, objects, where, source_id=path.stem)
+
+    return SourceSplit(export, split, "masks", [class_name], len(images), read, mask_folder)

@@ -87,9 +87,10 @@ def load_sam(checkpoint: str | Path, model_type: str = "vit_h", device: str | No
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{checkpoint}: not a SAM {model_type} checkpoint ({first_line})") from None
+    except Exception as error:  # torch.load fails in many ways (pickle, zip, struct) on a file that is not a checkpoint
+        detail = " ".join(str(error).split()) or type(error).__name__
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
+        raise ValueError(f"{checkpoint}: not a SAM {model_type} checkpoint ({detail})") from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 

@@ -1,22 +1,216 @@
-"""`paliseg` subcommands of this stage (registered by paliseg.cli.main)."""
+"""`paliseg predict` and `paliseg eval` (registered by paliseg.cli.main).
+
+Only argparse and the standard library at the top: the handlers import jax, the model and the metrics.
+"""
+
 from __future__ import annotations
+
 import argparse
-import sys
+from pathlib import Path
 
-_PENDING = {
-    'predict': ('Predict boxes and full-resolution masks for images and a prompt.', 4),
-    'eval': ('Score every checkpoint of a run on a split, pick the best, write a report with plots and canvases.', 7),
-}
+_PREDICT_HELP = "Predict boxes and full-resolution masks for images and prompts, with a run's checkpoint or any checkpoint."
+_PREDICT_EPILOG = """\
+model (one of):
+  --run RUN_DIR [--step N|best|latest]   a `paliseg train` run; best = the step `paliseg eval` chose
+                                         (default best, else latest); 0 = the base before fine-tuning
+  --checkpoint PATH [--preset NAME] [--tokenizer TOK]   a big_vision .npz (needs --preset), a Hugging
+                                         Face folder, or a paliseg checkpoint folder
 
+inputs:
+  --image IMG|DIR|JSONL   one image, a folder of images (recursive), or annotation records (each record's
+                          own prompt; its ground truth is drawn and scored; --prompt filters the records)
+  --prompt TEXT           e.g. "segment crack"; repeat it to ask several prompts about every image
 
-def _pending(args: argparse.Namespace) -> int:
-    issue = _PENDING[args.command][1]
-    print(f"paliseg {args.command}: not implemented yet (tracked in issue {issue})", file=sys.stderr)
-    return 2
+outputs in OUT (NAME = IMAGE_STEM.PROMPT_SLUG):
+  masks/NAME.png          union mask (0/255) at the image's full resolution
+  objects/NAME.K.png      each object's own mask
+  json/NAME.json          raw decoded text, objects (label, pixel box xyxy, tokens), invalid chunks
+  canvases/NAME.png       original | ground truth (JSONL input) | prediction   (--no-canvas to skip)
+  predictions.jsonl       annotation records of the predictions (for `paliseg visualize --pred`)
+  coco_results.json       COCO results (RLE masks, xywh boxes, score 1.0) + coco_dataset.json (images,
+                          categories = prompts, ground truth for JSONL input): pycocotools evaluates them
+
+examples:
+  paliseg predict --run runs/r1 --image wall.jpg --prompt "segment crack" --out pred
+  paliseg predict --run runs/r1 --step 200 --image data/_annotations.valid.jsonl --out pred_valid --json
+  paliseg predict --checkpoint paligemma.npz --preset paligemma-3b-224 --tokenizer tok.model \\
+      --image photos/ --prompt "segment crack" --prompt "segment taping area" --out pred
+"""
+
+_EVAL_HELP = "Score every checkpoint of a run on a split, pick the best, write a report with plots and canvases."
+_EVAL_EPILOG = """\
+scores step 0 (the base, before fine-tuning), every saved checkpoint, and the token round-trip ceiling
+(the ground truth through loc + seg tokens and back: the best these tokens allow), on every record of the
+split. Per prompt and overall: mIoU, mDice, cIoU, box mIoU, box accuracy at IoU 0.5 / 0.75, invalid
+predictions (scored 0), P10/P50/P90 of the per-image IoU.
+
+the best checkpoint (by --metric over all prompts) is written to RUN_DIR/best.json:
+`paliseg predict --run RUN_DIR --step best` uses it.
+
+outputs in REPORT_DIR:
+  report.md, report.json, metrics.csv      tables per prompt: base, each checkpoint, best, ceiling
+  plots/<metric>_vs_step.png               one line per prompt; plots/iou_histogram.png (best step)
+  canvases/best.png, canvases/worst.png    the best and worst images of the best checkpoint
+  steps/step_NNNNNN/per_image.csv          per-image scores of every step; ceiling/ likewise
+  predictions/step_NNNNNN.jsonl            the decoded texts (a cache: a re-run decodes only what is new,
+                                           and a crash loses at most one batch)
+
+a checkpoint that fails to load or decode is reported and skipped; unreadable images and masks are
+counted skips (listed in the report).
+
+examples:
+  paliseg eval runs/r1 --data data/cracks --out runs/r1/eval
+  paliseg eval runs/r1 --data data/cracks --split test --steps 100,200 --limit 50 --out /tmp/quick --json
+"""
 
 
 def register(subparsers) -> None:
-    for name, (help_text, _) in _PENDING.items():
-        parser = subparsers.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-        parser.set_defaults(run=_pending)
+    predict = subparsers.add_parser(
+        "predict", help=_PREDICT_HELP, description=_PREDICT_HELP, epilog=_PREDICT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    model = predict.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
+    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint file or folder")
+    predict.add_argument("--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)")
+    predict.add_argument("--preset", metavar="NAME", help="model sizes of a big_vision .npz (e.g. paligemma-3b-224)")
+    predict.add_argument("--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)")
+    predict.add_argument("--image", required=True, type=Path, metavar="IMG|DIR|JSONL", help="what to predict on")
+    predict.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt (repeatable)")
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    _decoding_arguments(predict)
+    predict.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: models/vae-oid.npz, else the bundled one)")
+    predict.add_argument("--no-canvas", action="store_true", help="do not draw canvases")
+    predict.add_argument("--overwrite", action="store_true", help="replace an earlier prediction set in --out")
+    predict.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    predict.set_defaults(run=run_predict)
+
+    evaluate = subparsers.add_parser(
+        "eval", help=_EVAL_HELP, description=_EVAL_HELP, epilog=_EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
+    evaluate.add_argument("--data", required=True, type=Path, metavar="DIR", help="converted data (`paliseg convert`)")
+    evaluate.add_argument("--split", default="valid", help="split to score (default: valid)")
+    evaluate.add_argument("--steps", default="all", metavar="all|N,M", help="checkpoints to score (default: all)")
+    evaluate.add_argument("--limit", type=int, metavar="K", help="score only the first K records")
+    evaluate.add_argument("--out", required=True, type=Path, metavar="REPORT_DIR", help="report folder")
+    evaluate.add_argument("--metric", default="miou", help="metric that picks the best checkpoint (default: miou; "
+                          "also mdice, ciou, box_miou, box_acc50, box_acc75, p10, p50, p90)")
+    _decoding_arguments(evaluate)
+    evaluate.add_argument("--no-base", action="store_true", help="do not score step 0 (the base)")
+    evaluate.add_argument("--no-ceiling", action="store_true", help="do not score the token round-trip ceiling")
+    evaluate.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: models/vae-oid.npz, else the bundled one)")
+    evaluate.add_argument("--canvases", type=int, default=4, metavar="N", help="best and worst images to draw (default 4)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace a report of another run in REPORT_DIR")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    evaluate.set_defaults(run=run_eval)
+
+
+def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per decoding batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="T",
+                        help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)")
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be at least 1, got {value}")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from infer import outputs
+    from infer.predictor import BEST_FILE, Predictor
+    from paliseg import console
+
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    jobs = outputs.jobs_for(args.image, args.prompt)  # bad input fails before the model loads
+    options = {"batch_size": args.batch_size, "vae_model": _vae(args.vae)}
+    if args.max_new_tokens:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.run is not None:
+        if args.preset:
+            raise ValueError("--preset goes with --checkpoint; a run records its own model config")
+        step = args.step or ("best" if (args.run / BEST_FILE).is_file() else "latest")
+        predictor = Predictor.from_run(args.run, step, tokenizer=args.tokenizer, **options)
+    else:
+        if args.step:
+            raise ValueError("--step goes with --run")
+        predictor = Predictor.from_checkpoint(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, **options)
+    console.info(f"predict: {len(jobs)} image/prompt pair(s) with {predictor.source}")
+    result = outputs.predict_set(predictor, jobs, args.out, canvases=not args.no_canvas, overwrite=args.overwrite)
+    console.report(result, _predict_text(result), args.json)
+    return 0
+
+
+def _vae(path: Path | None):
+    import vae
+
+    return vae.load(path)
+
+
+def _predict_text(result: dict) -> str:
+    lines = []
+    for item in result["results"][:20]:
+        status = "INVALID" if not item["valid"] else f"{len(item['objects'])} object(s), {item['area']} px"
+        score = f", IoU {item['score']['iou']:.3f}" if item["score"] else ""
+        lines.append(f"{item['name']}: {status}{score}\n    text: {item['text'] or '(empty: no object)'}")
+    if len(result["results"]) > 20:
+        lines.append(f"... and {len(result['results']) - 20} more (see {result['out']}/json/)")
+    lines.append(
+        f"{result['predicted']} predicted ({result['images_per_s']:.2f} images/s), {len(result['skipped'])} skipped, "
+        f"{result['invalid_predictions']} invalid; files in {result['out']}/ (masks/, objects/, json/, canvases/, "
+        "predictions.jsonl, coco_results.json)"
+    )
+    if result["summary"] is not None:
+        overall = result["summary"]["overall"]
+        lines.append(f"against the records' ground truth: mIoU {overall['miou']:.4f}, mDice {overall['mdice']:.4f}")
+    return "\n".join(lines)
+
+
+def parse_steps(text: str) -> str | list[int]:
+    if text == "all":
+        return "all"
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--steps must be 'all' or comma-separated step numbers, got {text!r}") from None
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from infer import sweep
+    from paliseg import console
+
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.limit, "--limit")
+    report = sweep.evaluate_run(
+        args.run_dir, args.data, args.out, split=args.split, steps=parse_steps(args.steps), limit=args.limit,
+        metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        base=not args.no_base, ceiling=not args.no_ceiling, vae_path=args.vae, canvases=args.canvases,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    console.report(report, _eval_text(report, args.out), args.json)
+    return 0
+
+
+def _eval_text(report: dict, out: Path) -> str:
+    lines = []
+    metric = report["metric"]
+    for step in report["steps"]:
+        if step["status"] != "ok":
+            lines.append(f"step {step['step']:>6}: FAILED ({step['error']})")
+            continue
+        overall = step["summary"]["overall"]
+        lines.append(f"step {step['step']:>6}: {metric} {overall[metric]:.4f}  mIoU {overall['miou']:.4f}  "
+                     f"invalid {overall['invalid']}  (decoded {step['decoded']}, cached {step['cached']})")  # fmt: skip
+    if report["ceiling"] is not None:
+        lines.append(f"ceiling    : {metric} {report['ceiling']['overall'][metric]:.4f}  (token round trip)")
+    best = report["best"]
+    lines.append(f"best: step {best['step']} ({metric} {best['value']:.4f}), written to {report['run_dir']}/best.json"
+                 if best else "no checkpoint could be scored: no best step recorded")
+    if report["skipped"]:
+        lines.append(f"{len(report['skipped'])} record(s) skipped: {report['skipped_by_reason']}")
+    lines.append(f"report: {out}/report.md")
+    return "\n".join(lines)

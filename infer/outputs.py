@@ -1,0 +1,278 @@
+"""What `paliseg predict` reads and writes.
+
+Inputs (`--image`): one image file, a folder of images (searched recursively), or an annotation JSONL
+(`paliseg.records`: each record is an image and its prompt, and its ground truth is drawn and scored).
+
+Outputs in OUT (NAME = image stem + "." + prompt slug, as the converter names its masks, so
+`paliseg score --gt DATA/masks/... --pred OUT/masks --prompt-from-name` pairs them):
+
+    OUT/masks/NAME.png            union of the prompt's objects, 0/255, the image's full resolution
+    OUT/objects/NAME.K.png        object K's own mask (K from 0, in the order of the text)
+    OUT/json/NAME.json            prompt, raw decoded text, objects (label, pixel box, loc and seg tokens,
+                                  mask file), invalid chunks by reason, and the score when GT is known
+    OUT/canvases/NAME.png         original | ground truth (when known) | prediction
+    OUT/predictions.jsonl         one annotation record per image and prompt (suffix = decoded text,
+                                  mask = the predicted mask): `paliseg visualize --pred` reads it
+    OUT/coco_results.json         COCO results: RLE masks, xywh boxes, score 1.0 (PaliGemma gives no
+                                  per-object confidence), image_id and category_id of coco_dataset.json
+    OUT/coco_dataset.json         the images, one category per prompt, and, for JSONL input, the ground
+                                  truth objects (box from the loc tokens, mask = the GT union inside the
+                                  box, as `vae.sources` reads records), so pycocotools can evaluate
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infer.prediction import Prediction
+from paliseg import files, records
+from paliseg import tokens as codec
+from vae.masks import crop_box
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image and one prompt to predict; `record` when the input was an annotation JSONL."""
+
+    image_path: Path
+    prompt: str
+    record: records.Record | None = None
+    name: str = ""  # output file name stem, unique within a run
+
+
+def slug(prompt: str) -> str:
+    """The converter's prompt slug ("segment crack" -> "segment_crack")."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_") or "prompt"
+
+
+def jobs_for(source: str | os.PathLike, prompts: Sequence[str]) -> list[Job]:
+    """The (image, prompt) pairs of `--image` and `--prompt` (see the module docstring)."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"--image {source}: no such file or folder")
+    if source.is_file() and source.suffix == ".jsonl":
+        found = records.read_records(source)
+        if prompts:
+            found = [r for r in found if r.prefix in prompts]
+        if not found:
+            raise ValueError(f"{source}: no record" + (f" with prompt {' or '.join(map(repr, prompts))}" if prompts else ""))
+        jobs = [Job(r.image_path, r.prefix, r) for r in found]
+    else:
+        if not prompts:
+            raise ValueError("--prompt is required for images (a JSONL's records carry their own prompts)")
+        if source.is_file():
+            paths = [source]
+        else:
+            paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not paths:
+                raise ValueError(f"--image {source}: no image ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        jobs = [Job(path, prompt) for path in paths for prompt in prompts]
+    return _named(jobs)
+
+
+def _named(jobs: list[Job]) -> list[Job]:
+    """Give each job a unique output name: STEM.PROMPT_SLUG, with -2, -3 ... when two images share a stem."""
+    used: dict[str, int] = {}
+    named = []
+    for job in jobs:
+        base = f"{job.image_path.stem}.{slug(job.prompt)}"
+        used[base] = used.get(base, 0) + 1
+        name = base if used[base] == 1 else f"{job.image_path.stem}-{used[base]}.{slug(job.prompt)}"
+        named.append(dataclasses.replace(job, name=name))
+    return named
+
+
+def write_prediction(out: Path, job: Job, prediction: Prediction, canvas_image, score, overwrite: bool) -> dict[str, Any]:
+    """The per-image files of one job; returns its JSON (also written to OUT/json/NAME.json)."""
+    mask_path = out / "masks" / f"{job.name}.png"
+    files.write_mask(mask_path, prediction.mask if prediction.valid else np.zeros((prediction.height, prediction.width), bool), overwrite)
+    objects = []
+    for index, (obj, entry) in enumerate(zip(prediction.objects, prediction.to_json()["objects"])):
+        if obj.mask is not None:
+            object_path = out / "objects" / f"{job.name}.{index}.png"
+            files.write_mask(object_path, obj.mask, overwrite)
+            entry["mask"] = object_path.relative_to(out).as_posix()
+        objects.append(entry)
+    result = prediction.to_json() | {
+        "image": str(job.image_path),
+        "name": job.name,
+        "mask": mask_path.relative_to(out).as_posix(),
+        "objects": objects,
+        "score": None if score is None else score.to_row(),
+    }
+    if canvas_image is not None:
+        canvas_path = out / "canvases" / f"{job.name}.png"
+        files.write_image(canvas_path, canvas_image, overwrite)
+        result["canvas"] = canvas_path.relative_to(out).as_posix()
+    files.write_json(out / "json" / f"{job.name}.json", result, overwrite)
+    return result
+
+
+def prediction_record(out: Path, job: Job, prediction: Prediction) -> records.Record:
+    """The annotation record of a prediction (paths relative to OUT/predictions.jsonl)."""
+    image = Path(os.path.relpath(job.image_path.absolute(), out.absolute())).as_posix()
+    return records.Record(image, job.prompt, prediction.text, f"masks/{job.name}.png", {"valid": prediction.valid})
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _xywh(box: Sequence[float]) -> list[float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+
+
+class CocoCollector:
+    """Builds coco_dataset.json and coco_results.json one prediction at a time (masks kept as RLE only)."""
+
+    def __init__(self, prompts: Sequence[str]):
+        self.categories = {prompt: index for index, prompt in enumerate(sorted(set(prompts)), start=1)}
+        self.image_ids: dict[Path, int] = {}
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []
+
+    def add(self, job: Job, prediction: Prediction) -> None:
+        if job.image_path not in self.image_ids:
+            self.image_ids[job.image_path] = len(self.image_ids) + 1
+            self.images.append({"id": self.image_ids[job.image_path], "file_name": str(job.image_path),
+                                "width": prediction.width, "height": prediction.height})  # fmt: skip
+        image_id, category_id = self.image_ids[job.image_path], self.categories[job.prompt]
+        if job.record is not None:
+            self.annotations += _gt_annotations(job.record, image_id, category_id, prediction.width,
+                                                prediction.height, first_id=len(self.annotations) + 1)  # fmt: skip
+        for obj in prediction.objects:
+            result = {"image_id": image_id, "category_id": category_id, "bbox": _xywh(obj.box), "score": 1.0}
+            if obj.mask is not None:
+                result["segmentation"] = _rle(obj.mask)
+            self.results.append(result)
+
+    def dataset(self) -> dict[str, Any]:
+        return {
+            "info": {"description": "paliseg predict: the images, one category per prompt, ground truth when known"},
+            "images": self.images,
+            "categories": [{"id": index, "name": prompt} for prompt, index in self.categories.items()],
+            "annotations": self.annotations,
+        }
+
+
+def _gt_annotations(record: records.Record, image_id: int, category_id: int, width: int, height: int, first_id: int):
+    union = files.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
+    annotations = []
+    for obj in codec.parse_suffix(record.suffix, require_seg=False).objects:
+        x1, y1, x2, y2 = crop_box(codec.locs_to_box(obj.locs, width, height), width, height)
+        inside = np.zeros_like(union)
+        inside[y1:y2, x1:x2] = union[y1:y2, x1:x2]
+        annotations.append({
+            "id": first_id + len(annotations), "image_id": image_id, "category_id": category_id,
+            "bbox": _xywh(codec.locs_to_box(obj.locs, width, height)), "segmentation": _rle(inside),
+            "area": int(np.count_nonzero(inside)), "iscrowd": 0,
+        })  # fmt: skip
+    return annotations
+
+
+def _canvas(job: Job, image, prediction: Prediction):
+    """(canvas, score): against the record's ground truth when there is one, else the prediction alone."""
+    from metrics import canvas
+
+    predicted = canvas.Prediction(mask=prediction.mask, suffix=prediction.text)
+    if job.record is not None:
+        return canvas.canvas_for_record(job.record, predicted, panel_height=320)
+    caption = (
+        f"prompt: {job.prompt}    image: {job.image_path.name}\n"
+        f"{len(prediction.objects)} object(s) predicted; no ground truth given (middle panel: the image alone)"
+        + ("" if prediction.valid else "\nINVALID prediction: the text has no valid object")
+    )
+    picture = canvas.make_canvas(
+        image, None, prediction.mask, caption, pred_boxes=prediction.boxes, pred_labels=prediction.labels,
+        panel_height=320,
+    )  # fmt: skip
+    return picture, None
+
+
+def _score(job: Job, prediction: Prediction):
+    from metrics import scoring
+
+    record = job.record
+    gt = files.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((prediction.height, prediction.width), bool)
+    parsed = codec.parse_suffix(record.suffix, require_seg=False)
+    boxes = [codec.locs_to_box(o.locs, prediction.width, prediction.height) for o in parsed.objects]
+    return scoring.score_image(
+        prediction.mask, gt, record.prefix, record.image, pred_boxes=prediction.boxes, gt_boxes=boxes,
+        invalid_objects=prediction.invalid_count,
+    )  # fmt: skip
+
+
+def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Predict every job in batches and write the files of the module docstring; returns a summary.
+
+    An image that cannot be read is a counted skip; OUT must not hold an earlier prediction set unless
+    `overwrite`.
+    """
+    import collections
+    import time
+
+    from metrics import aggregate
+    from paliseg import console
+
+    out = Path(out)
+    if not overwrite and ((out / "predictions.jsonl").exists() or any((out / "masks").glob("*.png"))):
+        raise files.OutputExistsError(out / "predictions.jsonl")
+    started = time.perf_counter()
+    coco = CocoCollector([job.prompt for job in jobs])
+    results, skipped, scores, prediction_records = [], [], [], []
+    degenerate: collections.Counter = collections.Counter()
+    bar = console.progress_bar("predict", total=len(jobs), unit="image")
+    try:
+        for start in range(0, len(jobs), predictor.batch_size):
+            opened = []
+            for job in jobs[start : start + predictor.batch_size]:
+                try:
+                    opened.append((job, files.read_rgb(job.image_path)))
+                except ValueError as error:
+                    skipped.append({"image": str(job.image_path), "prompt": job.prompt, "error": str(error)})
+                    console.info(f"skipped {job.image_path}: {error}")
+            if opened:
+                predictions = predictor.predict([image for _, image in opened], [job.prompt for job, _ in opened], degenerate)
+            for (job, image), prediction in zip(opened, predictions if opened else []):
+                picture, score = _canvas(job, image, prediction) if canvases else (None, None)
+                if score is None and job.record is not None:
+                    score = _score(job, prediction)
+                if score is not None:
+                    scores.append(score)
+                results.append(write_prediction(out, job, prediction, picture, score, overwrite=True))
+                prediction_records.append(prediction_record(out, job, prediction))
+                coco.add(job, prediction)
+            bar.update(len(jobs[start : start + predictor.batch_size]))
+    finally:
+        bar.close()
+    records.write_records(out / "predictions.jsonl", prediction_records, overwrite=True)
+    files.write_json(out / "coco_dataset.json", coco.dataset())
+    files.write_json(out / "coco_results.json", coco.results)
+    seconds = time.perf_counter() - started
+    return {
+        "out": str(out),
+        "model": predictor.source,
+        "predicted": len(results),
+        "skipped": skipped,
+        "objects": sum(len(r["objects"]) for r in results),
+        "invalid_predictions": sum(not r["valid"] for r in results),
+        "degenerate_boxes": dict(degenerate),
+        "summary": aggregate.summarize(scores) if scores else None,
+        "seconds": seconds,
+        "images_per_s": len(results) / seconds if seconds > 0 else None,
+        "results": results,
+    }

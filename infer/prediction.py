@@ -1,0 +1,130 @@
+"""Decoded text -> what a user needs: objects with labels, pixel boxes and full-resolution masks.
+
+Model output is untrusted: `paliseg.tokens.parse_suffix` never raises and counts the chunks it rejects.
+Conventions (the sweep scores with them, the README quotes them):
+- An empty text is a valid answer: "no object of this prompt here" (an empty mask).
+- A non-empty text with no valid object at all is an invalid prediction: `mask` is None, and the
+  scoring gives it 0 on every metric (`metrics.scoring`).
+- An object with loc tokens but no seg tokens (a `detect`-style answer) keeps its box and has no mask.
+- Masks come from `vae.tokens_to_masks` (big_vision's paste-back) at the image's full resolution;
+  boxes from `paliseg.tokens.locs_to_box` (pixel x1, y1, x2, y2, floats).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+from typing import Any
+
+import numpy as np
+
+import vae
+from paliseg import tokens as codec
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictedObject:
+    label: str
+    box: tuple[float, float, float, float]  # pixel (x1, y1, x2, y2) in the full image
+    locs: tuple[int, int, int, int]  # loc indices (y1, x1, y2, x2)
+    seg: tuple[int, ...] | None  # 16 seg indices, or None for a box-only object
+    mask: np.ndarray | None  # bool [H, W] at full resolution, None for a box-only object
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "box_xyxy": [round(v, 2) for v in self.box],
+            "locs": list(self.locs),
+            "seg": None if self.seg is None else list(self.seg),
+            "area": None if self.mask is None else int(np.count_nonzero(self.mask)),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One image and one prompt: the raw text, its objects and their union mask.
+
+    `mask` is None only for an invalid prediction (text with no valid object); `invalid` counts the
+    rejected chunks of the text by reason (see `paliseg.tokens.parse_suffix`).
+    """
+
+    prompt: str
+    text: str
+    width: int
+    height: int
+    objects: tuple[PredictedObject, ...]
+    invalid: collections.Counter
+    mask: np.ndarray | None
+
+    @property
+    def valid(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        return [o.box for o in self.objects]
+
+    @property
+    def labels(self) -> list[str]:
+        return [o.label for o in self.objects]
+
+    @property
+    def masks(self) -> np.ndarray:
+        """bool [N, H, W]: each object's mask (all-zero for a box-only object)."""
+        masks = np.zeros((len(self.objects), self.height, self.width), bool)
+        for index, obj in enumerate(self.objects):
+            if obj.mask is not None:
+                masks[index] = obj.mask
+        return masks
+
+    @property
+    def invalid_count(self) -> int:
+        return sum(self.invalid.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "width": self.width,
+            "height": self.height,
+            "valid": self.valid,
+            "objects": [o.to_json() for o in self.objects],
+            "invalid": dict(self.invalid),
+            "area": None if self.mask is None else int(np.count_nonzero(self.mask)),
+        }
+
+
+def from_text(
+    text: str,
+    prompt: str,
+    width: int,
+    height: int,
+    vae_model,
+    degenerate: collections.Counter | None = None,
+) -> Prediction:
+    """Parse decoded text and paste each object's mask back at `width` x `height`. `degenerate` counts,
+    by reason, the boxes that cover no pixel (their mask is empty)."""
+    parsed = codec.parse_suffix(text, require_seg=False)
+    if parsed.invalid_count and not parsed.objects:
+        return Prediction(prompt, text, width, height, (), parsed.invalid, None)
+    with_seg = [o for o in parsed.objects if o.seg is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", vae.DegenerateBoxWarning)  # counted in `degenerate` instead
+        masks = vae.tokens_to_masks(
+            vae_model, [o.seg for o in with_seg], [o.locs for o in with_seg], width, height, degenerate
+        )
+    mask_of = {id(o): m for o, m in zip(with_seg, masks)}
+    objects = tuple(
+        PredictedObject(
+            label=o.label,
+            box=codec.locs_to_box(o.locs, width, height),
+            locs=o.locs,
+            seg=o.seg,
+            mask=mask_of.get(id(o)),
+        )
+        for o in parsed.objects
+    )
+    union = np.logical_or.reduce(masks, axis=0) if len(masks) else np.zeros((height, width), bool)
+    return Prediction(prompt, text, width, height, objects, parsed.invalid, union)
+

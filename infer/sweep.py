@@ -1,0 +1,356 @@
+"""The checkpoint sweep: score every checkpoint of a run on a whole split and record the best one.
+
+    from infer import sweep
+    result = sweep.evaluate_run("runs/r1", "data/cracks", "reports/r1", split="valid")
+    result["best"]  # {"step": 30, "metric": "miou", "value": 0.41, ...}, also in runs/r1/best.json
+
+What is scored, side by side:
+- step 0, the base the run started from ("before fine-tuning": the base checkpoint with LoRA adapters that
+  change nothing, or the run's seeded random init);
+- every saved checkpoint (or the ones asked for);
+- the token round-trip ceiling (`vae.ceiling.round_trip`): ground truth -> loc + seg tokens -> mask, the
+  best any model can score with these tokens.
+
+Decoded texts are cached per checkpoint (`infer.cache`): a re-run, or a run after a crash, decodes only what
+no earlier run finished; scores are always recomputed from the cached texts (cheap: the VAE decoder and the
+paste-back). A checkpoint that cannot be loaded or decoded (another config, a truncated file) is reported
+and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips.
+The best checkpoint (by `metric` over all prompts; ties go to the earlier step) is written to
+RUN_DIR/best.json, which `Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infer import cache as prediction_cache
+from infer.prediction import Prediction, from_text
+from infer.predictor import BEST_FILE, Predictor
+from metrics import aggregate, scoring
+from paliseg import console, files, records
+from paliseg import tokens as codec
+
+# Metrics the best checkpoint can be chosen by (all: higher is better), keys of `metrics.aggregate`.
+METRICS = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "p10", "p50", "p90")
+SWEEP_FILE = "sweep.json"  # REPORT_DIR's identity: which run, data and split it reports on
+OWNED_FOLDERS = ("predictions", "steps", "ceiling", "plots", "canvases")  # what the sweep writes in REPORT_DIR
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """A usable record of the split, with its image size."""
+
+    record: records.Record
+    width: int
+    height: int
+
+    @property
+    def key(self) -> str:
+        return record_key(self.record)
+
+
+def record_key(record: records.Record) -> str:
+    return f"{record.image}\t{record.prefix}"
+
+
+@dataclasses.dataclass
+class Skip:
+    where: str
+    reason: str
+    message: str
+
+
+def read_split(data_dir: str | os.PathLike, split: str, limit: int | None = None) -> tuple[list[Item], list[Skip]]:
+    """The records of a split that can be scored, and the ones that cannot (with why).
+
+    Raises for a missing or empty split. A record is skipped when its image is missing or does not decode,
+    its ground-truth mask is missing, unreadable or of another size than the image, its suffix does not
+    parse, or it repeats an (image, prompt) pair already seen.
+    """
+    path = records.annotations_path(data_dir, split)
+    if not path.is_file():
+        found = records.available_splits(data_dir) if Path(data_dir).is_dir() else []
+        raise FileNotFoundError(
+            f"{path}: no '{split}' split in {data_dir}" + (f" (found: {', '.join(found)})" if found else "")
+        )
+    all_records = records.read_records(path)[:limit]
+    if not all_records:
+        raise ValueError(f"{path}: the '{split}' split has no records")
+    items, skips, seen = [], [], set()
+    for record in all_records:
+        try:
+            if record_key(record) in seen:
+                raise _Unusable("duplicate", f"image {record.image} with prompt {record.prefix!r} appears twice")
+            items.append(_check(record))
+            seen.add(record_key(record))
+        except _Unusable as problem:
+            skips.append(Skip(record.where, problem.reason, problem.message))
+    return items, skips
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _check(record: records.Record) -> Item:
+    if not record.image_path.is_file():
+        raise _Unusable("missing_image", f"image {record.image_path} not found")
+    try:
+        width, height = files.read_rgb(record.image_path).size
+    except ValueError as error:
+        raise _Unusable("unreadable_image", str(error)) from None
+    parsed = codec.parse_suffix(record.suffix, require_seg=False)
+    if parsed.invalid_count:
+        raise _Unusable("invalid_suffix", f"ground-truth suffix has invalid objects {dict(parsed.invalid)}")
+    if record.mask_path is None:
+        if parsed.objects:
+            raise _Unusable("missing_mask", "the record has objects but no ground-truth mask")
+        return Item(record, width, height)
+    if not record.mask_path.is_file():
+        raise _Unusable("missing_mask", f"ground-truth mask {record.mask_path} not found")
+    try:
+        shape = files.read_mask(record.mask_path).shape
+    except (OSError, ValueError) as error:
+        raise _Unusable("unreadable_mask", f"ground-truth mask {record.mask_path}: {error}") from None
+    if shape != (height, width):
+        raise _Unusable(
+            "mask_size", f"ground-truth mask {record.mask_path} is {shape[1]}x{shape[0]}, image is {width}x{height}"
+        )
+    return Item(record, width, height)
+
+
+def gt_mask(item: Item) -> np.ndarray:
+    if item.record.mask_path is None:
+        return np.zeros((item.height, item.width), bool)
+    return files.read_mask(item.record.mask_path)
+
+
+def gt_boxes(item: Item) -> list[tuple[float, float, float, float]]:
+    parsed = codec.parse_suffix(item.record.suffix, require_seg=False)
+    return [codec.locs_to_box(o.locs, item.width, item.height) for o in parsed.objects]
+
+
+def select_steps(requested: str | Sequence[int], saved: Sequence[int], base: bool) -> list[int]:
+    """The steps to score, in order: "all" (every saved checkpoint) or the listed ones, with step 0 (the
+    base) first when `base` is set or 0 is listed."""
+    listed = list(saved) if requested == "all" else sorted({int(step) for step in requested})
+    unknown = [step for step in listed if step != 0 and step not in saved]
+    if unknown:
+        raise ValueError(
+            f"no checkpoint at step(s) {', '.join(map(str, unknown))}; saved steps: " + (", ".join(map(str, saved)) or "none")
+        )
+    return ([0] if base or 0 in listed else []) + [step for step in listed if step != 0]
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: int
+    status: str  # "ok" or "failed"
+    decoded: int = 0  # records decoded by this run
+    cached: int = 0  # records whose text an earlier run had already decoded
+    seconds: float = 0.0
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "base" if self.step == 0 else "checkpoint"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"kind": self.kind}
+
+
+def _fingerprint(run_dir: Path, step: int, max_new_tokens: int | None) -> dict[str, Any]:
+    """What a cached text depends on: the run's settings (config.json), the step and the decoding."""
+    config_bytes = (run_dir / "config.json").read_bytes()
+    return {
+        "run_config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "step": step,
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy; segmentation grammar for 'segment' prompts",
+    }
+
+
+def _claim(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """REPORT_DIR reports on one run, data folder and split: refuse to mix another one in, or with
+    `overwrite` clear what the sweep wrote there before."""
+    path = out_dir / SWEEP_FILE
+    if path.exists():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous != identity:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{out_dir} holds the report of {previous.get('run_dir')} on {previous.get('data')} "
+                    f"(split {previous.get('split')}); choose another --out, or pass --overwrite to replace it"
+                )
+            for name in OWNED_FOLDERS:
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+    files.write_json(path, identity)
+
+
+def decode_step(
+    predictor_factory: Callable[[], Predictor],
+    items: Sequence[Item],
+    cache: prediction_cache.PredictionCache,
+    batch_size: int,
+    progress_desc: str,
+) -> int:
+    """Decode the items the cache does not hold yet, appending each batch to it. Returns how many."""
+    todo = [item for item in items if item.key not in cache]
+    if not todo:
+        return 0
+    predictor = predictor_factory()
+    bar = console.progress_bar(progress_desc, total=len(todo), unit="image")
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            pixels = [predictor.preprocess(files.read_rgb(item.record.image_path)) for item in batch]
+            texts = predictor.decode_texts(pixels, [item.record.prefix for item in batch])
+            cache.append({"key": item.key, "text": text} for item, text in zip(batch, texts))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return len(todo)
+
+
+def prediction_of(item: Item, text: str, vae_model, degenerate: collections.Counter | None = None) -> Prediction:
+    return from_text(text, item.record.prefix, item.width, item.height, vae_model, degenerate=degenerate)
+
+
+def score(item: Item, prediction: Prediction, mask: np.ndarray, boxes) -> scoring.ImageScore:
+    return scoring.score_image(
+        prediction.mask, mask, item.record.prefix, item.record.image,
+        pred_boxes=prediction.boxes, gt_boxes=boxes, invalid_objects=prediction.invalid_count,
+    )  # fmt: skip
+
+
+def ceiling_score(item: Item, mask: np.ndarray, boxes, vae_model, degenerate: collections.Counter) -> scoring.ImageScore:
+    """The round trip of the ground truth through the tokens (`vae.ceiling.round_trip`), scored as a prediction."""
+    from vae.ceiling import round_trip
+    from vae.sources import Sample
+
+    sample = Sample(item.record.where, item.record.prefix, mask, list(boxes), None, item.record.image_path)
+    result = round_trip(vae_model, sample, counts=degenerate)
+    return scoring.score_image(result.prediction, mask, item.record.prefix, item.record.image, pred_boxes=boxes, gt_boxes=boxes)
+
+
+def pick_best(results: Sequence[StepResult], metric: str) -> StepResult | None:
+    """The checkpoint (step > 0) with the highest overall `metric`; ties go to the earlier step."""
+    candidates = [r for r in results if r.step > 0 and r.summary is not None and r.summary["overall"][metric] is not None]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.summary["overall"][metric], -r.step))
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "valid",
+    steps: str | Sequence[int] = "all",
+    limit: int | None = None,
+    metric: str = "miou",
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    base: bool = True,
+    ceiling: bool = True,
+    vae_path: str | os.PathLike | None = None,
+    canvases: int = 4,
+    overwrite: bool = False,
+    on_step_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Score the checkpoints of `run_dir` on `data_dir`'s `split` and write the report into `out_dir`.
+
+    `steps`: "all" or a list of steps (0 = the base); `base`: also score step 0 with "all"; `limit`: the
+    first K records only; `max_new_tokens`: decoding budget (default: the run's --seq-len);
+    `canvases`: how many best and worst images of the best checkpoint to draw; `on_step_done(step)` is
+    called after each step's texts are cached (the demo's progress, the tests' crash). Returns the
+    report's content (see `infer.sweep_report.build`).
+    """
+    import vae
+    from infer import sweep_report
+    from train import checkpoints
+
+    run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
+    if metric not in METRICS:
+        raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    train_config, _ = checkpoints.read_run_config(run_dir)
+    wanted = select_steps(steps, checkpoints.list_steps(run_dir), base)
+    if not wanted:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to score yet (and the base was not asked for)")
+    items, skips = read_split(data_dir, split, limit)
+    if not items:
+        raise ValueError(f"{records.annotations_path(data_dir, split)}: no usable record ({len(skips)} skipped: "
+                         + "; ".join(f"{s.where}: {s.message}" for s in skips[:3]) + ")")
+    for skip in skips:
+        console.info(f"skipped {skip.where}: {skip.message}")
+    identity = {"run_dir": str(run_dir.absolute()), "data": str(data_dir.absolute()), "split": split}
+    _claim(out_dir, identity, overwrite)
+    max_new_tokens = max_new_tokens or train_config.seq_len
+    vae_model = vae.load(vae_path)
+
+    results: list[StepResult] = []
+    caches: dict[int, prediction_cache.PredictionCache] = {}
+    for step in wanted:
+        started = time.perf_counter()
+        cache = prediction_cache.PredictionCache(
+            prediction_cache.step_path(out_dir, step), _fingerprint(run_dir, step, max_new_tokens)
+        )
+        cached = sum(item.key in cache for item in items)
+        factory = lambda step=step: Predictor.from_run(  # noqa: E731
+            run_dir, step, vae_model=vae_model, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+        try:
+            decoded = decode_step(factory, items, cache, batch_size, f"step {step}")
+        except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the sweep
+            message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            console.info(f"step {step}: FAILED, skipped ({message})")
+            results.append(StepResult(step, "failed", cached=cached, error=message))
+            continue
+        caches[step] = cache
+        results.append(StepResult(step, "ok", decoded, cached, time.perf_counter() - started))
+        if on_step_done is not None:
+            on_step_done(step)
+
+    scores, ceiling_scores, degenerate = _score(items, caches, vae_model, ceiling)
+    for result in results:
+        if result.step in caches:
+            result.summary = aggregate.summarize(scores[result.step])
+    best = pick_best(results, metric)
+    report = sweep_report.build(
+        run_dir=run_dir, data_dir=data_dir, out_dir=out_dir, split=split, limit=limit, metric=metric, items=items, skips=skips,
+        results=results, best=best, ceiling=None if ceiling_scores is None else aggregate.summarize(ceiling_scores),
+        degenerate=degenerate, max_new_tokens=max_new_tokens,
+    )  # fmt: skip
+    sweep_report.write(out_dir, report, items, scores, ceiling_scores, caches, vae_model, canvases)
+    if best is not None:
+        files.write_json(run_dir / BEST_FILE, report["best"])
+    return report
+
+
+def _score(items, caches, vae_model, ceiling: bool):
+    """Per step, the ImageScore of every item (in item order), and the ceiling's; each GT mask read once."""
+    scores: dict[int, list[scoring.ImageScore]] = {step: [] for step in caches}
+    ceiling_scores: list[scoring.ImageScore] | None = [] if ceiling else None
+    degenerate: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for item in console.progress(items, desc="scoring", unit="image"):
+        mask, boxes = gt_mask(item), gt_boxes(item)
+        for step, cache in caches.items():
+            prediction = prediction_of(item, cache.text(item.key), vae_model, degenerate[f"step {step}"])
+            scores[step].append(score(item, prediction, mask, boxes))
+        if ceiling_scores is not None:
+            ceiling_scores.append(ceiling_score(item, mask, boxes, vae_model, degenerate["ceiling"]))
+    return scores, ceiling_scores, {k: dict(v) for k, v in degenerate.items() if v}

@@ -1,0 +1,179 @@
+"""Inference pieces without a language model: text -> objects and masks, the prediction cache, COCO
+results checked with pycocotools, output naming, step selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import vae
+from infer import cache as prediction_cache
+from infer import outputs, sweep
+from infer.commands import parse_steps
+from infer.prediction import from_text
+from paliseg import files, records, tokens
+
+
+@pytest.fixture(scope="module")
+def vae_model(tmp_path_factory):
+    return vae.MaskVAE.from_npz(vae.write_random_npz(tmp_path_factory.mktemp("vae") / "vae.npz", seed=0))
+
+
+def _object(box, width, height, seed, label="crack"):
+    seg = tuple(int(v) for v in np.random.default_rng(seed).integers(0, 128, 16))
+    return tokens.SegObject(tokens.box_to_locs(box, width, height), seg, label)
+
+
+def test_text_to_objects_boxes_and_full_resolution_masks(vae_model):
+    width, height = 120, 80
+    objects = [_object((10, 5, 60, 40), width, height, 1), _object((50, 30, 110, 75), width, height, 2)]
+    prediction = from_text(tokens.format_suffix(objects), "segment crack", width, height, vae_model)
+    assert prediction.valid and prediction.invalid_count == 0
+    assert prediction.labels == ["crack", "crack"]
+    assert prediction.masks.shape == (2, height, width)
+    expected = vae.tokens_to_masks(vae_model, [o.seg for o in objects], [o.locs for o in objects], width, height)
+    np.testing.assert_array_equal(prediction.masks, expected)
+    np.testing.assert_array_equal(prediction.mask, expected[0] | expected[1])
+    np.testing.assert_allclose(prediction.boxes[0], tokens.locs_to_box(objects[0].locs, width, height))
+    # Masks stay inside their (truncated) loc boxes.
+    x1, y1, x2, y2 = tokens.locs_to_pixel_box(objects[0].locs, width, height)
+    outside = prediction.masks[0].copy()
+    outside[y1:y2, x1:x2] = False
+    assert not outside.any()
+
+
+def test_empty_invalid_partial_and_box_only_texts(vae_model):
+    empty = from_text("", "segment crack", 40, 30, vae_model)
+    assert empty.valid and not empty.mask.any() and empty.objects == () and empty.mask.shape == (30, 40)
+    garbage = from_text("a crack in the wall <loc0001>", "segment crack", 40, 30, vae_model)
+    assert not garbage.valid and garbage.mask is None and garbage.invalid_count == 1
+    good = _object((2, 2, 30, 20), 40, 30, 3)
+    partial = from_text(good.to_text() + " ; <loc0001><seg001> crack", "segment crack", 40, 30, vae_model)
+    assert partial.valid and len(partial.objects) == 1 and partial.invalid == {"loc_count": 1}
+    box_only = tokens.SegObject(good.locs, None, "crack")
+    boxed = from_text(box_only.to_text(), "detect crack", 40, 30, vae_model)
+    assert boxed.valid and boxed.objects[0].mask is None and not boxed.mask.any() and len(boxed.boxes) == 1
+    assert boxed.to_json()["objects"][0]["seg"] is None
+
+
+def test_cache_survives_a_torn_line_and_drops_stale_texts(tmp_path):
+    path = prediction_cache.step_path(tmp_path, 25)
+    assert path.name == "step_000025.jsonl"
+    fingerprint = {"step": 25, "max_new_tokens": 64}
+    cache = prediction_cache.PredictionCache(path, fingerprint)
+    cache.append([{"key": "a\tp", "text": "x"}, {"key": "b\tp", "text": ""}])
+    with open(path, "a") as handle:  # a crash in the middle of the next batch
+        handle.write('{"key": "c\\tp", "te')
+    again = prediction_cache.PredictionCache(path, fingerprint)
+    assert again.missing(["a\tp", "b\tp", "c\tp"]) == ["c\tp"] and again.text("b\tp") == ""
+    again.append([{"key": "c\tp", "text": "z"}])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses again
+    assert [line.get("key") for line in lines] == [None, "a\tp", "b\tp", "c\tp"]
+    stale = prediction_cache.PredictionCache(path, {"step": 25, "max_new_tokens": 128})
+    assert stale.missing(["a\tp"]) == ["a\tp"] and len(path.read_text().splitlines()) == 1
+
+
+def _records_set(folder: Path, vae_model) -> Path:
+    """Two real-layout records (image, union GT mask PNG, suffix of VAE-encoded objects) and one negative."""
+    rng = np.random.default_rng(0)
+    out = []
+    for index, boxes in enumerate([[(8, 6, 50, 30), (40, 34, 90, 70)], [(20, 10, 70, 60)], []]):
+        width, height = 96, 80
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), np.uint8))
+        files.write_image(folder / "images" / f"im{index}.png", image)
+        union = np.zeros((height, width), bool)
+        objects = []
+        for box in boxes:
+            x1, y1, x2, y2 = box
+            union[y1 + 2 : y2 - 2, x1 + 2 : x2 - 2] = True
+        for box in boxes:
+            seg = vae.mask_to_tokens(vae_model, union, box)
+            objects.append(tokens.SegObject(tokens.box_to_locs(box, width, height), seg, "crack"))
+        files.write_mask(folder / "masks" / f"im{index}.png", union)
+        out.append(records.Record(f"images/im{index}.png", "segment crack", tokens.format_suffix(objects), f"masks/im{index}.png"))
+    return records.write_records(records.annotations_path(folder, "valid"), out) and records.annotations_path(folder, "valid")
+
+
+@pytest.mark.oracle
+def test_coco_results_evaluate_with_pycocotools(tmp_path, vae_model):
+    from pycocotools import mask as coco_mask
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    jsonl = _records_set(tmp_path, vae_model)
+    jobs = outputs.jobs_for(jsonl, [])
+    collector = outputs.CocoCollector([job.prompt for job in jobs])
+    predictions = []
+    for job in jobs:  # a perfect model: it predicts the ground-truth tokens
+        width, height = Image.open(job.image_path).size
+        predictions.append(from_text(job.record.suffix, job.prompt, width, height, vae_model))
+        collector.add(job, predictions[-1])
+    files.write_json(tmp_path / "gt.json", collector.dataset())
+    files.write_json(tmp_path / "res.json", collector.results)
+    assert len(collector.results) == 3 and len(collector.dataset()["annotations"]) == 3
+    # The RLE of each result is exactly the object's mask.
+    decoded = coco_mask.decode(collector.results[0]["segmentation"]).astype(bool)
+    np.testing.assert_array_equal(decoded, predictions[0].objects[0].mask)
+
+    ground_truth = COCO(str(tmp_path / "gt.json"))
+    results = ground_truth.loadRes(str(tmp_path / "res.json"))
+    evaluation = COCOeval(ground_truth, results, "bbox")
+    evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(1.0)  # boxes from the same loc tokens: AP 1
+    segm = COCOeval(ground_truth, results, "segm")
+    segm.evaluate(), segm.accumulate(), segm.summarize()
+    assert 0.0 <= segm.stats[0] <= 1.0  # runs; the value depends on the (random) VAE's reconstructions
+
+
+def test_jobs_names_and_input_errors(tmp_path):
+    for sub in ("a", "b"):
+        files.write_image(tmp_path / "imgs" / sub / "same.jpg", Image.new("RGB", (8, 8)))
+    jobs = outputs.jobs_for(tmp_path / "imgs", ["segment crack", "segment taping area"])
+    assert [job.name for job in jobs] == [
+        "same.segment_crack", "same.segment_taping_area", "same-2.segment_crack", "same-2.segment_taping_area",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--prompt is required"):
+        outputs.jobs_for(tmp_path / "imgs", [])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        outputs.jobs_for(tmp_path / "nothing", ["segment crack"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image"):
+        outputs.jobs_for(tmp_path / "empty", ["segment crack"])
+
+
+def test_step_selection():
+    assert sweep.select_steps("all", [10, 20], base=True) == [0, 10, 20]
+    assert sweep.select_steps("all", [10, 20], base=False) == [10, 20]
+    assert sweep.select_steps([20, 0], [10, 20], base=False) == [0, 20]
+    with pytest.raises(ValueError, match="saved steps: 10, 20"):
+        sweep.select_steps([15], [10, 20], base=True)
+    assert parse_steps("all") == "all" and parse_steps("10,20") == [10, 20]
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_steps("best")
+
+
+def test_read_split_counts_bad_records(tmp_path, vae_model):
+    jsonl = _records_set(tmp_path, vae_model)
+    good = records.read_records(jsonl)
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    files.write_mask(tmp_path / "masks" / "small.png", np.zeros((4, 4), bool))
+    bad = [
+        records.Record("images/broken.jpg", "segment crack", "", None),
+        records.Record("images/missing.jpg", "segment crack", "", None),
+        records.Record("images/im0.png", "segment hole", "", "masks/small.png"),
+        good[0],  # the same image and prompt twice
+    ]
+    records.write_records(jsonl, good + bad, overwrite=True)
+    items, skips = sweep.read_split(tmp_path, "valid")
+    assert [item.record.image for item in items] == [r.image for r in good]
+    assert [skip.reason for skip in skips] == ["unreadable_image", "missing_image", "mask_size", "duplicate"]
+    assert skips[0].where.endswith("_annotations.valid.jsonl:4")
+    with pytest.raises(FileNotFoundError, match="found: valid"):
+        sweep.read_split(tmp_path, "test")
+    records.write_records(records.annotations_path(tmp_path, "test"), [])
+    with pytest.raises(ValueError, match="has no records"):
+        sweep.read_split(tmp_path, "test")

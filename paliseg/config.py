@@ -117,7 +117,8 @@ class ModelConfig:
     dtype policy: parameters are stored in `param_dtype` and matmuls run in `compute_dtype`; norms, softmax
     and logits always run in float32. `remat` recomputes each layer in the backward pass
     (`nothing_saveable`), trading compute for activation memory when training. `tokenizer` is the default
-    tokenizer file for this config (the tiny presets point at the bundled one; None means "must be given").
+    tokenizer: a path, or the name of a file in `paliseg/assets/` (the tiny presets use the bundled one);
+    None means it must be given.
     """
 
     img: SiglipConfig = SiglipConfig()
@@ -133,6 +134,15 @@ class ModelConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.img.num_patches
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        if self.tokenizer is None:
+            return None
+        path = Path(self.tokenizer)
+        if path.is_absolute() or not (ASSETS / path).exists():
+            return path
+        return ASSETS / path
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with fields changed; `img`, `llm` and `lora` also accept dicts of their own fields."""
@@ -174,7 +184,7 @@ def _tiny(image_size: int) -> ModelConfig:
         param_dtype="float32",
         compute_dtype="float32",
         cache_dtype="float32",
-        tokenizer=str(TINY_TOKENIZER),
+        tokenizer=TINY_TOKENIZER.name,
     )
 
 
@@ -192,7 +202,7 @@ PRESETS: dict[str, ModelConfig] = {
         param_dtype="float32",
         compute_dtype="float32",
         cache_dtype="float32",
-        tokenizer=str(TINY_TOKENIZER),
+        tokenizer=TINY_TOKENIZER.name,
     ),
 }
 

@@ -1,0 +1,103 @@
+"""Load and save PaliGemma parameters in three formats, always as big_vision's tree.
+
+    config, params = checkpoints.load(path, preset=None, vocab_size=None, **config_changes)
+
+`path` is one of:
+- a big_vision `.npz` (sizes from `preset`, which is then required; keys optionally under `params/`);
+- a Hugging Face folder (`config.json` + safetensors; sizes from config.json; every transformers key
+  layout; `vocab_size`, the tokenizer's size, trims HF's padded embedding);
+- one of ours (`paliseg.json` + orbax `params/`, written by `save`).
+
+`config_changes` adjust the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`); params
+come back as jax arrays in `config.param_dtype` and are checked against the config: a mismatch raises one
+ValueError naming every missing key, unexpected key and wrong shape.
+
+Writers: `save` (ours, with an optional tokenizer copy), `export_big_vision` (npz), `export_hf`
+(safetensors + config.json). Each round trip reloads identical parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from paliseg.checkpoints.big_vision import read_npz, write_npz
+from paliseg.checkpoints.huggingface import config_from_hf, read_hf, write_hf
+from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, write_native
+from paliseg.checkpoints.tree import check_tree, to_device
+from paliseg.config import ModelConfig, preset as get_preset
+
+__all__ = [
+    "config_from_hf",
+    "default_tokenizer",
+    "export_big_vision",
+    "export_hf",
+    "kind_of",
+    "load",
+    "save",
+]
+
+
+def kind_of(path: str | os.PathLike) -> str:
+    """'big_vision', 'hf' or 'paliseg'; raises for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file() and path.suffix == ".npz":
+        return "big_vision"
+    if path.is_dir() and is_native(path):
+        return "paliseg"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    raise ValueError(
+        f"{path}: not a checkpoint (expected a big_vision .npz, a Hugging Face folder with config.json, "
+        f"or a paliseg folder with paliseg.json)"
+    )
+
+
+def load(
+    path: str | os.PathLike, preset: str | None = None, vocab_size: int | None = None, **config_changes: Any
+) -> tuple[ModelConfig, dict]:
+    kind = kind_of(path)
+    if kind == "big_vision":
+        if preset is None:
+            raise ValueError(f"{path}: a big_vision npz does not record the model sizes; pass a preset (--preset)")
+        config, flat = get_preset(preset), read_npz(path)
+    elif kind == "hf":
+        config, flat = read_hf(path, vocab_size=vocab_size)
+    else:
+        config, flat = read_native(path)
+    if config_changes:
+        config = config.replace(**config_changes)
+    check_tree(flat, config, str(path))
+    return config, to_device(flat, config)
+
+
+def default_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Path | None:
+    """The tokenizer that goes with a checkpoint: a `tokenizer.model` inside its folder (ours and HF's both
+    ship one), else the config's own (the tiny presets' bundled file)."""
+    path = Path(path)
+    if path.is_dir() and (path / TOKENIZER).is_file():
+        return path / TOKENIZER
+    return config.tokenizer_path
+
+
+def save(
+    path: str | os.PathLike,
+    params: dict,
+    config: ModelConfig,
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Our format. `tokenizer` (default: the config's, if any) is copied in so the folder is self-contained."""
+    tokenizer = tokenizer if tokenizer is not None else config.tokenizer_path
+    return write_native(path, params, config, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def export_big_vision(path: str | os.PathLike, params: dict, overwrite: bool = False) -> Path:
+    return write_npz(path, params, overwrite=overwrite)
+
+
+def export_hf(path: str | os.PathLike, params: dict, config: ModelConfig, overwrite: bool = False) -> Path:
+    return write_hf(path, params, config, overwrite=overwrite)

@@ -1,0 +1,63 @@
+"""Our checkpoint format: a folder with `paliseg.json` (format tag + the ModelConfig), `params/` (an orbax
+checkpoint of the big_vision-named tree, dtypes as saved) and optionally `tokenizer.model`, so a
+checkpoint folder is self-contained. Written into a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+from paliseg.checkpoints.tree import Flat, flatten
+from paliseg.config import ModelConfig
+from paliseg.files import OutputExistsError, write_json
+
+MARKER = "paliseg.json"
+FORMAT = "paliseg-checkpoint"
+TOKENIZER = "tokenizer.model"
+
+
+def is_native(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def write_native(
+    path: str | os.PathLike,
+    params: dict,
+    config: ModelConfig,
+    tokenizer: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", params)
+        checkpointer.wait_until_finished()
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        write_json(tmp / MARKER, {"format": FORMAT, "version": 1, "config": config.to_dict()})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_native(path: str | os.PathLike) -> tuple[ModelConfig, Flat]:
+    path = Path(path).absolute()
+    meta = json.loads((path / MARKER).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / MARKER}: not a paliseg checkpoint (format {meta.get('format')!r})")
+    config = ModelConfig.from_dict(meta["config"])
+    params = ocp.StandardCheckpointer().restore(path / "params")
+    return config, flatten(params)

@@ -1,0 +1,285 @@
+"""Jit-compiled KV-cache decoding, optionally constrained to the segmentation grammar.
+
+`generate` runs the prompt once (prefill, filling a KV cache) and then one token per step in a
+`lax.while_loop` until every example has emitted EOS or `max_new_tokens` is reached. Prompts are
+right-padded to a shared length and may differ in length: each example keeps its own positions, and all
+write their next token to the same cache slot (see `PaliGemma.prefill`).
+
+Constrained decoding (`SegmentGrammar`) masks the logits at every step so that the output is always a
+valid sequence of objects for `paliseg.tokens.parse_suffix`:
+
+    object = 4 loc (y2 > y1, x2 > x1) + 16 seg + label text,  objects joined by " ; ",  then EOS
+
+A small per-example state machine over token classes (loc, seg, eos, label text, whitespace, separator)
+drives the mask; it also counts the remaining budget, so it never starts an object (or a separator) that
+could not be finished before `max_new_tokens`. Label text is any ordinary piece without `<`, `>` or `;`;
+the separator is any piece with one `;` followed only by whitespace (e.g. Gemma's "▁;"). Byte-fallback
+pieces are never emitted under the grammar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paliseg.config import ModelConfig
+from paliseg.model.paligemma import PaliGemma
+from paliseg.tokenizer import Tokenizer
+from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
+
+# Token classes.
+LOC, SEG, EOS, TEXT, SPACE, SEMI, FORBIDDEN = range(7)
+# Grammar phases: BEGIN (first object or EOS), AFTER_SEP (whitespace, then the next object), the 3 loc
+# tokens after the first, the 16 seg tokens, LABEL, DONE.
+BEGIN, AFTER_SEP = 0, 1
+FIRST_SEG = 5  # phases 2, 3, 4 expect x1, y2, x2
+LABEL = FIRST_SEG + SEG_PER_OBJECT
+DONE = LABEL + 1
+OBJECT_TOKENS = 4 + SEG_PER_OBJECT
+
+
+def _transition_table() -> np.ndarray:
+    allowed = np.zeros((DONE + 1, FORBIDDEN + 1), bool)
+    allowed[BEGIN, [LOC, EOS]] = True
+    allowed[AFTER_SEP, [LOC, SPACE]] = True
+    allowed[2:FIRST_SEG, LOC] = True
+    allowed[FIRST_SEG:LABEL, SEG] = True
+    allowed[LABEL, [TEXT, SPACE, SEMI, EOS]] = True
+    allowed[DONE, :] = True  # finished rows are overwritten with pad; keep their logits finite
+    return allowed
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentGrammar:
+    """Per-vocabulary arrays for the constrained decoder (ids beyond the tokenizer are forbidden)."""
+
+    token_class: np.ndarray  # int32 [V]
+    loc_value: np.ndarray  # int32 [V], -1 for non-loc tokens
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int) -> "SegmentGrammar":
+        token_class = np.full(vocab_size, FORBIDDEN, np.int32)
+        for i in range(min(vocab_size, tokenizer.vocab_size)):
+            if tokenizer.is_plain_text(i):
+                token_class[i] = _text_class(tokenizer.piece_text(i))
+        token_class[tokenizer.loc_ids] = LOC
+        token_class[tokenizer.seg_ids] = SEG
+        token_class[tokenizer.eos_id] = EOS
+        loc_value = np.full(vocab_size, -1, np.int32)
+        loc_value[tokenizer.loc_ids] = np.arange(LOC_BINS)
+        if not (token_class == SEMI).any():
+            raise ValueError(f"{tokenizer.path}: no piece can encode the object separator ' ; '")
+        return cls(token_class, loc_value)
+
+    def arrays(self) -> tuple[jax.Array, jax.Array]:
+        return jnp.asarray(self.token_class), jnp.asarray(self.loc_value)
+
+
+@functools.lru_cache(maxsize=4)
+def segment_grammar(tokenizer: Tokenizer, vocab_size: int) -> SegmentGrammar:
+    """`SegmentGrammar.from_tokenizer`, built once per tokenizer (a pass over the whole vocabulary)."""
+    return SegmentGrammar.from_tokenizer(tokenizer, vocab_size)
+
+
+def _text_class(text: str) -> int:
+    if "<" in text or ">" in text or not text:
+        return FORBIDDEN
+    if ";" not in text:
+        return SPACE if not text.strip() else TEXT
+    head, _, tail = text.partition(";")
+    return SEMI if not tail.strip() else FORBIDDEN
+
+
+def _allowed(phase, y1, x1, remaining, token_class, loc_value):
+    """bool [B,V]: the tokens each example may emit next."""
+    table = jnp.asarray(_transition_table())
+    cls = token_class[None, :]
+    allowed = table[phase[:, None], cls]
+    value = loc_value[None, :]
+    p = phase[:, None]
+    loc_ok = jnp.where(p == 3, value > y1[:, None], jnp.where(p == 4, value > x1[:, None], value < LOC_BINS - 1))
+    allowed &= (cls != LOC) | loc_ok
+    r = remaining
+    room = jnp.where(
+        p == BEGIN,
+        (cls != LOC) | (r >= OBJECT_TOKENS + 1),
+        jnp.where(
+            p == AFTER_SEP,
+            (cls != SPACE) | (r >= OBJECT_TOKENS + 2),
+            jnp.where(
+                p == LABEL,
+                jnp.where(cls == SEMI, r >= OBJECT_TOKENS + 2, (cls == EOS) | (r >= 2)),
+                True,
+            ),
+        ),
+    )
+    return allowed & room
+
+
+def _advance(phase, y1, x1, token, token_class, loc_value):
+    cls, value = token_class[token], loc_value[token]
+    starts = ((phase == BEGIN) | (phase == AFTER_SEP)) & (cls == LOC)
+    new = jnp.where(starts, 2, phase)
+    new = jnp.where((phase >= 2) & (phase < LABEL), phase + 1, new)
+    new = jnp.where((phase == LABEL) & (cls == SEMI), AFTER_SEP, new)
+    new = jnp.where(cls == EOS, DONE, new)
+    return new, jnp.where(starts, value, y1), jnp.where(phase == 2, value, x1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature), restricted to the top-p nucleus."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+def _sample(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+    if sampling.temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        order = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
+        # the smallest logit still inside the nucleus (the top token always is)
+        cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(order, jnp.minimum(cutoff_index, order.shape[-1] - 1), axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id", "pad_id", "return_logits")
+)
+def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, rng, *, max_new_tokens, sampling,
+              eos_id, pad_id, return_logits):
+    model = PaliGemma(config)
+    batch = tokens.shape[0]
+    prompt_len = config.num_image_tokens + tokens.shape[1]
+    logits, cache, key_valid, seq_len = model.apply(
+        {"params": params}, images, tokens, mask_ar, mask_input, prompt_len + max_new_tokens, method=PaliGemma.prefill
+    )
+    zeros = jnp.zeros((batch,), jnp.int32)
+    state = {
+        "step": jnp.asarray(0, jnp.int32),
+        "logits": logits,
+        "cache": cache,
+        "key_valid": key_valid,
+        "out": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        "done": jnp.zeros((batch,), bool),
+        "phase": zeros,
+        "y1": zeros,
+        "x1": zeros,
+        "rng": rng,
+    }
+    if return_logits:
+        state["all_logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), jnp.float32)
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        s = dict(s)
+        step, logits = s["step"], s["logits"]
+        if return_logits:
+            s["all_logits"] = s["all_logits"].at[:, step].set(logits)
+        if grammar is not None:
+            mask = _allowed(s["phase"], s["y1"], s["x1"], max_new_tokens - step, *grammar)
+            logits = jnp.where(mask, logits, -jnp.inf)
+        s["rng"], key = jax.random.split(s["rng"])
+        token = jnp.where(s["done"], pad_id, _sample(logits, sampling, key))
+        if grammar is not None:
+            s["phase"], s["y1"], s["x1"] = _advance(s["phase"], s["y1"], s["x1"], token, *grammar)
+        s["out"] = s["out"].at[:, step].set(token)
+        s["done"] = s["done"] | (token == eos_id)
+        slot = prompt_len + step
+        s["key_valid"] = s["key_valid"].at[:, slot].set(True)
+
+        def extend(args):
+            key_valid, cache = args
+            return model.apply(
+                {"params": params}, token[:, None], (seq_len + step)[:, None], key_valid, cache, slot,
+                method=PaliGemma.extend,
+            )
+
+        more = (step + 1 < max_new_tokens) & ~jnp.all(s["done"])
+        s["logits"], s["cache"] = jax.lax.cond(
+            more, extend, lambda args: (s["logits"], args[1]), (s["key_valid"], s["cache"])
+        )
+        s["step"] = step + 1
+        return s
+
+    state = jax.lax.while_loop(cond, body, state)
+    return (state["out"], state["all_logits"]) if return_logits else state["out"]
+
+
+def generate(
+    config: ModelConfig,
+    params: dict,
+    images: jax.Array,
+    tokens: jax.Array,
+    mask_ar: jax.Array,
+    mask_input: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    grammar: SegmentGrammar | None = None,
+    sampling: Sampling = Sampling(),
+    rng: jax.Array | None = None,
+    return_logits: bool = False,
+):
+    """Decode up to `max_new_tokens` after each prompt. Returns int32 [B, max_new_tokens] (pad after EOS),
+    and with `return_logits` also the float32 logits each token was chosen from [B, max_new_tokens, V]."""
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(
+        config, params, jnp.asarray(images), jnp.asarray(tokens), jnp.asarray(mask_ar), jnp.asarray(mask_input),
+        None if grammar is None else grammar.arrays(), rng,
+        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
+    )
+
+
+def prompt_length_bucket(length: int, multiple: int = 16) -> int:
+    """Prompt lengths are padded to a multiple of 16, so varied prompts reuse a few compiled programs."""
+    return max(multiple, math.ceil(length / multiple) * multiple)
+
+
+def is_segment_prompt(prompt: str) -> bool:
+    """Prompts that ask for masks (`segment ...`) are decoded under the grammar by default."""
+    return prompt.strip().lower().startswith("segment")
+
+
+def predict_texts(
+    config: ModelConfig,
+    params: dict,
+    tokenizer: Tokenizer,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    constrain: bool | None = None,
+    sampling: Sampling = Sampling(),
+    rng: jax.Array | None = None,
+) -> list[str]:
+    """Images [B,H,W,3] in [-1,1] and one prompt per image -> decoded suffix texts. `constrain=None` uses
+    the grammar for every batch whose prompts all start with "segment"."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    if constrain is None:
+        constrain = all(is_segment_prompt(p) for p in prompts)
+    longest = max(len(tokenizer.encode(p, bos=True) + tokenizer.encode("\n")) for p in prompts)
+    encoded = [tokenizer.encode_prompt(p, prompt_length_bucket(longest)) for p in prompts]
+    batch = {k: np.stack([e[k] for e in encoded]) for k in ("tokens", "mask_ar", "mask_input")}
+    grammar = segment_grammar(tokenizer, config.llm.vocab_size) if constrain else None
+    out = generate(
+        config, params, images, batch["tokens"], batch["mask_ar"], batch["mask_input"],
+        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        grammar=grammar, sampling=sampling, rng=rng,
+    )
+    return [tokenizer.decode(row) for row in np.asarray(out)]

@@ -1,0 +1,76 @@
+"""Fine-tuning across processes: 8 simulated CPU devices (data x FSDP) give the losses of one device, and
+a training process killed mid-run resumes to exactly the losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from paliseg.cli.main import main
+from test_train_run import make_dataset, read_losses, tiny_config
+from train import trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SHARDED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax
+assert len(jax.devices()) == 8, jax.devices()
+from test_train_run import tiny_config
+from train import trainer
+config = tiny_config({data!r}, {out!r}, steps=3, save_every=2, batch_size=8, mesh_fsdp=4)
+trainer.run(config, stop_after=2)
+trainer.run(config, resume=True)  # restores the sharded checkpoint of step 2
+"""
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+def test_eight_device_data_fsdp_run_matches_one_device(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    single = trainer.run(tiny_config(data, tmp_path / "single", steps=3, save_every=2, batch_size=8))
+    script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), out=str(tmp_path / "sharded"))
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = read_losses(tmp_path / "sharded")
+    assert sorted(sharded) == [1, 2, 3]
+    for step, loss in enumerate(single["losses"], start=1):
+        assert sharded[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "16",
+            "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "paliseg.cli.main", "train", *args, "--out", str(run_dir)]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "4").is_dir():  # orbax renames a checkpoint in when complete
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 4 after 300 s"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert main(["train", "--out", str(run_dir), "--resume"]) == 0
+    assert read_losses(run_dir) == read_losses(tmp_path / "whole")

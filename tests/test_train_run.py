@@ -1,0 +1,175 @@
+"""Fine-tuning end to end on the tiny preset: trainable sets, gradient accumulation, exact resumption,
+errors before compilation, the CLI, and the loader the later stages use."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from paliseg import model, records, tokens
+from paliseg.cli.main import main
+from train import checkpoints as run_checkpoints
+from train import config as train_config
+from train import data as train_data
+from train import optim, sharding, trainer
+from train import params as param_sets
+from train import step as train_step
+
+PROMPTS = ("segment crack", "segment taping area")
+
+
+def make_dataset(folder: Path, count: int = 12, seed: int = 0, prompts=PROMPTS) -> Path:
+    """A converted-data folder in the real layout: images + _annotations.train.jsonl with seg suffixes.
+    Each image is a dark background with one bright rectangle, and the suffix locates that rectangle."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    out = []
+    for i in range(count):
+        size = 48
+        x1, y1 = rng.integers(0, size // 2, 2)
+        x2, y2 = x1 + rng.integers(8, size // 2), y1 + rng.integers(8, size // 2)
+        pixels = np.full((size, size, 3), 30, np.uint8)
+        pixels[y1:y2, x1:x2] = rng.integers(150, 255, 3)
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+        prompt = prompts[i % len(prompts)]
+        obj = tokens.SegObject(tokens.box_to_locs((x1, y1, x2, y2), size, size),
+                               tuple(int(v) for v in rng.integers(0, 128, 16)), prompt.split(" ", 1)[1])
+        out.append(records.Record(f"images/{i}.png", prompt, tokens.format_suffix([obj])))
+    records.write_records(records.annotations_path(folder, "train"), out)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "set")
+
+
+def tiny_config(dataset: Path, out: Path, **changes) -> train_config.TrainConfig:
+    values = dict(data=[str(dataset)], out=str(out), init="random", preset="tiny", seq_len=48, steps=6,
+                  batch_size=4, save_every=3, lr=3e-3, workers=2)
+    values.update(changes)
+    return train_config.resolve(values)
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
+    whole = trainer.run(tiny_config(dataset, tmp_path / "whole"))
+    assert whole["checkpoint_steps"] == [3, 6] and len(whole["losses"]) == 6
+
+    config = tiny_config(dataset, tmp_path / "cut")
+    first = trainer.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
+    assert first["checkpoint_steps"] == [3]
+    second = trainer.run(config, resume=True)
+    assert second["start_step"] == 3
+    assert second["losses"] == whole["losses"][3:]  # bit-identical
+    assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")  # the step-4 row was redone once
+
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert saved["train"]["init"] == "random" and saved["model"]["lora"]["rank"] == 8
+
+
+def test_trainable_sets_hold_only_their_parameters_in_float32(dataset):
+    names = {}
+    for trainable in ("lora", "attn", "all"):
+        config = tiny_config(dataset, "/unused", trainable=trainable)
+        frozen, train = param_sets.abstract(config, param_sets.model_config(config))
+        flat = {"/".join(k): v for k, v in _flatten(train).items()}
+        names[trainable] = set(flat)
+        assert all(v.dtype == jnp.float32 for v in flat.values())
+        assert not set(_flatten(frozen)) & set(_flatten(train))
+    assert names["lora"] and all(n.endswith(("_lora_a", "_lora_b")) for n in names["lora"])
+    assert names["attn"] == {"llm/layers/attn/q_einsum/w", "llm/layers/attn/kv_einsum/w", "llm/layers/attn/attn_vec_einsum/w"}
+    assert len(names["all"]) > len(names["attn"]) and not any("lora" in n for n in names["all"])
+
+
+def _flatten(tree):
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree)
+
+
+def _step_inputs(dataset, **changes):
+    config = tiny_config(dataset, "/unused", augment=False, **changes)
+    model_cfg = param_sets.model_config(config)
+    frozen, trainable = param_sets.initial(config, model_cfg)
+    tx = optim.optimizer(config)
+    step = jax.jit(train_step.make_train_step(config, model_cfg, tx, optim.schedule(config)))
+    from paliseg.tokenizer import Tokenizer
+
+    data = train_data.TrainData(config, Tokenizer(model_cfg.tokenizer_path), model_cfg.img.image_size)
+    return step, train_step.init_state(trainable, tx), frozen, data.batch(0)
+
+
+def test_gradient_accumulation_equals_the_full_batch(dataset):
+    step1, state1, frozen, batch1 = _step_inputs(dataset, grad_accum=1, warmup_fraction=0.0)
+    step2, state2, _, batch2 = _step_inputs(dataset, grad_accum=2, warmup_fraction=0.0)
+    np.testing.assert_array_equal(batch1["tokens"].reshape(-1, 48), batch2["tokens"].reshape(-1, 48))
+    new1, metrics1 = step1(state1, frozen, batch1)
+    new2, metrics2 = step2(state2, frozen, batch2)
+    np.testing.assert_allclose(metrics1["loss"], metrics2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics1["grad_norm"], metrics2["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(new1["params"]), jax.tree_util.tree_leaves(new2["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_step_updates_adapters_and_no_recompile(dataset):
+    step, state, frozen, batch = _step_inputs(dataset, warmup_fraction=0.0)
+    before = jax.tree_util.tree_map(np.asarray, state["params"])
+    for _ in range(2):  # step 1 moves B away from zero; only then does A get a gradient
+        state, metrics = step(state, frozen, batch)
+    assert step._cache_size() == 1  # one compilation for every step
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(state["params"]))]
+    assert all(changed) and int(state["step"]) == 2 and float(metrics["loss"]) > 0
+
+
+def test_examples_longer_than_seq_len_fail_before_compiling(dataset, tmp_path, capsys):
+    code = main(["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--seq-len", "12",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "do not fit --seq-len 12" in err and "_annotations.train.jsonl:1:" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(dataset, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    code = main(["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    assert code == 1 and "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_trains_loss_falls_and_load_run_merges_lora(dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--seq-len", "48",
+                 "--trainable", "lora", "--steps", "12", "--batch-size", "4", "--lr", "1e-2", "--save-every", "6",
+                 "--no-augment", "--out", str(run_dir), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint_steps"] == [6, 12] and result["last_loss"] < result["first_loss"]
+    assert run_checkpoints.list_steps(run_dir) == [6, 12]
+    assert any((run_dir / "tb").iterdir())
+
+    merged_cfg, merged = run_checkpoints.load_run(run_dir, 12)
+    lora_cfg, with_adapters = run_checkpoints.load_run(run_dir, 12, merge_lora=False)
+    assert not merged_cfg.lora.enabled and lora_cfg.lora.enabled
+    assert not any("lora" in "/".join(k) for k in _flatten(merged))
+    batch = train_data.TrainData(tiny_config(dataset, run_dir, augment=False),
+                                 __import__("paliseg.tokenizer").tokenizer.Tokenizer(merged_cfg.tokenizer_path),
+                                 merged_cfg.img.image_size).batch(0)
+    inputs = [batch[k][0] for k in ("image", "tokens", "mask_ar", "mask_input")]
+    np.testing.assert_allclose(model.forward(merged_cfg, merged, *inputs), model.forward(lora_cfg, with_adapters, *inputs),
+                               rtol=2e-4, atol=2e-4)

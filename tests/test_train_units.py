@@ -1,0 +1,141 @@
+"""Fine-tuning pieces that need no model: settings, sampling, augmentation, loss, schedule, sharding rule."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import config as train_config
+from train import data as train_data
+from train import optim, sharding
+from train.step import token_loss
+
+
+def _config(**changes):
+    values = {"data": ["/d"], "out": "/run", "init": "random", "preset": "tiny"}
+    values.update(changes)
+    return train_config.resolve(values)
+
+
+def test_resolve_layers_defaults_file_and_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"lr": 0.001, "steps": 7, "lora_rank": 4}')
+    config = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None}, path)
+    assert (config.lr, config.steps, config.lora_rank, config.batch_size) == (0.001, 9, 4, 8)
+    assert config.data[0].startswith("/") and config.out.startswith("/")  # recorded as absolute paths
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"batch_size": 6, "grad_accum": 4}, "multiple of --grad-accum"),
+        ({"lr": -1.0}, "--lr must be positive"),
+        ({"trainable": "head"}, "--trainable must be one of"),
+        ({"lora_targets": ["q", "qq"]}, "unknown: qq"),
+        ({"label_smoothing": 1.0}, "--label-smoothing"),
+        ({"checkpoint": "/base.npz"}, "exactly one of --checkpoint BASE or --init random"),
+        ({"preset": "huge"}, "--preset must be one of"),
+        ({"data_weights": [1.0, 2.0]}, "2 values for 1 --data folders"),
+    ],
+)
+def test_bad_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**changes)
+
+
+def test_unknown_config_file_key_names_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"learning_rate": 0.1}')
+    with pytest.raises(ValueError, match=r"c\.json: unknown setting\(s\) learning_rate"):
+        train_config.resolve({"data": ["d"], "out": "r", "init": "random"}, path)
+
+
+def test_resume_refuses_changed_semantics_but_takes_execution_settings():
+    saved = _config(lr=1e-3, data=["/d"])
+    resumed = train_config.check_resume(saved, {"workers": 1, "lr": 1e-3, "data": ["/d"], "out": "/elsewhere"})
+    assert resumed.workers == 1 and resumed.out == "/elsewhere" and resumed.lr == 1e-3
+    with pytest.raises(ValueError, match=r"lr=0\.01 \(the run has 0\.001\)"):
+        train_config.check_resume(saved, {"lr": 0.01})
+
+
+def test_sampler_is_a_function_of_the_step_and_covers_each_epoch():
+    sampler = train_data.Sampler([np.arange(10)], [1.0], seed=3, global_batch=4)
+    first = [sampler.indices(s) for s in range(5)]
+    # Epoch 0 is the first 10 draws: a permutation of all examples.
+    assert sorted(np.concatenate(first)[:10].tolist()) == list(range(10))
+    fresh = train_data.Sampler([np.arange(10)], [1.0], seed=3, global_batch=4)
+    np.testing.assert_array_equal(fresh.indices(4), first[4])  # random access = sequential (resume)
+    np.testing.assert_array_equal(sampler.indices(2), first[2])  # and backwards
+    other_seed = train_data.Sampler([np.arange(10)], [1.0], seed=4, global_batch=4)
+    assert any((other_seed.indices(s) != first[s]).any() for s in range(5))
+
+
+def test_weighted_groups_follow_their_weights():
+    big, small = np.arange(0, 90), np.arange(90, 100)
+    sampler = train_data.Sampler([big, small], [1.0, 1.0], seed=0, global_batch=50)
+    drawn = np.concatenate([sampler.indices(s) for s in range(40)])
+    share_small = np.mean(drawn >= 90)
+    assert 0.45 < share_small < 0.55  # balanced although the group is 9x smaller
+    # The small group cycles through whole epochs: every member drawn about equally often.
+    counts = np.bincount(drawn[drawn >= 90] - 90, minlength=10)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_augmentation_is_seeded_and_bounded():
+    config = _config()
+    image = np.random.default_rng(0).uniform(-1, 1, (8, 8, 3)).astype(np.float32)
+    a = train_data.augment(image, np.random.default_rng([0, 3, 5, 1]), config)
+    b = train_data.augment(image, np.random.default_rng([0, 3, 5, 1]), config)
+    c = train_data.augment(image, np.random.default_rng([0, 3, 5, 2]), config)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and a.min() >= -1 and a.max() <= 1 and a.dtype == np.float32
+    still = train_data.augment(image, np.random.default_rng(1), config.replace(brightness=0.0, contrast=0.0, saturation=0.0))
+    np.testing.assert_allclose(still, image, atol=1e-6)
+
+
+def _reference_loss(logits, targets, mask, ls):
+    """big_vision's formula, literally: one-hot smoothed targets over log_softmax."""
+    vocab = logits.shape[-1]
+    logp = jax.nn.log_softmax(logits)
+    onehot = jax.nn.one_hot(targets, vocab)
+    soft = onehot * (1 - ls) + (1 - onehot) * ls / (vocab - 1)
+    token = -jnp.sum(logp * soft, -1)
+    return jnp.mean(jnp.sum(token * mask, -1) / jnp.clip(jnp.sum(mask, -1), 1))
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.3])
+def test_token_loss_matches_big_vision(ls):
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 5)))
+    mask = jnp.asarray([[0, 1, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    np.testing.assert_allclose(token_loss(logits, targets, mask, ls), _reference_loss(logits, targets, mask, ls), rtol=1e-5)
+
+
+def test_schedule_reproduces_big_vision_colab_values():
+    # finetune_paligemma.ipynb (PaliGemma 1): total 65 steps, base 0.03, cosine, 10% warmup (6 steps).
+    lr = optim.schedule(_config(steps=65, lr=0.03, warmup_fraction=0.1))
+    assert [round(float(lr(s)), 5) for s in (1, 6, 7, 64)] == [0.005, 0.03, 0.02998, 0.00002]
+
+
+def test_sgd_and_clipping():
+    config = _config(optimizer="sgd", lr=0.5, warmup_fraction=0.0, steps=10, grad_clip=1.0)
+    tx = optim.optimizer(config)
+    params = {"w": jnp.ones((2, 2))}
+    grads = {"w": jnp.full((2, 2), 10.0)}  # norm 20 -> clipped to 1
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.5 * 10.0 / 20.0, rtol=1e-6)
+
+
+def test_fsdp_rule_splits_the_largest_divisible_axis_never_the_layer_axis():
+    assert sharding.param_spec("llm/layers/attn/q_einsum/w", (18, 8, 2048, 256), 4) == jax.sharding.PartitionSpec(None, None, "fsdp", None)
+    assert sharding.param_spec("llm/layers/mlp/linear", (16, 3, 5), 4) == jax.sharding.PartitionSpec(None, None, None)
+    assert sharding.param_spec("llm/embedder/input_embedding", (257152, 2048), 8) == jax.sharding.PartitionSpec("fsdp", None)
+    assert sharding.param_spec("opt/0/mu/img/head/kernel", (1152, 2048), 1) == jax.sharding.PartitionSpec(None, None)
+    # Optimizer-state paths carry the parameter path, so the layer axis is recognised there too.
+    assert sharding.param_spec("1/0/mu/llm/layers/attn/q_einsum/w_lora_a", (4, 64, 8), 4) == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert math.prod(sharding.make_mesh(1).devices.shape) == len(jax.devices())

@@ -1,0 +1,93 @@
+"""Trainable sets: which parameters are trained, and the (frozen, trainable) split of the tree.
+
+The step differentiates only with respect to the trainable part, so only it has gradients and optimizer
+state; the frozen base is an argument of the compiled step (never copied, never updated) in its own dtype
+(bf16 for the real presets). Trainable parameters are float32.
+
+- `lora`: the adapters (`*_lora_a`, `*_lora_b`) the model creates inside its projections when LoRA is on.
+- `attn`: big_vision's colab recipe, every Gemma attention weight (`llm/layers/attn/...`).
+- `all`: everything (full fine-tuning; the demo's tiny model trained from scratch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from paliseg import config as model_configs
+from paliseg import model
+from paliseg.model import lora
+from train.config import TrainConfig
+
+Params = dict[str, Any]
+
+
+def model_config(config: TrainConfig) -> model_configs.ModelConfig:
+    """The model a run trains: the preset, with LoRA on for `--trainable lora`, the run's remat and base dtype."""
+    base = model_configs.preset(config.preset)
+    lora_config = model_configs.LoraConfig(
+        rank=config.lora_rank if config.trainable == "lora" else 0,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        targets=tuple(config.lora_targets),
+    )
+    changes: dict[str, Any] = {"lora": lora_config, "remat": config.remat}
+    if config.base_dtype is not None:
+        changes["param_dtype"] = config.base_dtype
+    return dataclasses.replace(base, **changes)
+
+
+def is_trainable(trainable: str, name: str) -> bool:
+    if trainable == "lora":
+        return lora.is_lora_path(name)
+    if trainable == "attn":
+        return name.startswith("llm/layers/attn/") and not lora.is_lora_path(name)
+    return True
+
+
+def split(params: Params, trainable: str) -> tuple[Params, Params]:
+    """(frozen, trainable) nested dicts; the trainable leaves cast to float32."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    frozen = {k: v for k, v in flat.items() if not is_trainable(trainable, k)}
+    train = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items() if is_trainable(trainable, k)}
+    if not train:
+        raise ValueError(f"--trainable {trainable}: no parameter of the model is in this set")
+    return traverse_util.unflatten_dict(frozen, sep="/"), traverse_util.unflatten_dict(train, sep="/")
+
+
+def join(frozen: Params, trainable: Params) -> Params:
+    return lora.join_params(frozen, trainable)
+
+
+def abstract(config: TrainConfig, model_cfg: model_configs.ModelConfig) -> tuple[Params, Params]:
+    """The (frozen, trainable) trees as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda key: split(model.init_params(model_cfg, key), config.trainable), jax.random.key(0))
+
+
+def random_init(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:
+    """(frozen, trainable) from the model's initialisers, seeded by `config.seed`, created already sharded."""
+    init = jax.jit(lambda key: split(model.init_params(model_cfg, key), config.trainable), out_shardings=shardings)
+    return init(jax.random.key(config.seed))
+
+
+def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:
+    """(frozen, trainable) at step 0: the base checkpoint with fresh LoRA adapters (seeded), or a seeded
+    random model for `--init random`. `shardings` is a (frozen, trainable) pair of NamedSharding trees."""
+    if config.init == "random":
+        return random_init(config, model_cfg, shardings)
+    from paliseg import checkpoints
+
+    _, base = checkpoints.load(config.checkpoint, preset=config.preset, vocab_size=model_cfg.llm.vocab_size,
+                               param_dtype=model_cfg.param_dtype, lora={"rank": 0})
+    if config.trainable != "lora":
+        frozen, trainable = split(base, config.trainable)
+        return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)
+    # Only the adapters are initialised: jit drops the base's initialisers, whose results are unused.
+    adapters = jax.jit(lambda key: split(model.init_params(model_cfg, key), "lora")[1],
+                       out_shardings=None if shardings is None else shardings[1])(jax.random.key(config.seed))
+    return (jax.device_put(base, shardings[0]) if shardings is not None else base), adapters
+

@@ -1,0 +1,88 @@
+"""Device mesh and named shardings: data parallel x FSDP, on one CPU, one GPU or a TPU pod.
+
+The mesh has axes ('data', 'fsdp'). Batches are split over both axes (every device gets its own examples);
+parameters and optimizer state are split over 'fsdp' and replicated over 'data', so a group of `fsdp`
+devices holds one copy of the model between them and XLA inserts the all-gathers and reduce-scatters.
+
+Which axis of a parameter is split follows big_vision's `fsdp` strategy rather than a per-name table of
+logical axes: the largest axis divisible by the FSDP size, never the leading layer axis of scanned blocks
+(`llm/layers`, `img/Transformer/encoderblock`: slicing a layer out of a split stack would gather it every
+iteration). It needs no annotations in the model, and covers the LoRA adapters and the optimizer state
+(whose leaves carry the parameter names in their paths) with the same rule. A parameter with no such axis
+is replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_SPEC = PartitionSpec(None, MESH_AXES)  # batch arrays are [grad_accum, batch, ...]
+_SCANNED = re.compile(r"(^|/)(llm/layers|img/Transformer/encoderblock)(/|$)")
+
+
+def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over all devices (of every process) or the given ones."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) % fsdp:
+        raise ValueError(f"--mesh-fsdp {fsdp} does not divide the number of devices ({len(devices)})")
+    return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), MESH_AXES)
+
+
+def path_name(key_path) -> str:
+    """A pytree key path as big_vision's '/'-joined name, e.g. 'llm/layers/attn/q_einsum/w'."""
+    parts = []
+    for key in key_path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+    return "/".join(parts)
+
+
+def param_spec(name: str, shape: Sequence[int], fsdp: int) -> PartitionSpec:
+    axes: list[str | None] = [None] * len(shape)
+    first = 1 if _SCANNED.search(name) else 0
+    candidates = [axis for axis in range(first, len(shape)) if fsdp > 1 and shape[axis] % fsdp == 0]
+    if candidates:
+        axes[max(candidates, key=lambda axis: shape[axis])] = "fsdp"
+    return PartitionSpec(*axes)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of arrays or ShapeDtypeStructs (parameters or optimizer state)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, param_spec(path_name(path), np.shape(leaf), fsdp)), tree
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+    devices = mesh.devices.size
+    if (batch_size // grad_accum) % devices:
+        raise ValueError(f"the micro-batch ({batch_size} / --grad-accum {grad_accum} = {batch_size // grad_accum}) "
+                         f"must be a multiple of the number of devices ({devices})")
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of the batch -> global arrays sharded over the mesh (any number of hosts)."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, value in local.items():
+        global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out

@@ -73,6 +73,9 @@ def register(subparsers) -> None:
     convert.add_argument("--mask-class", metavar="NAME", help="class name of mask-folder objects")
     convert.add_argument("--splits", nargs="+", metavar="SPLIT", help="convert only these splits (default: all)")
     convert.add_argument("--limit", type=int, metavar="N", help="convert only the first N images of each split")
+    convert.add_argument("--min-box-side", type=float, default=2.0, metavar="PIXELS",
+                         help="skip objects whose box is narrower or shorter than this (default 2: Roboflow exports "
+                         "hold sub-pixel boxes in image corners)")
     convert.add_argument("--no-negatives", action="store_true", help="drop records whose image has no object of the prompt")
     convert.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping it")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing its files")
@@ -111,6 +114,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         splits=args.splits,
         limit=args.limit,
         mask_class=args.mask_class,
+        min_box_side=args.min_box_side,
         strict=args.strict,
         overwrite=args.overwrite,
     )

@@ -19,7 +19,12 @@ Output layout (paths in records are relative to DIR):
     DIR/masks/<split>/<export>/<stem>.<prompt-slug>.png  0/255 union mask of the record's prompt
     DIR/conversion.json                                 the summary (counts, skips, settings)
 Masks and images are written before the JSONL files, each atomically, so an interrupted run never leaves a
-record pointing at a missing file. An existing non-empty DIR is refused unless `overwrite`.
+record pointing at a missing file. An existing non-empty DIR is refused unless `overwrite`; with it, the
+files this run writes are replaced and any other `_annotations.*.jsonl` is removed (a stale split would
+otherwise be trained on), other files are left alone.
+
+Skipped objects (see `IssueLog`) are left out of both the suffix and the mask of their record, so the two
+always agree; an image whose every object of a prompt was skipped is a negative for that prompt.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class ConvertConfig:
     splits: Sequence[str] | None = None
     limit: int | None = None  # first N images of each split
     mask_class: str | None = None
+    min_box_side: float = 2.0  # objects narrower or shorter than this (pixels) are skipped as annotation noise
     strict: bool = False
     overwrite: bool = False
 
@@ -110,7 +116,8 @@ def prompt_slug(prompt: str) -> str:
 class _BoxMasker:
     """Masks for box-only objects: `fill` (the box) or SAM (one embedding per image)."""
 
-    def __init__(self, config: ConvertConfig):
+    def __init__(self, config: ConvertConfig, log: IssueLog):
+        self.log = log
         self.mode = config.box_masks or ("sam" if config.sam_checkpoint else "fill")
         if self.mode not in BOX_MASK_MODES:
             raise ValueError(f"--box-masks {self.mode!r}: choose from {', '.join(BOX_MASK_MODES)}")
@@ -126,17 +133,18 @@ class _BoxMasker:
     def needs_pixels(self) -> bool:
         return self.segmenter is not None
 
-    def masks(self, image: np.ndarray | None, width: int, height: int, boxes: list, log: IssueLog, wheres: list) -> list:
-        """(mask, origin) per box; an empty SAM mask falls back to the box (counted)."""
+    def masks(self, pixels: np.ndarray, width: int, height: int, objects: list[SourceObject]) -> list[tuple[np.ndarray, str]]:
+        """(mask, origin) per box-only object; an empty SAM mask falls back to the box (counted)."""
+        boxes = [o.box_xyxy for o in objects]
         if self.segmenter is None:
             return [(geometry.box_mask(b, width, height), "box_fill") for b in boxes]
         results = []
-        for box, mask, where in zip(boxes, self.segmenter.masks_for_boxes(image, boxes), wheres):
+        for obj, mask in zip(objects, self.segmenter.masks_for_boxes(pixels, boxes)):
             if mask.any():
                 results.append((mask, "box_sam"))
             else:
-                log.warn(where, "sam_empty_mask", "SAM gave an empty mask for the box: using the box itself")
-                results.append((geometry.box_mask(box, width, height), "box_fill"))
+                self.log.warn(obj.where, "sam_empty_mask", "SAM gave an empty mask for the box: using the box itself")
+                results.append((geometry.box_mask(obj.box_xyxy, width, height), "box_fill"))
         return results
 
 
@@ -149,8 +157,11 @@ class _Converter:
             raise ValueError(f"--objects {config.objects!r}: choose from {', '.join(OBJECT_MODES)}")
         self.exports = [(Path(s), read_export(s, config.format, config.mask_class)) for s in config.sources]
         self.tags = _export_tags([path for path, _ in self.exports])
+        available = {s.split for _, splits in self.exports for s in splits}
+        if config.splits and (unknown := sorted(set(config.splits) - available)):
+            raise ValueError(f"--splits {', '.join(unknown)}: not in the sources (found: {', '.join(sorted(available))})")
         self._check_maps()
-        self.box_masker = _BoxMasker(config)
+        self.box_masker = _BoxMasker(config, log)
         self.model = vae.load(config.vae)
         self.records: dict[str, list[records.Record]] = collections.defaultdict(list)
         self.pending: list[_Planned] = []
@@ -229,11 +240,18 @@ class _Converter:
         if pixels is None:
             return
         image_rel = Path("images") / split.split / tag / image.name
+        if self.out / image_rel in self.linked:
+            self.log.skip(image.where, "duplicate_image", f"{image.name} was already converted for split {split.split}")
+            return
         self._link(image.path, self.out / image_rel)
         self.images_done[split.split] += 1
 
         masked, box_only = [], []
         for obj in image.objects:
+            x1, y1, x2, y2 = obj.box_xyxy
+            if min(x2 - x1, y2 - y1) < self.config.min_box_side:
+                self.log.skip(obj.where, "tiny_box", f"box {_rounded(obj.box_xyxy)} is under {self.config.min_box_side:g} px on a side")
+                continue
             mask = geometry.object_mask(obj, image.width, image.height)
             if mask is None:
                 box_only.append(obj)
@@ -242,7 +260,7 @@ class _Converter:
             else:
                 masked.append((obj, mask, _origin(obj)))
         if box_only:
-            made = self.box_masker.masks(pixels, image.width, image.height, [o.box_xyxy for o in box_only], self.log, [o.where for o in box_only])
+            made = self.box_masker.masks(pixels, image.width, image.height, box_only)
             masked += [(obj, mask, origin) for obj, (mask, origin) in zip(box_only, made)]
 
         by_prompt: dict[str, list] = {self.prompt(c): [] for c in split.class_names}
@@ -294,8 +312,6 @@ class _Converter:
 
     def _link(self, source: Path, target: Path) -> None:
         """Hard-link (or copy, across file systems) atomically: a temporary name, then a rename."""
-        if target in self.linked:
-            return
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
@@ -368,6 +384,7 @@ class _Converter:
                 "sam_model": self.config.sam_model if self.box_masker.mode == "sam" else None,
                 "vae": self.model.source,
                 "negatives": self.config.negatives,
+                "min_box_side": self.config.min_box_side,
                 "limit": self.config.limit,
                 "prompts": {c: self.prompt(c) for c in self._classes()},
                 "labels": {c: self.label(c) for c in self._classes()},

@@ -215,6 +215,7 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
         {"segmentation": [[50.0, 10.0, 80.0, 10.0, 80.0, 30.0, 50.0, 30.0]], "bbox": [50, 10, 30, 20]},  # partly outside: clipped
         {"segmentation": [], "bbox": [10, 10, 0, 20]},  # zero-area box
         {"segmentation": [[1.0, 2.0, 3.0, 4.0]], "bbox": [1, 2, 2, 2]},  # a 2-point ring: dropped, box used
+        {"segmentation": [], "bbox": [0, 0, 0.5, 1]},  # sub-pixel corner box, as in the real drywall export
     ]
     for offset, fields in enumerate(extra):
         anns.append({"id": 100 + offset, "image_id": 0, "category_id": 1, "area": 1, "iscrowd": 0, **fields})
@@ -225,15 +226,16 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
     images.append({"id": 5, "file_name": "corrupt.jpg", "width": 64, "height": 64})
     (split / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
     images.append({"id": 6, "file_name": images[0]["file_name"], "width": 65, "height": 64})  # wrong size
+    images.append({"id": 7, "file_name": images[1]["file_name"], "width": 64, "height": 64})  # listed twice
     path.write_text(json.dumps(data))
 
     log = IssueLog()
     summary = convert(ConvertConfig([root], tmp_path / "out", vae=vae_path), log)
     assert summary["skipped"] == {
         "unknown_category": 1, "placeholder_category": 1, "outside_image": 1, "zero_area": 1,
-        "unknown_image": 1, "missing_image": 1, "corrupt_image": 1, "size_mismatch": 1,
+        "unknown_image": 1, "missing_image": 1, "corrupt_image": 1, "size_mismatch": 1, "duplicate_image": 1, "tiny_box": 1,
     }
-    assert summary["warnings"] == {"box_only_annotation": 2, "clipped_to_image": 1, "bad_polygon_ring": 1}
+    assert summary["warnings"] == {"box_only_annotation": 3, "clipped_to_image": 1, "bad_polygon_ring": 1}
     where = {i.reason: i.where for i in log.examples}
     assert where["unknown_category"] == f"{path}:annotations[0]"
     assert where["zero_area"] == f"{path}:annotations[5]"
@@ -247,7 +249,7 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
     rle_object = next(o for o in converted[1].extra["objects"] if o["mask_from"] == "rle")
     assert rle_object["box"] == [20.0, 10.0, 22.0, 40.0]  # pixel extent of the decoded RLE (x2 = last + 1)
 
-    with pytest.raises(ConversionError, match=r"annotations\[8\]: image_id 77 is not in 'images' \(--strict\)"):
+    with pytest.raises(ConversionError, match=r"annotations\[9\]: image_id 77 is not in 'images' \(--strict\)"):
         convert(ConvertConfig([root], tmp_path / "strict", vae=vae_path, strict=True))
 
 
@@ -263,6 +265,8 @@ def test_cli_refuses_to_overwrite_and_reports_bad_options(tmp_path, capsys, vae_
 
     code, _, err = run_cli(capsys, "convert", root, "--out", tmp_path / "o2", "--vae", vae_path, "--prompt-map", "crackz=segment crack")
     assert code == 1 and "'crackz' matches no class" in err
+    code, _, err = run_cli(capsys, "convert", root, "--out", tmp_path / "o5", "--vae", vae_path, "--splits", "valid")
+    assert code == 1 and "--splits valid: not in the sources (found: train)" in err
     code, _, err = run_cli(capsys, "convert", tmp_path / "nothing_here", "--out", tmp_path / "o3", "--vae", vae_path)
     assert code == 1 and "nothing_here" in err
     (tmp_path / "empty").mkdir()

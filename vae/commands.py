@@ -1,21 +1,221 @@
-"""`paliseg` subcommands of this stage (registered by paliseg.cli.main)."""
+"""`paliseg vae ...`: train a mask VAE, measure the token round-trip ceiling, download vae-oid.npz, encode.
+
+Registered by paliseg.cli.main. Only argparse/stdlib at the top: jax is imported inside the handlers.
+"""
+
 from __future__ import annotations
+
 import argparse
-import sys
+from pathlib import Path
 
-_PENDING = {
-    'vae': ('Mask VQ-VAE: train your own, measure the token round-trip ceiling, download vae-oid.npz.', 3),
-}
+_VAE_HELP = "the VAE npz (vae-oid layout); default: models/vae-oid.npz if present, else the bundled VAE"
 
+_TRAIN_EPILOG = """\
+MASK_SOURCES (any mix; batches sample all their object crops uniformly):
+  synthetic                      built-in shapes: ellipses, polygons, thin curved cracks, taping bands, blobs
+  DIR with _annotations.*.jsonl  a converted dataset: each suffix object's box cropped from the record mask
+  DIR with _annotations.coco.json (or train/ valid/ folders holding one): a Roboflow COCO export
+  DIR of *.png                   a mask folder: every connected component is an object
 
-def _pending(args: argparse.Namespace) -> int:
-    issue = _PENDING[args.command][1]
-    print(f"paliseg {args.command}: not implemented yet (tracked in issue {issue})", file=sys.stderr)
-    return 2
+output: OUT (vae-oid.npz layout, loadable by every paliseg command via --vae), OUT.state (resume state).
+
+example:
+  paliseg vae train synthetic ../shared/data/roboflow/cracks/train_masks ../shared/data/roboflow/drywall \\
+      --out runs/vae/my-vae.npz --steps 4000 --float16
+  paliseg vae train ... --out runs/vae/my-vae.npz --resume      # continue after an interruption"""
+
+_CEILING_EPILOG = """\
+For every image: ground-truth mask -> (loc, seg) tokens -> mask, scored with metrics.masks.iou at full
+resolution. It is the best mIoU any model can reach with these tokens. Each object is encoded from its
+box crop (its instance mask for COCO and mask folders; the union mask for converted datasets, which store
+no per-object masks). --objects merged encodes each image's union as one object in its tight box.
+
+DATASET: a converted dataset (_annotations.<split>.jsonl), a Roboflow COCO export (folder with
+_annotations.coco.json, or with split folders), or a folder of mask PNGs.
+
+example:
+  paliseg vae ceiling ../shared/data/roboflow/cracks/valid --json
+  paliseg vae ceiling data/cracks --split valid --vae models/vae-oid.npz --canvas runs/ceiling"""
 
 
 def register(subparsers) -> None:
-    for name, (help_text, _) in _PENDING.items():
-        parser = subparsers.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-        parser.set_defaults(run=_pending)
+    parser = subparsers.add_parser(
+        "vae",
+        help="Mask VQ-VAE: train your own, measure the token round-trip ceiling, download vae-oid.npz.",
+        description="The mask VQ-VAE that turns an object mask into 16 seg tokens and back (big_vision's "
+        "vae-oid.npz architecture).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands: train, ceiling, download, encode (see `paliseg vae SUBCOMMAND --help`)",
+    )
+    commands = parser.add_subparsers(dest="vae_command", metavar="SUBCOMMAND")
+    parser.set_defaults(run=lambda args: (parser.print_help(), 2)[1])
+
+    train = commands.add_parser(
+        "train",
+        help="train a VAE of the vae-oid architecture on your masks and synthetic shapes",
+        description="Train a mask VQ-VAE (EMA codebook of 128 codes, straight-through estimator, dead-code "
+        "restarts) on object crops, and write it in the vae-oid.npz layout. Resumable; progress bar on stderr.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_TRAIN_EPILOG,
+    )
+    train.add_argument("sources", nargs="+", metavar="MASK_SOURCES", help="see below")
+    train.add_argument("--out", type=Path, required=True, help="output npz")
+    train.add_argument("--split", default="train", help="split of converted datasets / COCO exports with split folders (default: train)")
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--synthetic-count", type=int, default=6000, help="synthetic crops drawn (default: 6000)")
+    train.add_argument("--save-every", type=int, default=250, help="steps between resume states (default: 250)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--float16", action="store_true", help="store the weights as float16 (half the size)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT.state")
+    train.add_argument("--overwrite", action="store_true", help="replace OUT (and start over) if it exists")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    train.set_defaults(run=_run_train)
+
+    ceiling = commands.add_parser(
+        "ceiling",
+        help="score the mask -> tokens -> mask round trip: the best mIoU any model could reach",
+        description="Measure how much of each ground-truth mask survives the token representation (loc "
+        "quantisation, 64x64 crop, 16 codes), per prompt.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_CEILING_EPILOG,
+    )
+    ceiling.add_argument("dataset", type=Path, metavar="DATASET")
+    ceiling.add_argument("--vae", type=Path, default=None, help=_VAE_HELP)
+    ceiling.add_argument("--split", default=None, help="split to score (default: valid if present, else the first)")
+    ceiling.add_argument("--objects", choices=("instance", "merged"), default="instance",
+                         help="one token group per object (default) or one per image for the union")  # fmt: skip
+    ceiling.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    ceiling.add_argument("--canvas", type=Path, default=None, help="write ground truth | round-trip canvases here")
+    ceiling.add_argument("--canvas-count", type=int, default=8, help="images on the canvas (default: 8, the worst half and a spread)")
+    ceiling.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    ceiling.set_defaults(run=_run_ceiling)
+
+    download = commands.add_parser(
+        "download",
+        help="fetch big_vision's vae-oid.npz into models/ and check it",
+        description="Download the released mask VAE (gs://big_vision/paligemma/vae-oid.npz) into models/ "
+        "(or --dir), resumably; record its SHA-256 in models/SHA256SUMS (later runs verify it), and check "
+        "that it loads: every key and shape of the vae-oid layout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  paliseg vae download\n  paliseg vae ceiling data/cracks --vae models/vae-oid.npz",
+    )
+    download.add_argument("--dir", type=Path, default=None, help="target folder (default: ./models or $PALISEG_MODELS)")
+    download.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    download.set_defaults(run=_run_download)
+
+    encode = commands.add_parser(
+        "encode",
+        help="print the loc + seg tokens of a mask PNG",
+        description="Encode one mask PNG (foreground > 127) as `<loc..>x4<seg..>x16`, for the given box or the "
+        "mask's tight box, and report the round-trip IoU of that object.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  paliseg vae encode masks/a.segment_crack.png --box 10 20 300 90",
+    )
+    encode.add_argument("mask", type=Path, metavar="MASK_PNG")
+    encode.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), default=None,
+                        help="pixel box (default: the tight box of the whole mask)")  # fmt: skip
+    encode.add_argument("--vae", type=Path, default=None, help=_VAE_HELP)
+    encode.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    encode.set_defaults(run=_run_encode)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from paliseg import console
+    from vae import training
+
+    config = training.TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        synthetic_count=args.synthetic_count, save_every=args.save_every, seed=args.seed,
+    )  # fmt: skip
+    summary = training.train(
+        args.sources, args.out, config, resume=args.resume, overwrite=args.overwrite,
+        dtype=np.float16 if args.float16 else np.float32, split=args.split,
+    )  # fmt: skip
+    human = (
+        f"wrote {summary['out']} after {summary['steps']} steps: held-out 64x64 round-trip mIoU "
+        f"{summary['holdout_miou']:.4f} on {summary['holdout_crops']} crops, "
+        f"{summary['holdout_codes_used']}/128 codes used"
+    )
+    console.report(summary, human, args.json)
+    return 0
+
+
+def _run_ceiling(args: argparse.Namespace) -> int:
+    import collections
+    import warnings
+
+    from paliseg import console
+    import vae
+    from vae import ceiling, sources
+
+    model = vae.load(args.vae)
+    counts: collections.Counter = collections.Counter()
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", vae.DegenerateBoxWarning)  # counted and reported instead
+        for sample in console.progress(sources.samples(args.dataset, args.split, args.limit), desc="round trip", unit="img"):
+            results.append(ceiling.round_trip(model, sample, args.objects, counts))
+    if not results:
+        raise ValueError(f"{args.dataset}: no images to score")
+    summary = ceiling.summarize(results, counts)
+    summary.update({"dataset": str(args.dataset), "split": args.split, "vae": model.source, "objects": args.objects})
+    if args.canvas is not None:
+        summary["canvas"] = str(ceiling.write_canvas(args.canvas, results, args.canvas_count))
+    rows = [[p, s["images"], s["objects"], s["miou"], s["ciou"]] for p, s in summary["prompts"].items()]
+    overall = summary["overall"]
+    rows.append(["all", overall["images"], overall["objects"], overall["miou"], overall["ciou"]])
+    human = (
+        f"round-trip ceiling of {args.dataset} ({args.objects} objects, VAE {model.source}):\n"
+        + console.markdown_table(["prompt", "images", "objects", "mIoU", "cIoU"], rows)
+        + (f"\ndegenerate boxes (empty masks): {dict(counts)}" if counts else "")
+        + (f"\ncanvas: {summary['canvas']}" if "canvas" in summary else "")
+    )
+    console.report(summary, human, args.json)
+    return 0
+
+
+def _run_download(args: argparse.Namespace) -> int:
+    from paliseg import console, downloads
+    import vae
+
+    asset = next(a for a in downloads.ASSETS if a.name == "vae-oid.npz")
+    directory = args.dir or downloads.models_dir()
+    try:
+        path = downloads.fetch(asset, directory)
+    except downloads.DownloadError as error:
+        raise ValueError(str(error)) from error
+    model = vae.load(path)  # checks every key and shape
+    result = {"path": str(path), "sha256": downloads.sha256_of(path), "loaded": repr(model)}
+    console.report(result, f"{path}: ok (sha256 {result['sha256']}, recorded in {directory / 'SHA256SUMS'})", args.json)
+    return 0
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from metrics import masks as mask_metrics
+    from paliseg import console, files
+    from paliseg import tokens as codec
+    import vae
+    from vae.masks import tight_box
+
+    model = vae.load(args.vae)
+    mask = files.read_mask(args.mask)
+    height, width = mask.shape
+    box = tuple(args.box) if args.box else tight_box(mask)
+    if box is None:
+        raise ValueError(f"{args.mask}: the mask is empty; pass --box")
+    seg = vae.mask_to_tokens(model, mask, box)
+    locs = codec.box_to_locs(box, width, height)
+    text = codec.SegObject(locs, seg, "").to_text()
+    pasted = vae.tokens_to_mask(model, seg, locs, width, height)
+    x1, y1, x2, y2 = codec.locs_to_pixel_box(locs, width, height)
+    inside = np.zeros_like(mask)
+    inside[y1:y2, x1:x2] = True
+    result = {"tokens": text, "locs": list(locs), "seg": list(seg), "box": list(box), "round_trip_iou": mask_metrics.iou(pasted, mask & inside)}
+    console.report(result, f"{text}\nround-trip IoU inside the box: {result['round_trip_iou']:.4f}", args.json)
+    return 0

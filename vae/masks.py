@@ -66,6 +66,14 @@ def crop_box(box_xyxy: Sequence[float], width: int, height: int) -> tuple[int, i
     return max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
 
 
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Pixel box (x1, y1, x2, y2), exclusive end, of the mask's foreground; None if empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
 def crop_to_64(
     full_mask: np.ndarray, box_xyxy: Sequence[float], counts: collections.Counter | None = None
 ) -> np.ndarray:

@@ -60,6 +60,62 @@ class ResBlock(nn.Module):
         return x + nn.Conv(self.features, (1, 1), name="net_4")(h)
 
 
+def _conv2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'VALID' 2x2 convolution [N, H, W, C] x [2, 2, C, O] -> [N, H-1, W-1, O] as one matmul of the four
+    shifted views: XLA:CPU computes a convolution's kernel gradient ~10x slower than this matmul's."""
+    h, w = x.shape[1] - 1, x.shape[2] - 1
+    patches = jnp.concatenate([x[:, sy : sy + h, sx : sx + w] for sy in (0, 1) for sx in (0, 1)], axis=-1)
+    return patches @ kernel.reshape(-1, kernel.shape[-1])
+
+
+class Down2(nn.Module):
+    """torch Conv2d(k=4, stride=2, padding=1) as space-to-depth + a 2x2 stride-1 convolution.
+
+    Same parameters as `nn.Conv(features, (4, 4), strides=2, padding=1)` (kernel (4, 4, in, out)) and the
+    same sums: tap k = 2 s + p of the padded input is phase p of 2x2 block s. Written this way because the
+    gradient of a strided convolution is an input-dilated one, which XLA:CPU runs on a slow generic path.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        x = x.reshape(n, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2 + 1, w // 2 + 1, 4 * c)
+        # kernel[2 sy + py, 2 sx + px, c, o] -> [sy, sx, (py, px, c), o]
+        blocks = kernel.reshape(2, 2, 2, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, self.features)
+        return _conv2x2(x, blocks) + bias
+
+
+class Up2(nn.Module):
+    """torch ConvTranspose2d(k=4, stride=2, padding=1) as a 2x2 convolution to the 4 output phases.
+
+    Same parameters as `nn.ConvTranspose(features, (4, 4), strides=2, padding=2, transpose_kernel=True)`
+    (kernel (4, 4, out, in) = torch's (in, out, kh, kw) transposed by (2, 3, 1, 0)) and the same sums:
+    output row 2m + a reads input rows m - 1 + a + s (s = 0, 1) through kernel row 3 - a - 2s. Written this
+    way because XLA:CPU runs the input-dilated convolution of a transposed conv on a slow generic path.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, self.features, c))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        rows = np.array([[3, 2], [1, 0]])  # rows[s, a] = 3 - a - 2s
+        taps = kernel[rows[:, :, None, None], rows[None, None, :, :]]  # [sy, a, sx, b, out, in]
+        taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, c, 4 * self.features)  # [sy, sx, in, (a, b, out)]
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        y = _conv2x2(x, taps).reshape(n, h + 1, w + 1, 2, 2, self.features)
+        phases = [[y[:, a : a + h, b : b + w, a, b] for b in (0, 1)] for a in (0, 1)]
+        out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [n, h, a, w, b, out]
+        return out.reshape(n, 2 * h, 2 * w, self.features) + bias
+
+
 class Encoder(nn.Module):
     """[N, 64, 64] masks in [0, 1] -> [N, 4, 4, 512] continuous latents (before quantization)."""
 
@@ -68,7 +124,7 @@ class Encoder(nn.Module):
         x = 2.0 * (masks[..., None] - 0.5)
         for index, width in zip((0, 2, 4, 6), ENCODER_WIDTHS):
             # k4 s2 with padding 1 each side: torch `padding=1`, and TF 'SAME' on even sizes.
-            x = nn.relu(nn.Conv(width, (4, 4), strides=(2, 2), padding=1, name=f"encoder_{index}")(x))
+            x = nn.relu(Down2(width, name=f"encoder_{index}")(x))
         x = ResBlock(ENCODER_WIDTHS[-1], name="encoder_8")(x)
         x = ResBlock(ENCODER_WIDTHS[-1], name="encoder_9")(x)
         return nn.Conv(CODE_DIM, (1, 1), name="encoder_10")(x)
@@ -83,12 +139,7 @@ class Decoder(nn.Module):
         x = ResBlock(DECODER_WIDTHS[0], name="decoder_2")(x)
         x = ResBlock(DECODER_WIDTHS[0], name="decoder_3")(x)
         for index, width in zip((4, 6, 8, 10), DECODER_WIDTHS):
-            # torch ConvTranspose2d(k=4, s=2, p=1) == lax padding k-1-p = 2 with the torch kernel flipped
-            # and in/out swapped, which is what `transpose_kernel=True` does.
-            x = nn.ConvTranspose(
-                width, (4, 4), strides=(2, 2), padding=2, transpose_kernel=True, name=f"decoder_{index}"
-            )(x)
-            x = nn.relu(x)
+            x = nn.relu(Up2(width, name=f"decoder_{index}")(x))
         return nn.Conv(1, (1, 1), name="decoder_12")(x)[..., 0]
 
 

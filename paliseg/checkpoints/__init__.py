@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+
 from paliseg.checkpoints.big_vision import read_npz, write_npz
 from paliseg.checkpoints.huggingface import config_from_hf, read_hf, write_hf
 from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, write_native
@@ -65,7 +68,9 @@ def load(
             raise ValueError(f"{path}: a big_vision npz does not record the model sizes; pass a preset (--preset)")
         config, flat = get_preset(preset), read_npz(path)
     elif kind == "hf":
-        config, flat = read_hf(path, vocab_size=vocab_size)
+        # cast tensor by tensor while reading: an f32 3B checkpoint never sits in memory as f32
+        dtype = config_changes.get("param_dtype", ModelConfig.param_dtype)
+        config, flat = read_hf(path, vocab_size=vocab_size, dtype=np.dtype(dtype))
     else:
         config, flat = read_native(path)
     if config_changes:

@@ -275,15 +275,16 @@ def read_hf(folder: str | os.PathLike, vocab_size: int | None = None, dtype: Any
         config = config.replace(llm={"vocab_size": vocab})
         full = config.replace(llm={"vocab_size": rows})
 
-        rules = _rules(config)
-        needed = {name.format(i=i) for r in rules for name in r.hf for i in (range(_depth(r, config)) if r.stacked else [0])}
-        missing = sorted(needed - set(where))
-        unexpected += sorted(k for k in set(where) - needed - {"lm_head"})
-        errors = []
+        errors: list[str] = []
         flat: Flat = {}
-        if not missing:
-            for rule in _rules(full):
+        needed = set()
+        for rule in _rules(full):
+            names = [n.format(i=i) for n in rule.hf for i in (range(_depth(rule, full)) if rule.stacked else [0])]
+            needed.update(names)
+            if all(n in where for n in names):
                 flat[rule.ours] = _read_rule(rule, where, full, dtype, errors)
+        missing = sorted(_export_name(n) + " (in any layout)" for n in needed - set(where))
+        unexpected += sorted(where[k][1] for k in set(where) - needed - {"lm_head"})
         if missing or unexpected or errors:
             parts = [f"{folder} is not a PaliGemma checkpoint of the shape its config.json describes:"]
             for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", errors)):
@@ -298,6 +299,11 @@ def read_hf(folder: str | os.PathLike, vocab_size: int | None = None, dtype: Any
                 raise ValueError(f"{folder}: {key} differs from the embedding; only tied output layers are supported")
         flat["llm/embedder/input_embedding"] = embedding[:vocab]
     return config, flat
+
+
+def _export_name(canonical: str) -> str:
+    prefix = next(p for p in _EXPORT_PREFIX if canonical.startswith(p))
+    return _EXPORT_PREFIX[prefix] + canonical[len(prefix) :]
 
 
 def _depth(rule: _Rule, config: ModelConfig) -> int:
@@ -353,9 +359,7 @@ def write_hf(folder: str | os.PathLike, params: dict, config: ModelConfig, overw
         layers = range(value.shape[0]) if rule.stacked else [None]
         for i in layers:
             for name, tensor in zip(rule.hf, rule.to_hf(value if i is None else value[i])):
-                prefix = next(p for p in _EXPORT_PREFIX if name.startswith(p))
-                hf_name = _EXPORT_PREFIX[prefix] + name[len(prefix) :].format(i=i)
-                tensors[hf_name] = np.ascontiguousarray(tensor)
+                tensors[_export_name(name.format(i=i))] = np.ascontiguousarray(tensor)
     if flat:
         raise ValueError(f"params have leaves the model config does not describe: {sorted(flat)[:5]}")
     folder.mkdir(parents=True, exist_ok=True)

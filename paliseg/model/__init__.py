@@ -56,7 +56,9 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
     return init(rng)
 
 
+@functools.lru_cache(maxsize=16)
 def param_shapes(config: ModelConfig) -> dict:
+    """Cached: treat the result as read-only."""
     model = PaliGemma(config)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs(config)))["params"]
 

@@ -1,7 +1,7 @@
 """Synthetic shapes in Roboflow's COCO layout: a dataset anyone can make offline, with a known right answer.
 
     from converters import synthetic
-    synthetic.write_synthetic_coco("shapes", n_train=400, n_valid=40, image_size=64, seed=0)
+    synthetic.write_synthetic_coco("shapes", n_train=400, n_valid=40, config=synthetic.ShapesConfig(), seed=0)
     # shapes/train/*.jpg + shapes/train/_annotations.coco.json, shapes/valid/... (the `paliseg convert` input)
 
 Each image is a textured, noisy background with one or a few non-overlapping shapes (`ellipse`,
@@ -139,14 +139,16 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.
             return colour
 
 
-def _place(rng: np.random.Generator, class_name: str, size: int, taken: np.ndarray) -> SyntheticObject | None:
+def _place(
+    rng: np.random.Generator, class_name: str, size: int, taken: np.ndarray, scale: tuple[float, float]
+) -> SyntheticObject | None:
     """A shape at a random place fully inside the image, one pixel clear of the shapes already there."""
     for _ in range(_PLACEMENT_TRIES):
-        outline = SHAPES[class_name](rng, rng.uniform(0.3, 0.7) * size)
-        low, high = outline.min(0), outline.max(0)
-        if np.any(high - low > size - 4):
+        outline = _whole_pixel_extent(SHAPES[class_name](rng, rng.uniform(*scale) * size))
+        extent = outline.max(0)
+        if np.any(extent > size - 4):
             continue
-        offset = rng.uniform(1 - low, size - 1 - high)
+        offset = rng.integers(1, size - 1 - extent + 1)
         polygon = tuple(round(float(v), 2) for v in (outline + offset).ravel())
         mask = _rasterise(polygon, size)
         if mask.sum() >= 12 and not np.any(ndimage.binary_dilation(mask, iterations=1) & taken):
@@ -154,22 +156,55 @@ def _place(rng: np.random.Generator, class_name: str, size: int, taken: np.ndarr
     return None
 
 
-def make_image(
-    rng: np.random.Generator, image_size: int, classes: Sequence[str], objects_per_image: tuple[int, int] = (1, 1)
-) -> SyntheticImage:
-    """One image: a textured background and `objects_per_image` (min, max) shapes of random classes."""
-    unknown = sorted(set(classes) - set(SHAPES))
-    if unknown or not classes:
-        raise ValueError(f"unknown shape classes {unknown or '(none)'}; choose from: {', '.join(SHAPES)}")
+def _whole_pixel_extent(outline: np.ndarray) -> np.ndarray:
+    """The outline stretched (by under half a pixel) and moved so its extent is (0, 0)..(w, h) in whole pixels.
+
+    Boxes then fall on pixel edges, as with annotation tools that store integer coordinates, so the loc
+    tokens of an N-pixel image take N + 1 values instead of 1024: a model trained from scratch learns them
+    in minutes on a CPU, which the demo needs."""
+    low = outline.min(0)
+    size = outline.max(0) - low
+    whole = np.maximum(np.round(size), 1)
+    return (outline - low) * (whole / np.maximum(size, 1e-6))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    """What the images look like: side in pixels, classes, shapes per image (min, max), and each shape's
+    size as a share (min, max) of the image side."""
+
+    image_size: int = 64
+    classes: tuple[str, ...] = tuple(SHAPES)
+    objects_per_image: tuple[int, int] = (1, 1)
+    object_scale: tuple[float, float] = (0.3, 0.7)
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "objects_per_image", tuple(self.objects_per_image))
+        object.__setattr__(self, "object_scale", tuple(self.object_scale))
+        unknown = sorted(set(self.classes) - set(SHAPES))
+        if unknown or not self.classes:
+            raise ValueError(f"unknown shape classes {unknown or '(none)'}; choose from: {', '.join(SHAPES)}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be at least 16 pixels, got {self.image_size}")
+        if not 1 <= self.objects_per_image[0] <= self.objects_per_image[1]:
+            raise ValueError(f"objects_per_image must be (min, max) with 1 <= min <= max, got {self.objects_per_image}")
+        if not 0.1 <= self.object_scale[0] <= self.object_scale[1] <= 0.9:
+            raise ValueError(f"object_scale must be (min, max) with 0.1 <= min <= max <= 0.9, got {self.object_scale}")
+
+
+def make_image(rng: np.random.Generator, config: ShapesConfig = ShapesConfig()) -> SyntheticImage:
+    """One image: a textured background and its shapes, painted one pixel apart."""
+    size = config.image_size
     background = rng.uniform(40, 215, 3)
-    pixels = _texture(rng, image_size, background, amplitude=rng.uniform(8, 25))
-    taken = np.zeros((image_size, image_size), bool)
+    pixels = _texture(rng, size, background, amplitude=rng.uniform(8, 25))
+    taken = np.zeros((size, size), bool)
     objects = []
-    for _ in range(int(rng.integers(objects_per_image[0], objects_per_image[1] + 1))):
-        obj = _place(rng, str(rng.choice(list(classes))), image_size, taken)
+    for _ in range(int(rng.integers(config.objects_per_image[0], config.objects_per_image[1] + 1))):
+        obj = _place(rng, str(rng.choice(list(config.classes))), size, taken, config.object_scale)
         if obj is None:
             break  # the image is full: fewer objects rather than overlapping ones
-        fill = _texture(rng, image_size, _contrasting_colour(rng, background), amplitude=rng.uniform(4, 10))
+        fill = _texture(rng, size, _contrasting_colour(rng, background), amplitude=rng.uniform(4, 10))
         pixels[obj.mask] = fill[obj.mask]
         taken |= obj.mask
         objects.append(obj)
@@ -197,10 +232,8 @@ def coco_split(
     out_dir: str | Path,
     split: str,
     count: int,
-    image_size: int,
+    config: ShapesConfig,
     seed: int,
-    classes: Sequence[str],
-    objects_per_image: tuple[int, int],
     project: str,
     image_format: str,
     overwrite: bool,
@@ -209,15 +242,15 @@ def coco_split(
     """Write one split folder (images + `_annotations.coco.json`); returns its COCO dict."""
     folder = Path(out_dir) / split
     categories = [{"id": 0, "name": project, "supercategory": "none"}]
-    categories += [{"id": i, "name": name, "supercategory": project} for i, name in enumerate(classes, start=1)]
+    categories += [{"id": i, "name": name, "supercategory": project} for i, name in enumerate(config.classes, start=1)]
     category_ids = {c["name"]: c["id"] for c in categories[1:]}
     images, annotations = [], []
     for index in range(count):
-        sample = make_image(image_rng(seed, split, index), image_size, classes, objects_per_image)
+        sample = make_image(image_rng(seed, split, index), config)
         name = f"{split}_{index:05d}.{image_format}"
         files.write_bytes(folder / name, _encode(sample.pixels, image_format), overwrite=overwrite)
-        images.append({"id": index, "license": 1, "file_name": name, "height": image_size, "width": image_size,
-                       "date_captured": _DATE})
+        images.append({"id": index, "license": 1, "file_name": name, "height": config.image_size,
+                       "width": config.image_size, "date_captured": _DATE})
         for obj in sample.objects:
             annotations.append({
                 "id": len(annotations),
@@ -246,10 +279,8 @@ def write_synthetic_coco(
     out_dir: str | Path,
     n_train: int,
     n_valid: int,
-    image_size: int = 64,
+    config: ShapesConfig = ShapesConfig(),
     seed: int = 0,
-    classes: Sequence[str] = tuple(SHAPES),
-    objects_per_image: tuple[int, int] = (1, 1),
     project: str = "shapes",
     image_format: str = "jpg",
     overwrite: bool = False,
@@ -260,18 +291,13 @@ def write_synthetic_coco(
     `on_image` is called after each image (a progress bar's update). Existing files are refused unless
     `overwrite`. `image_format` "jpg" is what Roboflow exports (lossy: the painted pixels blur a little at the
     edges); "png" keeps them exact."""
-    if image_size < 16:
-        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
-    if not 1 <= objects_per_image[0] <= objects_per_image[1]:
-        raise ValueError(f"objects_per_image must be (min, max) with 1 <= min <= max, got {objects_per_image}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    if project in classes:
+    if project in config.classes:
         raise ValueError(f"the project name {project!r} must differ from the class names (it is the placeholder)")
     counts = {"train": n_train, "valid": n_valid}
     for split, count in counts.items():
-        coco_split(out_dir, split, count, image_size, seed, list(classes), objects_per_image, project, image_format,
-                   overwrite, on_image)
+        coco_split(out_dir, split, count, config, seed, project, image_format, overwrite, on_image)
     return counts
 
 
@@ -291,12 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", default=",".join(SHAPES), help=f"comma-separated (default {','.join(SHAPES)})")
     parser.add_argument("--objects", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
                         help="shapes per image (default 1 1)")
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.3, 0.7), metavar=("MIN", "MAX"),
+                        help="shape size as a share of the image side (default 0.3 0.7)")
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    counts = write_synthetic_coco(args.out, args.train, args.valid, args.size, args.seed,
-                                  tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-                                  tuple(args.objects), image_format=args.format, overwrite=args.overwrite)
+    config = ShapesConfig(args.size, tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+                          tuple(args.objects), tuple(args.scale))
+    counts = write_synthetic_coco(args.out, args.train, args.valid, config, args.seed, image_format=args.format,
+                                  overwrite=args.overwrite)
     print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out}", file=sys.stderr)
     return 0
 

@@ -16,11 +16,13 @@ from converters import synthetic
 from converters.sources import IssueLog, Polygons
 
 
+CROWDED = synthetic.ShapesConfig(objects_per_image=(1, 3))
+
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    synthetic.write_synthetic_coco(out, n_train=12, n_valid=4, image_size=64, seed=3, objects_per_image=(1, 3),
-                                   image_format="png")
+    synthetic.write_synthetic_coco(out, n_train=12, n_valid=4, config=CROWDED, seed=3, image_format="png")
     return out
 
 
@@ -44,6 +46,7 @@ def test_layout_is_roboflow_coco(export):
             ring = np.reshape(annotation["segmentation"][0], (-1, 2))
             x, y, w, h = annotation["bbox"]
             np.testing.assert_allclose([x, y, x + w, y + h], [*ring.min(0), *ring.max(0)], atol=0.011)
+            assert all(float(v).is_integer() for v in annotation["bbox"]), "boxes fall on pixel edges"
             assert 0 <= ring.min() and ring.max() <= 64
             assert annotation["area"] == dataset.annToMask(annotation).sum()
 
@@ -52,7 +55,7 @@ def test_polygons_are_what_was_drawn(export):
     """pycocotools' rasterisation of each JSON polygon covers exactly the pixels painted in the shape's colour."""
     data = json.loads((export / "train" / synthetic.ANNOTATION_FILE).read_text())
     for image in data["images"]:
-        sample = synthetic.make_image(synthetic.image_rng(3, "train", image["id"]), 64, list(synthetic.SHAPES), (1, 3))
+        sample = synthetic.make_image(synthetic.image_rng(3, "train", image["id"]), CROWDED)
         written = np.asarray(Image.open(export / "train" / image["file_name"]).convert("RGB"))
         np.testing.assert_array_equal(written, sample.pixels)  # PNG: the file holds the generated pixels
         annotations = [a for a in data["annotations"] if a["image_id"] == image["id"]]
@@ -100,14 +103,16 @@ def test_refuses_to_overwrite_and_bad_settings(tmp_path):
         synthetic.write_synthetic_coco(tmp_path, 1, 1)
     synthetic.write_synthetic_coco(tmp_path, 1, 1, overwrite=True)
     with pytest.raises(ValueError, match="unknown shape classes"):
-        synthetic.write_synthetic_coco(tmp_path / "x", 1, 1, classes=("hexagon",))
+        synthetic.ShapesConfig(classes=("hexagon",))
+    with pytest.raises(ValueError, match="objects_per_image"):
+        synthetic.ShapesConfig(objects_per_image=(2, 1))
     with pytest.raises(ValueError, match="placeholder"):
-        synthetic.write_synthetic_coco(tmp_path / "y", 1, 1, classes=("ellipse",), project="ellipse")
+        synthetic.write_synthetic_coco(tmp_path / "y", 1, 1, synthetic.ShapesConfig(classes=("ellipse",)), project="ellipse")
 
 
 def test_every_class_appears():
     counts = {name: 0 for name in synthetic.SHAPES}
     for index in range(40):
-        for obj in synthetic.make_image(synthetic.image_rng(0, "train", index), 64, list(synthetic.SHAPES)).objects:
+        for obj in synthetic.make_image(synthetic.image_rng(0, "train", index)).objects:
             counts[obj.class_name] += 1
     assert all(count >= 4 for count in counts.values()), counts

@@ -134,11 +134,9 @@ def test_real_drywall_boxes_fill_and_negatives(roboflow_dir, tmp_path, vae_path)
     assert linked.image_path.samefile(source / linked.extra["source_image"])
 
 
-def shapes_export(tmp_path: Path, **kwargs) -> Path:
+def shapes_export(tmp_path: Path, n_train: int = 6, classes=("ellipse", "rectangle", "triangle"), objects_per_image=(2, 3)) -> Path:
     root = tmp_path / "shapes"
-    options = dict(n_train=6, n_valid=0, image_size=64, seed=3, classes=("ellipse", "rectangle", "triangle"), objects_per_image=(2, 3))
-    options.update(kwargs)
-    synthetic.write_synthetic_coco(root, **options)
+    synthetic.write_synthetic_coco(root, n_train=n_train, n_valid=0, seed=3, config=synthetic.ShapesConfig(64, classes, objects_per_image))
     shutil.rmtree(root / "valid")
     return root
 

@@ -30,7 +30,7 @@ def vae_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("exports") / "shapes"
-    synthetic.write_synthetic_coco(root, n_train=5, n_valid=3, image_size=64, seed=7, classes=CLASSES, objects_per_image=(1, 3))
+    synthetic.write_synthetic_coco(root, n_train=5, n_valid=3, seed=7, config=synthetic.ShapesConfig(64, CLASSES, (1, 3)))
     return root
 
 

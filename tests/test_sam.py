@@ -105,7 +105,7 @@ def test_clean_mask_clips_drops_specks_and_fills_holes():
 
 def box_only_export(tmp_path: Path) -> Path:
     root = tmp_path / "boxes"
-    synthetic.write_synthetic_coco(root, n_train=3, n_valid=0, image_size=64, seed=2, classes=("rectangle", "ellipse"), objects_per_image=(1, 3))
+    synthetic.write_synthetic_coco(root, n_train=3, n_valid=0, seed=2, config=synthetic.ShapesConfig(64, ("rectangle", "ellipse"), (1, 3)))
     (root / "valid" / "_annotations.coco.json").unlink()
     path = root / "train" / "_annotations.coco.json"
     data = json.loads(path.read_text())

@@ -18,7 +18,7 @@ from paliseg.cli import main as cli
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("validate")
-    synthetic.write_synthetic_coco(base / "shapes", n_train=4, n_valid=2, image_size=64, seed=1, classes=("ellipse",), objects_per_image=(1, 2))
+    synthetic.write_synthetic_coco(base / "shapes", n_train=4, n_valid=2, seed=1, config=synthetic.ShapesConfig(64, ("ellipse",), (1, 2)))
     convert(ConvertConfig([base / "shapes"], base / "data", vae=vae.write_random_npz(base / "vae.npz")))
     return base / "data"
 

@@ -279,6 +279,8 @@ def train(
             bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items() if k != "restarted"})
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             save_state(checkpoint, state, config, mask_sources)
+            if bar.disable:  # no bar off a terminal: logs get one line per save instead
+                console.info(f"vae train: step {step + 1}/{config.steps} " + " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
     bar.close()
     params = {**jax.tree.map(np.asarray, state["params"]), "codebook": np.asarray(state["codebook"])}
     save_npz(out, params, dtype=dtype, overwrite=overwrite or resuming)

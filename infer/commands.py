@@ -70,7 +70,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     model = predict.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
+    model.add_argument("--run", dest="run_dir", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
     model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint file or folder")
     predict.add_argument("--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)")
     predict.add_argument("--preset", metavar="NAME", help="model sizes of a big_vision .npz (e.g. paligemma-3b-224)")
@@ -129,11 +129,11 @@ def run_predict(args: argparse.Namespace) -> int:
     options = {"batch_size": args.batch_size, "vae_model": _vae(args.vae)}
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
-    if args.run is not None:
+    if args.run_dir is not None:
         if args.preset:
             raise ValueError("--preset goes with --checkpoint; a run records its own model config")
-        step = args.step or ("best" if (args.run / BEST_FILE).is_file() else "latest")
-        predictor = Predictor.from_run(args.run, step, tokenizer=args.tokenizer, **options)
+        step = args.step or ("best" if (args.run_dir / BEST_FILE).is_file() else "latest")
+        predictor = Predictor.from_run(args.run_dir, step, tokenizer=args.tokenizer, **options)
     else:
         if args.step:
             raise ValueError("--step goes with --run")
@@ -155,11 +155,12 @@ def _predict_text(result: dict) -> str:
     for item in result["results"][:20]:
         status = "INVALID" if not item["valid"] else f"{len(item['objects'])} object(s), {item['area']} px"
         score = f", IoU {item['score']['iou']:.3f}" if item["score"] else ""
-        lines.append(f"{item['name']}: {status}{score}\n    text: {item['text'] or '(empty: no object)'}")
+        text = item["text"] if len(item["text"]) <= 160 else item["text"][:160] + " ..."
+        lines.append(f"{item['name']}: {status}{score}\n    text: {text or '(empty: no object)'}")
     if len(result["results"]) > 20:
         lines.append(f"... and {len(result['results']) - 20} more (see {result['out']}/json/)")
     lines.append(
-        f"{result['predicted']} predicted ({result['images_per_s']:.2f} images/s), {len(result['skipped'])} skipped, "
+        f"{result['predicted']} predicted in {result['seconds']:.1f} s, {len(result['skipped'])} skipped, "
         f"{result['invalid_predictions']} invalid; files in {result['out']}/ (masks/, objects/, json/, canvases/, "
         "predictions.jsonl, coco_results.json)"
     )

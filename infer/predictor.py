@@ -93,8 +93,12 @@ class Predictor:
                 f"{tokenizer.path}: {tokenizer.vocab_size} pieces, more than the model's vocabulary ({config.llm.vocab_size}); "
                 f"wrong tokenizer for {source}?"
             )
-        self.config = config
-        self.params = params
+        import jax
+
+        # One program serves every checkpoint: no recompute-in-backward (there is no backward), and the
+        # params on one device whatever sharding they were restored with (a new sharding would retrace).
+        self.config = config.replace(remat=False)
+        self.params = jax.device_put(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         self.tokenizer = tokenizer
         self.vae = vae_model if vae_model is not None else vae.load()
         self.batch_size = batch_size
@@ -109,10 +113,10 @@ class Predictor:
         from train import checkpoints
 
         number = resolve_step(run_dir, step)
-        train_config, _ = checkpoints.read_run_config(run_dir)
+        train_config, run_model = checkpoints.read_run_config(run_dir)
+        tokenizer = _tokenizer(tokenizer or train_config.tokenizer, run_model)  # fails fast, before the params load
         config, params = load_step(run_dir, number)
         options.setdefault("max_new_tokens", train_config.seq_len)
-        tokenizer = _tokenizer(tokenizer or train_config.tokenizer, config)
         return cls(config, params, tokenizer, source=f"{run_dir} step {number}", step=number, **options)
 
     @classmethod

@@ -30,7 +30,7 @@ COLUMNS = (
     ("box mIoU", "box_miou"), ("box acc@0.5", "box_acc50"), ("box acc@0.75", "box_acc75"),
     ("P10", "p10"), ("P50", "p50"), ("P90", "p90"),
 )  # fmt: skip
-METRIC_NAMES = dict((key, header) for header, key in COLUMNS)
+METRIC_NAMES = {key: header for header, key in COLUMNS} | {"invalid": "invalid predictions"}
 ALL = "all"  # the prompt name of the overall rows
 
 
@@ -157,12 +157,13 @@ def _shown_step(report: Mapping[str, Any]) -> int | None:
 def _plots(out_dir: Path, rows, report, scores) -> list[Path]:
     plots = []
     per_step = [row for row in rows if row["step"] is not None]
-    if len({row["step"] for row in per_step}) >= 1:
-        for metric in PLOTTED:
-            if any(row[metric] is not None for row in per_step):
-                path = out_dir / "plots" / f"{metric}_vs_step.png"
-                metrics_report.plot_metric_vs_step(per_step, metric, path)
-                plots.append(path)
+    if len(report["prompts"]) == 1:  # the "all" line would hide the prompt's own, identical line
+        per_step = [row for row in per_step if row["prompt"] != ALL]
+    for metric in PLOTTED:
+        if any(row[metric] is not None for row in per_step):
+            path = out_dir / "plots" / f"{metric}_vs_step.png"
+            metrics_report.plot_metric_vs_step(per_step, metric, path)
+            plots.append(path)
     shown = _shown_step(report)
     if shown is not None:
         path = out_dir / "plots" / "iou_histogram.png"
@@ -259,7 +260,7 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
         if base_value is not None and base_value > best["value"]:
             lines.append(f"Note: the base model scores higher than every checkpoint on {metric_name}.")
     else:
-        lines.append("**No checkpoint could be scored**, so no best step was recorded.")
+        lines.append("**No trained checkpoint was scored** (none saved yet, or all failed), so no best step was recorded.")
     lines.append("")
     lines += ["## All prompts together", "", _table(report, None), ""]
     for prompt in report["prompts"]:
@@ -270,13 +271,16 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
         "invalid counts unparsable predictions (scored 0). Per-image scores: `steps/step_NNNNNN/per_image.csv`.",
         "",
     ]
+    shown = _shown_step(report)
     plots = [Path(p) for p in report.get("files", {}).get("plots", [])]
     if plots:
-        lines += ["## Plots", ""]
+        lines += ["## Plots", "", "Each metric against the training step (step 0: the base), one line per prompt.", ""]
         for path in plots:
-            title = "per-image IoU of the shown checkpoint" if path.stem == "iou_histogram" else path.stem.replace("_vs_step", " by step")
+            if path.stem == "iou_histogram":
+                title = f"per-image IoU of step {shown}"
+            else:
+                title = METRIC_NAMES.get(path.stem.removesuffix("_vs_step"), path.stem) + " by step"
             lines += [f"![{title}]({path.relative_to(out_dir).as_posix()})", ""]
-    shown = _shown_step(report)
     pictures = [Path(p) for p in report.get("files", {}).get("canvases", [])]
     if shown is not None and pictures:
         lines += [f"## Best and worst images of step {shown}", "",

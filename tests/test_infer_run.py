@@ -1,0 +1,273 @@
+"""Predict and the checkpoint sweep on a real (tiny-preset) training run: the sweep's cache and its
+resumption after a crash, a checkpoint from another config, best.json, the report, and `paliseg predict`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import vae
+from infer import sweep
+from infer.predictor import Predictor
+from paliseg import config as model_configs
+from paliseg import files, model, records, tokens
+from paliseg.cli.main import main
+from train import checkpoints as run_checkpoints
+from train import config as train_config
+from train import trainer
+
+pytestmark = pytest.mark.slow
+PROMPT = "segment crack"
+
+
+def make_dataset(folder: Path, vae_path: Path) -> Path:
+    """A converted-data folder in the real layout: images, 0/255 GT masks, VAE-token suffixes; 4 train
+    records and 3 valid ones (one of them a negative: empty suffix, empty mask), images of varied sizes."""
+    vae_model = vae.MaskVAE.from_npz(vae_path)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("valid", 3)):
+        out = []
+        for index in range(count):
+            width, height = 64 + 8 * index, 48 + 4 * index
+            pixels = np.full((height, width, 3), 40, np.uint8)
+            mask = np.zeros((height, width), bool)
+            objects = []
+            if not (split == "valid" and index == 2):
+                x1, y1 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+                x2, y2 = x1 + rng.integers(10, width // 2), y1 + rng.integers(10, height // 2)
+                pixels[y1:y2, x1:x2] = 220
+                mask[y1:y2, x1:x2] = True
+                seg = vae.mask_to_tokens(vae_model, mask, (x1, y1, x2, y2))
+                objects.append(tokens.SegObject(tokens.box_to_locs((x1, y1, x2, y2), width, height), seg, "crack"))
+            name = f"{split}_{index}"
+            files.write_image(folder / "images" / f"{name}.png", Image.fromarray(pixels))
+            files.write_mask(folder / "masks" / f"{name}.png", mask)
+            out.append(records.Record(f"images/{name}.png", PROMPT, tokens.format_suffix(objects), f"masks/{name}.png"))
+        records.write_records(records.annotations_path(folder, split), out)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data dir, run dir with checkpoints at steps 2 and 4, VAE path)."""
+    root = tmp_path_factory.mktemp("infer_run")
+    vae_path = vae.write_random_npz(root / "vae.npz", seed=0)
+    data = make_dataset(root / "data", vae_path)
+    config = train_config.resolve(dict(
+        data=[str(data)], out=str(root / "run"), init="random", preset="tiny", trainable="all", seq_len=48,
+        steps=4, batch_size=2, save_every=2, lr=3e-3, workers=1,
+    ))  # fmt: skip
+    trainer.run(config)
+    assert run_checkpoints.list_steps(root / "run") == [2, 4]
+    return data, root / "run", vae_path
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    """Patch the decoder to record how many images each call decodes."""
+    calls: list[int] = []
+    original = Predictor.decode_texts
+
+    def counting(self, images, prompts):
+        calls.append(len(images))
+        return original(self, images, prompts)
+
+    monkeypatch.setattr(Predictor, "decode_texts", counting)
+    return calls
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _stable(report: dict) -> dict:
+    """The report without what legitimately differs between two sweeps (timings, cache counts, paths)."""
+    report = json.loads(json.dumps(report))
+    for step in report["steps"]:
+        for key in ("decoded", "cached", "seconds"):
+            step.pop(key)
+    report["best"].pop("time")
+    report["best"].pop("report")
+    report.pop("files")
+    return report
+
+
+@pytest.fixture(scope="module")
+def swept(setup, tmp_path_factory):
+    """An uninterrupted sweep of the run: (report, report dir, decoded images per decode call)."""
+    data, run_dir, vae_path = setup
+    out = tmp_path_factory.mktemp("sweep") / "whole"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = _count_decodes(monkeypatch)
+        report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)
+    return report, out, calls
+
+
+def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swept, tmp_path, monkeypatch):
+    data, run_dir, vae_path = setup
+    whole, whole_dir, whole_calls = swept
+    assert [s["step"] for s in whole["steps"]] == [0, 2, 4] and all(s["status"] == "ok" for s in whole["steps"])
+    assert sum(whole_calls) == 3 * 3  # 3 valid records x (base + 2 checkpoints)
+    calls = _count_decodes(monkeypatch)
+
+    def crash_after_step_2(step):
+        if step == 2:
+            raise Crash("killed")
+
+    calls.clear()
+    with pytest.raises(Crash):
+        sweep.evaluate_run(run_dir, data, tmp_path / "cut", vae_path=vae_path, batch_size=2, canvases=2,
+                           on_step_done=crash_after_step_2)  # fmt: skip
+    assert sum(calls) == 2 * 3 and not (tmp_path / "cut" / "report.json").exists()
+    calls.clear()
+    resumed = sweep.evaluate_run(run_dir, data, tmp_path / "cut", vae_path=vae_path, batch_size=2, canvases=2)
+    assert calls == [2, 1]  # only step 4 was decoded (3 records in batches of 2)
+    assert [(s["decoded"], s["cached"]) for s in resumed["steps"]] == [(0, 3), (0, 3), (3, 0)]
+    assert _stable(resumed) | {"title": ""} == _stable(whole) | {"title": ""}
+    for name in ("metrics.csv", "steps/step_000004/per_image.csv", "ceiling/per_image.csv"):
+        assert (tmp_path / "cut" / name).read_text() == (whole_dir / name).read_text()
+
+    calls.clear()
+    again = sweep.evaluate_run(run_dir, data, tmp_path / "cut", vae_path=vae_path, batch_size=2, canvases=0)
+    assert calls == [] and _stable(again) == _stable(resumed)
+
+    # A report folder of this run is not reused for another data folder without --overwrite.
+    other = tmp_path / "other_data"
+    shutil.copytree(data, other)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        sweep.evaluate_run(run_dir, other, tmp_path / "cut", vae_path=vae_path)
+
+
+def test_report_files_best_json_and_scores(setup, swept):
+    data, run_dir, vae_path = setup
+    report, out, _ = swept
+    best = report["best"]
+    recorded = json.loads((run_dir / "best.json").read_text())  # (a later sweep of this run may rewrite it)
+    assert {k: recorded[k] for k in ("step", "metric", "value")} == {k: best[k] for k in ("step", "metric", "value")}
+    assert best["step"] in (2, 4) and best["metric"] == "miou" and best["report"] == str((out / "report.md").absolute())
+    values = {s["step"]: s["summary"]["overall"]["miou"] for s in report["steps"]}
+    assert best["value"] == max(values[2], values[4])
+    # The ceiling of a perfect token round trip of these rectangles is scored like any prediction.
+    assert report["ceiling"]["overall"]["count"] == 3 and report["ceiling"]["overall"]["box_miou"] == 1.0
+    for name in ("report.md", "report.json", "metrics.csv", "plots/miou_vs_step.png", "plots/iou_histogram.png",
+                 "canvases/best.png", "canvases/worst_2.png", "steps/step_000000/per_image.csv"):  # fmt: skip
+        assert (out / name).is_file(), name
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["step"], r["kind"], r["prompt"]) for r in rows][:2] == [("0", "base", "all"), ("0", "base", PROMPT)]
+    assert rows[-1]["kind"] == "ceiling" and sum(r["best"] == "True" for r in rows) == 2
+    markdown = (out / "report.md").read_text()
+    assert f"**step {best['step']} (best)**" in markdown and "base (before fine-tuning)" in markdown
+    assert "ceiling (token round trip)" in markdown and "![best images](canvases/best.png)" in markdown
+    # The scores are the metrics' scores of the cached texts, image by image.
+    from metrics import scoring
+
+    cache_lines = (out / "predictions" / "step_000004.jsonl").read_text().splitlines()[1:]
+    texts = {json.loads(line)["key"]: json.loads(line)["text"] for line in cache_lines}
+    items, _ = sweep.read_split(data, "valid")
+    model_vae = vae.MaskVAE.from_npz(vae_path)
+    expected = []
+    for item in items:
+        predicted = sweep.prediction_of(item, texts[item.key], model_vae)
+        expected.append(scoring.score_image(predicted.mask, sweep.gt_mask(item), PROMPT, item.record.image,
+                                            pred_boxes=predicted.boxes, gt_boxes=sweep.gt_boxes(item)).iou)  # fmt: skip
+    assert report["steps"][2]["summary"]["overall"]["miou"] == pytest.approx(np.mean(expected))
+
+
+def test_eval_cli_reports_and_skips_a_checkpoint_of_another_config(setup, tmp_path, capsys):
+    data, run_dir, vae_path = setup
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    # Step 6: parameters of another preset (tiny-112: another image size) saved into this run.
+    other = model.init_params(model_configs.preset("tiny-112"), jax.random.key(1))
+    with run_checkpoints.manager(copy) as manager:
+        run_checkpoints.save(manager, 6, {"step": jnp.asarray(6, jnp.int32), "params": other}, {"step": 6})
+        manager.wait_until_finished()
+    argv = ["eval", str(copy), "--data", str(data), "--out", str(tmp_path / "report"), "--steps", "4,6", "--no-base",
+            "--no-ceiling", "--vae", str(vae_path), "--batch-size", "4", "--canvases", "1", "--json"]  # fmt: skip
+    assert main(argv) == 0  # the sweep goes on past the broken checkpoint
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "step      6: FAILED" in captured.err and "best: step 4" in captured.err
+    assert [(s["step"], s["status"]) for s in report["steps"]] == [(4, "ok"), (6, "failed")]
+    assert report["best"]["step"] == 4 and report["failed_steps"][0]["error"]
+    assert "Checkpoints that could not be scored" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path, capsys):
+    data, run_dir, vae_path = setup
+    out = tmp_path / "pred"
+    jsonl = records.annotations_path(data, "valid")
+    argv = ["predict", "--run", str(run_dir), "--step", "4", "--image", str(jsonl), "--out", str(out),
+            "--vae", str(vae_path), "--batch-size", "2", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["predicted"] == 3 and result["summary"]["overall"]["count"] == 3
+    names = [r["name"] for r in result["results"]]
+    assert names == ["valid_0.segment_crack", "valid_1.segment_crack", "valid_2.segment_crack"]
+    for index, entry in enumerate(result["results"]):
+        size = Image.open(data / "images" / f"valid_{index}.png").size
+        mask = files.read_mask(out / entry["mask"])
+        assert mask.shape == (size[1], size[0])  # full resolution
+        assert (out / entry["canvas"]).is_file() and (out / "json" / f"{entry['name']}.json").is_file()
+        for obj in entry["objects"]:
+            assert obj["mask"] is None or (out / obj["mask"]).is_file()
+    predicted = records.read_records(out / "predictions.jsonl")
+    assert [r.suffix for r in predicted] == [r["text"] for r in result["results"]]
+    assert json.loads((out / "coco_dataset.json").read_text())["categories"] == [{"id": 1, "name": PROMPT}]
+    assert main(argv) == 1  # an existing prediction set is not replaced without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+    # The Python API gives the same texts and masks for the same step, from PIL images.
+    predictor = Predictor.from_run(run_dir, 4, vae_model=vae.MaskVAE.from_npz(vae_path), batch_size=2)
+    images = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
+    api = predictor.predict(images, PROMPT)
+    assert [p.text for p in api] == [r["text"] for r in result["results"]]
+    for prediction, name in zip(api, names):
+        expected = files.read_mask(out / "masks" / f"{name}.png")
+        np.testing.assert_array_equal(prediction.mask if prediction.valid else np.zeros_like(expected), expected)
+
+
+def test_predict_on_plain_images_and_bad_inputs(setup, tmp_path, capsys):
+    data, run_dir, vae_path = setup
+    folder = tmp_path / "photos"
+    shutil.copytree(data / "images", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG not an image")
+    (run_dir / "best.json").unlink(missing_ok=True)
+    out = tmp_path / "pred"
+    argv = ["predict", "--run", str(run_dir), "--image", str(folder), "--prompt", PROMPT, "--out", str(out),
+            "--vae", str(vae_path), "--json"]  # fmt: skip
+    assert main(argv) == 0  # no best.json: the latest step
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"].endswith("step 4") and result["predicted"] == 7 and len(result["skipped"]) == 1
+    assert result["summary"] is None and (out / "canvases" / "train_0.segment_crack.png").is_file()
+
+    base = ["predict", "--run", str(run_dir), "--image", str(folder), "--vae", str(vae_path)]
+    assert main(base + ["--step", "best", "--prompt", PROMPT, "--out", str(tmp_path / "x")]) == 1
+    assert "no best step recorded" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "y")]) == 1
+    assert "--prompt is required" in capsys.readouterr().err
+    plain = _plain_tokenizer(tmp_path / "plain.model")  # a SentencePiece model without <loc>/<seg> pieces
+    assert main(base + ["--tokenizer", str(plain), "--prompt", PROMPT, "--out", str(tmp_path / "z")]) == 1
+    assert "not a PaliGemma tokenizer" in capsys.readouterr().err
+
+
+def _plain_tokenizer(path: Path) -> Path:
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["segment crack in the wall"] * 50 + ["a b c d e f g h"] * 50), model_writer=buffer,
+        vocab_size=24, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+    )  # fmt: skip
+    path.write_bytes(buffer.getvalue())
+    return path

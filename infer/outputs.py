@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from infer import prediction as prediction_module
 from infer.prediction import Prediction
 from paliseg import files, records
 from paliseg import tokens as codec
@@ -185,35 +186,35 @@ def _gt_annotations(record: records.Record, image_id: int, category_id: int, wid
 
 
 def _canvas(job: Job, image, prediction: Prediction):
-    """(canvas, score): against the record's ground truth when there is one, else the prediction alone."""
+    """original | ground truth | prediction: the record's GT for JSONL input, else the prediction alone."""
     from metrics import canvas
 
-    predicted = canvas.Prediction(mask=prediction.mask, suffix=prediction.text)
     if job.record is not None:
-        return canvas.canvas_for_record(job.record, predicted, panel_height=320)
+        predicted = canvas.Prediction(mask=prediction.mask, suffix=prediction.text)
+        return canvas.canvas_for_record(job.record, predicted, panel_height=320)[0]
     caption = (
         f"prompt: {job.prompt}    image: {job.image_path.name}\n"
         f"{len(prediction.objects)} object(s) predicted; no ground truth given (middle panel: the image alone)"
         + ("" if prediction.valid else "\nINVALID prediction: the text has no valid object")
     )
-    picture = canvas.make_canvas(
+    return canvas.make_canvas(
         image, None, prediction.mask, caption, pred_boxes=prediction.boxes, pred_labels=prediction.labels,
         panel_height=320,
     )  # fmt: skip
-    return picture, None
 
 
-def _score(job: Job, prediction: Prediction):
-    from metrics import scoring
+def _open_images(jobs: Sequence[Job], skipped: list[dict[str, str]]) -> list[tuple[Job, Any]]:
+    """(job, RGB image) for the jobs whose image decodes; the others are added to `skipped`."""
+    from paliseg import console
 
-    record = job.record
-    gt = files.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((prediction.height, prediction.width), bool)
-    parsed = codec.parse_suffix(record.suffix, require_seg=False)
-    boxes = [codec.locs_to_box(o.locs, prediction.width, prediction.height) for o in parsed.objects]
-    return scoring.score_image(
-        prediction.mask, gt, record.prefix, record.image, pred_boxes=prediction.boxes, gt_boxes=boxes,
-        invalid_objects=prediction.invalid_count,
-    )  # fmt: skip
+    opened = []
+    for job in jobs:
+        try:
+            opened.append((job, files.read_rgb(job.image_path)))
+        except ValueError as error:
+            skipped.append({"image": str(job.image_path), "prompt": job.prompt, "error": str(error)})
+            console.info(f"skipped {job.image_path}: {error}")
+    return opened
 
 
 def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -238,25 +239,20 @@ def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases
     bar = console.progress_bar("predict", total=len(jobs), unit="image")
     try:
         for start in range(0, len(jobs), predictor.batch_size):
-            opened = []
-            for job in jobs[start : start + predictor.batch_size]:
-                try:
-                    opened.append((job, files.read_rgb(job.image_path)))
-                except ValueError as error:
-                    skipped.append({"image": str(job.image_path), "prompt": job.prompt, "error": str(error)})
-                    console.info(f"skipped {job.image_path}: {error}")
-            if opened:
-                predictions = predictor.predict([image for _, image in opened], [job.prompt for job, _ in opened], degenerate)
-            for (job, image), prediction in zip(opened, predictions if opened else []):
-                picture, score = _canvas(job, image, prediction) if canvases else (None, None)
-                if score is None and job.record is not None:
-                    score = _score(job, prediction)
-                if score is not None:
+            chunk = jobs[start : start + predictor.batch_size]
+            opened = _open_images(chunk, skipped)
+            predictions = predictor.predict([i for _, i in opened], [j.prompt for j, _ in opened], degenerate) if opened else []
+            for (job, image), prediction in zip(opened, predictions):
+                score = None
+                if job.record is not None:
+                    score = prediction_module.score(prediction, job.record, *prediction_module.ground_truth(
+                        job.record, prediction.width, prediction.height))  # fmt: skip
                     scores.append(score)
+                picture = _canvas(job, image, prediction) if canvases else None
                 results.append(write_prediction(out, job, prediction, picture, score, overwrite=True))
                 prediction_records.append(prediction_record(out, job, prediction))
                 coco.add(job, prediction)
-            bar.update(len(jobs[start : start + predictor.batch_size]))
+            bar.update(len(chunk))
     finally:
         bar.close()
     records.write_records(out / "predictions.jsonl", prediction_records, overwrite=True)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 import vae
+from metrics import scoring
+from paliseg import files, records
 from paliseg import tokens as codec
 
 
@@ -128,3 +130,18 @@ def from_text(
     union = np.logical_or.reduce(masks, axis=0) if len(masks) else np.zeros((height, width), bool)
     return Prediction(prompt, text, width, height, objects, parsed.invalid, union)
 
+
+
+def ground_truth(record: records.Record, width: int, height: int) -> tuple[np.ndarray, list[tuple[float, ...]]]:
+    """A record's GT union mask (all-zero when it has no mask file: no object) and its objects' pixel boxes."""
+    mask = files.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
+    parsed = codec.parse_suffix(record.suffix, require_seg=False)
+    return mask, [codec.locs_to_box(o.locs, width, height) for o in parsed.objects]
+
+
+def score(prediction: Prediction, record: records.Record, gt_mask: np.ndarray, gt_boxes) -> scoring.ImageScore:
+    """`metrics.scoring.score_image` of a prediction (an invalid one scores 0), boxes matched too."""
+    return scoring.score_image(
+        prediction.mask, gt_mask, record.prefix, record.image,
+        pred_boxes=prediction.boxes, gt_boxes=gt_boxes, invalid_objects=prediction.invalid_count,
+    )  # fmt: skip

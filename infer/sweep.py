@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from infer import cache as prediction_cache
-from infer.prediction import Prediction, from_text
+from infer.prediction import Prediction, from_text, ground_truth, score
 from infer.predictor import BEST_FILE, Predictor
 from metrics import aggregate, scoring
 from paliseg import console, files, records
@@ -132,17 +132,6 @@ def _check(record: records.Record) -> Item:
     return Item(record, width, height)
 
 
-def gt_mask(item: Item) -> np.ndarray:
-    if item.record.mask_path is None:
-        return np.zeros((item.height, item.width), bool)
-    return files.read_mask(item.record.mask_path)
-
-
-def gt_boxes(item: Item) -> list[tuple[float, float, float, float]]:
-    parsed = codec.parse_suffix(item.record.suffix, require_seg=False)
-    return [codec.locs_to_box(o.locs, item.width, item.height) for o in parsed.objects]
-
-
 def select_steps(requested: str | Sequence[int], saved: Sequence[int], base: bool) -> list[int]:
     """The steps to score, in order: "all" (every saved checkpoint) or the listed ones, with step 0 (the
     base) first when `base` is set or 0 is listed."""
@@ -228,13 +217,6 @@ def decode_step(
 
 def prediction_of(item: Item, text: str, vae_model, degenerate: collections.Counter | None = None) -> Prediction:
     return from_text(text, item.record.prefix, item.width, item.height, vae_model, degenerate=degenerate)
-
-
-def score(item: Item, prediction: Prediction, mask: np.ndarray, boxes) -> scoring.ImageScore:
-    return scoring.score_image(
-        prediction.mask, mask, item.record.prefix, item.record.image,
-        pred_boxes=prediction.boxes, gt_boxes=boxes, invalid_objects=prediction.invalid_count,
-    )  # fmt: skip
 
 
 def ceiling_score(item: Item, mask: np.ndarray, boxes, vae_model, degenerate: collections.Counter) -> scoring.ImageScore:
@@ -347,10 +329,10 @@ def _score(items, caches, vae_model, ceiling: bool):
     ceiling_scores: list[scoring.ImageScore] | None = [] if ceiling else None
     degenerate: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for item in console.progress(items, desc="scoring", unit="image"):
-        mask, boxes = gt_mask(item), gt_boxes(item)
+        mask, boxes = ground_truth(item.record, item.width, item.height)
         for step, cache in caches.items():
             prediction = prediction_of(item, cache.text(item.key), vae_model, degenerate[f"step {step}"])
-            scores[step].append(score(item, prediction, mask, boxes))
+            scores[step].append(score(prediction, item.record, mask, boxes))
         if ceiling_scores is not None:
             ceiling_scores.append(ceiling_score(item, mask, boxes, vae_model, degenerate["ceiling"]))
     return scores, ceiling_scores, {k: dict(v) for k, v in degenerate.items() if v}

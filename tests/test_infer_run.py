@@ -176,8 +176,10 @@ def test_report_files_best_json_and_scores(setup, swept):
     expected = []
     for item in items:
         predicted = sweep.prediction_of(item, texts[item.key], model_vae)
-        expected.append(scoring.score_image(predicted.mask, sweep.gt_mask(item), PROMPT, item.record.image,
-                                            pred_boxes=predicted.boxes, gt_boxes=sweep.gt_boxes(item)).iou)  # fmt: skip
+        gt = files.read_mask(item.record.mask_path)
+        boxes = [tokens.locs_to_box(o.locs, item.width, item.height) for o in tokens.parse_suffix(item.record.suffix).objects]
+        expected.append(scoring.score_image(predicted.mask, gt, PROMPT, item.record.image, pred_boxes=predicted.boxes,
+                                            gt_boxes=boxes).iou)  # fmt: skip
     assert report["steps"][2]["summary"]["overall"]["miou"] == pytest.approx(np.mean(expected))
 
 

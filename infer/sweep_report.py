@@ -154,13 +154,21 @@ def _shown_step(report: Mapping[str, Any]) -> int | None:
     return scored[-1] if scored else None
 
 
+def _clear_pictures(folder: Path) -> None:
+    """Remove a previous sweep's PNGs (of another best step, count or metric set) before drawing anew."""
+    for old in folder.glob("*.png") if folder.is_dir() else []:
+        old.unlink()
+
+
 def _plots(out_dir: Path, rows, report, scores) -> list[Path]:
+    _clear_pictures(out_dir / "plots")
     plots = []
     per_step = [row for row in rows if row["step"] is not None]
     if len(report["prompts"]) == 1:  # the "all" line would hide the prompt's own, identical line
         per_step = [row for row in per_step if row["prompt"] != ALL]
     for metric in PLOTTED:
-        if any(row[metric] is not None for row in per_step):
+        values = [row[metric] for row in per_step if row[metric] is not None]
+        if values and not (metric == "invalid" and not any(values)):  # a flat zero line of invalids says nothing
             path = out_dir / "plots" / f"{metric}_vs_step.png"
             metrics_report.plot_metric_vs_step(per_step, metric, path)
             plots.append(path)
@@ -175,8 +183,7 @@ def _plots(out_dir: Path, rows, report, scores) -> list[Path]:
 def _canvases(out_dir: Path, report, items, scores, caches, vae_model, count: int) -> list[Path]:
     """The `count` best and worst images (by IoU) of the shown step, each alone and as a grid."""
     folder = out_dir / "canvases"
-    for old in folder.glob("*.png") if folder.is_dir() else []:
-        old.unlink()  # a previous sweep's pictures (maybe of another step or count)
+    _clear_pictures(folder)
     shown = _shown_step(report)
     if shown is None or count <= 0:
         return []

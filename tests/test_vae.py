@@ -229,6 +229,21 @@ def test_oracle_on_real_crack_masks(roboflow_dir, flax_vae, torch_vae):
     np.testing.assert_allclose(flax_vae.decode(tokens), torch_vae.decode(tokens), atol=1e-4, rtol=0)
 
 
+def test_fast_conv_layers_equal_the_flax_layers_big_vision_uses():
+    """Down2 / Up2 hold the same parameters as flax's strided Conv and big_vision's decoder ConvTranspose
+    (`padding=2, transpose_kernel=True`) and compute the same function."""
+    import jax
+    from flax import linen as flax_nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+    down = vae_model.Down2(5).init(jax.random.key(1), x)
+    reference = flax_nn.Conv(5, (4, 4), strides=(2, 2), padding=1).apply(down, x)
+    np.testing.assert_allclose(vae_model.Down2(5).apply(down, x), reference, atol=1e-5)
+    up = vae_model.Up2(5).init(jax.random.key(2), x)
+    reference = flax_nn.ConvTranspose(5, (4, 4), strides=(2, 2), padding=2, transpose_kernel=True).apply(up, x)
+    np.testing.assert_allclose(vae_model.Up2(5).apply(up, x), reference, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Batching
 

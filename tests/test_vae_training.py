@@ -218,3 +218,21 @@ def test_dead_codes_restart_on_batch_latents():
     assert distances.max() < 1e-5  # every restarted code sits on a latent of the batch
     np.testing.assert_array_equal(np.asarray(new_state["ema_count"])[:5], 1.0)
     assert jax.tree.all(jax.tree.map(lambda a: bool(np.isfinite(a).all()), new_state["params"]))
+
+
+def test_download_fetches_checks_the_layout_and_records_the_digest(tmp_path, random_npz, monkeypatch, capsys):
+    from paliseg import downloads
+
+    def fake_download(url, target):  # no network in tests: the "server" serves a vae-oid-layout file
+        assert url.endswith("/paligemma/vae-oid.npz")
+        target.write_bytes(random_npz.read_bytes())
+
+    monkeypatch.setattr(downloads, "_http_download", fake_download)
+    assert cli(["vae", "download", "--dir", str(tmp_path / "models"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sha256"] == downloads.sha256_of(random_npz)
+    assert result["sha256"] in (tmp_path / "models" / "SHA256SUMS").read_text()
+
+    (tmp_path / "models" / "vae-oid.npz").write_bytes(b"not an npz")  # a corrupted file is reported
+    assert cli(["vae", "download", "--dir", str(tmp_path / "models")]) == 1
+    assert "differs from the one recorded" in capsys.readouterr().err

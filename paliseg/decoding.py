@@ -140,25 +140,29 @@ class Sampling:
     top_p: float = 1.0
 
 
-def _sample(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
-    if sampling.temperature <= 0:
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def _sample(logits: jax.Array, temperature: jax.Array | None, top_p: jax.Array, rng: jax.Array) -> jax.Array:
+    """Greedy when `temperature` is None (static); otherwise temperature and top-p are traced values, so
+    every sampling setting shares one compiled program."""
+    if temperature is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_p < 1.0:
-        order = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
-        # the smallest logit still inside the nucleus (the top token always is)
-        cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(order, jnp.minimum(cutoff_index, order.shape[-1] - 1), axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    logits = logits / temperature
+    order = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
+    # the smallest logit still inside the nucleus (the top token always is; top_p >= 1 keeps every token)
+    cutoff_index = jnp.where(top_p >= 1.0, order.shape[-1] - 1, jnp.sum(cumulative < top_p, axis=-1, keepdims=True))
+    cutoff = jnp.take_along_axis(order, jnp.minimum(cutoff_index, order.shape[-1] - 1), axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id", "pad_id", "return_logits")
-)
-def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, rng, *, max_new_tokens, sampling,
-              eos_id, pad_id, return_logits):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "return_logits"))
+def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temperature, top_p, rng, *,
+              max_new_tokens, eos_id, pad_id, return_logits):
     model = PaliGemma(config)
     batch = tokens.shape[0]
     prompt_len = config.num_image_tokens + tokens.shape[1]
@@ -193,7 +197,7 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, rng,
             mask = _allowed(s["phase"], s["y1"], s["x1"], max_new_tokens - step, *grammar)
             logits = jnp.where(mask, logits, -jnp.inf)
         s["rng"], key = jax.random.split(s["rng"])
-        token = jnp.where(s["done"], pad_id, _sample(logits, sampling, key))
+        token = jnp.where(s["done"], pad_id, _sample(logits, temperature, top_p, key))
         if grammar is not None:
             s["phase"], s["y1"], s["x1"] = _advance(s["phase"], s["y1"], s["x1"], token, *grammar)
         s["out"] = s["out"].at[:, step].set(token)
@@ -240,8 +244,9 @@ def generate(
     rng = jax.random.key(0) if rng is None else rng
     return _generate(
         config, params, jnp.asarray(images), jnp.asarray(tokens), jnp.asarray(mask_ar), jnp.asarray(mask_input),
-        None if grammar is None else grammar.arrays(), rng,
-        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
+        None if grammar is None else grammar.arrays(),
+        None if sampling.greedy else jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), rng,
+        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
     )
 
 

@@ -76,6 +76,12 @@ def jobs_for(source: str | os.PathLike, prompts: Sequence[str]) -> list[Job]:
             paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not paths:
                 raise ValueError(f"--image {source}: no image ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            splits = records.available_splits(source)
+            if splits:
+                from paliseg import console
+
+                console.info(f"note: {source} is converted data; pass --image {records.annotations_path(source, splits[0])} "
+                             "to draw and score the ground truth too")  # fmt: skip
         jobs = [Job(path, prompt) for path in paths for prompt in prompts]
     return _named(jobs)
 

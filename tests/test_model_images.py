@@ -22,7 +22,7 @@ def test_values_map_to_minus_one_one_and_shape_is_square():
 def test_grey_and_alpha_become_rgb():
     grey = Image.fromarray(np.full((8, 8), 128, np.uint8), mode="L")
     rgba = Image.fromarray(np.full((8, 8, 4), 255, np.uint8), mode="RGBA")
-    np.testing.assert_allclose(preprocess(grey, 8), 128 / 127.5 - 1, rtol=1e-5)
+    np.testing.assert_allclose(preprocess(grey, 8), 128 / 127.5 - 1, atol=1e-6)
     assert preprocess(rgba, 4).shape == (4, 4, 3)
     assert preprocess(np.full((8, 8, 3), 255, np.uint8), 8).min() == 1.0
 

@@ -64,6 +64,7 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=4000)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice term that keeps thin objects (default: 1)")
     train.add_argument("--synthetic-count", type=int, default=6000, help="synthetic crops drawn (default: 6000)")
     train.add_argument("--save-every", type=int, default=250, help="steps between resume states (default: 250)")
     train.add_argument("--seed", type=int, default=0)
@@ -128,7 +129,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from vae import training
 
     config = training.TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, dice_weight=args.dice_weight,
         synthetic_count=args.synthetic_count, save_every=args.save_every, seed=args.seed,
     )  # fmt: skip
     summary = training.train(

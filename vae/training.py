@@ -1,8 +1,11 @@
 """Train a mask VQ-VAE of the vae-oid architecture on synthetic shapes and real object crops.
 
-Objective (VQ-VAE with an EMA codebook, as upstream AiT's `VectorQuantizerEMA`):
-    loss = mean((decoder(z_q) - (2x - 1))^2) + commitment * mean((z - sg(e))^2)
-with z_q = z + sg(e - z) (straight-through). The codebook is not trained by gradients: each code is the EMA
+Objective (VQ-VAE with an EMA codebook, as upstream AiT's `VectorQuantizerEMA`, plus a Dice term):
+    loss = mean((decoder(z_q) - (2x - 1))^2) + dice_weight * dice(sigmoid(4 decoder(z_q)), x)
+           + commitment * mean((z - sg(e))^2)
+with z_q = z + sg(e - z) (straight-through). MSE alone lets the decoder erase thin objects (a crack is a few
+percent of its crop, so predicting background costs little); the per-crop soft Dice makes every object's
+overlap count the same, whatever its area. The decoder output stays in about [-1, 1], foreground > 0. The codebook is not trained by gradients: each code is the EMA
 of the encoder outputs assigned to it (Laplace-smoothed counts). Every `restart_every` steps, codes whose
 EMA usage fell below `dead_usage` are restarted on random encoder outputs of the batch, so all 128 codes
 stay in use. The result is written in the vae-oid npz layout (`vae.model.save_npz`), indistinguishable
@@ -54,6 +57,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     commitment: float = 0.25
+    dice_weight: float = 1.0
     ema_decay: float = 0.99
     restart_every: int = 100
     dead_usage: float = 0.05  # EMA of assignments per step below which a code is restarted
@@ -164,13 +168,17 @@ def make_train_step(config: TrainConfig):
     def loss_fn(params, codebook, batch):
         latents, quantized, codes, logits = _forward(params, codebook, batch)
         reconstruction = jnp.mean((logits - (2.0 * batch - 1.0)) ** 2)
+        soft = jax.nn.sigmoid(4.0 * logits)  # logits of +-1 -> 0.98 / 0.02
+        overlap = jnp.sum(soft * batch, axis=(1, 2))
+        dice = jnp.mean(1.0 - (2.0 * overlap + 1.0) / (jnp.sum(soft, axis=(1, 2)) + jnp.sum(batch, axis=(1, 2)) + 1.0))
         commitment = jnp.mean((latents - jax.lax.stop_gradient(quantized)) ** 2)
         flat = latents.reshape(-1, CODE_DIM)
-        return reconstruction + config.commitment * commitment, (reconstruction, commitment, flat, codes.reshape(-1), logits)
+        loss = reconstruction + config.dice_weight * dice + config.commitment * commitment
+        return loss, (reconstruction, dice, commitment, flat, codes.reshape(-1), logits)
 
     @jax.jit
     def train_step(state, batch):
-        (loss, (reconstruction, commitment, flat, codes, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (reconstruction, dice, commitment, flat, codes, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["codebook"], batch
         )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -202,7 +210,7 @@ def make_train_step(config: TrainConfig):
             "ema_sum": ema_sum, "ema_count": count, "rng": jax.random.key_data(rng),
         }  # fmt: skip
         metrics = {
-            "loss": loss, "reconstruction": reconstruction, "commitment": commitment, "perplexity": perplexity,
+            "loss": loss, "reconstruction": reconstruction, "dice": dice, "commitment": commitment, "perplexity": perplexity,
             "batch_iou": iou, "restarted": restart.sum(),
         }  # fmt: skip
         return new_state, metrics

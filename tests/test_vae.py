@@ -191,12 +191,16 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path, random_npz):
 
 def test_load_default_prefers_models_vae_oid_then_the_bundled_file(tmp_path, monkeypatch, random_npz):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PALISEG_MODELS", raising=False)
     monkeypatch.setattr(vae_model, "BUNDLED_VAE_PATH", tmp_path / "absent.npz")
     with pytest.raises(FileNotFoundError, match="vae download"):
         vae.load()
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "vae-oid.npz").write_bytes(random_npz.read_bytes())
-    assert vae.load().source == "models/vae-oid.npz"
+    assert vae.load().source == str(tmp_path / "models" / "vae-oid.npz")
+    monkeypatch.setenv("PALISEG_MODELS", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        vae.load()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,11 +226,32 @@ def test_decoder_matches_the_torch_reference_on_random_tokens(flax_vae, torch_va
 
 
 @pytest.mark.oracle
-def test_oracle_on_real_crack_masks(roboflow_dir, flax_vae, torch_vae):
+@pytest.mark.parametrize("weights", ["random", "bundled"])
+def test_oracle_on_real_crack_masks(roboflow_dir, random_npz, weights):
+    path = random_npz if weights == "random" else vae_model.BUNDLED_VAE_PATH
+    if not path.is_file():
+        pytest.skip(f"{path} not built yet")
+    flax_vae, torch_vae = vae.load(path), TorchMaskVAE.from_npz(path)
     crops = np.stack([vae_masks.crop_to_64(m, b) for m, b in real_crack_crops(roboflow_dir)])
     tokens = flax_vae.encode(crops)
     np.testing.assert_array_equal(tokens, torch_vae.encode(crops))
     np.testing.assert_allclose(flax_vae.decode(tokens), torch_vae.decode(tokens), atol=1e-4, rtol=0)
+
+
+def test_bundled_vae_is_the_default_and_round_trips_simple_shapes(tmp_path, monkeypatch):
+    if not vae_model.BUNDLED_VAE_PATH.is_file():
+        pytest.skip("bundled VAE not built yet")
+    monkeypatch.chdir(tmp_path)  # no models/vae-oid.npz here
+    monkeypatch.delenv("PALISEG_MODELS", raising=False)
+    model = vae.load()
+    assert model.source == str(vae_model.BUNDLED_VAE_PATH)
+    with np.load(vae_model.BUNDLED_VAE_PATH) as data:
+        assert {k: data[k].shape for k in data.files} == vae_model.expected_shapes()
+    masks = blob_masks(32, seed=11)
+    reconstructed = model.decode(model.encode(masks)) > 0
+    target = masks > 0.5
+    iou = (reconstructed & target).sum((1, 2)) / (reconstructed | target).sum((1, 2))
+    assert iou.mean() > 0.85, iou
 
 
 def test_fast_conv_layers_equal_the_flax_layers_big_vision_uses():

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from paliseg import files
+from paliseg import downloads, files
 
 GRID = 4  # the latent grid is 4x4 ...
 TOKENS = GRID * GRID  # ... read in raster order: 16 tokens per mask
@@ -42,9 +42,10 @@ DECODER_WIDTHS = (128, 64, 32, 16)
 # dataset compiles at most len(BATCH_BUCKETS) programs per function instead of one per batch size.
 BATCH_BUCKETS = (1, 8, 32, 128, 256)
 
-# Where `load(None)` looks first (relative to the current directory, normally the repository root):
-# the released VAE, fetched by `paliseg vae download`. If absent, the small VAE bundled in the package.
-DEFAULT_VAE_PATH = Path("models") / "vae-oid.npz"
+# `load(None)` looks first for the released VAE as `paliseg vae download` / setup_models.sh put it:
+# models/vae-oid.npz under the current directory (normally the repository root), or under $PALISEG_MODELS.
+# If absent, it uses the small VAE bundled in the package.
+RELEASED_VAE_NAME = "vae-oid.npz"
 BUNDLED_VAE_PATH = Path(__file__).resolve().parent / "assets" / "paliseg-vae-f16.npz"
 
 
@@ -354,16 +355,18 @@ class MaskVAE:
 def load(path: str | os.PathLike | None = None) -> MaskVAE:
     """Load a VAE npz (vae-oid layout, float32 or float16).
 
-    `path=None` picks the default: `models/vae-oid.npz` relative to the current directory (where
-    `paliseg vae download` puts the released VAE), else the small VAE bundled with paliseg.
+    `path=None` picks the default: the released VAE at `models/vae-oid.npz` (relative to the current
+    directory, or in $PALISEG_MODELS; where `paliseg vae download` puts it), else the small VAE bundled
+    with paliseg (`vae/assets/paliseg-vae-f16.npz`).
     """
     if path is not None:
         return MaskVAE.from_npz(path)
-    if DEFAULT_VAE_PATH.is_file():
-        return MaskVAE.from_npz(DEFAULT_VAE_PATH)
+    released = downloads.models_dir() / RELEASED_VAE_NAME
+    if released.is_file():
+        return MaskVAE.from_npz(released)
     if BUNDLED_VAE_PATH.is_file():
         return MaskVAE.from_npz(BUNDLED_VAE_PATH)
     raise FileNotFoundError(
-        f"no VAE found: neither {DEFAULT_VAE_PATH} (run `paliseg vae download`) nor the bundled "
+        f"no VAE found: neither {released} (run `paliseg vae download`) nor the bundled "
         f"{BUNDLED_VAE_PATH} exists; pass a path to a vae-oid-layout npz"
     )

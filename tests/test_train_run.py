@@ -173,3 +173,24 @@ def test_cli_trains_loss_falls_and_load_run_merges_lora(dataset, tmp_path, capsy
     inputs = [batch[k][0] for k in ("image", "tokens", "mask_ar", "mask_input")]
     np.testing.assert_allclose(model.forward(merged_cfg, merged, *inputs), model.forward(lora_cfg, with_adapters, *inputs),
                                rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_lora_from_a_base_checkpoint_keeps_the_base_and_records_it(dataset, tmp_path):
+    from paliseg import checkpoints as model_checkpoints
+    from paliseg.checkpoints.tree import flatten
+
+    base_cfg = param_sets.model_config(tiny_config(dataset, "/unused")).replace(lora={"rank": 0})
+    base = model.init_params(base_cfg, jax.random.key(7))
+    path = model_checkpoints.export_big_vision(tmp_path / "base.npz", base)
+    config = tiny_config(dataset, tmp_path / "run", init=None, checkpoint=str(path), steps=2, save_every=2)
+    trainer.run(config)
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["checkpoint"] == str(path) and saved["init"] is None
+    _, params = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False)
+    flat, base_flat = flatten(params), flatten(base)
+    for name, value in base_flat.items():  # the frozen base is exactly the file's
+        np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(value), err_msg=name)
+    adapters_b = [v for k, v in flat.items() if k.endswith("_lora_b")]
+    assert adapters_b and all(np.abs(np.asarray(v)).max() > 0 for v in adapters_b)  # trained away from zero

@@ -30,8 +30,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 
 
-def manager(run_dir: str | os.PathLike, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, read_only=read_only)
+def manager(run_dir: str | os.PathLike) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=None)
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, options=options, item_names=("state", "meta"))
 
 
@@ -50,7 +50,7 @@ def list_steps(run_dir: str | os.PathLike) -> list[int]:
     """The steps that have a complete checkpoint, in increasing order."""
     if not (Path(run_dir) / CHECKPOINTS).is_dir():
         return []
-    return sorted(manager(run_dir, read_only=True).all_steps())
+    return sorted(ocp.path.step.checkpoint_steps(Path(run_dir).absolute() / CHECKPOINTS))
 
 
 def write_run_config(run_dir: str | os.PathLike, config: train_config.TrainConfig, model_cfg: ModelConfig) -> None:
@@ -83,11 +83,15 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, merge_lora: bo
     if step not in steps:
         raise ValueError(f"{run_dir}: no checkpoint at step {step}; saved steps: {', '.join(map(str, steps))}")
     _, trainable_shapes = param_sets.abstract(config, model_cfg)
-    with manager(run_dir, read_only=True) as checkpoints:
-        abstract_state = {"step": jax.ShapeDtypeStruct((), "int32"), "params": trainable_shapes}
-        restored = checkpoints.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True)))
-    trainable = restored["state"]["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                            {"step": jax.ShapeDtypeStruct((), "int32"), "params": trainable_shapes})
+    with ocp.PyTreeCheckpointer() as checkpointer:  # only the params: no optimizer state in memory
+        restored = checkpointer.restore(Path(run_dir).absolute() / CHECKPOINTS / str(step) / "state",
+                                        args=ocp.args.PyTreeRestore(
+                                            item=abstract_state, partial_restore=True,
+                                            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+    trainable = restored["params"]
     frozen = {} if config.trainable == "all" else param_sets.initial(config, model_cfg)[0]
     params = param_sets.join(frozen, trainable)
     if merge_lora and model_cfg.lora.enabled:

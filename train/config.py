@@ -82,7 +82,7 @@ class TrainConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_fraction * self.steps))
+        return int(round(self.warmup_fraction * (self.steps + 1)))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

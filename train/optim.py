@@ -15,13 +15,20 @@ from train.config import TrainConfig
 
 
 def schedule(config: TrainConfig) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
+    """The learning rate of the update made at 0-based step `count`.
+
+    As the colab, the schedule spans steps + 1 points and update k (1-based) uses its value at k: no update
+    is wasted at lr 0 (the first gets lr/warmup), and the last one still moves (min_lr_ratio 0 is reached
+    one step after the end)."""
+    total = config.steps + 1
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.lr,
         warmup_steps=config.warmup_steps,
-        decay_steps=max(config.steps, config.warmup_steps + 1),
+        decay_steps=max(total, config.warmup_steps + 1),
         end_value=config.lr * config.min_lr_ratio,
     )
+    return lambda count: base(count + 1)
 
 
 def _is_matrix(params):

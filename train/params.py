@@ -12,6 +12,7 @@ state; the frozen base is an argument of the compiled step (never copied, never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -65,7 +66,13 @@ def join(frozen: Params, trainable: Params) -> Params:
 
 def abstract(config: TrainConfig, model_cfg: model_configs.ModelConfig) -> tuple[Params, Params]:
     """The (frozen, trainable) trees as ShapeDtypeStructs, without allocating anything."""
-    return jax.eval_shape(lambda key: split(model.init_params(model_cfg, key), config.trainable), jax.random.key(0))
+    return _abstract(model_cfg, config.trainable)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract(model_cfg: model_configs.ModelConfig, trainable: str) -> tuple[Params, Params]:
+    # Cached: tracing the model costs seconds, and a sweep asks once per checkpoint.
+    return jax.eval_shape(lambda key: split(model.init_params(model_cfg, key), trainable), jax.random.key(0))
 
 
 def random_init(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:

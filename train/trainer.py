@@ -25,7 +25,7 @@ from paliseg import console, files
 from paliseg.tokenizer import Tokenizer
 from train import checkpoints as run_checkpoints
 from train import data as train_data
-from train import optim, sharding
+from train import events, optim, sharding
 from train import params as param_sets
 from train import step as train_step
 from train.config import TrainConfig
@@ -75,8 +75,6 @@ class MetricsLog:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
         self.path = run_dir / METRICS_FILE
         kept = []
         if self.path.exists():
@@ -88,7 +86,7 @@ class MetricsLog:
             writer.writerows(kept)
         self.handle = open(self.path, "a", newline="")
         self.csv = csv.DictWriter(self.handle, METRIC_FIELDS)
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.tb = events.ScalarWriter(run_dir / "tb", purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict[str, float]) -> None:
         if not self.enabled:
@@ -96,7 +94,8 @@ class MetricsLog:
         self.csv.writerow(row)
         self.handle.flush()
         for key in ("loss", "lr", "grad_norm", "examples_per_s"):
-            self.tb.add_scalar(f"train/{key}", row[key], int(row["step"]))
+            self.tb.scalar(f"train/{key}", row[key], int(row["step"]))
+        self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:

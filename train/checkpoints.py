@@ -31,7 +31,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def manager(run_dir: str | os.PathLike) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=None)
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, cleanup_tmp_directories=True)  # a killed save's leftovers
     return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, options=options, item_names=("state", "meta"))
 
 

@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                     help="sampling weight of each --data folder (default: proportional to size)")
     io.add_argument("--balance-prompts", action="store_const", const=True,
                     help="sample every prompt equally often (e.g. the small drywall set as often as cracks)")
-    io.add_argument("--split", help="annotation split to train on (default: train)")
+    io.add_argument("--split", metavar="SPLIT", help="annotation split to train on (default: train)")
     base = io.add_mutually_exclusive_group()
     base.add_argument("--checkpoint", metavar="BASE", help="base PaliGemma checkpoint")
     base.add_argument("--init", choices=["random"], help="start from a seeded random model instead")
@@ -72,8 +72,8 @@ def register(subparsers) -> None:
     io.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", help="model preset: paligemma-3b-224 (default), -448, -896, tiny, tiny-112, mid")
-    model.add_argument("--seq-len", type=int, help="text tokens per example (default 128); longer examples are an error")
+    model.add_argument("--preset", metavar="NAME", help="model preset: paligemma-3b-224 (default), -448, -896, tiny, tiny-112, mid")
+    model.add_argument("--seq-len", metavar="N", type=int, help="text tokens per example (default 128); longer examples are an error")
     model.add_argument("--base-dtype", choices=["bfloat16", "float16", "float32"],
                        help="dtype of the frozen base (default: the preset's)")
     model.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
@@ -81,41 +81,41 @@ def register(subparsers) -> None:
 
     what = parser.add_argument_group("what is trained")
     what.add_argument("--trainable", choices=["lora", "attn", "all"], help="parameter set (default: lora)")
-    what.add_argument("--lora-rank", type=int, help="adapter rank (default 8)")
-    what.add_argument("--lora-alpha", type=float, help="adapter scale numerator: scale = alpha / rank (default 16)")
-    what.add_argument("--lora-dropout", type=float, help="dropout on the adapter input (default 0)")
+    what.add_argument("--lora-rank", metavar="R", type=int, help="adapter rank (default 8)")
+    what.add_argument("--lora-alpha", metavar="A", type=float, help="adapter scale numerator: scale = alpha / rank (default 16)")
+    what.add_argument("--lora-dropout", metavar="P", type=float, help="dropout on the adapter input (default 0)")
     what.add_argument("--lora-targets", type=_comma_list(str), metavar="T1,T2",
                       help="projections to adapt (default q,k,v,o,gate,up,down; SigLIP: img_q,img_k,img_v,"
                            "img_o,img_fc1,img_fc2)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, help="optimizer steps (default 200)")
-    opt.add_argument("--batch-size", type=int, help="examples per step over all devices and hosts (default 8)")
-    opt.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
+    opt.add_argument("--steps", metavar="N", type=int, help="optimizer steps (default 200)")
+    opt.add_argument("--batch-size", metavar="B", type=int, help="examples per step over all devices and hosts (default 8)")
+    opt.add_argument("--grad-accum", metavar="K", type=int, help="micro-batches per step (default 1)")
     opt.add_argument("--optimizer", choices=["adamw", "sgd"], help="default adamw")
-    opt.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
-    opt.add_argument("--warmup-fraction", type=float, help="share of the steps in linear warmup (default 0.1)")
-    opt.add_argument("--min-lr-ratio", type=float, help="final lr of the cosine, relative to --lr (default 0)")
-    opt.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
-    opt.add_argument("--weight-decay", type=float, help="decoupled weight decay on matrices (default 0)")
-    opt.add_argument("--grad-clip", type=float, help="global-norm clip, 0 for none (default 1)")
-    opt.add_argument("--label-smoothing", type=float, help="default 0 (big_vision's refcoco_seg uses 0.3)")
-    opt.add_argument("--seed", type=int, help="seeds data order, augmentation, adapters, dropout (default 0)")
+    opt.add_argument("--lr", metavar="LR", type=float, help="peak learning rate (default 3e-4)")
+    opt.add_argument("--warmup-fraction", metavar="F", type=float, help="share of the steps in linear warmup (default 0.1)")
+    opt.add_argument("--min-lr-ratio", metavar="F", type=float, help="final lr of the cosine, relative to --lr (default 0)")
+    opt.add_argument("--momentum", metavar="M", type=float, help="SGD momentum (default 0)")
+    opt.add_argument("--weight-decay", metavar="WD", type=float, help="decoupled weight decay on matrices (default 0)")
+    opt.add_argument("--grad-clip", metavar="NORM", type=float, help="global-norm clip, 0 for none (default 1)")
+    opt.add_argument("--label-smoothing", metavar="LS", type=float, help="default 0 (big_vision's refcoco_seg uses 0.3)")
+    opt.add_argument("--seed", metavar="S", type=int, help="seeds data order, augmentation, adapters, dropout (default 0)")
     opt.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                      help="turn off the photometric augmentation (brightness, contrast, saturation)")
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--save-every", type=int, help="checkpoint every N steps, all kept (default 25)")
-    run.add_argument("--log-every", type=int, help="write metrics every N steps (default 1)")
-    run.add_argument("--workers", type=int, help="image-loading threads (default 4)")
-    run.add_argument("--prefetch", type=int, help="batches loaded ahead (default 2)")
-    run.add_argument("--mesh-fsdp", type=int, help="devices that share one copy of the model (FSDP); the "
+    run.add_argument("--save-every", metavar="N", type=int, help="checkpoint every N steps, all kept (default 25)")
+    run.add_argument("--log-every", metavar="N", type=int, help="write metrics every N steps (default 1)")
+    run.add_argument("--workers", metavar="N", type=int, help="image-loading threads (default 4)")
+    run.add_argument("--prefetch", metavar="N", type=int, help="batches loaded ahead (default 2)")
+    run.add_argument("--mesh-fsdp", metavar="N", type=int, help="devices that share one copy of the model (FSDP); the "
                      "others replicate it (data parallel); default 1")
     run.add_argument("--distributed", action="store_true",
                      help="multi-host: call jax.distributed.initialize() and let it find the peers")
     run.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
-    run.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    run.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    run.add_argument("--num-processes", metavar="N", type=int, help="multi-host: number of processes")
+    run.add_argument("--process-id", metavar="I", type=int, help="multi-host: this process's index")
     parser.set_defaults(run=_train)
 
 
@@ -147,6 +147,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = train_config.resolve(requested, args.config)
     result = trainer.run(config, resume=args.resume)
+    if not result["losses"]:
+        console.report({k: v for k, v in result.items() if k != "losses"},
+                       f"nothing to train: {result['run_dir']} already has all {result['steps']} steps", args.json)
+        return 0
     human = (f"trained steps {result['start_step']}..{result['end_step']} of {result['steps']}: loss "
              f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} examples/s; "
              f"checkpoints at steps {', '.join(map(str, result['checkpoint_steps']))} in {result['run_dir']}")

@@ -107,6 +107,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     """Train (or continue) the run described by `config`; returns a summary. `stop_after` ends this session
     after that many steps in total, as an interruption would (tests use it to check resumption)."""
     out = _check_out(config, resume)
+    saved_steps = run_checkpoints.list_steps(out) if resume else []
+    start_step = saved_steps[-1] if saved_steps else 0  # a run killed before its first save starts over
+    if start_step >= config.steps:
+        return _summary(out, config, start_step, start_step, [])
     model_cfg = param_sets.model_config(config)
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
@@ -127,12 +131,6 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     state_shardings = sharding.tree_shardings(state_shapes, mesh)
 
     checkpoints = run_checkpoints.manager(out)
-    start_step = 0
-    if resume:
-        latest = checkpoints.latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: {out / run_checkpoints.CHECKPOINTS} has no checkpoint yet")
-        start_step = int(latest)
     frozen, trainable = param_sets.initial(config, model_cfg, (frozen_shardings, state_shardings["params"]))
     if start_step:
         abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -141,7 +139,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         del trainable
     else:
         state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_shardings)(trainable)
-        if is_main:
+        if is_main and not resume:
             out.mkdir(parents=True, exist_ok=True)
             run_checkpoints.write_run_config(out, config, model_cfg)
 
@@ -198,8 +196,12 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         log.close()
         if bar is not None:
             bar.close()
+    return _summary(out, config, start_step, end_step, history)
+
+
+def _summary(out: Path, config: TrainConfig, start_step: int, end_step: int, history: list[dict[str, float]]) -> dict[str, Any]:
     losses = [row["loss"] for row in history]
-    timed = history[1:] or history
+    timed = history[1:] or history  # the first step includes the compilation
     return {
         "run_dir": str(out),
         "start_step": start_step,

@@ -64,6 +64,36 @@ def read_losses(run_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
 
 
+def _tokenizer(config):
+    from paliseg.tokenizer import Tokenizer
+
+    return Tokenizer(param_sets.model_config(config).tokenizer_path)
+
+
+def test_each_process_loads_its_slice_of_the_global_batch(dataset):
+    config = tiny_config(dataset, "/unused", batch_size=8, grad_accum=2)
+    whole = train_data.TrainData(config, _tokenizer(config), 16).batch(5)
+    halves = [train_data.TrainData(config, _tokenizer(config), 16, process, 2).batch(5) for process in (0, 1)]
+    for key, value in whole.items():
+        assert value.shape[:2] == (2, 4) and halves[0][key].shape[:2] == (2, 2)
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves], axis=1), value)
+
+
+def test_balanced_prompts_and_weighted_folders(tmp_path):
+    big = make_dataset(tmp_path / "big", count=30, prompts=("segment crack",))
+    small = make_dataset(tmp_path / "small", count=3, seed=1, prompts=("segment taping area",))
+
+    def share_of_small(**changes) -> float:
+        config = tiny_config(big, "/unused", data=[str(big), str(small)], batch_size=10, **changes)
+        data = train_data.TrainData(config, _tokenizer(config), 16)
+        prompts = [data.examples[i].record.prefix for s in range(30) for i in data.sampler.indices(s)]
+        return prompts.count("segment taping area") / len(prompts)
+
+    assert share_of_small() == pytest.approx(3 / 33, abs=0.01)  # uniform over examples: exact per epoch
+    assert share_of_small(balance_prompts=True) == pytest.approx(0.5, abs=0.07)
+    assert share_of_small(data_weights=[3.0, 1.0]) == pytest.approx(0.25, abs=0.07)
+
+
 @pytest.mark.slow
 def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     whole = trainer.run(tiny_config(dataset, tmp_path / "whole"))

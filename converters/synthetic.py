@@ -4,9 +4,9 @@
     synthetic.write_synthetic_coco("shapes", n_train=400, n_valid=40, config=synthetic.ShapesConfig(), seed=0)
     # shapes/train/*.jpg + shapes/train/_annotations.coco.json, shapes/valid/... (the `paliseg convert` input)
 
-Each image is a textured, noisy background with one or a few non-overlapping shapes (`ellipse`,
-`rectangle`, `triangle`, `crack`: a thin wandering band) whose colours are random and unrelated to the
-class, so a model has to learn the shape, not the colour. Every shape is a polygon; the pixels painted
+Each image is a greyish, blotchy, noisy background with one or a few non-overlapping shapes (`ellipse`,
+`rectangle`, `triangle`, `crack`: a thin wandering band) in saturated colours whose hue is random and
+unrelated to the class, so a model has to learn the shape, not the colour. Every shape is a polygon; the pixels painted
 for it are exactly pycocotools' rasterisation of the polygon written to the JSON (the same rounded
 coordinates), so the ground truth the pipeline reads back is what was drawn.
 
@@ -21,6 +21,7 @@ images. Run as a script to make a dataset by hand: `python -m converters.synthet
 from __future__ import annotations
 
 import argparse
+import colorsys
 import io
 import dataclasses
 import math
@@ -39,7 +40,7 @@ ANNOTATION_FILE = "_annotations.coco.json"
 SPLIT_NAMES = ("train", "valid", "test")
 # Colours of a shape and of the background around it differ by at least this much in luminance (0-255):
 # the shapes are plainly visible, the task is learning where and what they are.
-MIN_CONTRAST = 60.0
+MIN_CONTRAST = 40.0
 _PLACEMENT_TRIES = 200
 _DATE = "2025-01-01T00:00:00+00:00"  # fixed, so a dataset is byte-identical for a seed
 
@@ -122,10 +123,14 @@ def _rasterise(polygon: Sequence[float], size: int) -> np.ndarray:
 
 
 def _texture(rng: np.random.Generator, size: int, colour: np.ndarray, amplitude: float) -> np.ndarray:
-    """A colour with smooth blotches (a bicubic-upsampled random grid) and per-pixel noise."""
+    """A colour with smooth light and dark blotches (a bicubic-upsampled random grid) and per-pixel noise."""
     cells = int(rng.integers(3, 7))
-    blotches = ndimage.zoom(rng.normal(0, amplitude, (cells, cells, 3)), (size / cells, size / cells, 1), order=3)
-    return colour + blotches[:size, :size] + rng.normal(0, amplitude / 4, (size, size, 3))
+    blotches = ndimage.zoom(rng.normal(0, amplitude, (cells, cells, 1)), (size / cells, size / cells, 1), order=3)
+    return colour + blotches[:size, :size] + rng.normal(0, amplitude / 4, (size, size, 1))
+
+
+def _greyish(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(50, 205) + rng.normal(0, 6, 3)
 
 
 def _luminance(colour: np.ndarray) -> float:
@@ -133,22 +138,24 @@ def _luminance(colour: np.ndarray) -> float:
 
 
 def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """A saturated colour of any hue, lighter or darker than the background."""
     while True:
-        colour = rng.uniform(20, 235, 3)
+        colour = 255 * np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.55, 1.0), rng.uniform(0.4, 1.0)))
         if abs(_luminance(colour) - _luminance(background)) >= MIN_CONTRAST:
             return colour
 
 
 def _place(
-    rng: np.random.Generator, class_name: str, size: int, taken: np.ndarray, scale: tuple[float, float]
+    rng: np.random.Generator, class_name: str, taken: np.ndarray, config: ShapesConfig
 ) -> SyntheticObject | None:
-    """A shape at a random place fully inside the image, one pixel clear of the shapes already there."""
+    """A shape at a random place inside the image, its box on the grid, one pixel clear of the other shapes."""
+    size, grid = config.image_size, config.grid
     for _ in range(_PLACEMENT_TRIES):
-        outline = _whole_pixel_extent(SHAPES[class_name](rng, rng.uniform(*scale) * size))
-        extent = outline.max(0)
-        if np.any(extent > size - 4):
+        outline = _snap_extent(SHAPES[class_name](rng, rng.uniform(*config.object_scale) * size), grid)
+        room = size - outline.max(0)
+        if np.any(room < 0):
             continue
-        offset = rng.integers(1, size - 1 - extent + 1)
+        offset = grid * rng.integers(0, room // grid + 1)
         polygon = tuple(round(float(v), 2) for v in (outline + offset).ravel())
         mask = _rasterise(polygon, size)
         if mask.sum() >= 12 and not np.any(ndimage.binary_dilation(mask, iterations=1) & taken):
@@ -156,27 +163,30 @@ def _place(
     return None
 
 
-def _whole_pixel_extent(outline: np.ndarray) -> np.ndarray:
-    """The outline stretched (by under half a pixel) and moved so its extent is (0, 0)..(w, h) in whole pixels.
-
-    Boxes then fall on pixel edges, as with annotation tools that store integer coordinates, so the loc
-    tokens of an N-pixel image take N + 1 values instead of 1024: a model trained from scratch learns them
-    in minutes on a CPU, which the demo needs."""
+def _snap_extent(outline: np.ndarray, grid: int) -> np.ndarray:
+    """The outline stretched a little (under half a grid step) so its extent is (0, 0)..(w, h), with w and h
+    whole multiples of `grid` pixels."""
     low = outline.min(0)
-    size = outline.max(0) - low
-    whole = np.maximum(np.round(size), 1)
-    return (outline - low) * (whole / np.maximum(size, 1e-6))
+    extent = outline.max(0) - low
+    snapped = np.maximum(np.round(extent / grid), 1) * grid
+    return (outline - low) * (snapped / np.maximum(extent, 1e-6))
 
 
 @dataclasses.dataclass(frozen=True)
 class ShapesConfig:
-    """What the images look like: side in pixels, classes, shapes per image (min, max), and each shape's
-    size as a share (min, max) of the image side."""
+    """What the images look like: side in pixels, classes, shapes per image (min, max), each shape's size as
+    a share (min, max) of the image side, and the grid (pixels) that box edges lie on.
+
+    Boxes always fall on pixel edges (as with annotation tools that store whole-pixel coordinates), so the
+    loc tokens of an N-pixel image take N + 1 of their 1024 values. A coarser `grid` leaves fewer still
+    (N / grid + 1): that is what lets a model trained from scratch on a CPU learn where shapes are within
+    minutes, which the demo needs; the masks inside the boxes stay free-form."""
 
     image_size: int = 64
     classes: tuple[str, ...] = tuple(SHAPES)
     objects_per_image: tuple[int, int] = (1, 1)
     object_scale: tuple[float, float] = (0.3, 0.7)
+    grid: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -191,17 +201,19 @@ class ShapesConfig:
             raise ValueError(f"objects_per_image must be (min, max) with 1 <= min <= max, got {self.objects_per_image}")
         if not 0.1 <= self.object_scale[0] <= self.object_scale[1] <= 0.9:
             raise ValueError(f"object_scale must be (min, max) with 0.1 <= min <= max <= 0.9, got {self.object_scale}")
+        if not 1 <= self.grid <= self.image_size // 4:
+            raise ValueError(f"grid must be between 1 and a quarter of the image side, got {self.grid}")
 
 
 def make_image(rng: np.random.Generator, config: ShapesConfig = ShapesConfig()) -> SyntheticImage:
     """One image: a textured background and its shapes, painted one pixel apart."""
     size = config.image_size
-    background = rng.uniform(40, 215, 3)
+    background = _greyish(rng)
     pixels = _texture(rng, size, background, amplitude=rng.uniform(8, 25))
     taken = np.zeros((size, size), bool)
     objects = []
     for _ in range(int(rng.integers(config.objects_per_image[0], config.objects_per_image[1] + 1))):
-        obj = _place(rng, str(rng.choice(list(config.classes))), size, taken, config.object_scale)
+        obj = _place(rng, str(rng.choice(list(config.classes))), taken, config)
         if obj is None:
             break  # the image is full: fewer objects rather than overlapping ones
         fill = _texture(rng, size, _contrasting_colour(rng, background), amplitude=rng.uniform(4, 10))
@@ -319,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes per image (default 1 1)")
     parser.add_argument("--scale", type=float, nargs=2, default=(0.3, 0.7), metavar=("MIN", "MAX"),
                         help="shape size as a share of the image side (default 0.3 0.7)")
+    parser.add_argument("--grid", type=int, default=1, help="box edges on multiples of this many pixels (default 1)")
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     config = ShapesConfig(args.size, tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-                          tuple(args.objects), tuple(args.scale))
+                          tuple(args.objects), tuple(args.scale), args.grid)
     counts = write_synthetic_coco(args.out, args.train, args.valid, config, args.seed, image_format=args.format,
                                   overwrite=args.overwrite)
     print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Fine-tuning across processes: 8 simulated CPU devices (data x FSDP) give the losses of one device, and
+"""Fine-tuning across processes: 8 simulated CPU devices (data x FSDP) and two processes joined by
+jax.distributed give the losses of one device, and
 a training process killed mid-run resumes to exactly the losses of an uninterrupted run."""
 
 from __future__ import annotations
@@ -74,3 +75,29 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert main(["train", "--out", str(run_dir), "--resume"]) == 0
     assert read_losses(run_dir) == read_losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """Multi-host as on a pod: two processes (2 CPU devices each) joined by jax.distributed, each loading its
+    half of every batch, writing one sharded checkpoint together."""
+    import socket
+
+    data = make_dataset(tmp_path / "data")
+    single = trainer.run(tiny_config(data, tmp_path / "single", steps=2, save_every=2))
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "2",
+            "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2", "--out", str(tmp_path / "multi"),
+            "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    processes = [subprocess.Popen([sys.executable, "-m", "paliseg.cli.main", "train", *args, "--process-id", str(i)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in (0, 1)]
+    errors = [process.communicate(timeout=600)[1].decode() for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    multi = read_losses(tmp_path / "multi")
+    assert sorted(multi) == [1, 2]
+    for step, loss in enumerate(single["losses"], start=1):
+        assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert (tmp_path / "multi" / "checkpoints" / "2" / "state").is_dir()

@@ -1,6 +1,6 @@
 """Fine-tuning across processes: 8 simulated CPU devices (data x FSDP) and two processes joined by
-jax.distributed give the losses of one device, and
-a training process killed mid-run resumes to exactly the losses of an uninterrupted run."""
+jax.distributed give the losses of one device, and a training process killed mid-run resumes to exactly
+the losses of an uninterrupted run."""
 
 from __future__ import annotations
 

@@ -110,6 +110,15 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert saved["train"]["init"] == "random" and saved["model"]["lora"]["rank"] == 8
 
+    annotations = records.annotations_path(dataset, "train")
+    original = annotations.read_bytes()
+    try:
+        annotations.write_bytes(original.replace(b"segment crack", b"segment cracks"))
+        with pytest.raises(ValueError, match="changed since the run started"):
+            trainer.run(config.replace(steps=8), resume=True)
+    finally:
+        annotations.write_bytes(original)
+
 
 def test_trainable_sets_hold_only_their_parameters_in_float32(dataset):
     names = {}

@@ -1,6 +1,7 @@
 """A run folder's checkpoints (orbax), and the loader the later stages use.
 
-    RUN_DIR/config.json              the resolved TrainConfig and ModelConfig ({"train": ..., "model": ...})
+    RUN_DIR/config.json              the resolved TrainConfig and ModelConfig ({"train": ..., "model": ...}),
+                                     and the SHA-256 of each folder's annotations ("data_sha256")
     RUN_DIR/checkpoints/<step>/state trainable params + optimizer state + step (orbax, sharded, atomic)
     RUN_DIR/checkpoints/<step>/meta  JSON: step, data position, base checkpoint, both configs
 
@@ -53,8 +54,19 @@ def list_steps(run_dir: str | os.PathLike) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(Path(run_dir).absolute() / CHECKPOINTS))
 
 
-def write_run_config(run_dir: str | os.PathLike, config: train_config.TrainConfig, model_cfg: ModelConfig) -> None:
-    files.write_json(Path(run_dir) / CONFIG_FILE, {"train": config.to_json(), "model": model_cfg.to_dict()})
+def write_run_config(run_dir: str | os.PathLike, config: train_config.TrainConfig, model_cfg: ModelConfig,
+                     data_digests: dict[str, str] | None = None) -> None:
+    files.write_json(Path(run_dir) / CONFIG_FILE,
+                     {"train": config.to_json(), "model": model_cfg.to_dict(), "data_sha256": data_digests or {}})
+
+
+def check_same_data(run_dir: str | os.PathLike, digests: dict[str, str]) -> None:
+    """Refuse to resume on changed annotations: the sampler would draw other examples than the run did."""
+    saved = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8")).get("data_sha256", {})
+    changed = sorted(folder for folder, digest in saved.items() if digests.get(folder) != digest)
+    if changed:
+        raise ValueError(f"--resume: the annotations of {', '.join(changed)} changed since the run started; "
+                         "resuming would not continue the same run. Start a new run in another --out folder.")
 
 
 def read_run_config(run_dir: str | os.PathLike) -> tuple[train_config.TrainConfig, ModelConfig]:

@@ -35,9 +35,6 @@ several hosts (TPU pod slice, GPU nodes): start the same command on every host w
   --coordinator HOST:PORT --num-processes N --process-id I   (explicit, e.g. GPU hosts)
 every host reads its own slice of each batch; --out must be a folder every host can write (GCS or NFS)."""
 
-# Flags that fill TrainConfig fields of the same name; None means "not given" (the config file or the
-# default applies, and --resume does not see a conflict).
-_LIST_FIELDS = {"lora_targets": str, "data_weights": float}
 
 
 def _comma_list(kind):
@@ -116,6 +113,8 @@ def register(subparsers) -> None:
     run.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
     run.add_argument("--num-processes", metavar="N", type=int, help="multi-host: number of processes")
     run.add_argument("--process-id", metavar="I", type=int, help="multi-host: this process's index")
+    # Every flag named after a TrainConfig field fills it; None means "not given" (the config file or the
+    # default applies, and --resume sees no conflict), hence no argparse defaults above.
     parser.set_defaults(run=_train)
 
 

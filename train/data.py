@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -73,6 +74,12 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
         raise ValueError(f"{len(too_long)} example(s) do not fit --seq-len {config.seq_len} "
                          f"(the longest needs {longest}; raise --seq-len or drop them):\n  {listed}{more}")
     return per_folder
+
+
+def annotation_digests(config: TrainConfig) -> dict[str, str]:
+    """SHA-256 of each --data folder's annotation file: a resumed run checks its data did not change."""
+    return {folder: hashlib.sha256(records.annotations_path(folder, config.split).read_bytes()).hexdigest()
+            for folder in config.data}
 
 
 def _length(tokenizer, record: records.Record) -> int:
@@ -166,6 +173,7 @@ class TrainData:
         self.config = config
         self.image_size = image_size
         self.per_folder = read_examples(config, tokenizer)
+        self.digests = annotation_digests(config)
         self.examples = [example for examples in self.per_folder for example in examples]
         self.sampler = make_sampler(config, self.per_folder)
         local = config.micro_batch_size // process_count

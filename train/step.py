@@ -43,12 +43,12 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask_loss: jax.Array, labe
     return jnp.mean(per_example)
 
 
-def example_loss(model_cfg: ModelConfig, full_params, batch: dict[str, jax.Array], rng: jax.Array | None,
+def example_loss(model_cfg: ModelConfig, full_params, batch: dict[str, jax.Array], rng: jax.Array,
                  label_smoothing: float) -> jax.Array:
-    """The loss of one micro-batch ([B, ...] arrays) under the full parameter tree."""
+    """The training loss of one micro-batch ([B, ...] arrays) under the full parameter tree."""
     logits = model.forward(
         model_cfg, full_params, batch["image"], batch["tokens"][:, :-1], batch["mask_ar"][:, :-1],
-        batch["mask_input"][:, :-1], train=rng is not None, rng=rng,
+        batch["mask_input"][:, :-1], train=True, rng=rng,
     )
     return token_loss(logits, batch["tokens"][:, 1:], batch["mask_loss"][:, 1:], label_smoothing)
 

@@ -115,6 +115,8 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
     data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, jax.process_index(), jax.process_count())
+    if resume:
+        run_checkpoints.check_same_data(out, data.digests)
     mesh = sharding.make_mesh(config.mesh_fsdp)
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
     is_main = jax.process_index() == 0
@@ -141,7 +143,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_shardings)(trainable)
         if is_main and not resume:
             out.mkdir(parents=True, exist_ok=True)
-            run_checkpoints.write_run_config(out, config, model_cfg)
+            run_checkpoints.write_run_config(out, config, model_cfg, data.digests)
 
     step_fn = jax.jit(
         train_step.make_train_step(config, model_cfg, tx, lr_schedule),

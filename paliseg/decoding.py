@@ -166,8 +166,9 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
     model = PaliGemma(config)
     batch = tokens.shape[0]
     prompt_len = config.num_image_tokens + tokens.shape[1]
-    logits, cache, key_valid, seq_len = model.apply(
-        {"params": params}, images, tokens, mask_ar, mask_input, prompt_len + max_new_tokens, method=PaliGemma.prefill
+    logits, cache, key_valid, seq_len = model.apply(  # the last token is never written: max_new - 1 slots
+        {"params": params}, images, tokens, mask_ar, mask_input, prompt_len + max_new_tokens - 1,
+        method=PaliGemma.prefill,
     )
     zeros = jnp.zeros((batch,), jnp.int32)
     state = {
@@ -185,10 +186,8 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
     if return_logits:
         state["all_logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), jnp.float32)
 
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
-
-    def body(s):
+    def choose(s):
+        """Pick each example's next token from `s["logits"]` and record it at column `step`."""
         s = dict(s)
         step, logits = s["step"], s["logits"]
         if return_logits:
@@ -202,24 +201,23 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
             s["phase"], s["y1"], s["x1"] = _advance(s["phase"], s["y1"], s["x1"], token, *grammar)
         s["out"] = s["out"].at[:, step].set(token)
         s["done"] = s["done"] | (token == eos_id)
+        return s, token
+
+    def body(s):
+        s, token = choose(s)
+        step = s["step"]
         slot = prompt_len + step
-        s["key_valid"] = s["key_valid"].at[:, slot].set(True)
-
-        def extend(args):
-            key_valid, cache = args
-            return model.apply(
-                {"params": params}, token[:, None], (seq_len + step)[:, None], key_valid, cache, slot,
-                method=PaliGemma.extend,
-            )
-
-        more = (step + 1 < max_new_tokens) & ~jnp.all(s["done"])
-        s["logits"], s["cache"] = jax.lax.cond(
-            more, extend, lambda args: (s["logits"], args[1]), (s["key_valid"], s["cache"])
+        s["logits"], s["cache"] = model.apply(
+            {"params": params}, token[:, None], (seq_len + step)[:, None], s["key_valid"], s["cache"], slot,
+            method=PaliGemma.extend,
         )
+        s["key_valid"] = s["key_valid"].at[:, slot].set(True)
         s["step"] = step + 1
         return s
 
-    state = jax.lax.while_loop(cond, body, state)
+    # every step but the last also runs the model on its token; the last only chooses
+    state = jax.lax.while_loop(lambda s: (s["step"] < max_new_tokens - 1) & ~jnp.all(s["done"]), body, state)
+    state, _ = choose(state)
     return (state["out"], state["all_logits"]) if return_logits else state["out"]
 
 

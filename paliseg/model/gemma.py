@@ -5,9 +5,10 @@ over depth (`pre_attention_norm/scale`, `attn/{q_einsum,kv_einsum|qkv_einsum,att
 `pre_ffw_norm/scale`, `mlp/{gating_einsum,linear}`), `final_norm/scale`. RMSNorm with (1+scale), split-half
 RoPE, q scaled by head_dim**-0.5 after RoPE, GeGLU with tanh-GELU, no soft-capping, no biases.
 
-Attention takes an explicit boolean mask [B,T,S] and an optional KV cache (k, v: [B,S,K,H]) written at
-`cache_index`: with a cache the keys are the cache slots, so one code path serves training (no cache),
-prefill (empty cache, index 0) and decoding (one token at index N+t).
+Attention takes an explicit boolean mask and an optional, read-only KV cache (k, v: [B,K,S,H]); it returns
+the new tokens' keys and values, which the caller writes into the cache in one update for all layers. One
+code path serves training and prefill (no cache) and decoding (one token over the cache): the layers
+never copy the cache, and the weights are used in their stored layout.
 """
 
 from __future__ import annotations
@@ -55,13 +56,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache: KVCache | None,
-        cache_index: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache]:
+        """x [B,T,D] attends to the cached keys (if any, [B,K,S,H]) and to its own. `mask` is [B,T,S+T] over
+        [cache slots | new tokens] ([B,T,T] without a cache). Returns the output and the new (k, v)
+        as [B,K,T,H]."""
         cfg = self.config.llm
         n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         sizes = (("D", cfg.width), ("N", n), ("K", k_heads), ("H", h))
@@ -72,23 +71,21 @@ class Attention(nn.Module):
             k, v = Projection("attn/kv_einsum/w", sizes, self.numerics, name="kv_einsum")(x)
         q = apply_rope(q, positions, cfg.rope_max_wavelength) * h**-0.5
         k = apply_rope(k, positions, cfg.rope_max_wavelength)
-
-        if cache is not None:
-            cache_k, cache_v = cache
-            start = (0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-            cache = (cache_k, cache_v)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-
+        # head-major operands ([B,K,...,H]): plain batched matmuls for XLA, and the cache layout
         batch, length = q.shape[:2]
-        q = q.reshape(batch, length, k_heads, n // k_heads, h)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        q = q.reshape(batch, length, k_heads, n // k_heads, h).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,H]
+        keys, values = (k, v) if cache is None else (
+            jnp.concatenate([cache[0].astype(k.dtype), k], axis=2),
+            jnp.concatenate([cache[1].astype(v.dtype), v], axis=2),
+        )  # fmt: skip
+        logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, keys, preferred_element_type=jnp.float32)
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", weights, v).reshape(batch, length, n, h)
+        weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        encoded = jnp.einsum("BKGTS,BKSH->BKGTH", weights, values)
+        encoded = encoded.transpose(0, 3, 1, 2, 4).reshape(batch, length, n, h)
         out = Projection("attn/attn_vec_einsum/w", sizes, self.numerics, name="attn_vec_einsum")(encoded)
-        return out, cache
+        return out, (k, v)
 
 
 class FeedForward(nn.Module):
@@ -110,21 +107,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        cache: KVCache | None,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache_index: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+        self, x: jax.Array, cache: KVCache | None, positions: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
         norm = lambda name: RMSNorm(self.config.llm.norm_eps, self.config.param_dtype, name=name)  # noqa: E731
         drop = nn.Dropout(self.config.dropout, deterministic=self.numerics.deterministic)
-        h, cache = Attention(self.config, self.numerics, name="attn")(
-            norm("pre_attention_norm")(x), positions, mask, cache, cache_index
+        h, new_kv = Attention(self.config, self.numerics, name="attn")(
+            norm("pre_attention_norm")(x), positions, mask, cache
         )
         x = x + drop(h).astype(jnp.float32)
         h = FeedForward(self.config, self.numerics, name="mlp")(norm("pre_ffw_norm")(x))
-        return x + drop(h).astype(jnp.float32), cache
+        return x + drop(h).astype(jnp.float32), new_kv
 
 
 class Gemma(nn.Module):
@@ -143,7 +135,7 @@ class Gemma(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=cfg.depth,
         )(self.config, self.numerics)
         self.final_norm = RMSNorm(cfg.norm_eps, self.config.param_dtype)
@@ -152,17 +144,13 @@ class Gemma(nn.Module):
         return self.embedder.encode(tokens)
 
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        mask: jax.Array,
-        cache: KVCache | None = None,
-        cache_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Embeddings [B,T,D] -> final-normed hidden states [B,T,D] (f32), and the updated per-layer cache
-        (k, v: [L,B,S,K,H]) when one is given."""
-        x, cache = self.layers(x, cache, positions, mask, cache_index)
-        return self.final_norm(x), cache
+        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Embeddings [B,T,D] -> final-normed hidden states [B,T,D] (f32), and each layer's keys and values
+        of these tokens (k, v: [L,B,K,T,H]). With a cache (k, v: [L,B,K,S,H], read only) the tokens also
+        attend to its slots; `mask` is then [B,T,S+T]."""
+        x, new_kv = self.layers(x, cache, positions, mask)
+        return self.final_norm(x), new_kv
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         return self.embedder.decode(hidden)

@@ -72,28 +72,25 @@ class PaliGemma(nn.Module):
         with position `seq_len[b] + t`, so right-padded prompts of different lengths decode together.
         """
         x, mask_ar, mask_input = self._embed(images, tokens, mask_ar, mask_input)
-        batch, length = mask_input.shape
+        length = mask_input.shape[1]
         if cache_size < length:
             raise ValueError(f"cache_size {cache_size} < prompt length {length}")
         positions = jnp.cumsum(mask_input, axis=1) - 1
-        pad = (0, cache_size - length)
-        mask = jnp.pad(make_attn_mask(mask_input, mask_ar), ((0, 0), (0, 0), pad))
-        cache = self.empty_cache(batch, cache_size)
-        hidden, cache = self.llm(x, positions, mask, cache, jnp.asarray(0, jnp.int32))
+        hidden, (k, v) = self.llm(x, positions, make_attn_mask(mask_input, mask_ar))
+        dtype = jnp.dtype(self.config.cache_dtype)
+        pad = ((0, 0), (0, 0), (0, 0), (0, cache_size - length), (0, 0))  # k, v: [L,B,K,S,H]
+        cache = (jnp.pad(k.astype(dtype), pad), jnp.pad(v.astype(dtype), pad))
         seq_len = mask_input.sum(axis=1)
         last = jnp.take_along_axis(hidden, (seq_len - 1)[:, None, None], axis=1)[:, 0]
-        key_valid = jnp.pad(mask_input.astype(bool), ((0, 0), pad))
+        key_valid = jnp.pad(mask_input.astype(bool), ((0, 0), (0, cache_size - length)))
         return self.llm.compute_logits(last), cache, key_valid, seq_len
 
     def extend(self, tokens, positions, key_valid, cache: KVCache, cache_index):
-        """One decoding step: tokens/positions [B,1] written at slot `cache_index`, attending to the slots
-        marked in key_valid [B,S] (which must include `cache_index`). Returns (logits [B,V], cache)."""
+        """One decoding step: tokens/positions [B,1] attend to the cache slots marked in key_valid [B,S]
+        and to themselves, and are written at slot `cache_index`. Returns (logits [B,V], cache)."""
         x = self.llm.embed_tokens(tokens)
-        hidden, cache = self.llm(x, positions, key_valid[:, None, :], cache, cache_index)
+        mask = jnp.concatenate([key_valid, jnp.ones_like(key_valid[:, :1])], axis=1)[:, None, :]
+        hidden, (k, v) = self.llm(x, positions, mask, cache)
+        start = (0, 0, 0, cache_index, 0)
+        cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
         return self.llm.compute_logits(hidden[:, 0]), cache
-
-    def empty_cache(self, batch: int, size: int) -> KVCache:
-        cfg = self.config.llm
-        shape = (cfg.depth, batch, size, cfg.num_kv_heads, cfg.head_dim)
-        dtype = jnp.dtype(self.config.cache_dtype)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

@@ -113,7 +113,13 @@ def project(
     dtype = jnp.dtype(numerics.compute_dtype)
     x = x.astype(dtype)
     p = "P" if site.fused else ""
-    y = jnp.einsum(f"...{site.inputs},{site.layout}->{p}...{site.outputs}", x, weight.astype(dtype))
+    weight = weight.astype(dtype)
+    if site.fused:  # one matmul per part: each part is contiguous, so no transposed copy of the whole weight
+        part_layout = site.layout.replace("P", "")
+        equation = f"...{site.inputs},{part_layout}->...{site.outputs}"
+        y = jnp.stack([jnp.einsum(equation, x, weight[i]) for i in range(len(site.targets))])
+    else:
+        y = jnp.einsum(f"...{site.inputs},{site.layout}->...{site.outputs}", x, weight)
 
     parts = site.adapted_parts(numerics.lora)
     if not parts:

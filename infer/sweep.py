@@ -15,7 +15,8 @@ Decoded texts are cached per checkpoint (`infer.cache`): a re-run, or a run afte
 no earlier run finished; scores are always recomputed from the cached texts (cheap: the VAE decoder and the
 paste-back). A checkpoint that cannot be loaded or decoded (another config, a truncated file) is reported
 and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips.
-The best checkpoint (by `metric` over all prompts; ties go to the earlier step) is written to
+The best checkpoint (by `metric` over all prompts; ties broken by the other metrics, then the earlier
+step) is written to
 RUN_DIR/best.json, which `Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.
 """
 
@@ -230,11 +231,18 @@ def ceiling_score(item: Item, mask: np.ndarray, boxes, vae_model, degenerate: co
 
 
 def pick_best(results: Sequence[StepResult], metric: str) -> StepResult | None:
-    """The checkpoint (step > 0) with the highest overall `metric`; ties go to the earlier step."""
+    """The checkpoint (step > 0) with the highest overall `metric`; ties are broken by the other metrics
+    (in `METRICS` order), then go to the earlier step."""
     candidates = [r for r in results if r.step > 0 and r.summary is not None and r.summary["overall"][metric] is not None]
     if not candidates:
         return None
-    return max(candidates, key=lambda r: (r.summary["overall"][metric], -r.step))
+
+    def rank(result: StepResult):
+        overall = result.summary["overall"]
+        others = [overall[key] if overall[key] is not None else -1.0 for key in METRICS if key != metric]
+        return (overall[metric], *others, -result.step)
+
+    return max(candidates, key=rank)
 
 
 def evaluate_run(

@@ -203,3 +203,14 @@ def test_step_0_of_a_lora_run_is_the_base_checkpoint(tmp_path):
     assert flat.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(expected[key]), err_msg=key)
+
+
+def test_best_step_skips_the_base_and_failures_and_breaks_ties():
+    def result(step, miou, box_miou, status="ok"):
+        overall = dict.fromkeys(sweep.METRICS, 0.0) | {"miou": miou, "box_miou": box_miou}
+        return sweep.StepResult(step, status, summary=None if status != "ok" else {"overall": overall})
+
+    results = [result(0, 0.9, 0.9), result(10, 0.2, 0.1), result(20, 0.2, 0.3), result(30, 0.2, 0.3), result(40, 0, 0, "failed")]
+    assert sweep.pick_best(results, "miou").step == 20  # base excluded; tie on mIoU -> box mIoU -> earlier step
+    assert sweep.pick_best(results, "box_miou").step == 20
+    assert sweep.pick_best(results[:1], "miou") is None

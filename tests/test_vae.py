@@ -254,19 +254,25 @@ def test_bundled_vae_is_the_default_and_round_trips_simple_shapes(tmp_path, monk
     assert iou.mean() > 0.85, iou
 
 
-def test_fast_conv_layers_equal_the_flax_layers_big_vision_uses():
+@pytest.mark.parametrize("layer", ["down", "up"])
+def test_fast_conv_layers_equal_the_flax_layers_big_vision_uses(layer):
     """Down2 / Up2 hold the same parameters as flax's strided Conv and big_vision's decoder ConvTranspose
-    (`padding=2, transpose_kernel=True`) and compute the same function."""
+    (`padding=2, transpose_kernel=True`) and compute the same function, with the same gradients (ours
+    come from another formulation of the same sums)."""
     import jax
+    import jax.numpy as jnp
     from flax import linen as flax_nn
 
+    ours, reference = {
+        "down": (vae_model.Down2(5), flax_nn.Conv(5, (4, 4), strides=(2, 2), padding=1)),
+        "up": (vae_model.Up2(5), flax_nn.ConvTranspose(5, (4, 4), strides=(2, 2), padding=2, transpose_kernel=True)),
+    }[layer]
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
-    down = vae_model.Down2(5).init(jax.random.key(1), x)
-    reference = flax_nn.Conv(5, (4, 4), strides=(2, 2), padding=1).apply(down, x)
-    np.testing.assert_allclose(vae_model.Down2(5).apply(down, x), reference, atol=1e-5)
-    up = vae_model.Up2(5).init(jax.random.key(2), x)
-    reference = flax_nn.ConvTranspose(5, (4, 4), strides=(2, 2), padding=2, transpose_kernel=True).apply(up, x)
-    np.testing.assert_allclose(vae_model.Up2(5).apply(up, x), reference, atol=1e-5)
+    params = ours.init(jax.random.key(1), x)
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
+    loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)), jax.tree.leaves(jax.grad(loss(reference), (0, 1))(params, x))):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -61,34 +61,57 @@ class ResBlock(nn.Module):
         return x + nn.Conv(self.features, (1, 1), name="net_4")(h)
 
 
-def _conv2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """'VALID' 2x2 convolution [N, H, W, C] x [2, 2, C, O] -> [N, H-1, W-1, O] as one matmul of the four
-    shifted views: XLA:CPU computes a convolution's kernel gradient ~10x slower than this matmul's."""
+# XLA:CPU runs convolution forwards well but their gradients badly: the kernel gradient ~10x slower than
+# the same sums as a matmul, and the input gradient of a strided (or transposed) convolution on a slow
+# input-dilated path. So each layer below has two exact formulations: XLA's native convolution for the
+# forward, and one built from a matmul of shifted views (`_conv2x2_matmul`) whose gradients are used.
+
+
+def _native_forward_matmul_backward(native, matmul):
+    """A function computed by `native`, differentiated through `matmul` (same math, other summation order)."""
+    function = jax.custom_vjp(native)
+    function.defvjp(lambda *args: (native(*args), args), lambda args, gradient: jax.vjp(matmul, *args)[1](gradient))
+    return function
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    pads = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv2x2_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'VALID' 2x2 convolution [N, H, W, C] x [2, 2, C, O] -> [N, H-1, W-1, O] as one matmul."""
     h, w = x.shape[1] - 1, x.shape[2] - 1
     patches = jnp.concatenate([x[:, sy : sy + h, sx : sx + w] for sy in (0, 1) for sx in (0, 1)], axis=-1)
     return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
-class Down2(nn.Module):
-    """torch Conv2d(k=4, stride=2, padding=1) as space-to-depth + a 2x2 stride-1 convolution.
+def _down2_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """torch Conv2d(k=4, stride=2, padding=1) as space-to-depth + a 2x2 convolution: tap k = 2 s + p of the
+    padded input is phase p of 2x2 block s."""
+    n, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = x.reshape(n, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2 + 1, w // 2 + 1, 4 * c)
+    # kernel[2 sy + py, 2 sx + px, c, o] -> [sy, sx, (py, px, c), o]
+    blocks = kernel.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, -1)
+    return _conv2x2_matmul(x, blocks)
 
-    Same parameters as `nn.Conv(features, (4, 4), strides=2, padding=1)` (kernel (4, 4, in, out)) and the
-    same sums: tap k = 2 s + p of the padded input is phase p of 2x2 block s. Written this way because the
-    gradient of a strided convolution is an input-dilated one, which XLA:CPU runs on a slow generic path.
-    """
+
+_conv2x2 = _native_forward_matmul_backward(lambda x, kernel: _conv(x, kernel, 1, 0), _conv2x2_matmul)
+_down2 = _native_forward_matmul_backward(lambda x, kernel: _conv(x, kernel, 2, 1), _down2_matmul)
+
+
+class Down2(nn.Module):
+    """torch Conv2d(k=4, stride=2, padding=1), with the parameters of `nn.Conv(features, (4, 4), strides=2,
+    padding=1)` (kernel (4, 4, in, out)); `_down2` computes it."""
 
     features: int
 
     @nn.compact
     def __call__(self, x):
-        n, h, w, c = x.shape
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, c, self.features))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        x = x.reshape(n, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2 + 1, w // 2 + 1, 4 * c)
-        # kernel[2 sy + py, 2 sx + px, c, o] -> [sy, sx, (py, px, c), o]
-        blocks = kernel.reshape(2, 2, 2, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, self.features)
-        return _conv2x2(x, blocks) + bias
+        return _down2(x, kernel) + bias
 
 
 class Up2(nn.Module):
@@ -96,14 +119,17 @@ class Up2(nn.Module):
 
     Same parameters as `nn.ConvTranspose(features, (4, 4), strides=2, padding=2, transpose_kernel=True)`
     (kernel (4, 4, out, in) = torch's (in, out, kh, kw) transposed by (2, 3, 1, 0)) and the same sums:
-    output row 2m + a reads input rows m - 1 + a + s (s = 0, 1) through kernel row 3 - a - 2s. Written this
-    way because XLA:CPU runs the input-dilated convolution of a transposed conv on a slow generic path.
+    output row 2m + a reads input rows m - 1 + a + s (s = 0, 1) through kernel row 3 - a - 2s: one 2x2
+    convolution to the four phases, then interleaved. XLA:CPU runs a native transposed convolution (an
+    input-dilated one) on a slow generic path.
     """
 
     features: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, interleave: bool = True):
+        """[n, h, w, in] -> [n, 2h, 2w, out]; or, with `interleave=False`, the phase grid
+        [n, h+1, w+1, 2, 2, out] that `interleave_phases` turns into it (pointwise ops commute with it)."""
         n, h, w, c = x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, self.features, c))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
@@ -111,10 +137,17 @@ class Up2(nn.Module):
         taps = kernel[rows[:, :, None, None], rows[None, None, :, :]]  # [sy, a, sx, b, out, in]
         taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, c, 4 * self.features)  # [sy, sx, in, (a, b, out)]
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        y = _conv2x2(x, taps).reshape(n, h + 1, w + 1, 2, 2, self.features)
-        phases = [[y[:, a : a + h, b : b + w, a, b] for b in (0, 1)] for a in (0, 1)]
-        out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [n, h, a, w, b, out]
-        return out.reshape(n, 2 * h, 2 * w, self.features) + bias
+        phases = _conv2x2(x, taps).reshape(n, h + 1, w + 1, 2, 2, self.features) + bias
+        return interleave_phases(phases) if interleave else phases
+
+
+def interleave_phases(phases: jax.Array) -> jax.Array:
+    """Phase grid [n, h+1, w+1, 2, 2, c] -> image [n, 2h, 2w, c]: pixel (2m + a, 2k + b) is phase (a, b)
+    at grid position (m + a, k + b)."""
+    n, h, w, _, _, c = phases.shape
+    h, w = h - 1, w - 1
+    rows = [jnp.stack([phases[:, a : a + h, b : b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, c)  # [n, h, a, w, b, c] -> rows 2m + a
 
 
 class Encoder(nn.Module):
@@ -139,9 +172,14 @@ class Decoder(nn.Module):
         x = nn.relu(nn.Conv(DECODER_WIDTHS[0], (1, 1), name="decoder_0")(codes))
         x = ResBlock(DECODER_WIDTHS[0], name="decoder_2")(x)
         x = ResBlock(DECODER_WIDTHS[0], name="decoder_3")(x)
-        for index, width in zip((4, 6, 8, 10), DECODER_WIDTHS):
+        for index, width in zip((4, 6, 8), DECODER_WIDTHS):
             x = nn.relu(Up2(width, name=f"decoder_{index}")(x))
-        return nn.Conv(1, (1, 1), name="decoder_12")(x)[..., 0]
+        # The last up-sampling stays a phase grid through its ReLU and the 1x1 output conv (both pointwise),
+        # so only the 1-channel logits are interleaved, not 16 channels at 64x64.
+        phases = nn.relu(Up2(DECODER_WIDTHS[-1], name="decoder_10")(x, interleave=False))
+        n, gh, gw = phases.shape[:3]
+        logits = nn.Conv(1, (1, 1), name="decoder_12")(phases.reshape(n, gh, gw * 4, -1)).reshape(n, gh, gw, 2, 2, 1)
+        return interleave_phases(logits)[..., 0]
 
 
 def quantize(latents: jax.Array, codebook: jax.Array) -> jax.Array:

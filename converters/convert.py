@@ -34,11 +34,10 @@ import dataclasses
 import fnmatch
 import itertools
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +106,6 @@ def _lookup(mapping: dict[str, str], class_name: str) -> str | None:
     if class_name in mapping:
         return mapping[class_name]
     return next((v for k, v in mapping.items() if fnmatch.fnmatchcase(class_name, k)), None)
-
-
-def prompt_slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_") or "prompt"
 
 
 class _BoxMasker:
@@ -188,9 +183,9 @@ class _Converter:
                 raise ValueError(f"label {label!r} of class {class_name!r} is not a valid suffix label (no '<', '>', ';'); "
                                  f"give one with --label-map {class_name!r}=LABEL") from None
             prompt = self.prompt(class_name)
-            if slugs.setdefault(prompt_slug(prompt), prompt) != prompt:
-                raise ValueError(f"prompts {prompt!r} and {slugs[prompt_slug(prompt)]!r} share the mask file name "
-                                 f"'{prompt_slug(prompt)}'; make them differ in letters or digits")
+            if slugs.setdefault(records.prompt_slug(prompt), prompt) != prompt:
+                raise ValueError(f"prompts {prompt!r} and {slugs[records.prompt_slug(prompt)]!r} share the mask file name "
+                                 f"'{records.prompt_slug(prompt)}'; make them differ in letters or digits")
 
     def prompt(self, class_name: str) -> str:
         return _lookup(self.config.prompt_map, class_name) or f"segment {class_name}"
@@ -278,7 +273,7 @@ class _Converter:
         for prompt, objects in by_prompt.items():
             if not objects and not self.config.negatives:
                 continue
-            mask_rel = Path("masks") / split.split / tag / f"{stem}.{prompt_slug(prompt)}.png"
+            mask_rel = Path("masks") / split.split / tag / f"{stem}.{records.prompt_slug(prompt)}.png"
             extra = {
                 "source": str(split.export),
                 "source_format": split.format,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,11 +47,6 @@ class Job:
     prompt: str
     record: records.Record | None = None
     name: str = ""  # output file name stem, unique within a run
-
-
-def slug(prompt: str) -> str:
-    """The converter's prompt slug ("segment crack" -> "segment_crack")."""
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_") or "prompt"
 
 
 def jobs_for(source: str | os.PathLike, prompts: Sequence[str]) -> list[Job]:
@@ -91,9 +85,9 @@ def _named(jobs: list[Job]) -> list[Job]:
     used: dict[str, int] = {}
     named = []
     for job in jobs:
-        base = f"{job.image_path.stem}.{slug(job.prompt)}"
+        base = f"{job.image_path.stem}.{records.prompt_slug(job.prompt)}"
         used[base] = used.get(base, 0) + 1
-        name = base if used[base] == 1 else f"{job.image_path.stem}-{used[base]}.{slug(job.prompt)}"
+        name = base if used[base] == 1 else f"{job.image_path.stem}-{used[base]}.{records.prompt_slug(job.prompt)}"
         named.append(dataclasses.replace(job, name=name))
     return named
 

@@ -6,7 +6,6 @@ Only argparse and the standard library at the top: the handlers import numpy, PI
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 _SCORE_HELP = "Score a folder of predicted mask PNGs against ground-truth PNGs matched by file name."
@@ -139,10 +138,6 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_") or "prompt"
-
-
 def _prediction_lookup(pred: Path | None):
     """A function record -> Prediction (or None when no --pred was given), for a mask folder or a JSONL."""
     from metrics.canvas import Prediction
@@ -181,7 +176,7 @@ def run_visualize(args: argparse.Namespace) -> int:
     written, drawn, scored = [], [], []
     for record in console.progress(data, desc="drawing", unit="canvas"):
         image, score = canvases.canvas_for_record(record, lookup(record), args.empty_score, args.panel_height)
-        path = args.out / f"{Path(record.image).stem}.{_slug(record.prefix)}.png"
+        path = args.out / f"{Path(record.image).stem}.{records.prompt_slug(record.prefix)}.png"
         files.write_image(path, image, overwrite=args.overwrite)
         written.append(str(path))
         scored.append(None if score is None else score.to_row())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ _FIELDS = ("image", "prefix", "suffix", "mask")
 
 class RecordError(ValueError):
     """A malformed annotation line; the message starts with `file:line:`."""
+
+
+def prompt_slug(prompt: str) -> str:
+    """A prompt as a file-name part ("segment crack" -> "segment_crack"): mask files are named
+    `<image stem>.<slug>.png` by convert, predict and visualize alike, so `paliseg score` can pair them."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_") or "prompt"
 
 
 def annotations_path(directory: str | os.PathLike, split: str) -> Path:

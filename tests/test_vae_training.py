@@ -180,7 +180,7 @@ TINY = dict(steps=4, batch_size=4, synthetic_count=24, save_every=2, warmup_step
 
 
 @pytest.mark.slow
-def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path):
+def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path, monkeypatch):
     config = training.TrainConfig(**TINY)
     straight = training.train(["synthetic"], tmp_path / "a.npz", config, dtype=np.float16)
     assert straight["steps"] == 4 and straight["train_crops"] == {"synthetic": 24}
@@ -189,9 +189,19 @@ def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path):
         assert {data[k].dtype for k in data.files} == {np.dtype(np.float16)}
     assert (tmp_path / "a.npz.state").is_file()
 
-    half = training.TrainConfig(**{**TINY, "steps": 2})
-    training.train(["synthetic"], tmp_path / "b.npz", half, dtype=np.float16)
-    with pytest.raises(FileExistsError):
+    batch_at = training.batch_at
+
+    def interrupted(train, step, config):  # Ctrl-C during step 3, after the state of step 2 was saved
+        if step == 3:
+            raise KeyboardInterrupt
+        return batch_at(train, step, config)
+
+    monkeypatch.setattr(training, "batch_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(["synthetic"], tmp_path / "b.npz", config, dtype=np.float16)
+    monkeypatch.setattr(training, "batch_at", batch_at)
+    assert not (tmp_path / "b.npz").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
         training.train(["synthetic"], tmp_path / "b.npz", config, dtype=np.float16)
     resumed = training.train(["synthetic"], tmp_path / "b.npz", config, resume=True, dtype=np.float16)
     assert resumed["steps"] == 4

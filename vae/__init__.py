@@ -1,7 +1,7 @@
 """The mask VQ-VAE: 64x64 masks <-> 16 seg tokens, and full-resolution masks <-> tokens via boxes.
 
     import vae
-    model = vae.load()                        # models/vae-oid.npz if present (cwd-relative), else bundled
+    model = vae.load()                        # models/vae-oid.npz if present, else the bundled VAE
     seg = vae.mask_to_tokens(model, mask, box_xyxy)           # 16 ints in [0, 128)
     mask = vae.tokens_to_mask(model, seg, locs, width, height)  # bool [height, width]
 

@@ -19,6 +19,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -162,7 +163,9 @@ def _forward(params, codebook, batch):
     return latents, quantized, codes, logits
 
 
+@functools.lru_cache(maxsize=4)
 def make_train_step(config: TrainConfig):
+    """The jit-compiled step for `config` (cached: a resumed run in the same process compiles nothing)."""
     optimizer = make_optimizer(config)
 
     def loss_fn(params, codebook, batch):

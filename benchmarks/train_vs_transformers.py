@@ -7,7 +7,8 @@ Both sides train the same model with the same weights on the same batch, on this
   weights built in transformers, saved with `save_pretrained` and loaded by our loader (so the first losses
   must agree: printed as a check);
 - LoRA rank 8, alpha 16, no dropout, on the Gemma q, k, v, o, gate, up, down projections (peft: a regex on
-  the language model's modules), float32 everywhere, no activation checkpointing on either side;
+  the language model's modules), float32 everywhere, no activation checkpointing on either side,
+  transformers with its default attention (sdpa);
 - AdamW, global-norm clipping at 1, loss over the suffix tokens (every example has the same suffix length,
   so big_vision's per-example mean and HF's token mean are the same number).
 
@@ -32,9 +33,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+
+from _peak import matmul_peak  # noqa: E402
 
 from paliseg import config as model_configs  # noqa: E402
 from paliseg.checkpoints.huggingface import config_to_hf  # noqa: E402
@@ -67,27 +70,6 @@ def lora_step_flops(cfg: model_configs.ModelConfig, batch: int, text_len: int) -
     return float(vision + 2 * linear + 3 * attention + 2 * logits + lora)
 
 
-def matmul_peak(size: int = 2048, reps: int = 10) -> tuple[float, float]:
-    """(JAX, torch) best FLOP/s of a size x size float32 matmul on this CPU."""
-    import torch
-
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best_jax = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(reps))
-    t = torch.randn(size, size)
-    torch.mm(t, t)
-    best_torch = min(_timed(lambda: torch.mm(t, t)) for _ in range(reps))
-    flops = 2 * size**3
-    return flops / best_jax, flops / best_torch
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def make_batch(cfg: model_configs.ModelConfig, batch: int, text_len: int, prefix_len: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     size = cfg.img.image_size
@@ -118,8 +100,7 @@ class Transformers:
         import peft
         import torch
 
-        model.train()
-        model.set_attn_implementation("eager")
+        model.train()  # transformers' default attention (sdpa), as the peer project ran it
         lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                target_modules=r".*language_model.*\.(" + "|".join(LLM_TARGETS) + ")")
         self.model = peft.get_peft_model(model, lora)

@@ -68,3 +68,14 @@ def test_masks_are_saved_as_0_255_png_and_read_back_as_bool(tmp_path):
     files.write_mask(tmp_path / "m.png", mask)
     assert set(np.unique(np.asarray(Image.open(tmp_path / "m.png")))) == {0, 255}
     np.testing.assert_array_equal(files.read_mask(tmp_path / "m.png"), mask)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        files.write_json(tmp_path / "a.json", {})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

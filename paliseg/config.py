@@ -43,6 +43,10 @@ class SiglipConfig:
     patch_size: int = 14
     image_size: int = 224
     norm_eps: float = 1e-6
+    # How a fresh `pos_embedding` is initialised (it is learned either way): "normal" as SigLIP, or
+    # "sincos2d" (big_vision's fixed 2-D sin-cos embedding), which lets a small model trained from scratch
+    # tell patches apart from the first step: the tiny presets learn where objects are far sooner with it.
+    posemb_init: str = "normal"
 
     @property
     def num_patches(self) -> int:
@@ -53,6 +57,10 @@ class SiglipConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:
             raise ValueError(f"vision width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.posemb_init not in ("normal", "sincos2d"):
+            raise ValueError(f"posemb_init must be 'normal' or 'sincos2d', got {self.posemb_init!r}")
+        if self.posemb_init == "sincos2d" and self.width % 4:
+            raise ValueError(f"sincos2d position embeddings need a vision width divisible by 4, got {self.width}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +185,8 @@ def _paligemma(image_size: int) -> ModelConfig:
 
 def _tiny(image_size: int) -> ModelConfig:
     return ModelConfig(
-        img=SiglipConfig(width=96, depth=2, mlp_dim=384, num_heads=4, patch_size=8, image_size=image_size),
+        img=SiglipConfig(width=96, depth=2, mlp_dim=384, num_heads=4, patch_size=8, image_size=image_size,
+                         posemb_init="sincos2d"),
         llm=GemmaConfig(
             width=128, depth=3, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32, vocab_size=TINY_VOCAB_SIZE
         ),

@@ -30,6 +30,7 @@ import numpy as np
 
 from paliseg.config import ModelConfig
 from paliseg.model.paligemma import PaliGemma
+from paliseg.model.projection import storage_view
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
 
@@ -164,6 +165,7 @@ def _sample(logits: jax.Array, temperature: jax.Array | None, top_p: jax.Array, 
 def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temperature, top_p, rng, *,
               max_new_tokens, eos_id, pad_id, return_logits):
     model = PaliGemma(config)
+    params = storage_view(params)
     batch = tokens.shape[0]
     prompt_len = config.num_image_tokens + tokens.shape[1]
     logits, cache, key_valid, seq_len = model.apply(  # the last token is never written: max_new - 1 slots

@@ -253,3 +253,31 @@ def test_config_round_trips_through_dict():
     assert cfgs.ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown preset"):
         cfgs.preset("paligemma-7b")
+
+
+def test_inference_view_computes_the_same_logits(tiny):
+    config, params = tiny
+    bf16 = config.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    batch = _batch(config)
+    expected = model.forward(bf16, params16, *batch)
+    view = model.inference_view(jax.tree.map(jnp.copy, params16))
+    assert {x.dtype for x in jax.tree.leaves(view)} == {jnp.dtype(jnp.uint16)}
+    np.testing.assert_array_equal(model.forward(bf16, view, *batch), expected)
+
+
+def test_sincos2d_position_embedding_init():
+    """The tiny presets start `pos_embedding` as big_vision's 2-D sin-cos table (then learn it); SigLIP presets
+    draw it at random."""
+    config = cfgs.preset("tiny")
+    pos = np.asarray(model.init_params(config, jax.random.key(0))["img"]["pos_embedding"])[0]
+    side, quarter = 8, config.img.width // 4
+    omega = 1.0 / 10_000.0 ** (np.arange(quarter) / (quarter - 1))
+    row, col = 3, 5  # patch 3 * 8 + 5: y = 3, x = 5
+    expected = np.concatenate([np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)])
+    np.testing.assert_allclose(pos[row * side + col], expected, atol=1e-6)
+    again = np.asarray(model.init_params(config, jax.random.key(1))["img"]["pos_embedding"])[0]
+    np.testing.assert_array_equal(pos, again)  # not random
+    assert cfgs.preset("paligemma-3b-224").img.posemb_init == "normal"
+    with pytest.raises(ValueError, match="posemb_init"):
+        cfgs.SiglipConfig(posemb_init="learned")

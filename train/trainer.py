@@ -150,6 +150,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=train_step.compiler_options(),
     )
     meta = {"base_checkpoint": config.checkpoint, "init": config.init, "preset": config.preset,
             "trainable": config.trainable, "train_config": config.to_json(), "model_config": model_cfg.to_dict()}

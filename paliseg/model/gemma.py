@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
-from paliseg.model.projection import Numerics, Projection, project
+from paliseg.model.projection import Numerics, Projection, project, stored
 
 # big_vision's mask value: finite, so fully masked rows (padding queries) give no NaN.
 _MASKED = -2.3819763e38
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.dtype(self.param_dtype))
+        scale = stored(self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.dtype(self.param_dtype)))
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return x * (1.0 + scale.astype(jnp.float32))
@@ -170,8 +170,8 @@ class Embedder(nn.Module):
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings scaled by sqrt(width) (the scale rounded to the table's dtype, as Gemma does)."""
-        table = self.input_embedding
-        return (table[tokens] * jnp.asarray(self.width**0.5, table.dtype)).astype(jnp.float32)
+        rows = stored(self.input_embedding[tokens])
+        return (rows * jnp.asarray(self.width**0.5, rows.dtype)).astype(jnp.float32)
 
     def decode(self, hidden: jax.Array) -> jax.Array:
         """Tied output projection in compute dtype, accumulated into float32 logits (no f32 copy of the
@@ -180,6 +180,6 @@ class Embedder(nn.Module):
         return jnp.einsum(
             "...D,VD->...V",
             hidden.astype(dtype),
-            self.input_embedding.astype(dtype),
+            stored(self.input_embedding).astype(dtype),
             preferred_element_type=jnp.float32,
         )

@@ -69,6 +69,7 @@ SITES: dict[str, Site] = {
     "MultiHeadDotProductAttention_0/out/kernel": Site("NHD", "NH", "D", ("img_o",)),
     "MlpBlock_0/Dense_0/kernel": Site("DF", "D", "F", ("img_fc1",)),
     "MlpBlock_0/Dense_1/kernel": Site("FD", "F", "D", ("img_fc2",)),
+    "head/kernel": Site("DF", "D", "F", ()),  # the image -> LLM projection (not a LoRA target)
 }
 
 
@@ -78,6 +79,23 @@ def site_of(path: str) -> Site | None:
         if path == key or path.endswith("/" + key):
             return site
     return None
+
+
+def storage_view(params):
+    """bfloat16 leaves reinterpreted as uint16 (same bits), for inference.
+
+    XLA:CPU slices and gathers bfloat16 arrays by first converting the *whole* array to float32, which for
+    the scanned (stacked) layer weights is a float32 copy of the model, hoisted out of every loop; integer
+    slices are plain. Modules read every param through `stored`, which turns the slice they get back into
+    bfloat16. Inside jit XLA materialises this bitcast as a copy, so large models should be converted
+    once, outside jit and in place (`paliseg.model.inference_view`). Not differentiable.
+    """
+    return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x, params)
+
+
+def stored(x: jax.Array) -> jax.Array:
+    """A param as read from a tree that may be a `storage_view`."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +131,7 @@ def project(
     dtype = jnp.dtype(numerics.compute_dtype)
     x = x.astype(dtype)
     p = "P" if site.fused else ""
-    weight = weight.astype(dtype)
+    weight = stored(weight).astype(dtype)
     if site.fused:  # one matmul per part: each part is contiguous, so no transposed copy of the whole weight
         part_layout = site.layout.replace("P", "")
         equation = f"...{site.inputs},{part_layout}->...{site.outputs}"
@@ -160,6 +178,6 @@ class Projection(nn.Module):
         y = project(self, self.weight_name, self.site_key, x, sizes, self.numerics)
         if self.bias_axes:
             shape = tuple(sizes[c] for c in self.bias_axes)
-            bias = self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.numerics.param_dtype))
+            bias = stored(self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.numerics.param_dtype)))
             y = y + bias.astype(y.dtype)
         return y

@@ -161,7 +161,9 @@ def _place(
         offset = grid * rng.integers(0, room // grid + 1)
         polygon = tuple(round(float(v), 2) for v in (outline + offset).ravel())
         mask = _rasterise(polygon, size)
-        if mask.sum() >= 12 and not np.any(ndimage.binary_dilation(mask, iterations=1) & taken):
+        # 8-connected clearance: shapes never touch, not even at a corner (mask folders split by
+        # 8-connected components)
+        if mask.sum() >= 12 and not np.any(ndimage.binary_dilation(mask, np.ones((3, 3), bool)) & taken):
             return SyntheticObject(class_name, polygon, mask)
     return None
 

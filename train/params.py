@@ -93,13 +93,8 @@ def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings
     if config.trainable != "lora":
         frozen, trainable = split(base, config.trainable)
         return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)
-    adapters = fresh_adapters(config, model_cfg, None if shardings is None else shardings[1])
+    # Only the adapters are initialised: jit drops the base's initialisers, whose results are unused.
+    adapters = jax.jit(lambda key: split(model.init_params(model_cfg, key), "lora")[1],
+                       out_shardings=None if shardings is None else shardings[1])(jax.random.key(config.seed))
     return (jax.device_put(base, shardings[0]) if shardings is not None else base), adapters
-
-
-def fresh_adapters(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> Params:
-    """The LoRA adapters at step 0 (seeded; B = 0, so the model starts as its base). Only they are
-    initialised: jit drops the base's initialisers, whose results are unused."""
-    init = jax.jit(lambda key: split(model.init_params(model_cfg, key), "lora")[1], out_shardings=shardings)
-    return init(jax.random.key(config.seed))
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from paliseg.checkpoints.big_vision import read_npz, write_npz
 from paliseg.checkpoints.huggingface import config_from_hf, read_hf, write_hf
-from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, write_native
+from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, save
 from paliseg.checkpoints.tree import check_tree, to_device
 from paliseg.config import ModelConfig, preset as get_preset
 
@@ -86,18 +86,6 @@ def default_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Path | No
     if path.is_dir() and (path / TOKENIZER).is_file():
         return path / TOKENIZER
     return config.tokenizer_path
-
-
-def save(
-    path: str | os.PathLike,
-    params: dict,
-    config: ModelConfig,
-    tokenizer: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Our format. `tokenizer` (default: the config's, if any) is copied in so the folder is self-contained."""
-    tokenizer = tokenizer if tokenizer is not None else config.tokenizer_path
-    return write_native(path, params, config, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def export_big_vision(path: str | os.PathLike, params: dict, overwrite: bool = False) -> Path:

@@ -25,13 +25,16 @@ def is_native(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def write_native(
+def save(
     path: str | os.PathLike,
     params: dict,
     config: ModelConfig,
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Path:
+    """Our format, written atomically. `tokenizer` (default: the config's, if any) is copied in so the
+    folder is self-contained."""
+    tokenizer = tokenizer if tokenizer is not None else config.tokenizer_path
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise OutputExistsError(path)

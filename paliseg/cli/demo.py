@@ -140,14 +140,14 @@ def run_paliseg(argv: list[str]) -> dict[str, Any]:
 class Demo:
     """The stages, each run as its `paliseg` command; `stages` collects commands, timings and results."""
 
-    def __init__(self, out: Path, plan: DemoPlan, resume: bool, vae_path: Path | None = None):
+    def __init__(self, out: Path, plan: DemoPlan, resume: bool):
         from vae.model import BUNDLED_VAE_PATH
 
         self.paths = Layout(out)
         self.plan = plan
         self.resume = resume
         # Always the bundled VAE, never models/vae-oid.npz: the figures must not depend on what is downloaded.
-        self.vae = str(vae_path or BUNDLED_VAE_PATH)
+        self.vae = str(BUNDLED_VAE_PATH)
         self.stages: dict[str, dict[str, Any]] = {}
         self.count = 5
 
@@ -268,7 +268,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     (out / DEMO_MARKER).touch()
 
 
-def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, extra_files: dict[str, str]) -> dict:
+def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, predictions: str) -> dict:
     """The demo's result: what the model learned (step 0 vs best), how long each stage took, where the files are."""
     base = report["base"]["overall"] if report.get("base") else None
     ceiling = report["ceiling"]["overall"] if report.get("ceiling") else None
@@ -293,7 +293,7 @@ def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, ext
             "plots": report.get("files", {}).get("plots", []),
             "canvases": report.get("files", {}).get("canvases", []),
             "run": str(demo.paths.run),
-            **extra_files,
+            "predictions": predictions,
         },
     }
 
@@ -326,11 +326,10 @@ def summary_text(summary: dict[str, Any]) -> str:
         f"  report      {files['report']}  (+ report.json, metrics.csv)",
         *(f"  plot        {path}" for path in files["plots"] if Path(path).stem in ("miou_vs_step", "iou_histogram")),
         *(f"  canvas      {path}" for path in files["canvases"] if Path(path).name in ("best.png", "worst.png")),
+        f"  predictions {files['predictions']}/canvases/  (real photos: the tiny model is not expected to find "
+        "cracks or taping)",
+        f"  summary     {Path(summary['out']) / SUMMARY_FILE}",
     ]
-    if "predictions" in files:
-        lines.append(f"  predictions {files['predictions']}/canvases/  (real photos: the tiny model is not expected "
-                     "to find cracks or taping)")
-    lines.append(f"  summary     {Path(summary['out']) / SUMMARY_FILE}")
     return "\n".join(lines)
 
 
@@ -350,7 +349,7 @@ def run_demo(args: argparse.Namespace) -> int:
     demo.train()
     report = demo.evaluate()
     predictions = demo.predict()["out"]
-    summary = summarize(demo, report, time.perf_counter() - started, mode, {"predictions": predictions})
+    summary = summarize(demo, report, time.perf_counter() - started, mode, predictions)
     files.write_json(out / SUMMARY_FILE, summary)
     console.report(summary, summary_text(summary), args.json)
     return 0

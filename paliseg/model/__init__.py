@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from paliseg.config import ModelConfig
 from paliseg.model.lora import join_params, merge_lora, split_params
 from paliseg.model.paligemma import PaliGemma, make_attn_mask
-from paliseg.model.projection import storage_view
 
 __all__ = [
     "PaliGemma",
@@ -73,7 +72,7 @@ def inference_view(params: dict) -> dict:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _as_uint16(x: jax.Array) -> jax.Array:
-    return storage_view(x)
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,13 +1,21 @@
 """One-off: the real `paligemma-3b-224` shapes on CPU with random bf16 weights.
 
     .venv/bin/python benchmarks/full_size_memory.py [--new-tokens 20] [--batch 1]
+    .venv/bin/python benchmarks/full_size_memory.py --train [--batch 1] [--seq-len 128]
 
 Initialises the 2.92 B-parameter model in bfloat16 (5.4 GiB; the fast `rbg` PRNG, as threefry takes
-minutes for 2.9 B numbers on CPU), turns it into the inference view (`model.inference_view`, in place),
-runs a batch-`--batch` forward pass (text logits for 256 image + 16 text tokens) and a `--new-tokens`
-greedy decode with the KV cache, and prints each time (first call, which includes compilation, and a
-second, compiled call) and the process's peak resident memory (goal: < 12 GB). On a GPU run it with
-`--batch 32` and read the decode images/s.
+minutes for 2.9 B numbers on CPU) and prints each time (first call, which includes compilation, and a
+second, compiled call) and the process's peak resident memory.
+
+Inference (default): turns the params into the inference view (`model.inference_view`, in place), runs a
+batch-`--batch` forward pass (text logits for 256 image + 16 text tokens) and a `--new-tokens` greedy
+decode with the KV cache (goal: peak < 12 GB). On a GPU run it with `--batch 32` and read the decode
+images/s.
+
+`--train`: the training step `paliseg train --trainable lora` compiles (train.step, with its compiler
+options): LoRA rank 8 on Gemma's q, k, v, o, gate, up, down over the frozen bf16 base, remat, AdamW with
+clipping, batch `--batch` of 256 image + `--seq-len` text tokens (goal: peak < 20 GB). On a GPU run it with
+`--batch 32` and read examples/s and the MFU line.
 """
 
 from __future__ import annotations
@@ -22,12 +30,21 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 
 from paliseg import decoding, model  # noqa: E402
 from paliseg.config import preset  # noqa: E402
 from paliseg.model.lora import count_params  # noqa: E402
+from train import optim  # noqa: E402
+from train import params as param_sets  # noqa: E402
+from train import step as train_step  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train_vs_transformers import lora_step_flops  # noqa: E402
+
+# Dense bf16 peak of the accelerators the MFU line knows (FLOP/s): NVIDIA's datasheet figures, no sparsity.
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_rss_gb() -> float:
@@ -49,7 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--train", action="store_true", help="measure a LoRA training step instead of inference")
+    parser.add_argument("--seq-len", type=int, default=128, help="--train: text tokens per example")
     args = parser.parse_args()
+    if args.train:
+        train(args.batch, args.seq_len)
+        return
 
     config = preset("paligemma-3b-224")  # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
     start = time.perf_counter()
@@ -75,6 +97,45 @@ def main() -> None:
     )
     print(f"decode: {args.batch / seconds:.3f} images/s, {args.batch * args.new_tokens / seconds:.2f} tokens/s")
     print(f"peak RSS: {peak_rss_gb():.2f} GB (goal < 12 GB)")
+
+
+def train(batch: int, seq_len: int) -> None:
+    """One compiled LoRA step of the 3B model as `paliseg train` builds it; its peak memory and speed."""
+    config = TrainConfig(data=["-"], out="-", preset="paligemma-3b-224", trainable="lora", batch_size=batch,
+                         seq_len=seq_len, steps=1000)
+    model_cfg = param_sets.model_config(config)
+    start = time.perf_counter()
+    init = jax.jit(lambda key: param_sets.split(model.init_params(model_cfg, key), "lora"))
+    frozen, trainable = jax.block_until_ready(init(jax.random.key(0, impl="rbg")))
+    tx = optim.optimizer(config)
+    state = train_step.init_state(trainable, tx)
+    print(f"{jax.devices()[0].device_kind}: frozen {count_params(frozen) / 1e9:.3f} B params "
+          f"({sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**30:.2f} GiB bf16), LoRA {count_params(trainable):,} "
+          f"(f32) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+
+    rng = np.random.default_rng(0)
+    size = model_cfg.img.image_size
+    suffix = (np.arange(seq_len) >= 16).astype(np.int32)[None].repeat(batch, 0)
+    tokens = rng.integers(3, model_cfg.llm.vocab_size, (batch, seq_len)).astype(np.int32)
+    micro = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32), "tokens": tokens,
+             "mask_ar": suffix, "mask_loss": suffix, "mask_input": np.ones_like(tokens)}
+    step_batch = jax.device_put({key: value[None] for key, value in micro.items()})  # the grad-accum axis
+    step_fn = jax.jit(train_step.make_train_step(config, model_cfg, tx, optim.schedule(config)),
+                      donate_argnums=(0,), compiler_options=train_step.compiler_options())
+
+    def one_step():
+        nonlocal state
+        state, metrics = step_fn(state, frozen, step_batch)
+        return metrics["loss"]
+
+    seconds = timed_twice(f"LoRA train step (batch {batch}, 256 image + {seq_len} text tokens, remat)", one_step)
+    flops = lora_step_flops(model_cfg, batch, seq_len)
+    print(f"train: {batch / seconds:.3f} examples/s, {flops / seconds / 1e12:.2f} TFLOP/s of useful work")
+    kind = jax.devices()[0].device_kind
+    peak = next((value for name, value in BF16_PEAK.items() if name in kind), None)
+    if peak is not None:
+        print(f"MFU: {flops / seconds / peak:.1%} of the {kind} bf16 peak ({peak / 1e12:.0f} TFLOP/s)")
+    print(f"peak RSS: {peak_rss_gb():.2f} GB (goal < 20 GB)")
 
 
 if __name__ == "__main__":

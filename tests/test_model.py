@@ -188,6 +188,19 @@ def test_lora_starts_as_identity_and_merges_exactly(tiny, targets):
     )
 
 
+def test_low_rank_gradients_equal_autodiff():
+    """`low_rank` writes its backward by hand (for XLA:CPU's sake); it must be the same math."""
+    from paliseg.model.projection import low_rank
+
+    x, a, b, cotangent = (jax.random.normal(k, s) for k, s in zip(
+        jax.random.split(jax.random.key(0), 4), ((24, 12), (12, 3), (3, 10), (24, 10))))
+    ours = jax.vjp(low_rank, x, a, b)
+    plain = jax.vjp(lambda x, a, b: (x @ a) @ b, x, a, b)
+    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+    for mine, reference in zip(ours[1](cotangent), plain[1](cotangent)):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_split_and_join_are_inverse(tiny):
     config = tiny[0].replace(lora={"rank": 2})
     params = model.init_params(config, jax.random.key(0))

@@ -13,6 +13,7 @@ adapted parts only (e.g. targets {k} on `kv_einsum`: A [1,D,r], B [1,r,K,H]).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -110,10 +111,13 @@ class Numerics:
 
 def project(
     module: nn.Module, name: str, site_key: str, x: jax.Array, sizes: dict[str, int], numerics: Numerics
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, ...]:
     """x @ W (+ LoRA) for the weight `name` of `module`, described by `SITES[site_key]`.
 
-    x's trailing axes are `site.inputs`; the result is `[P,] x.leading + site.outputs` in compute dtype.
+    x's trailing axes are `site.inputs`; the result is `x.leading + site.outputs` in compute dtype, one
+    array per part for a fused weight (a tuple). Fused weights are used part by part (each part is
+    contiguous, so no transposed copy of the weight) and never stacked: a stacked [P, ...] result costs a
+    padded, transposed copy of its gradient in every layer of the backward pass.
     Must be called from inside `module`'s compact method (it creates the params).
     """
     site = SITES[site_key]
@@ -130,37 +134,62 @@ def project(
     weight = module.param(name, init, shape, jnp.dtype(numerics.param_dtype))
     dtype = jnp.dtype(numerics.compute_dtype)
     x = x.astype(dtype)
-    p = "P" if site.fused else ""
     weight = stored(weight).astype(dtype)
-    if site.fused:  # one matmul per part: each part is contiguous, so no transposed copy of the whole weight
-        part_layout = site.layout.replace("P", "")
-        equation = f"...{site.inputs},{part_layout}->...{site.outputs}"
-        y = jnp.stack([jnp.einsum(equation, x, weight[i]) for i in range(len(site.targets))])
-    else:
-        y = jnp.einsum(f"...{site.inputs},{site.layout}->...{site.outputs}", x, weight)
+    part_layout = site.layout.replace("P", "")
+    weights = [weight[i] for i in range(len(site.targets))] if site.fused else [weight]
+    outputs = [jnp.einsum(f"...{site.inputs},{part_layout}->...{site.outputs}", x, w) for w in weights]
 
     parts = site.adapted_parts(numerics.lora)
-    if not parts:
-        return y
-    lora = numerics.lora
-    shape_a, shape_b = site.lora_shapes(sizes, lora.rank, len(parts))
-    in_axes = tuple(range(len(shape_a) - 1 - len(site.inputs), len(shape_a) - 1))
-    a = module.param(
-        name + LORA_A,
-        nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1,
-                                         batch_axis=(0,) if site.fused else ()),
-        shape_a,
-        jnp.float32,
-    )
-    b = module.param(name + LORA_B, nn.initializers.zeros, shape_b, jnp.float32)
-    if lora.dropout > 0 and not numerics.deterministic:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(dtype)
-    h = jnp.einsum(f"...{site.inputs},{p}{site.inputs}R->{p}...R", x, a.astype(dtype))
-    delta = jnp.einsum(f"{p}...R,{p}R{site.outputs}->{p}...{site.outputs}", h, b.astype(dtype)) * lora.scale
-    if not site.fused or len(parts) == len(site.targets):
-        return y + delta.astype(dtype)
-    return y.at[jnp.asarray(parts)].add(delta.astype(dtype))
+    if parts:
+        lora = numerics.lora
+        shape_a, shape_b = site.lora_shapes(sizes, lora.rank, len(parts))
+        in_axes = tuple(range(len(shape_a) - 1 - len(site.inputs), len(shape_a) - 1))
+        a = module.param(
+            name + LORA_A,
+            nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1,
+                                             batch_axis=(0,) if site.fused else ()),
+            shape_a,
+            jnp.float32,
+        )
+        b = module.param(name + LORA_B, nn.initializers.zeros, shape_b, jnp.float32)
+        if lora.dropout > 0 and not numerics.deterministic:
+            keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(dtype)
+        rows = x.reshape(-1, math.prod(sizes[c] for c in site.inputs))
+        for index, part in enumerate(parts):
+            part_a, part_b = (a[index], b[index]) if site.fused else (a, b)
+            delta = low_rank(rows, part_a.reshape(rows.shape[1], -1).astype(dtype),
+                             part_b.reshape(lora.rank, -1).astype(dtype))
+            outputs[part] = outputs[part] + (delta * lora.scale).astype(dtype).reshape(outputs[part].shape)
+    return tuple(outputs) if site.fused else outputs[0]
+
+
+@jax.custom_vjp
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """(x @ a) @ b for x [M, I], a [I, R], b [R, O]: a LoRA update.
+
+    Its gradients are written out so that the large operands (x, the output gradient) are contracted over
+    their leading axis as the *left* operand of each weight-gradient matmul ('MR,MO->RO'). Autodiff's own
+    order ('MO,MR->OR', then a transpose) makes XLA:CPU write a transposed copy of the output gradient in
+    every layer and run ~5x slower on that matmul.
+    """
+    return (x @ a) @ b
+
+
+def _low_rank_forward(x, a, b):
+    h = x @ a
+    return h @ b, (x, a, b, h)
+
+
+def _low_rank_backward(residuals, grad):
+    x, a, b, h = residuals
+    grad_h = grad @ b.T
+    grad_b = jnp.einsum("MR,MO->RO", h, grad)
+    grad_a = jnp.einsum("MR,MI->RI", grad_h, x).T
+    return grad_h @ a.T, grad_a, grad_b
+
+
+low_rank.defvjp(_low_rank_forward, _low_rank_backward)
 
 
 class Projection(nn.Module):
@@ -173,7 +202,7 @@ class Projection(nn.Module):
     bias_axes: str = ""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
         sizes = dict(self.sizes)
         y = project(self, self.weight_name, self.site_key, x, sizes, self.numerics)
         if self.bias_axes:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from paliseg import hugepages  # noqa: E402
 IMAGES = REPO / "paliseg" / "assets" / "demo" / "roboflow" / "cracks" / "valid"
 
 
@@ -53,6 +55,7 @@ def _median_seconds(function, rounds: int) -> float:
 
 def main() -> None:
     args = parse_args()
+    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO))

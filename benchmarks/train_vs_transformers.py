@@ -33,6 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from paliseg import hugepages  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     args = parser.parse_args()
+    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
 
     import torch
 

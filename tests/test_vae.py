@@ -286,7 +286,7 @@ def test_batch_buckets_pad_without_changing_results_and_bound_compiles(flax_vae)
     np.testing.assert_array_equal(all_at_once[299:], flax_vae.encode(masks[299:]))
     for n in (2, 3, 5, 17, 33, 65):
         flax_vae.encode(masks[:n])
-    assert vae_model._encode._cache_size() <= len(vae_model.BATCH_BUCKETS)
+    assert vae_model.programs()[0]._cache_size() <= len(vae_model.BATCH_BUCKETS)
     assert flax_vae.encode(np.zeros((0, 64, 64))).shape == (0, 16)
     assert flax_vae.decode(np.zeros((0, 16), np.int32)).shape == (0, 64, 64)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import hugepages  # noqa: E402
+from paliseg import allocator  # noqa: E402
 
 import vae  # noqa: E402
 from converters import sam  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--sam-model", choices=sam.MODEL_TYPES, default="tiny")
     parser.add_argument("--sam-images", type=int, default=20)
     args = parser.parse_args()
-    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
+    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -25,7 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import hugepages  # noqa: E402
+from paliseg import allocator  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
+    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
 
     import torch
 

@@ -30,7 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import hugepages  # noqa: E402
+from paliseg import allocator  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="measure a LoRA training step instead of inference")
     parser.add_argument("--seq-len", type=int, default=128, help="--train: text tokens per example")
     args = parser.parse_args()
-    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
+    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
     if args.train:
         train(args.batch, args.seq_len)
         return

@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import hugepages  # noqa: E402
+from paliseg import allocator  # noqa: E402
 IMAGES = REPO / "paliseg" / "assets" / "demo" / "roboflow" / "cracks" / "valid"
 
 
@@ -55,7 +55,7 @@ def _median_seconds(function, rounds: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
+    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import hugepages  # noqa: E402
+from paliseg import allocator  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    hugepages.ensure()  # as the `paliseg` command runs (paliseg/hugepages.py)
+    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
     # XLA reads its thread-pool size once, at import: set it before jax is imported.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from paliseg import __version__, hugepages
+from paliseg import __version__, allocator
 
 # Order is the pipeline's: the order `--help` lists them in.
 _STAGE_COMMAND_MODULES = (
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The `paliseg` command (`argv` None: this process's arguments); returns the exit status."""
-    if argv is None:  # a command of its own, not a call from Python: restart on huge pages if need be
-        hugepages.ensure()
+    if argv is None:  # a command of its own, not a call from Python: tune malloc (paliseg/allocator.py)
+        allocator.ensure()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

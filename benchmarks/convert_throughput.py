@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--sam-model", choices=sam.MODEL_TYPES, default="tiny")
     parser.add_argument("--sam-images", type=int, default=20)
     args = parser.parse_args()
-    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
+    allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
+    allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
 
     import torch
 

@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="measure a LoRA training step instead of inference")
     parser.add_argument("--seq-len", type=int, default=128, help="--train: text tokens per example")
     args = parser.parse_args()
-    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
+    allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
     if args.train:
         train(args.batch, args.seq_len)
         return

@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     args = parser.parse_args()
-    allocator.ensure()  # as the `paliseg` command runs (paliseg/allocator.py)
+    allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
 
     import torch
 

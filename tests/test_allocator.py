@@ -1,5 +1,6 @@
-"""`paliseg.allocator`: the command restarts itself once with glibc's malloc tunables, and with them a
-large buffer freed and allocated again costs no new page faults (as XLA's per-call temporaries)."""
+"""`paliseg.allocator`: asked to (PALISEG_TUNE_MALLOC=1), the command restarts itself once with glibc's malloc
+tunables, and with them a large buffer freed and allocated again costs no new page faults (as XLA's
+per-call temporaries)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ print(os.environ.get("GLIBC_TUNABLES", "-"), resource.getrusage(resource.RUSAGE_
 
 
 def _probe(**env: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.DISABLE_VARIABLE)}
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.SWITCH_VARIABLE)}
     tunables, faults = subprocess.run(
         [sys.executable, "-c", PROBE], env={**clean, "PYTHONPATH": str(REPO), **env},
         capture_output=True, text=True, check=True, timeout=120,
@@ -46,15 +47,18 @@ def _probe(**env: str) -> tuple[str, int]:
     return tunables, int(faults)
 
 
-def test_restarts_once_with_the_tunables_unless_told_otherwise():
-    assert _probe()[0] == ":".join(allocator.TUNABLES)
-    assert _probe(GLIBC_TUNABLES="glibc.rtld.nns=4")[0] == ":".join(("glibc.rtld.nns=4", *allocator.TUNABLES))
-    assert _probe(GLIBC_TUNABLES="glibc.malloc.check=0")[0] == "glibc.malloc.check=0"  # the user's own choice
-    assert _probe(**{allocator.DISABLE_VARIABLE: "0"})[0] == "-"
+ON = {allocator.SWITCH_VARIABLE: "1"}
+
+
+def test_restarts_once_with_the_tunables_only_when_asked():
+    assert _probe()[0] == "-"
+    assert _probe(**ON)[0] == ":".join(allocator.TUNABLES)
+    assert _probe(**ON, GLIBC_TUNABLES="glibc.rtld.nns=4")[0] == ":".join(("glibc.rtld.nns=4", *allocator.TUNABLES))
+    assert _probe(**ON, GLIBC_TUNABLES="glibc.malloc.check=0")[0] == "glibc.malloc.check=0"  # the user's own
 
 
 def test_a_large_buffer_allocated_again_reuses_its_pages():
-    _, faults_default = _probe(**{allocator.DISABLE_VARIABLE: "0"})
-    _, faults_tuned = _probe()
+    _, faults_default = _probe()
+    _, faults_tuned = _probe(**ON)
     assert faults_default > 50_000  # 256 MiB faulted in again, 4 KiB at a time
     assert faults_tuned < 1_000

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The `paliseg` command (`argv` None: this process's arguments); returns the exit status."""
-    if argv is None:  # a command of its own, not a call from Python: tune malloc (paliseg/allocator.py)
+    if argv is None:  # a command of its own, not a call from Python: PALISEG_TUNE_MALLOC=1 (allocator.py)
         allocator.ensure()
     parser = build_parser()
     args = parser.parse_args(argv)

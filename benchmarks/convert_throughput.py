@@ -26,13 +26,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import allocator  # noqa: E402
 
 import vae  # noqa: E402
 from converters import sam  # noqa: E402
 from converters.convert import ConvertConfig, convert  # noqa: E402
 from converters.sources import IssueLog  # noqa: E402
-from paliseg import files  # noqa: E402
+from paliseg import allocator, files  # noqa: E402
 
 
 def convert_rate(source: Path, work: Path, name: str, vae_path: Path, **options) -> tuple[int, float]:

@@ -30,12 +30,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import allocator  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 
-from paliseg import decoding, model  # noqa: E402
+from paliseg import allocator, decoding, model  # noqa: E402
 from paliseg.config import preset  # noqa: E402
 from paliseg.model.lora import count_params  # noqa: E402
 from train import optim  # noqa: E402

@@ -33,13 +33,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from paliseg import allocator  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 
 from _peak import matmul_peak  # noqa: E402
 
+from paliseg import allocator  # noqa: E402
 from paliseg import config as model_configs  # noqa: E402
 from paliseg.checkpoints.huggingface import config_to_hf  # noqa: E402
 from train import optim  # noqa: E402

@@ -121,8 +121,7 @@ def train(batch: int, seq_len: int) -> None:
     micro = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32), "tokens": tokens,
              "mask_ar": suffix, "mask_loss": suffix, "mask_input": np.ones_like(tokens)}
     step_batch = jax.device_put({key: value[None] for key, value in micro.items()})  # the grad-accum axis
-    step_fn = jax.jit(train_step.make_train_step(config, model_cfg, tx, optim.schedule(config)),
-                      donate_argnums=(0,), compiler_options=train_step.compiler_options())
+    step_fn = train_step.jit_train_step(config, model_cfg, tx, optim.schedule(config))
 
     def one_step():
         nonlocal state

@@ -142,8 +142,7 @@ class Ours:
         tx = optim.optimizer(config)
         self.state = train_step.init_state(trainable, tx)
         self.batch = jax.device_put({key: value[None] for key, value in batch.items()})  # grad_accum axis
-        self.fn = jax.jit(train_step.make_train_step(config, model_cfg, tx, optim.schedule(config)), donate_argnums=(0,),
-                          compiler_options=train_step.compiler_options())
+        self.fn = train_step.jit_train_step(config, model_cfg, tx, optim.schedule(config))
 
     def step(self) -> float:
         self.state, metrics = self.fn(self.state, self.frozen, self.batch)

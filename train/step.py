@@ -33,7 +33,7 @@ State = dict[str, Any]  # {"step": int32 [], "params": trainable tree, "opt_stat
 _CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-def compiler_options() -> dict[str, str] | None:
+def _compiler_options() -> dict[str, str] | None:
     """Options for `jax.jit(..., compiler_options=...)` of the train step on this backend."""
     return dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
@@ -102,3 +102,11 @@ def make_train_step(config: TrainConfig, model_cfg: ModelConfig, tx: optax.Gradi
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(config: TrainConfig, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                   lr_schedule: optax.Schedule, **jit_kwargs) -> Callable:
+    """`make_train_step` compiled as `paliseg train` runs it (the state donated, this backend's compiler
+    options), so the benchmarks measure that very step; `jit_kwargs` (e.g. shardings) go to `jax.jit`."""
+    return jax.jit(make_train_step(config, model_cfg, tx, lr_schedule), donate_argnums=(0,),
+                   compiler_options=_compiler_options(), **jit_kwargs)

@@ -145,12 +145,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
             out.mkdir(parents=True, exist_ok=True)
             run_checkpoints.write_run_config(out, config, model_cfg, data.digests)
 
-    step_fn = jax.jit(
-        train_step.make_train_step(config, model_cfg, tx, lr_schedule),
+    step_fn = train_step.jit_train_step(
+        config, model_cfg, tx, lr_schedule,
         in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-        compiler_options=train_step.compiler_options(),
     )
     meta = {"base_checkpoint": config.checkpoint, "init": config.init, "preset": config.preset,
             "trainable": config.trainable, "train_config": config.to_json(), "model_config": model_cfg.to_dict()}

@@ -97,7 +97,7 @@ def main() -> None:
                 1,
             )
             objects = sum(len(p.objects) for p in predictions) / len(predictions)
-            tokens = sum(len(predictor.tokenizer.encode(t)) for t in texts) / len(texts)
+            tokens = sum(len(predictor.tokenizer.encode(t.text)) for t in texts) / len(texts)
             print(f"\n[{name}] {tokens:.0f} tokens and {objects:.1f} objects per image")
             print(f"  decode only               : {args.batch / decode:7.2f} images/s  ({decode:.2f} s per batch)")
             print(f"  whole predict (no canvas) : {args.batch / whole:7.2f} images/s  ({whole:.2f} s per batch)")

@@ -2,7 +2,7 @@
 
     REPORT_DIR/predictions/step_000025.jsonl
       {"fingerprint": {...}}                               first line: what produced the texts
-      {"key": "images/a.jpg\\tsegment crack", "text": "<loc...>...", "scores": [...]}   one line per record
+      {"key": "images/a.jpg\\tsegment crack", "text": "<loc...>...", "chunk_scores": [...]}   one per record
 
 Each decoded batch is appended and fsync'ed before the next one starts; a re-run reads the file, skips the
 records it already holds and decodes only the rest. A torn last line (a crash mid-write) is dropped and the
@@ -65,8 +65,9 @@ class PredictionCache:
     def text(self, key: str) -> str:
         return self.entries[key]["text"]
 
-    def scores(self, key: str) -> list[float] | None:
-        return self.entries[key].get("scores")
+    def chunk_scores(self, key: str) -> list[float | None] | None:
+        """The objects' confidences (`paliseg.decoding.Decoded.chunk_scores`); None in older caches."""
+        return self.entries[key].get("chunk_scores")
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [key for key in keys if key not in self.entries]

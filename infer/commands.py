@@ -24,10 +24,10 @@ inputs:
 outputs in OUT (NAME = IMAGE_STEM.PROMPT_SLUG):
   masks/NAME.png          union mask (0/255) at the image's full resolution
   objects/NAME.K.png      each object's own mask
-  json/NAME.json          raw decoded text, objects (label, pixel box xyxy, tokens), invalid chunks
+  json/NAME.json          raw decoded text, objects (label, confidence, pixel box xyxy, tokens), invalid chunks
   canvases/NAME.png       original | ground truth (JSONL input) | prediction   (--no-canvas to skip)
   predictions.jsonl       annotation records of the predictions (for `paliseg visualize --pred`)
-  coco_results.json       COCO results (RLE masks, xywh boxes, score 1.0) + coco_dataset.json (images,
+  coco_results.json       COCO results (RLE masks, xywh boxes, score = confidence) + coco_dataset.json (images,
                           categories = prompts, ground truth for JSONL input): pycocotools evaluates them
 
 examples:
@@ -154,6 +154,9 @@ def _predict_text(result: dict) -> str:
     lines = []
     for item in result["results"][:20]:
         status = "INVALID" if not item["valid"] else f"{len(item['objects'])} object(s), {item['area']} px"
+        confidences = [o["confidence"] for o in item["objects"] if o["confidence"] is not None]
+        if confidences:
+            status += ", confidence " + " ".join(f"{c:.2f}" for c in confidences)
         score = f", IoU {item['score']['iou']:.3f}" if item["score"] else ""
         text = item["text"] if len(item["text"]) <= 160 else item["text"][:160] + " ..."
         lines.append(f"{item['name']}: {status}{score}\n    text: {text or '(empty: no object)'}")

@@ -8,13 +8,15 @@ Outputs in OUT (NAME = image stem + "." + prompt slug, as the converter names it
 
     OUT/masks/NAME.png            union of the prompt's objects, 0/255, the image's full resolution
     OUT/objects/NAME.K.png        object K's own mask (K from 0, in the order of the text)
-    OUT/json/NAME.json            prompt, raw decoded text, objects (label, pixel box, loc and seg tokens,
-                                  mask file), invalid chunks by reason, and the score when GT is known
+    OUT/json/NAME.json            prompt, raw decoded text, objects (label, confidence, pixel box, loc and
+                                  seg tokens, mask file), invalid chunks by reason, and the score when GT
+                                  is known
     OUT/canvases/NAME.png         original | ground truth (when known) | prediction
     OUT/predictions.jsonl         one annotation record per image and prompt (suffix = decoded text,
                                   mask = the predicted mask): `paliseg visualize --pred` reads it
-    OUT/coco_results.json         COCO results: RLE masks, xywh boxes, score 1.0 (PaliGemma gives no
-                                  per-object confidence), image_id and category_id of coco_dataset.json
+    OUT/coco_results.json         COCO results: RLE masks, xywh boxes, score = the object's confidence (the
+                                  geometric-mean probability of its 4 loc tokens, `paliseg.decoding`),
+                                  image_id and category_id of coco_dataset.json
     OUT/coco_dataset.json         the images, one category per prompt, and, for JSONL input, the ground
                                   truth objects (box from the loc tokens, mask = the GT union inside the
                                   box, as `vae.sources` reads records), so pycocotools can evaluate
@@ -156,7 +158,8 @@ class CocoCollector:
             self.annotations += _gt_annotations(job.record, image_id, category_id, prediction.width,
                                                 prediction.height, first_id=len(self.annotations) + 1)  # fmt: skip
         for obj in prediction.objects:
-            result = {"image_id": image_id, "category_id": category_id, "bbox": _xywh(obj.box), "score": 1.0}
+            score = 1.0 if obj.confidence is None else round(obj.confidence, 4)
+            result = {"image_id": image_id, "category_id": category_id, "bbox": _xywh(obj.box), "score": score}
             if obj.mask is not None:
                 result["segmentation"] = _rle(obj.mask)
             self.results.append(result)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,12 @@ class PredictedObject:
     locs: tuple[int, int, int, int]  # loc indices (y1, x1, y2, x2)
     seg: tuple[int, ...] | None  # 16 seg indices, or None for a box-only object
     mask: np.ndarray | None  # bool [H, W] at full resolution, None for a box-only object
+    confidence: float | None = None  # in (0, 1]: `paliseg.decoding.chunk_scores`; None when not known
 
     def to_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
+            "confidence": None if self.confidence is None else round(self.confidence, 4),
             "box_xyxy": [round(v, 2) for v in self.box],
             "locs": list(self.locs),
             "seg": None if self.seg is None else list(self.seg),
@@ -104,9 +107,11 @@ def from_text(
     height: int,
     vae_model,
     degenerate: collections.Counter | None = None,
+    chunk_scores: Sequence[float | None] | None = None,
 ) -> Prediction:
     """Parse decoded text and paste each object's mask back at `width` x `height`. `degenerate` counts,
-    by reason, the boxes that cover no pixel (their mask is empty)."""
+    by reason, the boxes that cover no pixel (their mask is empty); `chunk_scores` (per ";"-chunk of the
+    text, from `paliseg.decoding.Decoded`) gives each object its confidence."""
     parsed = codec.parse_suffix(text, require_seg=False)
     if parsed.invalid_count and not parsed.objects:
         return Prediction(prompt, text, width, height, (), parsed.invalid, None)
@@ -124,8 +129,9 @@ def from_text(
             locs=o.locs,
             seg=o.seg,
             mask=mask_of.get(id(o)),
+            confidence=None if chunk_scores is None else chunk_scores[chunk],
         )
-        for o in parsed.objects
+        for o, chunk in zip(parsed.objects, parsed.chunks)
     )
     union = np.logical_or.reduce(masks, axis=0) if len(masks) else np.zeros((height, width), bool)
     return Prediction(prompt, text, width, height, objects, parsed.invalid, union)

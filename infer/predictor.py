@@ -18,13 +18,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from infer.prediction import Prediction, from_text
 from paliseg import files
+
+if TYPE_CHECKING:
+    from paliseg import decoding
 
 BEST_FILE = "best.json"  # written into RUN_DIR by the sweep (`infer.sweep`)
 DEFAULT_MAX_NEW_TOKENS = 128  # 5 objects of 4 loc + 16 seg + label tokens
@@ -130,14 +133,15 @@ class Predictor:
         tokenizer = _tokenizer(tokenizer or checkpoints.default_tokenizer(path, config), config)
         return cls(config, params, tokenizer, source=str(path), **options)
 
-    def decode_texts(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[str]:
-        """Preprocessed images ([S, S, 3] in [-1, 1], S = the config's image size) and prompts -> texts,
-        in batches of `batch_size` (a short last batch is padded with copies of its first item)."""
+    def decode_texts(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list["decoding.Decoded"]:
+        """Preprocessed images ([S, S, 3] in [-1, 1], S = the config's image size) and prompts -> decoded
+        texts with their objects' confidences, in batches of `batch_size` (a short last batch is padded
+        with copies of its first item)."""
         from paliseg import decoding
 
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        texts: list[str] = []
+        texts: list[decoding.Decoded] = []
         for start in range(0, len(images), self.batch_size):
             batch_images = list(images[start : start + self.batch_size])
             batch_prompts = list(prompts[start : start + self.batch_size])
@@ -170,10 +174,10 @@ class Predictor:
         prompts = [prompts] * len(opened) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(opened):
             raise ValueError(f"{len(prompts)} prompts for {len(opened)} images")
-        texts = self.decode_texts([self.preprocess(image) for image in opened], prompts)
+        decoded = self.decode_texts([self.preprocess(image) for image in opened], prompts)
         return [
-            from_text(text, prompt, image.width, image.height, self.vae, degenerate=degenerate)
-            for text, prompt, image in zip(texts, prompts, opened)
+            from_text(item.text, prompt, image.width, image.height, self.vae, degenerate, item.chunk_scores)
+            for item, prompt, image in zip(decoded, prompts, opened)
         ]
 
 

@@ -208,16 +208,18 @@ def decode_step(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             pixels = [predictor.preprocess(files.read_rgb(item.record.image_path)) for item in batch]
-            texts = predictor.decode_texts(pixels, [item.record.prefix for item in batch])
-            cache.append({"key": item.key, "text": text} for item, text in zip(batch, texts))
+            decoded = predictor.decode_texts(pixels, [item.record.prefix for item in batch])
+            cache.append({"key": item.key, "text": one.text, "chunk_scores": list(one.chunk_scores)}
+                         for item, one in zip(batch, decoded))
             bar.update(len(batch))
     finally:
         bar.close()
     return len(todo)
 
 
-def prediction_of(item: Item, text: str, vae_model, degenerate: collections.Counter | None = None) -> Prediction:
-    return from_text(text, item.record.prefix, item.width, item.height, vae_model, degenerate=degenerate)
+def prediction_of(item: Item, text: str, vae_model, degenerate: collections.Counter | None = None,
+                  chunk_scores: Sequence[float | None] | None = None) -> Prediction:
+    return from_text(text, item.record.prefix, item.width, item.height, vae_model, degenerate, chunk_scores)
 
 
 def ceiling_score(item: Item, mask: np.ndarray, boxes, vae_model, degenerate: collections.Counter) -> scoring.ImageScore:
@@ -339,7 +341,9 @@ def _score(items, caches, vae_model, ceiling: bool):
     for item in console.progress(items, desc="scoring", unit="image"):
         mask, boxes = ground_truth(item.record, item.width, item.height)
         for step, cache in caches.items():
-            prediction = prediction_of(item, cache.text(item.key), vae_model, degenerate[f"step {step}"])
+            prediction = prediction_of(
+                item, cache.text(item.key), vae_model, degenerate[f"step {step}"], cache.chunk_scores(item.key)
+            )
             scores[step].append(score(prediction, item.record, mask, boxes))
         if ceiling_scores is not None:
             ceiling_scores.append(ceiling_score(item, mask, boxes, vae_model, degenerate["ceiling"]))

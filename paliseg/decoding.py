@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,7 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
         "y1": zeros,
         "x1": zeros,
         "rng": rng,
+        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
     }
     if return_logits:
         state["all_logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), jnp.float32)
@@ -199,6 +201,8 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
             logits = jnp.where(mask, logits, -jnp.inf)
         s["rng"], key = jax.random.split(s["rng"])
         token = jnp.where(s["done"], pad_id, _sample(logits, temperature, top_p, key))
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None], axis=-1)
+        s["logprobs"] = s["logprobs"].at[:, step].set(jnp.where(s["done"], 0.0, logprob[:, 0]))
         if grammar is not None:
             s["phase"], s["y1"], s["x1"] = _advance(s["phase"], s["y1"], s["x1"], token, *grammar)
         s["out"] = s["out"].at[:, step].set(token)
@@ -220,7 +224,17 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
     # every step but the last also runs the model on its token; the last only chooses
     state = jax.lax.while_loop(lambda s: (s["step"] < max_new_tokens - 1) & ~jnp.all(s["done"]), body, state)
     state, _ = choose(state)
-    return (state["out"], state["all_logits"]) if return_logits else state["out"]
+    return {"tokens": state["out"], "logprobs": state["logprobs"], "logits": state.get("all_logits")}
+
+
+class Generation(NamedTuple):
+    """`generate`'s result: the tokens, each token's log-probability under the distribution it was chosen
+    from (the model's softmax, restricted to the grammar's allowed tokens when constrained; 0 after EOS),
+    and with `return_logits` the raw logits of every step."""
+
+    tokens: jax.Array  # int32 [B, max_new_tokens], pad after EOS
+    logprobs: jax.Array  # float32 [B, max_new_tokens]
+    logits: jax.Array | None  # float32 [B, max_new_tokens, V]
 
 
 def generate(
@@ -238,16 +252,15 @@ def generate(
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     return_logits: bool = False,
-):
-    """Decode up to `max_new_tokens` after each prompt. Returns int32 [B, max_new_tokens] (pad after EOS),
-    and with `return_logits` also the float32 logits each token was chosen from [B, max_new_tokens, V]."""
+) -> Generation:
+    """Decode up to `max_new_tokens` after each prompt (see `Generation` for what comes back)."""
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(
+    return Generation(**_generate(
         config, params, jnp.asarray(images), jnp.asarray(tokens), jnp.asarray(mask_ar), jnp.asarray(mask_input),
         None if grammar is None else grammar.arrays(),
         None if sampling.greedy else jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), rng,
         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
-    )
+    ))
 
 
 def prompt_length_bucket(length: int, multiple: int = 16) -> int:
@@ -258,6 +271,38 @@ def prompt_length_bucket(length: int, multiple: int = 16) -> int:
 def is_segment_prompt(prompt: str) -> bool:
     """Prompts that ask for masks (`segment ...`) are decoded under the grammar by default."""
     return prompt.strip().lower().startswith("segment")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """One decoded suffix: its text, and for every chunk of the text split at ";" (as
+    `paliseg.tokens.parse_suffix` splits it) the confidence of the object it holds: the geometric-mean
+    probability of the chunk's loc tokens, None for a chunk without any."""
+
+    text: str
+    chunk_scores: tuple[float | None, ...]
+
+
+def chunk_scores(tokenizer: Tokenizer, ids: Sequence[int], logprobs: Sequence[float]) -> tuple[float | None, ...]:
+    """Per ";"-chunk of `tokenizer.decode(ids)`: exp(mean log-probability of its loc tokens), or None.
+
+    A box's four loc tokens carry where the model is sure an object is; seg and label tokens describe its
+    shape and name, not whether it exists, so they do not count."""
+    loc_ids = set(tokenizer.loc_ids.tolist())
+    sums, counts = [0.0], [0]
+    for index, logprob in zip(ids, logprobs):
+        index = int(index)
+        if index == tokenizer.eos_id:
+            break
+        if index in (tokenizer.pad_id, tokenizer.bos_id):
+            continue
+        if index in loc_ids:
+            sums[-1] += float(logprob)
+            counts[-1] += 1
+        for _ in range(tokenizer.decode([index]).count(";")):
+            sums.append(0.0)
+            counts.append(0)
+    return tuple(math.exp(total / count) if count else None for total, count in zip(sums, counts))
 
 
 def predict_texts(
@@ -271,9 +316,9 @@ def predict_texts(
     constrain: bool | None = None,
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
-) -> list[str]:
-    """Images [B,H,W,3] in [-1,1] and one prompt per image -> decoded suffix texts. `constrain=None` uses
-    the grammar for every batch whose prompts all start with "segment"."""
+) -> list[Decoded]:
+    """Images [B,H,W,3] in [-1,1] and one prompt per image -> decoded suffixes with per-object confidences.
+    `constrain=None` uses the grammar for every batch whose prompts all start with "segment"."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     if constrain is None:
@@ -287,4 +332,5 @@ def predict_texts(
         max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
         grammar=grammar, sampling=sampling, rng=rng,
     )
-    return [tokenizer.decode(row) for row in np.asarray(out)]
+    tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+    return [Decoded(tokenizer.decode(row), chunk_scores(tokenizer, row, lp)) for row, lp in zip(tokens, logprobs)]

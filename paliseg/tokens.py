@@ -103,10 +103,12 @@ def format_suffix(objects: Iterable[SegObject]) -> str:
 
 @dataclasses.dataclass
 class ParseResult:
-    """Valid objects of a string, and how many object-like chunks were rejected, by reason."""
+    """Valid objects of a string, the index of the ";"-separated chunk each came from, and how many
+    object-like chunks were rejected, by reason."""
 
     objects: list[SegObject]
     invalid: collections.Counter
+    chunks: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def invalid_count(self) -> int:
@@ -123,7 +125,7 @@ def parse_suffix(text: str, require_seg: bool = True) -> ParseResult:
     result = ParseResult(objects=[], invalid=collections.Counter())
     if not isinstance(text, str) or not text.strip():
         return result
-    for chunk in text.split(";"):
+    for chunk_index, chunk in enumerate(text.split(";")):
         chunk = chunk.strip()
         if not chunk:
             result.invalid["empty"] += 1
@@ -145,4 +147,5 @@ def parse_suffix(text: str, require_seg: bool = True) -> ParseResult:
         else:
             seg = tuple(segs) if segs else None
             result.objects.append(SegObject(tuple(locs), seg, match["label"].strip()))  # type: ignore[arg-type]
+            result.chunks.append(chunk_index)
     return result

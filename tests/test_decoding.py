@@ -49,11 +49,11 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params):
     prompts = _prompts(tokenizer, ["segment crack", "detect drywall ; taping area ; joint", "caption en"])
     images = _images(3)
     steps = 8
-    tokens, logits = decoding.generate(
+    out = decoding.generate(
         SMALL, params, images, prompts["tokens"], prompts["mask_ar"], prompts["mask_input"],
         max_new_tokens=steps, eos_id=tokenizer.eos_id, return_logits=True,
     )
-    tokens, logits = np.asarray(tokens), np.asarray(logits)
+    tokens, logits = np.asarray(out.tokens), np.asarray(out.logits)
     assert len({tuple(row) for row in tokens}) == 3 and len(set(tokens[0].tolist())) > 2
     # the whole sequence at once: right-padded prompt, then the generated tokens (causal, mask_ar 1)
     full_tokens = np.concatenate([prompts["tokens"], tokens], axis=1)
@@ -66,13 +66,16 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params):
         positions = [last_prompt] + [length + t - 1 for t in range(1, steps)]
         np.testing.assert_allclose(logits[row], full[row, positions], atol=1e-4, rtol=1e-5)
         np.testing.assert_array_equal(tokens[row], full[row, positions].argmax(-1))
+    # each token's log-probability is the log-softmax of the logits it was chosen from
+    chosen = np.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(out.logprobs), chosen, atol=1e-5)
 
 
 def test_prompt_padding_does_not_change_the_output(tokenizer, params):
     texts = ["segment crack", "detect drywall ; taping area ; joint"]
     short = decoding.generate(SMALL, params, _images(2), *_prompts(tokenizer, texts, 16).values(), max_new_tokens=8)
     long = decoding.generate(SMALL, params, _images(2), *_prompts(tokenizer, texts, 32).values(), max_new_tokens=8)
-    np.testing.assert_array_equal(short, long)
+    np.testing.assert_array_equal(short.tokens, long.tokens)
 
 
 def _random_grammar_walk(grammar, batch, steps, seed):
@@ -123,20 +126,28 @@ def test_constrained_model_outputs_are_always_valid(tokenizer, params):
             SMALL, params, images, *prompts.values(),
             max_new_tokens=48, eos_id=tokenizer.eos_id, grammar=grammar, sampling=sampling, rng=jax.random.key(seed),
         )
-        texts += [tokenizer.decode(row) for row in np.asarray(out)]
+        texts += [tokenizer.decode(row) for row in np.asarray(out.tokens)]
+        if sampling.greedy:  # the grammar renormalises over the allowed tokens: never less likely than unmasked
+            raw = decoding.generate(SMALL, params, images, *prompts.values(), max_new_tokens=48,
+                                    eos_id=tokenizer.eos_id, grammar=grammar, return_logits=True)
+            tokens = np.asarray(raw.tokens)
+            unmasked = np.take_along_axis(jax.nn.log_softmax(raw.logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+            live = np.cumsum(tokens == tokenizer.eos_id, axis=1) - (tokens == tokenizer.eos_id) == 0  # up to EOS
+            assert np.all(np.asarray(raw.logprobs)[live] >= unmasked[live] - 1e-5)
+            assert np.all(np.asarray(raw.logprobs)[live] <= 1e-6) and np.all(np.asarray(raw.logprobs)[~live] == 0)
     results = [parse_suffix(t) for t in texts]
     assert all(r.invalid_count == 0 for r in results), [(t, r.invalid) for t, r in zip(texts, results) if r.invalid_count]
     assert sum(len(r.objects) for r in results) >= len(texts)
     # unconstrained, the same random model produces nothing parseable
     free = decoding.generate(SMALL, params, images, *prompts.values(), max_new_tokens=48, eos_id=tokenizer.eos_id)
-    assert not any(parse_suffix(tokenizer.decode(row)).objects for row in np.asarray(free))
+    assert not any(parse_suffix(tokenizer.decode(row)).objects for row in np.asarray(free.tokens))
 
 
 def test_sampling_is_reproducible_and_tiny_nucleus_is_greedy(tokenizer, params):
     prompts = _prompts(tokenizer, ["caption en"] * 2)
     images = _images(2, seed=2)
     run = lambda sampling, seed: np.asarray(decoding.generate(  # noqa: E731
-        SMALL, params, images, *prompts.values(), max_new_tokens=8, sampling=sampling, rng=jax.random.key(seed)))
+        SMALL, params, images, *prompts.values(), max_new_tokens=8, sampling=sampling, rng=jax.random.key(seed)).tokens)
     hot = decoding.Sampling(temperature=2.0)
     np.testing.assert_array_equal(run(hot, 0), run(hot, 0))
     assert not np.array_equal(run(hot, 0), run(hot, 1))
@@ -145,8 +156,29 @@ def test_sampling_is_reproducible_and_tiny_nucleus_is_greedy(tokenizer, params):
 
 def test_predict_texts_constrains_segment_prompts_by_default(tokenizer, params):
     images = _images(8, seed=3)  # the shapes of the test above: no new compile
-    texts = decoding.predict_texts(SMALL, params, tokenizer, images, ["segment crack", "segment drywall"] * 4, max_new_tokens=48)
+    decoded = decoding.predict_texts(SMALL, params, tokenizer, images, ["segment crack", "segment drywall"] * 4, max_new_tokens=48)
+    texts = [d.text for d in decoded]
     assert all(parse_suffix(t).invalid_count == 0 for t in texts) and any(parse_suffix(t).objects for t in texts)
+    for item in decoded:  # one confidence per ";"-chunk; every object's chunk has one, in (0, 1]
+        parsed = parse_suffix(item.text)
+        assert len(item.chunk_scores) == item.text.count(";") + 1
+        assert all(0 < item.chunk_scores[chunk] <= 1 for chunk in parsed.chunks)
     assert decoding.is_segment_prompt(" Segment crack") and not decoding.is_segment_prompt("detect crack")
     with pytest.raises(ValueError, match="2 prompts for 1 images"):
         decoding.predict_texts(SMALL, params, tokenizer, images[:1], ["a", "b"])
+
+
+def test_chunk_scores_are_geometric_means_of_each_chunks_loc_tokens(tokenizer):
+    loc, seg = tokenizer.loc_id, tokenizer.seg_id
+    separator = tokenizer.encode(" ; ")
+    first = [loc(1), loc(2), loc(30), loc(40), *[seg(3)] * 16, *tokenizer.encode(" crack")]
+    second = [loc(5), loc(6), loc(50), loc(60), *tokenizer.encode(" crack")]
+    ids = first + separator + second + [tokenizer.eos_id, tokenizer.pad_id, loc(7)]
+    logprobs = np.full(len(ids), -3.0)
+    logprobs[:4] = np.log([0.9, 0.8, 0.5, 0.4])
+    start = len(first) + len(separator)
+    logprobs[start : start + 4] = np.log(0.25)
+    scores = decoding.chunk_scores(tokenizer, ids, logprobs)
+    assert tokenizer.decode(ids).count(";") == 1 and len(scores) == 2  # nothing after EOS counts
+    np.testing.assert_allclose(scores, [(0.9 * 0.8 * 0.5 * 0.4) ** 0.25, 0.25], rtol=1e-6)
+    assert decoding.chunk_scores(tokenizer, tokenizer.encode("a ; ; b"), np.zeros(8)) == (None, None, None)

@@ -221,7 +221,10 @@ def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path
         assert (out / entry["canvas"]).is_file() and (out / "json" / f"{entry['name']}.json").is_file()
         for obj in entry["objects"]:
             assert obj["mask"] is None or (out / obj["mask"]).is_file()
+            assert 0 < obj["confidence"] <= 1
     predicted = records.read_records(out / "predictions.jsonl")
+    coco_scores = [r["score"] for r in json.loads((out / "coco_results.json").read_text())]
+    assert coco_scores == [o["confidence"] for r in result["results"] for o in r["objects"]]
     assert [r.suffix for r in predicted] == [r["text"] for r in result["results"]]
     assert json.loads((out / "coco_dataset.json").read_text())["categories"] == [{"id": 1, "name": PROMPT}]
     assert main(argv) == 1  # an existing prediction set is not replaced without --overwrite
@@ -232,6 +235,7 @@ def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path
     images = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
     api = predictor.predict(images, PROMPT)
     assert [p.text for p in api] == [r["text"] for r in result["results"]]
+    assert [round(o.confidence, 4) for p in api for o in p.objects] == coco_scores
     for prediction, name in zip(api, names):
         expected = files.read_mask(out / "masks" / f"{name}.png")
         np.testing.assert_array_equal(prediction.mask if prediction.valid else np.zeros_like(expected), expected)

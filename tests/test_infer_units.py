@@ -129,6 +129,36 @@ def test_coco_results_evaluate_with_pycocotools(tmp_path, vae_model):
     assert 0.0 <= segm.stats[0] <= 1.0  # runs; the value depends on the (random) VAE's reconstructions
 
 
+def test_confidences_follow_their_chunks_and_rank_coco_results(tmp_path, vae_model):
+    """Each object takes the confidence of its own ";"-chunk (an invalid chunk in between shifts nothing),
+    and pycocotools ranks by it: a false positive scored below the true objects costs no AP, above them it does."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    jsonl = _records_set(tmp_path, vae_model)
+    [job] = outputs.jobs_for(jsonl, [])[:1]
+    width, height = Image.open(job.image_path).size
+    true_text = job.record.suffix
+    n_true = true_text.count(";") + 1
+    false_object = _object((1, 1, 6, 6), width, height, 9).to_text()
+    text = f"{true_text} ; <loc0001> crack ; {false_object}"
+    ap = {}
+    for false_confidence in (0.1, 0.99):
+        scores = [0.9] * n_true + [None, false_confidence]
+        prediction = from_text(text, job.prompt, width, height, vae_model, chunk_scores=scores)
+        assert [o.confidence for o in prediction.objects] == [0.9] * n_true + [false_confidence]
+        assert prediction.invalid == {"loc_count": 1}
+        collector = outputs.CocoCollector([job.prompt])
+        collector.add(job, prediction)
+        files.write_json(tmp_path / "gt.json", collector.dataset(), overwrite=True)
+        files.write_json(tmp_path / "res.json", collector.results, overwrite=True)
+        ground_truth = COCO(str(tmp_path / "gt.json"))
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(str(tmp_path / "res.json")), "bbox")
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+        ap[false_confidence] = evaluation.stats[0]
+    assert ap[0.1] == pytest.approx(1.0) and ap[0.99] < 0.9
+
+
 def test_jobs_names_and_input_errors(tmp_path):
     for sub in ("a", "b"):
         files.write_image(tmp_path / "imgs" / sub / "same.jpg", Image.new("RGB", (8, 8)))

@@ -150,7 +150,7 @@ def test_greedy_decoding_equals_generate(pair):
         mask_input[row, :length] = 1
     images = _images(config, 3, seed=3)
     ours = np.asarray(
-        decoding.generate(config, params, images, tokens, np.zeros_like(tokens), mask_input, max_new_tokens=10)
+        decoding.generate(config, params, images, tokens, np.zeros_like(tokens), mask_input, max_new_tokens=10).tokens
     )
     for row, length in enumerate(lengths):
         ids, token_types = _hf_inputs(config, image_token, tokens[row : row + 1, :length], np.zeros((1, length), np.int64))

@@ -52,6 +52,7 @@ def test_parser_counts_each_kind_of_invalid_object():
     assert [o.to_text() for o in result.objects] == [good, good]
     assert result.invalid == {"loc_count": 1, "seg_count": 1, "degenerate_box": 1, "token_range": 1, "malformed": 1}
     assert result.invalid_count == 5
+    assert result.chunks == [0, 6]  # where each object sits in text.split(";"): confidences are matched by it
 
 
 def test_empty_suffix_is_zero_objects_and_zero_invalid():

@@ -193,7 +193,7 @@ def _canvas(job: Job, image, prediction: Prediction):
     from metrics import canvas
 
     if job.record is not None:
-        predicted = canvas.Prediction(mask=prediction.mask, suffix=prediction.text)
+        predicted = canvas.Prediction(prediction.mask, prediction.text, prediction.confidences)
         return canvas.canvas_for_record(job.record, predicted, panel_height=320)[0]
     caption = (
         f"prompt: {job.prompt}    image: {job.image_path.name}\n"
@@ -201,7 +201,8 @@ def _canvas(job: Job, image, prediction: Prediction):
         + ("" if prediction.valid else "\nINVALID prediction: the text has no valid object")
     )
     return canvas.make_canvas(
-        image, None, prediction.mask, caption, pred_boxes=prediction.boxes, pred_labels=prediction.labels,
+        image, None, prediction.mask, caption, pred_boxes=prediction.boxes,
+        pred_labels=canvas.labelled(prediction.labels, prediction.confidences),
         panel_height=320,
     )  # fmt: skip
 

@@ -75,6 +75,10 @@ class Prediction:
         return [o.label for o in self.objects]
 
     @property
+    def confidences(self) -> tuple[float | None, ...]:
+        return tuple(o.confidence for o in self.objects)
+
+    @property
     def masks(self) -> np.ndarray:
         """bool [N, H, W]: each object's mask (all-zero for a box-only object)."""
         masks = np.zeros((len(self.objects), self.height, self.width), bool)

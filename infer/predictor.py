@@ -53,13 +53,14 @@ def resolve_step(run_dir: str | os.PathLike, step: int | str | None) -> int:
         raise ValueError(f"step must be an integer, 'best' or 'latest', got {step!r}") from None
 
 
-def load_step(run_dir: str | os.PathLike, step: int):
+def load_step(run_dir: str | os.PathLike, step: int, frozen: dict | None = None):
     """(model config, params) of a run at `step`; step 0 is the base the run started from (the base
-    checkpoint with zero-effect LoRA adapters, or the recorded seeded random init)."""
+    checkpoint with zero-effect LoRA adapters, or the recorded seeded random init). `frozen`: the run's
+    `train.checkpoints.frozen_params` when already loaded (used for steps > 0)."""
     from train import checkpoints
 
     if step != 0:
-        return checkpoints.load_run(run_dir, step)
+        return checkpoints.load_run(run_dir, step, frozen=frozen)
     from paliseg import model
     from train import params as param_sets
 
@@ -110,15 +111,19 @@ class Predictor:
         self.step = step  # the run step the params are from (from_run), else None
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, step: int | str | None = "best", tokenizer=None, **options: Any) -> "Predictor":
+    def from_run(
+        cls, run_dir: str | os.PathLike, step: int | str | None = "best", tokenizer=None, frozen: dict | None = None,
+        **options: Any,
+    ) -> "Predictor":
         """A run's checkpoint: `step` is "best" (recorded by `paliseg eval`), "latest", or a number (0 = base).
-        `max_new_tokens` defaults to the run's --seq-len: no suffix it trained on was longer."""
+        `max_new_tokens` defaults to the run's --seq-len: no suffix it trained on was longer. `frozen`: the
+        run's parameters that training never changes, when already loaded (`load_step`)."""
         from train import checkpoints
 
         number = resolve_step(run_dir, step)
         train_config, run_model = checkpoints.read_run_config(run_dir)
         tokenizer = _tokenizer(tokenizer or train_config.tokenizer, run_model)  # fails fast, before the params load
-        config, params = load_step(run_dir, number)
+        config, params = load_step(run_dir, number, frozen)
         options.setdefault("max_new_tokens", train_config.seq_len)
         return cls(config, params, tokenizer, source=f"{run_dir} step {number}", step=number, **options)
 

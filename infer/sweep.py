@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -296,6 +297,9 @@ def evaluate_run(
 
     results: list[StepResult] = []
     caches: dict[int, prediction_cache.PredictionCache] = {}
+    # The base every step shares (`train.checkpoints.frozen_params`): read once, when a step first decodes.
+    frozen_params = functools.cache(lambda: checkpoints.frozen_params(run_dir))
+
     for step in wanted:
         started = time.perf_counter()
         cache = prediction_cache.PredictionCache(
@@ -303,7 +307,8 @@ def evaluate_run(
         )
         cached = sum(item.key in cache for item in items)
         factory = lambda step=step: Predictor.from_run(  # noqa: E731
-            run_dir, step, vae_model=vae_model, batch_size=batch_size, max_new_tokens=max_new_tokens
+            run_dir, step, frozen=frozen_params() if step else None, vae_model=vae_model, batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
         )
         try:
             decoded = decode_step(factory, items, cache, batch_size, f"step {step}")

@@ -194,10 +194,11 @@ def _canvases(out_dir: Path, report, items, scores, caches, vae_model, count: in
         for rank, index in enumerate(indices, start=1):
             item = items[index]
             predicted = prediction_module.from_text(
-                caches[shown].text(item.key), item.record.prefix, item.width, item.height, vae_model
+                caches[shown].text(item.key), item.record.prefix, item.width, item.height, vae_model,
+                chunk_scores=caches[shown].chunk_scores(item.key),
             )
             picture, _ = canvas.canvas_for_record(
-                item.record, canvas.Prediction(mask=predicted.mask, suffix=predicted.text), panel_height=320
+                item.record, canvas.Prediction(predicted.mask, predicted.text, predicted.confidences), panel_height=320
             )
             path = folder / f"{name}_{rank}.png"
             files.write_image(path, picture)

@@ -178,11 +178,19 @@ def make_grid(canvases: Sequence[Image.Image], columns: int = 2, gap: int = 12) 
 class Prediction:
     """What is known of one prediction: its full-resolution mask and/or its generated text.
 
-    `Prediction()` (neither) is a missing or unusable prediction: it is scored as invalid.
+    `Prediction()` (neither) is a missing or unusable prediction: it is scored as invalid. `confidences`
+    (one per valid object of the suffix, in its order) are drawn after the labels.
     """
 
     mask: np.ndarray | None = None
     suffix: str | None = None
+    confidences: tuple[float | None, ...] = ()
+
+
+def labelled(labels: Sequence[str], confidences: Sequence[float | None]) -> list[str]:
+    """Box captions: each label followed by its object's confidence when one is known."""
+    padded = list(confidences) + [None] * (len(labels) - len(confidences))
+    return [label if c is None else f"{label} {c:.2f}".strip() for label, c in zip(labels, padded)]
 
 
 def suffix_boxes(suffix: str, width: int, height: int) -> tuple[list[tuple[float, ...]], list[str], int]:
@@ -221,6 +229,7 @@ def canvas_for_record(
         invalid = 0
         if prediction.suffix is not None:
             pred_boxes, pred_labels, invalid = suffix_boxes(prediction.suffix, width, height)
+            pred_labels = labelled(pred_labels, prediction.confidences)
         pred_mask = prediction.mask
         if pred_mask is not None and pred_mask.shape != (height, width):
             raise ValueError(

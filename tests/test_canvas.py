@@ -191,3 +191,8 @@ def test_visualize_scores_a_prediction_folder_and_a_predictions_jsonl(cracks_rec
     files.write_mask(tmp_path / "small" / mask_name, shifted[::2, ::2])
     assert cli.main([*args, "--pred", str(tmp_path / "small"), "--out", str(tmp_path / "d")]) == 1
     assert "data.jsonl:1: predicted mask is" in capsys.readouterr().err
+
+
+def test_box_captions_carry_the_confidence_when_known():
+    assert canvas.labelled(["crack", "crack", "crack"], [0.912, None]) == ["crack 0.91", "crack", "crack"]
+    assert canvas.labelled(["", "crack"], [0.5, 0.25]) == ["0.50", "crack 0.25"]

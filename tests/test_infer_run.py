@@ -101,20 +101,25 @@ def _stable(report: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def swept(setup, tmp_path_factory):
-    """An uninterrupted sweep of the run: (report, report dir, decoded images per decode call)."""
+    """An uninterrupted sweep of the run: (report, report dir, decoded images per decode call, how many
+    times the run's frozen parameters were loaded)."""
     data, run_dir, vae_path = setup
     out = tmp_path_factory.mktemp("sweep") / "whole"
+    loads = []
+    frozen_params = run_checkpoints.frozen_params
     with pytest.MonkeyPatch.context() as monkeypatch:
         calls = _count_decodes(monkeypatch)
+        monkeypatch.setattr(run_checkpoints, "frozen_params", lambda run: loads.append(run) or frozen_params(run))
         report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)
-    return report, out, calls
+    return report, out, calls, len(loads)
 
 
 def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swept, tmp_path, monkeypatch):
     data, run_dir, vae_path = setup
-    whole, whole_dir, whole_calls = swept
+    whole, whole_dir, whole_calls, frozen_loads = swept
     assert [s["step"] for s in whole["steps"]] == [0, 2, 4] and all(s["status"] == "ok" for s in whole["steps"])
     assert sum(whole_calls) == 3 * 3  # 3 valid records x (base + 2 checkpoints)
+    assert frozen_loads == 1  # the checkpoints share one read of the frozen base
     calls = _count_decodes(monkeypatch)
 
     def crash_after_step_2(step):
@@ -147,7 +152,7 @@ def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swep
 
 def test_report_files_best_json_and_scores(setup, swept):
     data, run_dir, vae_path = setup
-    report, out, _ = swept
+    report, out, _, _ = swept
     best = report["best"]
     recorded = json.loads((run_dir / "best.json").read_text())  # (a later sweep of this run may rewrite it)
     assert {k: recorded[k] for k in ("step", "metric", "value")} == {k: best[k] for k in ("step", "metric", "value")}

@@ -232,6 +232,9 @@ def test_lora_from_a_base_checkpoint_keeps_the_base_and_records_it(dataset, tmp_
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["checkpoint"] == str(path) and saved["init"] is None
     _, params = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False)
+    _, shared = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False,
+                                         frozen=run_checkpoints.frozen_params(tmp_path / "run"))
+    jax.tree.map(np.testing.assert_array_equal, params, shared)  # a sweep's one read of the base: the same params
     flat, base_flat = flatten(params), flatten(base)
     for name, value in base_flat.items():  # the frozen base is exactly the file's
         np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(value), err_msg=name)

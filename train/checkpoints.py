@@ -77,12 +77,24 @@ def read_run_config(run_dir: str | os.PathLike) -> tuple[train_config.TrainConfi
     return train_config.from_dict(data["train"], str(path)), ModelConfig.from_dict(data["model"])
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None, merge_lora: bool = True) -> tuple[ModelConfig, dict]:
+def frozen_params(run_dir: str | os.PathLike) -> dict:
+    """The parameters that no checkpoint of the run holds, because training never changes them: the base
+    checkpoint (or the seeded random init) minus the trainable set; empty for `--trainable all`. Every step
+    of a run shares them, so a sweep reads them once and passes them to each `load_run`."""
+    from train import params as param_sets
+
+    config, model_cfg = read_run_config(run_dir)
+    return {} if config.trainable == "all" else param_sets.initial(config, model_cfg)[0]
+
+
+def load_run(
+    run_dir: str | os.PathLike, step: int | None = None, merge_lora: bool = True, frozen: dict | None = None
+) -> tuple[ModelConfig, dict]:
     """(model config, full params) of a run's checkpoint `step` (default: the latest).
 
     With `merge_lora` (default) the adapters are folded into the base and the returned config has LoRA
     off, so the params run at the base model's speed; otherwise the config keeps LoRA and the tree holds
-    the adapters.
+    the adapters. `frozen` is the run's `frozen_params`, when already in memory (else they are loaded).
     """
     from paliseg import model
     from train import params as param_sets
@@ -104,8 +116,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, merge_lora: bo
                                             item=abstract_state, partial_restore=True,
                                             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
     trainable = restored["params"]
-    frozen = {} if config.trainable == "all" else param_sets.initial(config, model_cfg)[0]
-    params = param_sets.join(frozen, trainable)
+    params = param_sets.join(frozen_params(run_dir) if frozen is None else frozen, trainable)
     if merge_lora and model_cfg.lora.enabled:
         params = model.merge_lora(params, model_cfg.lora)
         model_cfg = model_cfg.replace(lora={"rank": 0})

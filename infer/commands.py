@@ -35,6 +35,7 @@ examples:
   paliseg predict --run runs/r1 --step 200 --image data/_annotations.valid.jsonl --out pred_valid --json
   paliseg predict --checkpoint paligemma.npz --preset paligemma-3b-224 --tokenizer tok.model \\
       --image photos/ --prompt "segment crack" --prompt "segment taping area" --out pred
+  paliseg predict --checkpoint hf_paligemma/ --image wall.jpg --prompt "caption en" --raw --no-constrain
 """
 
 _EVAL_HELP = "Score every checkpoint of a run on a split, pick the best, write a report with plots and canvases."
@@ -77,7 +78,11 @@ def register(subparsers) -> None:
     predict.add_argument("--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)")
     predict.add_argument("--image", required=True, type=Path, metavar="IMG|DIR|JSONL", help="what to predict on")
     predict.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt (repeatable)")
-    predict.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    predict.add_argument("--out", type=Path, metavar="DIR", help="output folder (required unless --raw)")
+    predict.add_argument("--raw", action="store_true",
+                         help="print the decoded texts, one line per image and prompt (without --out: write nothing)")
+    predict.add_argument("--no-constrain", action="store_true",
+                         help="decode freely (default: the segmentation grammar for prompts that start with 'segment')")
     _decoding_arguments(predict)
     predict.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: models/vae-oid.npz, else the bundled one)")
     predict.add_argument("--no-canvas", action="store_true", help="do not draw canvases")
@@ -125,8 +130,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
     _positive(args.batch_size, "--batch-size")
     _positive(args.max_new_tokens, "--max-new-tokens")
+    if args.out is None and not args.raw:
+        raise ValueError("--out DIR is required (or --raw alone: print the decoded texts, write nothing)")
     jobs = outputs.jobs_for(args.image, args.prompt)  # bad input fails before the model loads
-    options = {"batch_size": args.batch_size, "vae_model": _vae(args.vae)}
+    options = {"batch_size": args.batch_size, "vae_model": _vae(args.vae), "constrain": False if args.no_constrain else None}
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
     if args.run_dir is not None:
@@ -139,8 +146,14 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError("--step goes with --run")
         predictor = Predictor.from_checkpoint(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, **options)
     console.info(f"predict: {len(jobs)} image/prompt pair(s) with {predictor.source}")
-    result = outputs.predict_set(predictor, jobs, args.out, canvases=not args.no_canvas, overwrite=args.overwrite)
-    console.report(result, _predict_text(result), args.json)
+    if args.out is None:
+        predictions = predictor.predict([job.image_path for job in jobs], [job.prompt for job in jobs])
+        result = {"model": predictor.source, "results": [
+            {"name": job.name, **prediction.to_json()} for job, prediction in zip(jobs, predictions)
+        ]}  # fmt: skip
+    else:
+        result = outputs.predict_set(predictor, jobs, args.out, canvases=not args.no_canvas, overwrite=args.overwrite)
+    console.report(result, "\n".join(r["text"] for r in result["results"]) if args.raw else _predict_text(result), args.json)
     return 0
 
 

@@ -89,6 +89,7 @@ class Predictor:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         source: str = "<params>",
         step: int | None = None,
+        constrain: bool | None = None,
     ):
         import vae
 
@@ -109,6 +110,7 @@ class Predictor:
         self.max_new_tokens = max_new_tokens
         self.source = source
         self.step = step  # the run step the params are from (from_run), else None
+        self.constrain = constrain  # the segmentation grammar: None = for "segment ..." prompts (predict_texts)
 
     @classmethod
     def from_run(
@@ -155,7 +157,7 @@ class Predictor:
             batch_prompts += [batch_prompts[0]] * (self.batch_size - real)
             decoded = decoding.predict_texts(
                 self.config, self.params, self.tokenizer, np.stack(batch_images), batch_prompts,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=self.max_new_tokens, constrain=self.constrain,
             )  # fmt: skip
             texts += decoded[:real]
         return texts

@@ -270,6 +270,27 @@ def test_predict_on_plain_images_and_bad_inputs(setup, tmp_path, capsys):
     assert "not a PaliGemma tokenizer" in capsys.readouterr().err
 
 
+def test_predict_raw_prints_texts_and_no_constrain_decodes_freely(setup, tmp_path, capsys):
+    data, run_dir, vae_path = setup
+    image = data / "images" / "valid_0.png"
+    base = ["predict", "--run", str(run_dir), "--step", "0", "--image", str(image), "--prompt", PROMPT,
+            "--vae", str(vae_path)]  # fmt: skip
+    assert main(base) == 1 and "--out DIR is required" in capsys.readouterr().err
+    predictor = Predictor.from_run(run_dir, 0, vae_model=vae.MaskVAE.from_npz(vae_path))  # untrained: the grammar shows
+    texts = []
+    for flags, constrain in (([], None), (["--no-constrain"], False)):
+        assert main(base + ["--raw", *flags]) == 0
+        printed = capsys.readouterr().out
+        predictor.constrain = constrain
+        [expected] = predictor.predict(image, PROMPT)
+        assert printed == expected.text + "\n"
+        texts.append(expected)
+        assert main(base + ["--raw", "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["results"][0]["text"] == expected.text
+    assert texts[0].valid and texts[0].invalid_count == 0  # constrained: always parses
+    assert texts[1].text != texts[0].text
+
+
 def _plain_tokenizer(path: Path) -> Path:
     import io
 

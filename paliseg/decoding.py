@@ -228,9 +228,9 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
 
 
 class Generation(NamedTuple):
-    """`generate`'s result: the tokens, each token's log-probability under the distribution it was chosen
-    from (the model's softmax, restricted to the grammar's allowed tokens when constrained; 0 after EOS),
-    and with `return_logits` the raw logits of every step."""
+    """`generate`'s result: the tokens, each token's log-probability under the model's softmax at
+    temperature 1, restricted to the grammar's allowed tokens when constrained (whatever the sampling
+    settings; 0 after EOS), and with `return_logits` the raw logits of every step."""
 
     tokens: jax.Array  # int32 [B, max_new_tokens], pad after EOS
     logprobs: jax.Array  # float32 [B, max_new_tokens]

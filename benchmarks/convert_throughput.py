@@ -31,7 +31,7 @@ import vae  # noqa: E402
 from converters import sam  # noqa: E402
 from converters.convert import ConvertConfig, convert  # noqa: E402
 from converters.sources import IssueLog  # noqa: E402
-from paliseg import allocator, files  # noqa: E402
+from paliseg import allocator, images  # noqa: E402
 
 
 def convert_rate(source: Path, work: Path, name: str, vae_path: Path, **options) -> tuple[int, float]:
@@ -55,21 +55,21 @@ def sam_ratio(drywall_valid: Path, model_type: str, count: int) -> float:
         x, y, w, h = a["bbox"]
         boxes_of.setdefault(a["image_id"], []).append((x, y, x + w, y + h))
     chosen = [i for i in data["images"] if i["id"] in boxes_of][:count]
-    images = [np.asarray(files.read_rgb(drywall_valid / i["file_name"])) for i in chosen]
+    pictures = [np.asarray(images.read_image(drywall_valid / i["file_name"])) for i in chosen]
     boxes = [boxes_of[i["id"]] for i in chosen]
     n_boxes = sum(map(len, boxes))
 
-    segmenter.masks_for_boxes(images[0], boxes[0][:1])  # warm-up (allocations, lazy init)
+    segmenter.masks_for_boxes(pictures[0], boxes[0][:1])  # warm-up (allocations, lazy init)
     start = time.perf_counter()
-    batched = [segmenter.masks_for_boxes(image, b) for image, b in zip(images, boxes)]
+    batched = [segmenter.masks_for_boxes(image, b) for image, b in zip(pictures, boxes)]
     per_image = time.perf_counter() - start
     start = time.perf_counter()
-    one_by_one = [np.stack([segmenter.masks_for_boxes(image, [box])[0] for box in b]) for image, b in zip(images, boxes)]
+    one_by_one = [np.stack([segmenter.masks_for_boxes(image, [box])[0] for box in b]) for image, b in zip(pictures, boxes)]
     per_box = time.perf_counter() - start
     same = all(np.array_equal(a, b) for a, b in zip(batched, one_by_one))
-    print(f"SAM {model_type} (random weights), {len(images)} drywall images, {n_boxes} boxes:")
-    print(f"  one embedding per image: {per_image:.2f} s ({len(images) / per_image:.2f} images/s)")
-    print(f"  one embedding per box:   {per_box:.2f} s ({len(images) / per_box:.2f} images/s)")
+    print(f"SAM {model_type} (random weights), {len(pictures)} drywall images, {n_boxes} boxes:")
+    print(f"  one embedding per image: {per_image:.2f} s ({len(pictures) / per_image:.2f} images/s)")
+    print(f"  one embedding per box:   {per_box:.2f} s ({len(pictures) / per_box:.2f} images/s)")
     print(f"  identical masks: {same}")
     return per_box / per_image
 

@@ -66,7 +66,7 @@ def main() -> None:
     from infer.predictor import Predictor
     from metrics import canvas
     from paliseg import config as model_configs
-    from paliseg import files, model
+    from paliseg import images, model
     from paliseg.tokenizer import Tokenizer
 
     paths = sorted(p for p in IMAGES.iterdir() if p.suffix == ".jpg")
@@ -83,7 +83,7 @@ def main() -> None:
             params = model.init_params(config, jax.random.key(0))
             predictor = Predictor(config, params, Tokenizer(config.tokenizer_path), vae_model,
                                   batch_size=args.batch, max_new_tokens=args.max_new_tokens, source=f"random {name}")  # fmt: skip
-            pixels = [predictor.preprocess(files.read_rgb(path)) for path in paths]
+            pixels = [predictor.preprocess(images.read_image(path)) for path in paths]
             texts = predictor.decode_texts(pixels, [prompt] * len(pixels))  # warm-up: compiles
             decode = _median_seconds(lambda: predictor.decode_texts(pixels, [prompt] * len(pixels)), args.batches)
             counter = iter(range(10**6))
@@ -93,7 +93,7 @@ def main() -> None:
             )
             predictions = predictor.predict(paths, prompt)
             drawing = _median_seconds(
-                lambda: [canvas.make_canvas(files.read_rgb(p), None, q.mask, "x", pred_boxes=q.boxes) for p, q in zip(paths, predictions)],
+                lambda: [canvas.make_canvas(images.read_image(p), None, q.mask, "x", pred_boxes=q.boxes) for p, q in zip(paths, predictions)],
                 1,
             )
             objects = sum(len(p.objects) for p in predictions) / len(predictions)

@@ -5,6 +5,10 @@ annotations do not use; the real classes are the others. Instance-segmentation p
 (`segmentation: [[x1, y1, ...], ...]`), box-only projects `segmentation: []` with `bbox: [x, y, w, h]`.
 Some polygon projects also hold a few box-only annotations; those become box objects (masks from
 `--box-masks`) and are counted as a warning.
+
+Frames: the JSON's width/height are the frame its coordinates describe. Roboflow exports are oriented (no
+EXIF orientation tag, sizes match); a file from another tool may describe the stored frame of a photo that
+still carries a tag. The converter sorts that out when it reads the image (`convert._Converter._read_image`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def placeholder_ids(categories: list[dict]) -> set:
     return placeholders if len(placeholders) < len(categories) else set()
 
 
-def read_split(export: Path, split: str, folder: Path) -> SourceSplit:
+def read_coco_split(export: Path, split: str, folder: Path) -> SourceSplit:
+    """A COCO split folder: its `_annotations.coco.json` and the images beside it."""
     annotation_file = folder / ANNOTATION_FILE
     data = load_json(annotation_file)
     categories = {c.get("id"): c for c in data["categories"] if isinstance(c, dict)}

@@ -1,7 +1,8 @@
 """The writer: source images and objects -> annotation records with loc + seg tokens, images and GT masks.
 
 For every image of every split of every export:
-  1. the image is decoded (a corrupt or missing image is a counted skip) and its objects get full-size
+  1. the image is decoded (a corrupt or missing image is a counted skip), its objects are brought to its
+     displayed frame (EXIF orientation applied, see `_Converter._read_image`) and get full-size
      masks: their own geometry (pycocotools rasterisation), or for box-only objects `--box-masks`: SAM
      (one image embedding, all boxes batched) or `fill` (the box itself);
   2. objects are grouped by prompt (`--prompt-map`, default `segment <class>`); each prompt of the export's
@@ -42,13 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 import vae
 from converters import geometry
 from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
-from paliseg import console, files, records, tokens
+from paliseg import console, files, images, records, tokens
 
 OBJECT_MODES = ("instance", "merged")
 BOX_MASK_MODES = ("sam", "fill")
@@ -231,9 +230,10 @@ class _Converter:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def _plan_image(self, image: SourceImage, split: SourceSplit, tag: str) -> None:
-        pixels = self._load_image(image)
-        if pixels is None:
+        read = self._read_image(image)
+        if read is None:
             return
+        pixels, image = read
         image_rel = Path("images") / split.split / tag / image.name
         if self.out / image_rel in self.linked:
             self.log.skip(image.where, "duplicate_image", f"{image.name} was already converted for split {split.split}")
@@ -253,7 +253,7 @@ class _Converter:
             elif not mask.any():
                 self.log.skip(obj.where, "empty_mask", "the polygon covers no pixel centre when rasterised")
             else:
-                masked.append((obj, mask, _origin(obj)))
+                masked.append((obj, mask, geometry.shape_origin(obj.shape)))
         if box_only:
             made = self.box_masker.masks(pixels, image.width, image.height, box_only)
             masked += [(obj, mask, origin) for obj, (mask, origin) in zip(box_only, made)]
@@ -287,23 +287,35 @@ class _Converter:
             label_of = {c: self.label(c) for c in classes_of[prompt]}
             self.pending.append(_Planned(record, split.split, image.width, image.height, label_of, objects, self.out / mask_rel))
 
-    def _load_image(self, image: SourceImage) -> np.ndarray | None:
-        """Decode the whole image (catches truncated files); pixels only when SAM needs them."""
-        try:
-            with Image.open(image.path) as opened:
-                opened.load()
-                size = opened.size
-                pixels = np.asarray(opened.convert("RGB")) if self.box_masker.needs_pixels else np.zeros(0)
-        except FileNotFoundError:
+    def _read_image(self, image: SourceImage) -> tuple[np.ndarray, SourceImage] | None:
+        """Decode the whole image (catches truncated files) and bring its annotations to the image's displayed
+        frame (`paliseg.images`); pixels only when SAM needs them. None: skipped (counted).
+
+        The annotated size says which frame the annotations describe: the displayed one (Roboflow exports,
+        and what annotation tools show; also when both frames have that size) is used as it is; the stored
+        one of an image with an orientation tag is turned to the displayed frame (`geometry.to_displayed_frame`,
+        a counted warning); neither is a `size_mismatch` skip."""
+        if not image.path.is_file():
             self.log.skip(image.where, "missing_image", f"image {image.path} not found")
             return None
-        except (OSError, ValueError) as error:
-            self.log.skip(image.where, "corrupt_image", f"image {image.path} is not readable: {error}")
+        try:
+            header = images.read_header(image.path, decode=not self.box_masker.needs_pixels)
+            pixels = np.asarray(images.read_image(image.path)) if self.box_masker.needs_pixels else np.zeros(0)
+        except images.ImageReadError as error:
+            self.log.skip(image.where, "corrupt_image", f"image {image.path} is not readable: {error.reason}")
             return None
-        if size != (image.width, image.height):
-            self.log.skip(image.where, "size_mismatch", f"image {image.path} is {size[0]}x{size[1]}, the annotation says {image.width}x{image.height}")
-            return None
-        return pixels
+        annotated = (image.width, image.height)
+        if annotated == header.displayed_size:
+            return pixels, image
+        (width, height), (stored_w, stored_h) = header.displayed_size, header.stored_size
+        if annotated == header.stored_size:
+            self.log.warn(image.where, "stored_frame_annotations",
+                          f"image {image.path} is shown turned (EXIF orientation {header.orientation}) as {width}x{height}; "
+                          f"its {stored_w}x{stored_h} annotations describe the stored frame and were turned with it")  # fmt: skip
+            return pixels, geometry.to_displayed_frame(image, header.orientation)
+        stored = f" ({stored_w}x{stored_h} as stored, EXIF orientation {header.orientation})" if header.orientation != 1 else ""
+        self.log.skip(image.where, "size_mismatch", f"image {image.path} is {width}x{height}{stored}, the annotation says {image.width}x{image.height}")
+        return None
 
     def _link(self, source: Path, target: Path) -> None:
         """Hard-link (or copy, across file systems) atomically: a temporary name, then a rename."""
@@ -402,10 +414,6 @@ def _export_tags(paths: list[Path]) -> list[str]:
             tag, n = f"{base}-{n}", n + 1
         tags.append(tag)
     return tags
-
-
-def _origin(obj: SourceObject) -> str:
-    return type(obj.shape).__name__.lower().replace("rastermask", "mask").replace("polygons", "polygon")
 
 
 def _rounded(box: Sequence[float]) -> list[float]:

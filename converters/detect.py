@@ -32,9 +32,9 @@ def read_export(path: str | Path, fmt: str | None = None, mask_class: str | None
 
     if fmt in (None, "yolo") and (export / yolo.DATA_YAML).is_file():
         names = yolo.class_names(export)
-        splits = [yolo.read_split(export, folder, names) for folder in yolo.split_folders(export)]
+        splits = [yolo.read_yolo_split(export, folder, names) for folder in yolo.split_folders(export)]
     elif fmt in (None, "paligemma") and (files := paligemma_jsonl.annotation_files(export)):
-        splits = [paligemma_jsonl.read_split(export, f) for f in files]
+        splits = [paligemma_jsonl.read_jsonl_split(export, f) for f in files]
     elif fmt in (None, "coco", "masks"):
         splits = _read_folders(export, fmt, mask_class)
     else:
@@ -57,14 +57,14 @@ def _read_folders(export: Path, fmt: str | None, mask_class: str | None) -> list
         candidates, root = sorted(p for p in export.iterdir() if p.is_dir() and not p.name.endswith("_masks")), export
         names = {p: p.name for p in candidates}
     coco_splits = [
-        coco.read_split(root, names[f], f) for f in candidates if fmt != "masks" and (f / coco.ANNOTATION_FILE).is_file()
+        coco.read_coco_split(root, names[f], f) for f in candidates if fmt != "masks" and (f / coco.ANNOTATION_FILE).is_file()
     ]
     if mask_class is None:
         classes = {n for s in coco_splits for n in s.class_names}
         mask_class = classes.pop() if len(classes) == 1 else DEFAULT_MASK_CLASS
     coco_folders = {s.annotation_file.parent for s in coco_splits}
     mask_splits = [
-        mask_folder.read_split(root, names[f], *layout, mask_class)
+        mask_folder.read_mask_folder_split(root, names[f], *layout, mask_class)
         for f in candidates
         if fmt != "coco" and f not in coco_folders and (layout := mask_folder.find_layout(f))
     ]

@@ -3,17 +3,27 @@
 Rasterisation is pycocotools' (`frPyObjects` + `merge` + `decode`), the reference COCO tools use, so a
 converted ground-truth mask is exactly what pycocotools draws for the polygon. A box mask (`fill`) is the
 pixels whose centres lie inside the box.
+
+Orientation: an image carrying an EXIF orientation tag is read in its displayed frame (`paliseg.images`).
+When a COCO file describes the stored frame instead, `to_displayed_frame` moves its objects: boxes by the
+exact point transform of the orientation, shapes rasterised in the frame they were drawn in and their
+pixels turned like the image (pycocotools' rasterisation is not symmetric under flips, so turning the
+polygon first would move edge pixels).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import dataclasses
+
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from converters.sources import IssueLog, Polygons, RasterMask, Rle, Shape, SourceObject
+from converters.sources import IssueLog, Polygons, RasterMask, Rle, Shape, SourceImage, SourceObject
+from paliseg import images
 
 # Mask-folder components smaller than this are speckle, not objects (real crack components are >= 96 px).
 MIN_COMPONENT_PIXELS = 10
@@ -145,6 +155,65 @@ def box_mask(box_xyxy: Sequence[float], width: int, height: int) -> np.ndarray:
     cols = (np.arange(width) + 0.5 >= x1) & (np.arange(width) + 0.5 <= x2)
     rows = (np.arange(height) + 0.5 >= y1) & (np.arange(height) + 0.5 <= y2)
     return rows[:, None] & cols[None, :]
+
+
+def displayed_point(x: float, y: float, orientation: int, width: int, height: int) -> tuple[float, float]:
+    """A point of the stored `width` x `height` frame (pixel edges at integers) in the displayed frame of an
+    image with this EXIF orientation: where `ImageOps.exif_transpose` takes it."""
+    return {
+        1: (x, y),
+        2: (width - x, y),  # mirrored left-right
+        3: (width - x, height - y),  # turned 180 degrees
+        4: (x, height - y),  # mirrored top-bottom
+        5: (y, x),  # transposed
+        6: (height - y, x),  # turned 90 degrees clockwise
+        7: (height - y, width - x),  # transversed
+        8: (y, width - x),  # turned 90 degrees anticlockwise
+    }[orientation]
+
+
+def displayed_box(box_xyxy: Sequence[float], orientation: int, width: int, height: int) -> tuple[float, float, float, float]:
+    """A stored-frame (x1, y1, x2, y2) box in the displayed frame (see `displayed_point`)."""
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    (ax, ay), (bx, by) = (displayed_point(x, y, orientation, width, height) for x, y in ((x1, y1), (x2, y2)))
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
+
+
+def displayed_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
+    """A stored-frame mask turned like the image's pixels (the reader's own transpose)."""
+    method = images.ORIENTATION_TRANSPOSE.get(orientation)
+    if method is None:
+        return np.asarray(mask, bool)
+    turned = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").transpose(method)
+    return np.asarray(turned) > 127
+
+
+def to_displayed_frame(image: SourceImage, orientation: int) -> SourceImage:
+    """An image whose annotations describe its stored frame (`image.width` x `image.height`), with them moved
+    to the displayed frame of its EXIF `orientation`: boxes exactly, shapes as turned raster masks."""
+    width, height = image.width, image.height
+    objects = []
+    for obj in image.objects:
+        box = displayed_box(obj.box_xyxy, orientation, width, height)
+        shape = None
+        if obj.shape is not None:
+            mask = displayed_mask(object_mask(obj, width, height), orientation)
+            ys, xs = np.nonzero(mask)
+            if len(ys):
+                crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+                shape = RasterMask(crop, int(xs.min()), int(ys.min()), origin=shape_origin(obj.shape))
+            else:  # covers no pixel: an empty mask, skipped as such by the converter
+                shape = RasterMask(np.zeros((0, 0), bool), 0, 0, origin=shape_origin(obj.shape))
+        objects.append(dataclasses.replace(obj, box_xyxy=box, shape=shape))
+    shown_width, shown_height = images.displayed_size((width, height), orientation)
+    return dataclasses.replace(image, width=shown_width, height=shown_height, objects=objects)
+
+
+def shape_origin(shape: Shape) -> str:
+    """Where an object's mask comes from, for provenance: "polygon", "rle" or "mask"."""
+    if isinstance(shape, RasterMask):
+        return shape.origin
+    return {Polygons: "polygon", Rle: "rle"}[type(shape)]
 
 
 def _fmt(values: Sequence[float]) -> str:

@@ -3,7 +3,8 @@
 Three layouts are recognised: masks beside the images (`<split>/a.jpg`, `<split>/a_mask.png`), in a
 sibling folder (`train/a.jpg`, `train_masks/a_mask.png`, as the cracks train split here), or
 `<split>/images/` with `<split>/masks/`. A mask holds no class, so all its objects get one class name;
-instances are its 8-connected components (see `geometry.mask_components`).
+instances are its 8-connected components (see `geometry.mask_components`). Image and mask are both taken in
+their displayed frame (`paliseg.images`: EXIF orientation applied), and must have the same displayed size.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from converters import geometry
 from converters.sources import IssueLog, SourceImage, SourceSplit, image_files, image_size
+from paliseg import images
 
 MASK_SUFFIX = "_mask.png"
 
@@ -33,11 +32,12 @@ def find_layout(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def read_split(export: Path, split: str, image_folder: Path, mask_folder: Path, class_name: str) -> SourceSplit:
-    images = image_files(image_folder)
+def read_mask_folder_split(export: Path, split: str, image_folder: Path, mask_folder: Path, class_name: str) -> SourceSplit:
+    """A mask-folder split: its images, each with the components of its `<stem>_mask.png` as objects."""
+    paths = image_files(image_folder)
 
     def read(log: IssueLog) -> Iterator[SourceImage]:
-        for path in images:
+        for path in paths:
             where = str(path)
             mask_path = mask_folder / f"{path.stem}{MASK_SUFFIX}"
             if not mask_path.is_file():
@@ -45,9 +45,8 @@ def read_split(export: Path, split: str, image_folder: Path, mask_folder: Path, 
                 continue
             try:
                 width, height = image_size(path)
-                with Image.open(mask_path) as mask_image:
-                    mask = np.asarray(mask_image.convert("L")) > 127
-            except (OSError, ValueError) as error:
+                mask = images.read_mask(mask_path)
+            except images.ImageReadError as error:
                 log.skip(where, "corrupt_image", str(error))
                 continue
             if mask.shape != (height, width):
@@ -56,4 +55,4 @@ def read_split(export: Path, split: str, image_folder: Path, mask_folder: Path, 
             objects = geometry.mask_components(class_name, mask, str(mask_path), log)
             yield SourceImage(path, path.name, width, height, objects, where, source_id=path.stem)
 
-    return SourceSplit(export, split, "masks", [class_name], len(images), read, mask_folder)
+    return SourceSplit(export, split, "masks", [class_name], len(paths), read, mask_folder)

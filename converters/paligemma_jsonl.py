@@ -1,7 +1,8 @@
 """Roboflow "PaliGemma" JSONL: `dataset/_annotations.<split>.jsonl` beside all the images.
 
 A line is `{"image": file, "prefix": "detect c1 ; c2", "suffix": "<loc..>x4 c1 ; <loc..>x4 c2"}`: the
-prefix lists every class, the suffix holds boxes as y-first loc tokens (decoded with /1023, as big_vision).
+prefix lists every class, the suffix holds boxes as y-first loc tokens (decoded with /1023, as big_vision)
+in the image's displayed frame (EXIF orientation applied).
 Observed exports carry boxes only; seg tokens, if any, are ignored (counted) because the box is re-masked
 from the source geometry anyway. Several lines for one image are merged.
 """
@@ -32,7 +33,8 @@ def split_name(annotation_file: Path) -> str:
     return annotation_file.name[len("_annotations.") : -len(".jsonl")]
 
 
-def read_split(export: Path, annotation_file: Path) -> SourceSplit:
+def read_jsonl_split(export: Path, annotation_file: Path) -> SourceSplit:
+    """The split of one `_annotations.<split>.jsonl` file."""
     lines = annotation_file.read_text(encoding="utf-8").splitlines()
     parsed: list[tuple[int, dict | None]] = []
     for number, line in enumerate(lines, start=1):

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from paliseg import images
 
 FORMATS = ("coco", "yolo", "paligemma", "masks")
 
@@ -51,6 +52,7 @@ class RasterMask:
     pixels: np.ndarray
     x1: int
     y1: int
+    origin: str = "mask"  # what was rasterised: "mask", or the "polygon"/"rle" of an annotation turned to the displayed frame
 
 
 Shape = Polygons | Rle | RasterMask | None
@@ -149,9 +151,7 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header; ValueError naming the file if it is not a readable image."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot read image: {error}") from error
+    """Displayed (width, height) from the file header (EXIF orientations 5-8 swap the stored ones): the frame
+    normalised coordinates (YOLO, PaliGemma JSONL) and mask files are read in. `images.ImageReadError`
+    (a ValueError naming the file) if it is not a readable image."""
+    return images.read_header(path).displayed_size

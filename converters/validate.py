@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from paliseg import console, files, records, tokens
+from paliseg import console, images, records, tokens
 
 _LOC = re.compile(r"<loc\d+>")
 _SEG = re.compile(r"<seg\d+>")
@@ -69,16 +67,16 @@ def _check_split(directory: Path, split: str, sizes: dict) -> SplitCheck:
 
 
 def _image_size(path: Path, sizes: dict) -> tuple[int, int] | str:
-    """(width, height) after a full decode, or the reason it failed; cached per file."""
+    """Displayed (width, height) after a full decode (`paliseg.images`: masks are in the displayed frame), or
+    the reason it failed; cached per file."""
     if path not in sizes:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                sizes[path] = image.size
-        except FileNotFoundError:
+        if not path.is_file():
             sizes[path] = f"{path} not found"
-        except (OSError, ValueError) as error:
-            sizes[path] = f"{path} is not a readable image ({error})"
+        else:
+            try:
+                sizes[path] = images.read_header(path, decode=True).displayed_size
+            except images.ImageReadError as error:
+                sizes[path] = f"{path} is not a readable image ({error.reason})"
     return sizes[path]
 
 
@@ -108,8 +106,8 @@ def _check_record(record: records.Record, sizes: dict, check: SplitCheck) -> lis
         problems.append(f"mask {record.mask_path} not found")
     else:
         try:
-            mask = files.read_mask(record.mask_path)
-        except (OSError, ValueError) as error:
+            mask = images.read_mask(record.mask_path)
+        except images.ImageReadError as error:
             problems.append(f"mask {record.mask_path} is not a readable image ({error})")
         else:
             if not isinstance(image_size, str) and mask.shape != (image_size[1], image_size[0]):

@@ -1,7 +1,8 @@
 """Roboflow YOLO: `data.yaml` (class `names`) and `<split>/images/*` with `<split>/labels/<stem>.txt`.
 
 A label line is `class cx cy w h` (a box) or `class x1 y1 x2 y2 x3 y3 ...` (a polygon of >= 3 points), all
-normalised to [0, 1]; files may mix both. Class indices are 0-based and have no placeholder. The split
+normalised to [0, 1] of the image's displayed frame (EXIF orientation applied, as every viewer and Roboflow
+show it); files may mix both. Class indices are 0-based and have no placeholder. The split
 paths in Roboflow's data.yaml (`../train/images`) are relative to a folder that does not exist, so splits
 are found by their folders, as Roboflow lays them out.
 """
@@ -38,7 +39,8 @@ def split_folders(export: Path) -> list[Path]:
     return sorted(p for p in export.iterdir() if (p / "images").is_dir())
 
 
-def read_split(export: Path, folder: Path, names: list[str]) -> SourceSplit:
+def read_yolo_split(export: Path, folder: Path, names: list[str]) -> SourceSplit:
+    """A YOLO split folder: `images/*` with their `labels/<stem>.txt`."""
     images = image_files(folder / "images")
 
     def read(log: IssueLog) -> Iterator[SourceImage]:

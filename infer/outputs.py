@@ -34,7 +34,7 @@ import numpy as np
 
 from infer import prediction as prediction_module
 from infer.prediction import Prediction
-from paliseg import files, records
+from paliseg import files, images, records
 from paliseg import tokens as codec
 from vae.masks import crop_box
 
@@ -174,7 +174,7 @@ class CocoCollector:
 
 
 def _gt_annotations(record: records.Record, image_id: int, category_id: int, width: int, height: int, first_id: int):
-    union = files.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
+    union = images.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
     annotations = []
     for obj in codec.parse_suffix(record.suffix, require_seg=False).objects:
         x1, y1, x2, y2 = crop_box(codec.locs_to_box(obj.locs, width, height), width, height)
@@ -193,7 +193,7 @@ def _canvas(job: Job, image, prediction: Prediction):
     from metrics import canvas
 
     if job.record is not None:
-        predicted = canvas.Prediction(prediction.mask, prediction.text, prediction.confidences)
+        predicted = canvas.CanvasPrediction(prediction.mask, prediction.text, prediction.confidences)
         return canvas.canvas_for_record(job.record, predicted, panel_height=320)[0]
     caption = (
         f"prompt: {job.prompt}    image: {job.image_path.name}\n"
@@ -214,7 +214,7 @@ def _open_images(jobs: Sequence[Job], skipped: list[dict[str, str]]) -> list[tup
     opened = []
     for job in jobs:
         try:
-            opened.append((job, files.read_rgb(job.image_path)))
+            opened.append((job, images.read_image(job.image_path)))
         except ValueError as error:
             skipped.append({"image": str(job.image_path), "prompt": job.prompt, "error": str(error)})
             console.info(f"skipped {job.image_path}: {error}")

@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from infer.prediction import Prediction, from_text
-from paliseg import files
 
 if TYPE_CHECKING:
     from paliseg import decoding
@@ -73,7 +72,11 @@ def load_step(run_dir: str | os.PathLike, step: int, frozen: dict | None = None)
 
 
 def _as_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    return image.convert("RGB") if isinstance(image, Image.Image) else files.read_rgb(image)
+    """A path read by `paliseg.images.read_image`, or a PIL image given directly treated the same way: in its
+    displayed frame (its EXIF orientation applied) and RGB."""
+    from paliseg import images
+
+    return images.as_displayed_rgb(image) if isinstance(image, Image.Image) else images.read_image(image)
 
 
 class Predictor:
@@ -174,7 +177,9 @@ class Predictor:
         degenerate: collections.Counter | None = None,
     ) -> list[Prediction]:
         """One Prediction per image (PIL images or paths); `prompts` is one prompt for all or one per image.
-        To ask several prompts about one image, pass the image once per prompt."""
+        To ask several prompts about one image, pass the image once per prompt. Images are taken in their
+        displayed frame, a PIL image's EXIF orientation applied too, so masks and boxes line up with the
+        image as viewers show it."""
         if isinstance(images, (Image.Image, str, os.PathLike)):
             images = [images]
         opened = [_as_image(image) for image in images]

@@ -40,7 +40,7 @@ from infer import cache as prediction_cache
 from infer.prediction import Prediction, from_text, ground_truth, score
 from infer.predictor import BEST_FILE, Predictor
 from metrics import aggregate, scoring
-from paliseg import console, files, records
+from paliseg import console, files, images, records
 from paliseg import tokens as codec
 
 # Metrics the best checkpoint can be chosen by (all: higher is better), keys of `metrics.aggregate`.
@@ -111,7 +111,7 @@ def _check(record: records.Record) -> Item:
     if not record.image_path.is_file():
         raise _Unusable("missing_image", f"image {record.image_path} not found")
     try:
-        width, height = files.read_rgb(record.image_path).size
+        width, height = images.read_image(record.image_path).size
     except ValueError as error:
         raise _Unusable("unreadable_image", str(error)) from None
     parsed = codec.parse_suffix(record.suffix, require_seg=False)
@@ -124,7 +124,7 @@ def _check(record: records.Record) -> Item:
     if not record.mask_path.is_file():
         raise _Unusable("missing_mask", f"ground-truth mask {record.mask_path} not found")
     try:
-        shape = files.read_mask(record.mask_path).shape
+        shape = images.read_mask(record.mask_path).shape
     except (OSError, ValueError) as error:
         raise _Unusable("unreadable_mask", f"ground-truth mask {record.mask_path}: {error}") from None
     if shape != (height, width):
@@ -208,7 +208,7 @@ def decode_step(
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            pixels = [predictor.preprocess(files.read_rgb(item.record.image_path)) for item in batch]
+            pixels = [predictor.preprocess(images.read_image(item.record.image_path)) for item in batch]
             decoded = predictor.decode_texts(pixels, [item.record.prefix for item in batch])
             cache.append({"key": item.key, "text": one.text, "chunk_scores": list(one.chunk_scores)}
                          for item, one in zip(batch, decoded))

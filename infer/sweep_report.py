@@ -198,7 +198,7 @@ def _canvases(out_dir: Path, report, items, scores, caches, vae_model, count: in
                 chunk_scores=caches[shown].chunk_scores(item.key),
             )
             picture, _ = canvas.canvas_for_record(
-                item.record, canvas.Prediction(predicted.mask, predicted.text, predicted.confidences), panel_height=320
+                item.record, canvas.CanvasPrediction(predicted.mask, predicted.text, predicted.confidences), panel_height=320
             )
             path = folder / f"{name}_{rank}.png"
             files.write_image(path, picture)

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from metrics import boxes as box_metrics
 from metrics import scoring
-from paliseg import files, tokens
+from paliseg import images, tokens
 from paliseg.records import Record
 
 GT_COLOUR = (0, 200, 60)
@@ -175,10 +175,11 @@ def make_grid(canvases: Sequence[Image.Image], columns: int = 2, gap: int = 12) 
 
 
 @dataclasses.dataclass(frozen=True)
-class Prediction:
-    """What is known of one prediction: its full-resolution mask and/or its generated text.
+class CanvasPrediction:
+    """What is known of one prediction, to draw and score on a canvas: its full-resolution mask and/or its
+    generated text.
 
-    `Prediction()` (neither) is a missing or unusable prediction: it is scored as invalid. `confidences`
+    `CanvasPrediction()` (neither) is a missing or unusable prediction: it is scored as invalid. `confidences`
     (one per valid object of the suffix, in its order) are drawn after the labels.
     """
 
@@ -201,16 +202,17 @@ def suffix_boxes(suffix: str, width: int, height: int) -> tuple[list[tuple[float
 
 
 def canvas_for_record(
-    record: Record, prediction: Prediction | None = None, empty: float = 1.0, panel_height: int = 400
+    record: Record, prediction: CanvasPrediction | None = None, empty: float = 1.0, panel_height: int = 400
 ) -> tuple[Image.Image, scoring.ImageScore | None]:
     """The canvas of one annotation record and, when a prediction with a mask is given, its score.
 
     GT mask from the record's `mask`, GT boxes from its suffix. `prediction=None` draws the ground truth
-    only; a prediction without a mask is drawn and its boxes scored, but it has no mask IoU.
+    only; a prediction without a mask is drawn and its boxes scored, but it has no mask IoU. Image and masks
+    are read in the image's displayed frame (`paliseg.images`), as the masks paliseg writes are.
     """
-    image = files.read_rgb(record.image_path)
+    image = images.read_image(record.image_path)
     width, height = image.size
-    gt_mask = files.read_mask(record.mask_path) if record.mask_path is not None else None
+    gt_mask = images.read_mask(record.mask_path) if record.mask_path is not None else None
     if gt_mask is not None and gt_mask.shape != (height, width):
         raise ValueError(
             f"{record.where}: mask {record.mask_path} is {gt_mask.shape[1]}x{gt_mask.shape[0]} but image "

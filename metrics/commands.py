@@ -93,15 +93,15 @@ def _pngs(directory: Path, role: str) -> dict[str, Path]:
 
 def run_score(args: argparse.Namespace) -> int:
     from metrics import aggregate, report, scoring
-    from paliseg import console, files
+    from paliseg import console, images
 
     gt_files, pred_files = _pngs(args.gt, "ground-truth"), _pngs(args.pred, "prediction")
     if not gt_files:
         raise ValueError(f"no ground-truth PNGs in {args.gt}")
     scores, missing = [], []
     for name, gt_path in console.progress(gt_files.items(), desc="scoring", total=len(gt_files), unit="mask"):
-        gt = files.read_mask(gt_path)
-        pred = files.read_mask(pred_files[name]) if name in pred_files else None
+        gt = images.read_mask(gt_path)
+        pred = images.read_mask(pred_files[name]) if name in pred_files else None
         if pred is None:
             missing.append(name)
         elif pred.shape != gt.shape:
@@ -139,9 +139,9 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def _prediction_lookup(pred: Path | None):
-    """A function record -> Prediction (or None when no --pred was given), for a mask folder or a JSONL."""
-    from metrics.canvas import Prediction
-    from paliseg import files, records
+    """A function record -> CanvasPrediction (or None when no --pred was given), for a mask folder or a JSONL."""
+    from metrics.canvas import CanvasPrediction
+    from paliseg import images, records
 
     if pred is None:
         return lambda record: None
@@ -151,18 +151,18 @@ def _prediction_lookup(pred: Path | None):
             names = ([Path(record.mask).name] if record.mask else []) + [Path(record.image).stem + ".png"]
             for name in names:
                 if (pred / name).is_file():
-                    return Prediction(mask=files.read_mask(pred / name))
-            return Prediction()
+                    return CanvasPrediction(mask=images.read_mask(pred / name))
+            return CanvasPrediction()
 
         return from_folder
     if not pred.is_file():
         raise FileNotFoundError(f"--pred {pred} is neither a folder of mask PNGs nor a predictions JSONL")
     by_key = {}
     for record in records.read_records(pred):
-        by_key[(Path(record.image).name, record.prefix)] = Prediction(
-            mask=files.read_mask(record.mask_path) if record.mask_path is not None else None, suffix=record.suffix
+        by_key[(Path(record.image).name, record.prefix)] = CanvasPrediction(
+            mask=images.read_mask(record.mask_path) if record.mask_path is not None else None, suffix=record.suffix
         )
-    return lambda record: by_key.get((Path(record.image).name, record.prefix), Prediction())
+    return lambda record: by_key.get((Path(record.image).name, record.prefix), CanvasPrediction())
 
 
 def run_visualize(args: argparse.Namespace) -> int:

@@ -78,23 +78,8 @@ def write_image(path: str | os.PathLike, image: Image.Image, overwrite: bool = T
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, overwrite: bool = True) -> None:
-    """Save a boolean HxW mask as a single-channel 0/255 PNG."""
+    """Save a boolean HxW mask as a single-channel 0/255 PNG (read back with `paliseg.images.read_mask`)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask for {path} must be 2-D, got shape {mask.shape}")
     write_image(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), overwrite)
-
-
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Load a mask PNG (any mode) as a boolean HxW array: foreground is any value above 127."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L")) > 127
-
-
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """Load an image as RGB (grey is stacked, alpha dropped), with a message naming the file on failure."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot read image: {error}") from error

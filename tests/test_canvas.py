@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from metrics import canvas, masks
-from paliseg import files, tokens
+from paliseg import files, images, tokens
 from paliseg.cli import main as cli
 
 GAP = 6  # pixels between panels
@@ -142,7 +142,7 @@ def test_visualize_real_cracks_image_ground_truth_only(cracks_record, tmp_path, 
     assert path.endswith(".segment_crack.png") and result["scores"] == [None]
     with Image.open(path) as drawn:
         drawn = drawn.convert("RGB")
-    image = files.read_rgb(root / info["file_name"])
+    image = images.read_image(root / info["file_name"])
     geometry = panel_geometry(drawn, image, 400)
     assert drawn.width == 3 * geometry[1] + 2 * GAP
     truth = panel(drawn, geometry, 1)
@@ -165,7 +165,7 @@ def test_visualize_scores_a_prediction_folder_and_a_predictions_jsonl(cracks_rec
     assert score["box_miou"] is None  # a mask folder has no boxes to score
     with Image.open(result["canvases"][0]) as drawn:
         drawn = drawn.convert("RGB")
-    geometry = panel_geometry(drawn, files.read_rgb(root / info["file_name"]), 320)
+    geometry = panel_geometry(drawn, images.read_image(root / info["file_name"]), 320)
     prediction = panel(drawn, geometry, 2)
     assert orangeish(prediction[canvas._shrink_mask(shifted, (geometry[1], geometry[2]))]).mean() > 0.95
 

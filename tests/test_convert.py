@@ -15,7 +15,7 @@ import vae
 from converters import synthetic
 from converters.convert import ConvertConfig, convert
 from converters.sources import ConversionError, IssueLog
-from paliseg import files, records, tokens
+from paliseg import images, records, tokens
 from paliseg.cli import main as cli
 
 CRACK = "NewCracks - v2 2024-05-18 10-54pm"
@@ -104,7 +104,7 @@ def test_real_cracks_tokens_follow_polygons_and_masks_match_pycocotools(roboflow
         # Deterministic reading order: top-to-bottom, then left-to-right.
         assert [(o.locs, o.seg, o.label) for o in parsed.objects] == sorted(expected)
 
-        gt = files.read_mask(record.mask_path)
+        gt = images.read_mask(record.mask_path)
         assert gt.shape == (h, w)
         assert iou(gt, expected_union) >= 0.99
 
@@ -125,7 +125,7 @@ def test_real_drywall_boxes_fill_and_negatives(roboflow_dir, tmp_path, vae_path)
         expected = np.zeros((640, 640), bool)
         for x1, y1, x2, y2 in boxes:
             expected[int(y1) : int(y2), int(x1) : int(x2)] = True
-        assert np.array_equal(files.read_mask(record.mask_path), expected)
+        assert np.array_equal(images.read_mask(record.mask_path), expected)
         assert all(o["mask_from"] == "box_fill" for o in record.extra["objects"])
         if not boxes:
             assert record.suffix == "" and record.extra["source_id"] == 380
@@ -156,7 +156,7 @@ def test_one_record_per_prompt_with_maps_and_negatives(tmp_path, vae_path):
         parsed = tokens.parse_suffix(record.suffix).objects
         assert len(parsed) == len(wanted)
         assert {o.label for o in parsed} <= {labels[names[a["category_id"]]] for a in wanted}
-        assert files.read_mask(record.mask_path).any() == bool(wanted)
+        assert images.read_mask(record.mask_path).any() == bool(wanted)
     negatives = sum(r.suffix == "" for r in converted)
     assert negatives > 0 and summary["splits"]["train"]["empty"] == negatives
 
@@ -172,8 +172,8 @@ def test_objects_are_sorted_and_merged_mode_encodes_the_union(tmp_path, vae_path
     for inst, merged in zip(read_split(tmp_path / "instance", "train"), read_split(tmp_path / "merged", "train")):
         objects = tokens.parse_suffix(inst.suffix).objects
         assert [o.locs for o in objects] == sorted(o.locs for o in objects)
-        union = files.read_mask(merged.mask_path)
-        assert np.array_equal(union, files.read_mask(inst.mask_path))
+        union = images.read_mask(merged.mask_path)
+        assert np.array_equal(union, images.read_mask(inst.mask_path))
         for info, obj, merged_obj in zip(inst.extra["objects"], objects, tokens.parse_suffix(merged.suffix).objects):
             assert merged_obj.locs == obj.locs
             assert merged_obj.seg == vae.mask_to_tokens(vae_model, union, info["box"])

@@ -17,7 +17,7 @@ from converters import layouts, synthetic
 from converters.convert import ConvertConfig, convert
 from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog
-from paliseg import files, records, tokens
+from paliseg import images, records, tokens
 
 CLASSES = ("ellipse", "rectangle", "triangle")  # shapes that rasterise to one connected component
 
@@ -81,7 +81,7 @@ def test_yolo_polygons_and_boxes_match_coco(shapes, coco_records, tmp_path, vae_
             # 6-decimal normalised coordinates: at most one loc bin of rounding away from COCO's.
             assert np.abs(np.subtract(locs_of(record), locs_of(expected[key]))).max(initial=0) <= 1
             # Masks differ only where the outline passes within a hair of a pixel centre.
-            a, b = files.read_mask(record.mask_path), files.read_mask(expected[key].mask_path)
+            a, b = images.read_mask(record.mask_path), images.read_mask(expected[key].mask_path)
             edge = ndimage.binary_dilation(b) & ~ndimage.binary_erosion(b)
             assert not np.any((a ^ b) & ~edge)
 
@@ -121,8 +121,8 @@ def test_mask_folders_give_components_with_exact_union(shapes, coco_records, tmp
             unions.setdefault(record.extra["source_image"], []).append(record)
         for record in converted[split]:
             assert record.prefix == "segment shape"
-            expected = [files.read_mask(r.mask_path) for r in unions[record.extra["source_image"]]]
-            assert np.array_equal(files.read_mask(record.mask_path), np.logical_or.reduce(expected))
+            expected = [images.read_mask(r.mask_path) for r in unions[record.extra["source_image"]]]
+            assert np.array_equal(images.read_mask(record.mask_path), np.logical_or.reduce(expected))
             # one object per drawn shape, boxed by its pixel extent
             assert len(record.extra["objects"]) == sum(len(r.extra["objects"]) for r in unions[record.extra["source_image"]])
             for obj in record.extra["objects"]:
@@ -137,7 +137,7 @@ def test_real_cracks_train_masks_folder(roboflow_dir, tmp_path, vae_path):
     for record in converted["train"]:
         source = roboflow_dir / "cracks" / "train_masks" / f"{Path(record.extra['source_image']).stem}_mask.png"
         with Image.open(source) as mask:
-            assert np.array_equal(files.read_mask(record.mask_path), np.asarray(mask) > 127)
+            assert np.array_equal(images.read_mask(record.mask_path), np.asarray(mask) > 127)
         assert tokens.parse_suffix(record.suffix).invalid_count == 0
 
 

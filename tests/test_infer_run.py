@@ -18,7 +18,7 @@ import vae
 from infer import sweep
 from infer.predictor import Predictor
 from paliseg import config as model_configs
-from paliseg import files, model, records, tokens
+from paliseg import files, images, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
@@ -181,7 +181,7 @@ def test_report_files_best_json_and_scores(setup, swept):
     expected = []
     for item in items:
         predicted = sweep.prediction_of(item, texts[item.key], model_vae)
-        gt = files.read_mask(item.record.mask_path)
+        gt = images.read_mask(item.record.mask_path)
         boxes = [tokens.locs_to_box(o.locs, item.width, item.height) for o in tokens.parse_suffix(item.record.suffix).objects]
         expected.append(scoring.score_image(predicted.mask, gt, PROMPT, item.record.image, pred_boxes=predicted.boxes,
                                             gt_boxes=boxes).iou)  # fmt: skip
@@ -221,7 +221,7 @@ def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path
     assert names == ["valid_0.segment_crack", "valid_1.segment_crack", "valid_2.segment_crack"]
     for index, entry in enumerate(result["results"]):
         size = Image.open(data / "images" / f"valid_{index}.png").size
-        mask = files.read_mask(out / entry["mask"])
+        mask = images.read_mask(out / entry["mask"])
         assert mask.shape == (size[1], size[0])  # full resolution
         assert (out / entry["canvas"]).is_file() and (out / "json" / f"{entry['name']}.json").is_file()
         for obj in entry["objects"]:
@@ -237,12 +237,12 @@ def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path
 
     # The Python API gives the same texts and masks for the same step, from PIL images.
     predictor = Predictor.from_run(run_dir, 4, vae_model=vae.MaskVAE.from_npz(vae_path), batch_size=2)
-    images = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
-    api = predictor.predict(images, PROMPT)
+    pictures = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
+    api = predictor.predict(pictures, PROMPT)
     assert [p.text for p in api] == [r["text"] for r in result["results"]]
     assert [round(o.confidence, 4) for p in api for o in p.objects] == coco_scores
     for prediction, name in zip(api, names):
-        expected = files.read_mask(out / "masks" / f"{name}.png")
+        expected = images.read_mask(out / "masks" / f"{name}.png")
         np.testing.assert_array_equal(prediction.mask if prediction.valid else np.zeros_like(expected), expected)
 
 

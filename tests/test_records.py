@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from paliseg import files, records
+from paliseg import files, images, records
 from paliseg.records import Record, RecordError
 
 
@@ -67,7 +67,7 @@ def test_masks_are_saved_as_0_255_png_and_read_back_as_bool(tmp_path):
     mask[1:3, 2:6] = True
     files.write_mask(tmp_path / "m.png", mask)
     assert set(np.unique(np.asarray(Image.open(tmp_path / "m.png")))) == {0, 255}
-    np.testing.assert_array_equal(files.read_mask(tmp_path / "m.png"), mask)
+    np.testing.assert_array_equal(images.read_mask(tmp_path / "m.png"), mask)
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

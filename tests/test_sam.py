@@ -15,7 +15,7 @@ import vae
 from converters import sam, synthetic
 from converters.convert import ConvertConfig, convert
 from converters.geometry import box_mask
-from paliseg import files, records
+from paliseg import images, records
 from paliseg.cli import main as cli
 
 
@@ -124,7 +124,7 @@ def test_convert_with_tiny_sam_end_to_end(checkpoint, tmp_path, capsys):
     assert code == 0 and summary["settings"]["box_masks"] == "sam" and summary["settings"]["sam_model"] == "tiny"
     origins = []
     for record in records.read_records(records.annotations_path(tmp_path / "out", "train")):
-        mask = files.read_mask(record.mask_path)
+        mask = images.read_mask(record.mask_path)
         boxes = np.logical_or.reduce([box_mask(o["box"], 64, 64) for o in record.extra["objects"]] or [np.zeros((64, 64), bool)])
         assert not np.any(mask & ~boxes)
         origins += [o["mask_from"] for o in record.extra["objects"]]

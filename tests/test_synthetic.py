@@ -74,7 +74,7 @@ def test_polygons_are_what_was_drawn(export):
 
 
 def test_converter_reads_every_object(export):
-    split = coco_reader.read_split(export, "valid", export / "valid")
+    split = coco_reader.read_coco_split(export, "valid", export / "valid")
     assert split.class_names == list(synthetic.SHAPES)
     log = IssueLog(strict=True)
     images = list(split.read(log))

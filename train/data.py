@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paliseg import files, images, records
+from paliseg import images, records
 from train.config import TrainConfig
 
 TEXT_FIELDS = ("tokens", "mask_ar", "mask_loss", "mask_input")
@@ -186,7 +186,7 @@ class TrainData:
     def _load_image(self, example_id: int, step: int, slot: int) -> np.ndarray:
         record = self.examples[example_id].record
         try:
-            image = images.preprocess(files.read_rgb(record.image_path), self.image_size)
+            image = images.preprocess(images.read_image(record.image_path), self.image_size)
         except ValueError as error:
             raise ValueError(f"{record.where}: {error}") from None
         if self.config.augment:

@@ -83,7 +83,7 @@ def write_canvas(directory: Path, results: list[RoundTrip], count: int) -> Path:
     from PIL import Image
 
     from metrics import canvas
-    from paliseg import files
+    from paliseg import files, images
 
     ranked = sorted(results, key=lambda r: r.iou)
     worst = ranked[: count // 2]
@@ -92,9 +92,10 @@ def write_canvas(directory: Path, results: list[RoundTrip], count: int) -> Path:
     panels = []
     for result in worst + spread:
         sample = result.sample
-        if sample.image_path is not None and sample.image_path.is_file():
-            image = files.read_rgb(sample.image_path)
-        else:
+        image = images.read_image(sample.image_path) if sample.image_path is not None and sample.image_path.is_file() else None
+        if image is None or image.size != (sample.width, sample.height):
+            # No image, or one whose displayed frame is not the annotation's (a COCO file describing the
+            # stored frame of a photo with an EXIF orientation tag): the masks are drawn on grey.
             image = Image.new("RGB", (sample.width, sample.height), (40, 40, 40))
         caption = f"{Path(sample.name).name}  [{sample.prompt}]  round-trip IoU {result.iou:.3f}, {result.objects} objects"
         panels.append(canvas.make_canvas(image, sample.mask, result.prediction, caption, gt_boxes=sample.boxes, panel_height=320))

@@ -199,13 +199,13 @@ def _run_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from metrics import masks as mask_metrics
-    from paliseg import console, files
+    from paliseg import console, images
     from paliseg import tokens as codec
     import vae
     from vae.masks import tight_box
 
     model = vae.load(args.vae)
-    mask = files.read_mask(args.mask)
+    mask = images.read_mask(args.mask)
     height, width = mask.shape
     box = tuple(args.box) if args.box else tight_box(mask)
     if box is None:

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from paliseg import files, records
+from paliseg import images, records
 from paliseg import tokens as codec
 
 COCO_FILE = "_annotations.coco.json"
@@ -105,10 +104,10 @@ def _pick_split(path: Path, split: str | None, available: list[str]) -> str:
 def _record_samples(jsonl: Path) -> Iterator[Sample]:
     for record in records.read_records(jsonl):
         if record.mask_path is not None:
-            mask = files.read_mask(record.mask_path)
+            mask = images.read_mask(record.mask_path)
         else:
-            with Image.open(record.image_path) as image:
-                mask = np.zeros((image.height, image.width), bool)
+            width, height = images.read_header(record.image_path).displayed_size
+            mask = np.zeros((height, width), bool)
         height, width = mask.shape
         parsed = codec.parse_suffix(record.suffix, require_seg=False)
         if parsed.invalid_count:
@@ -161,7 +160,7 @@ def _mask_folder_samples(folder: Path) -> Iterator[Sample]:
     from scipy import ndimage
 
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES):
-        mask = files.read_mask(path)
+        mask = images.read_mask(path)
         labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
         instances, boxes = [], []
         for index, found in enumerate(ndimage.find_objects(labels), start=1):

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"paliseg {__version__}")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=None, metavar="N",
+        help="refuse images of more than N pixels, a decompression-bomb guard (default: $PALISEG_MAX_IMAGE_PIXELS, "
+        "else 89478485, about 9500x9500); goes before the command",
+    )  # fmt: skip
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _STAGE_COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from paliseg import images
+
+        images.set_max_image_pixels(args.max_image_pixels)  # None: the environment's or the default
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,10 +30,11 @@ over the whole source footprint when shrinking, like `tf.image.resize(..., antia
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,21 @@ def _positive(value: int | str, source: str) -> int:
 
 
 def set_max_image_pixels(limit: int | None) -> None:
-    """Largest image (width x height) the reader decodes; None: PALISEG_MAX_IMAGE_PIXELS, else the default."""
+    """Set the largest image (width x height) the reader decodes; None: PALISEG_MAX_IMAGE_PIXELS, else the default."""
     global _max_pixels
     _max_pixels = None if limit is None else _positive(limit, "--max-image-pixels")
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """`set_max_image_pixels(limit)` for the block (None: the setting stays), the previous setting after it."""
+    previous = _max_pixels
+    if limit is not None:
+        set_max_image_pixels(limit)
+    try:
+        yield
+    finally:
+        set_max_image_pixels(previous)
 
 
 def max_image_pixels() -> int:

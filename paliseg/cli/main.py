@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    try:
-        from paliseg import images
+    from paliseg import images
 
-        images.set_max_image_pixels(args.max_image_pixels)  # None: the environment's or the default
-        return int(args.run(args) or 0)
+    try:
+        with images.pixel_limit(args.max_image_pixels):
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

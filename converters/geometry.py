@@ -13,9 +13,8 @@ polygon first would move edge pixels).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -26,9 +26,9 @@ def find_layout(folder: Path) -> tuple[Path, Path] | None:
         (folder, folder.with_name(folder.name + "_masks")),
         (folder / "images", folder / "masks"),
     ]
-    for images, masks in candidates:
-        if images.is_dir() and masks.is_dir() and any(masks.glob(f"*{MASK_SUFFIX}")):
-            return images, masks
+    for image_dir, mask_dir in candidates:
+        if image_dir.is_dir() and mask_dir.is_dir() and any(mask_dir.glob(f"*{MASK_SUFFIX}")):
+            return image_dir, mask_dir
     return None
 
 

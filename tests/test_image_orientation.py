@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 import vae
 from converters import geometry
 from converters.convert import ConvertConfig, convert
-from converters.sources import IssueLog, Polygons, SourceImage, SourceObject
+from converters.sources import IssueLog, SourceImage, SourceObject
 from metrics import canvas
 from paliseg import files, images, records, tokens
 from paliseg.cli import main as cli

@@ -117,9 +117,11 @@ def make_canvas(
     """Three panels side by side, `original | ground truth | prediction`, over a caption band.
 
     Masks are full-resolution HxW arrays of the image (or None); boxes are pixel (x1, y1, x2, y2) of the
-    full image. With no predicted mask and no predicted box the third panel says "no prediction".
+    full image, in its displayed frame: a PIL image carrying an EXIF orientation tag is turned first, as
+    `paliseg.images` reads files. With no predicted mask and no predicted box the third panel says "no
+    prediction".
     """
-    image = image.convert("RGB")
+    image = images.as_displayed_rgb(image)
     for name, mask in (("ground-truth", gt_mask), ("predicted", pred_mask)):
         if mask is not None and np.asarray(mask).shape != (image.height, image.width):
             raise ValueError(f"{name} mask has shape {np.asarray(mask).shape}, image is {image.height}x{image.width}")

@@ -287,6 +287,25 @@ def test_convert_brings_coco_annotations_of_either_frame_to_the_displayed_frame(
     assert cli.main(["validate", str(tmp_path / "out")]) == 0
 
 
+def test_mask_folders_and_yolo_labels_are_read_in_the_displayed_frame(tmp_path, vae_path):
+    shown = np.zeros((40, 24), bool)  # the photo below is shown 24 wide, 40 high
+    shown[5:30, 4:12] = True
+    save_tagged(tmp_path / "masks" / "train" / "a.jpg", Image.fromarray(picture(40, 24)), 6, quality=95)
+    files.write_mask(tmp_path / "masks" / "train" / "a_mask.png", shown)
+    yolo = tmp_path / "yolo"
+    save_tagged(yolo / "train" / "images" / "a.jpg", Image.fromarray(picture(40, 24)), 6, quality=95)
+    (yolo / "train" / "labels").mkdir()
+    (yolo / "train" / "labels" / "a.txt").write_text(f"0 {8 / 24} {17.5 / 40} {8 / 24} {25 / 40}\n")  # box (4, 5, 12, 30)
+    (yolo / "data.yaml").write_text("names: [crack]\n")
+    for export in ("masks", "yolo"):
+        summary = convert(ConvertConfig([tmp_path / export], tmp_path / f"out-{export}", vae=vae_path, box_masks="fill"))
+        assert summary["skipped"] == {}
+        (record,) = records.read_records(records.annotations_path(tmp_path / f"out-{export}", "train"))
+        np.testing.assert_array_equal(images.read_mask(record.mask_path), shown)
+        (obj,) = tokens.parse_suffix(record.suffix).objects
+        np.testing.assert_allclose(tokens.locs_to_box(obj.locs, 24, 40), (4, 5, 12, 30), atol=0.05)
+
+
 @pytest.mark.slow
 def test_predict_writes_masks_of_the_displayed_size(tmp_path, vae_path, capsys):
     import jax

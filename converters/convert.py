@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import vae
 from converters import geometry
 from converters.detect import read_export

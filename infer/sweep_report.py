@@ -21,7 +21,7 @@ from typing import Any
 
 from infer import prediction as prediction_module
 from metrics import aggregate, canvas, report as metrics_report, scoring
-from paliseg import console, files
+from paliseg import console, dataset, files
 
 PLOTTED = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "invalid")
 # Columns of the report's tables: (header, key of the `metrics.aggregate` stats).
@@ -54,9 +54,6 @@ def build(
             "steps_scored": [r.step for r in results if r.summary is not None],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-    reasons: dict[str, int] = {}
-    for skip in skips:
-        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
     return {
         "title": f"Checkpoint sweep of {run_dir.name}",
         "run_dir": str(run_dir.absolute()),
@@ -66,7 +63,7 @@ def build(
         "records": len(items),
         "prompts": sorted({item.record.prefix for item in items}),
         "skipped": [{"where": s.where, "reason": s.reason, "message": s.message} for s in skips],
-        "skipped_by_reason": reasons,
+        "skipped_by_reason": dataset.skip_counts(skips),
         "metric": metric,
         "max_new_tokens": max_new_tokens,
         "steps": [r.to_json() for r in results],

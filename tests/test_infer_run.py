@@ -18,7 +18,7 @@ import vae
 from infer import sweep
 from infer.predictor import Predictor
 from paliseg import config as model_configs
-from paliseg import files, model, records, tokens
+from paliseg import dataset, files, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
@@ -176,7 +176,7 @@ def test_report_files_best_json_and_scores(setup, swept):
 
     cache_lines = (out / "predictions" / "step_000004.jsonl").read_text().splitlines()[1:]
     texts = {json.loads(line)["key"]: json.loads(line)["text"] for line in cache_lines}
-    items, _ = sweep.read_split(data, "valid")
+    items, _ = dataset.check_split(data, "valid")
     model_vae = vae.MaskVAE.from_npz(vae_path)
     expected = []
     for item in items:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from paliseg import console, files
+from paliseg import console, dataset, files
 from vae import sources
 from vae.masks import crop_to_64
 from vae.model import (
@@ -76,11 +76,14 @@ class TrainConfig:
 def real_crops(path: str | os.PathLike, split: str | None, min_box_pixels: int) -> np.ndarray:
     """64x64 encoder inputs of every object of a converted dataset, COCO export or mask folder."""
     crops = []
-    for sample in console.progress(sources.samples(path, split), desc=f"crops {Path(path).name}", unit="img"):
+    skipped: list[dataset.Skip] = []
+    for sample in console.progress(sources.samples(path, split, skipped=skipped), desc=f"crops {Path(path).name}", unit="img"):
         for mask, box in zip(sample.object_masks(), sample.boxes):
             x1, y1, x2, y2 = box
             if x2 - x1 >= min_box_pixels and y2 - y1 >= min_box_pixels:
                 crops.append(crop_to_64(mask, box))
+    if skipped:
+        console.info(f"vae train: skipped {len(skipped)} record(s) of {path}: {dataset.skip_counts(skipped)}")
     return np.asarray(crops, np.float32).reshape(-1, MASK_SIZE, MASK_SIZE)
 
 

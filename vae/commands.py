@@ -149,20 +149,26 @@ def _run_ceiling(args: argparse.Namespace) -> int:
     import collections
     import warnings
 
-    from paliseg import console
+    from paliseg import console, dataset
     import vae
     from vae import ceiling, sources
 
     model = vae.load(args.vae)
     counts: collections.Counter = collections.Counter()
     results = []
+    skipped: list[dataset.Skip] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", vae.DegenerateBoxWarning)  # counted and reported instead
-        for sample in console.progress(sources.samples(args.dataset, args.split, args.limit), desc="round trip", unit="img"):
+        found = sources.samples(args.dataset, args.split, args.limit, skipped=skipped)
+        for sample in console.progress(found, desc="round trip", unit="img"):
             results.append(ceiling.round_trip(model, sample, args.objects, counts))
+    for skip in skipped:
+        console.info(f"skipped {skip.where}: {skip.message}")
     if not results:
-        raise ValueError(f"{args.dataset}: no images to score")
+        raise ValueError(f"{args.dataset}: no images to score" + (f" ({len(skipped)} record(s) skipped)" if skipped else ""))
     summary = ceiling.summarize(results, counts)
+    if skipped:
+        summary["skipped_by_reason"] = dataset.skip_counts(skipped)
     summary.update({"dataset": str(args.dataset), "split": args.split, "vae": model.source, "objects": args.objects})
     if args.canvas is not None:
         summary["canvas"] = str(ceiling.write_canvas(args.canvas, results, args.canvas_count))
@@ -173,6 +179,7 @@ def _run_ceiling(args: argparse.Namespace) -> int:
         f"round-trip ceiling of {args.dataset} ({args.objects} objects, VAE {model.source}):\n"
         + console.markdown_table(["prompt", "images", "objects", "mIoU", "cIoU"], rows)
         + (f"\ndegenerate boxes (empty masks): {dict(counts)}" if counts else "")
+        + (f"\nskipped records: {summary['skipped_by_reason']}" if skipped else "")
         + (f"\ncanvas: {summary['canvas']}" if "canvas" in summary else "")
     )
     console.report(summary, human, args.json)

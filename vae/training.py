@@ -38,8 +38,8 @@ from vae.model import (
     CODE_DIM,
     CODEBOOK_SIZE,
     MASK_SIZE,
-    Decoder,
-    Encoder,
+    MaskDecoder,
+    MaskEncoder,
     MaskVAE,
     embed,
     quantize,
@@ -134,7 +134,7 @@ def batch_at(train: np.ndarray, step: int, config: TrainConfig) -> np.ndarray:
 
 def init_state(config: TrainConfig, first_batch: np.ndarray) -> dict:
     params = random_params(config.seed)
-    latents = Encoder().apply({"params": params["encoder"]}, jnp.asarray(first_batch)).reshape(-1, CODE_DIM)
+    latents = MaskEncoder().apply({"params": params["encoder"]}, jnp.asarray(first_batch)).reshape(-1, CODE_DIM)
     rng = np.random.default_rng(config.seed)
     # Codes start on encoder outputs, so none begins dead far away from the data.
     codebook = np.asarray(latents)[rng.choice(len(latents), CODEBOOK_SIZE, replace=len(latents) < CODEBOOK_SIZE)]
@@ -158,11 +158,11 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def _forward(params, codebook, batch):
-    latents = Encoder().apply({"params": params["encoder"]}, batch)
+    latents = MaskEncoder().apply({"params": params["encoder"]}, batch)
     codes = quantize(latents, codebook)  # [B, 16]
     quantized = embed(codes, codebook)
     straight_through = latents + jax.lax.stop_gradient(quantized - latents)
-    logits = Decoder().apply({"params": params["decoder"]}, straight_through)
+    logits = MaskDecoder().apply({"params": params["decoder"]}, straight_through)
     return latents, quantized, codes, logits
 
 

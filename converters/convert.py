@@ -217,7 +217,7 @@ class _Converter:
             records.write_records(records.annotations_path(self.out, split), split_records, overwrite=self.config.overwrite)
         seconds = time.perf_counter() - start
         summary = self._summary(splits_read, seconds)
-        files.write_json(self.out / "conversion.json", summary, overwrite=self.config.overwrite)
+        files.write_json(self.out / records.CONVERSION_FILE, summary, overwrite=self.config.overwrite)
         return summary
 
     def _prepare_output(self) -> None:
@@ -226,7 +226,7 @@ class _Converter:
         if self.out.is_dir() and any(self.out.iterdir()):
             if not self.config.overwrite:
                 raise files.OutputExistsError(self.out)
-            for stale in self.out.glob("_annotations.*.jsonl"):  # splits this run may not write again
+            for stale in self.out.glob(records.ANNOTATIONS_GLOB):  # splits this run may not write again
                 stale.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
 

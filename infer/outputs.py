@@ -38,6 +38,7 @@ from paliseg import files, records
 from paliseg import tokens as codec
 from vae.masks import crop_box
 
+PREDICTIONS_FILE = "predictions.jsonl"  # OUT/predictions.jsonl
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -234,8 +235,8 @@ def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases
     from paliseg import console
 
     out = Path(out)
-    if not overwrite and ((out / "predictions.jsonl").exists() or any((out / "masks").glob("*.png"))):
-        raise files.OutputExistsError(out / "predictions.jsonl")
+    if not overwrite and ((out / PREDICTIONS_FILE).exists() or any((out / "masks").glob("*.png"))):
+        raise files.OutputExistsError(out / PREDICTIONS_FILE)
     started = time.perf_counter()
     coco = CocoCollector([job.prompt for job in jobs])
     results, skipped, scores, prediction_records = [], [], [], []
@@ -259,7 +260,7 @@ def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases
             bar.update(len(chunk))
     finally:
         bar.close()
-    records.write_records(out / "predictions.jsonl", prediction_records, overwrite=True)
+    records.write_records(out / PREDICTIONS_FILE, prediction_records, overwrite=True)
     files.write_json(out / "coco_dataset.json", coco.dataset())
     files.write_json(out / "coco_results.json", coco.results)
     seconds = time.perf_counter() - started

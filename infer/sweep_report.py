@@ -32,6 +32,7 @@ COLUMNS = (
 )  # fmt: skip
 METRIC_NAMES = {key: header for header, key in COLUMNS} | {"invalid": "invalid predictions"}
 ALL = "all"  # the prompt name of the overall rows
+REPORT_MD, REPORT_JSON, METRICS_CSV = "report.md", "report.json", "metrics.csv"  # in REPORT_DIR
 
 
 def build(
@@ -46,7 +47,7 @@ def build(
             "step": best.step,
             "metric": metric,
             "value": best.summary["overall"][metric],
-            "report": str((out_dir / "report.md").absolute()),
+            "report": str((out_dir / REPORT_MD).absolute()),
             "data": str(data_dir.absolute()),
             "split": split,
             "records": len(items),
@@ -125,7 +126,7 @@ def write(
         )  # fmt: skip
 
     rows = metric_rows(report)
-    csv_path = out_dir / "metrics.csv"
+    csv_path = out_dir / METRICS_CSV
     with files.atomic_open(csv_path, "w") as handle:
         writer = csv.DictWriter(handle, ["step", "kind", "best", "prompt", *aggregate.STAT_KEYS], lineterminator="\n")
         writer.writeheader()
@@ -136,11 +137,11 @@ def write(
     pictures = _canvases(out_dir, report, items, scores, caches, vae_model, canvases)
     report["files"] = {"plots": [str(p) for p in plots], "canvases": [str(p) for p in pictures]}
     written += plots + pictures
-    markdown = out_dir / "report.md"
+    markdown = out_dir / REPORT_MD
     with files.atomic_open(markdown, "w") as handle:
         handle.write(markdown_report(report, out_dir))
-    files.write_json(out_dir / "report.json", report)
-    return written + [markdown, out_dir / "report.json"]
+    files.write_json(out_dir / REPORT_JSON, report)
+    return written + [markdown, out_dir / REPORT_JSON]
 
 
 def _shown_step(report: Mapping[str, Any]) -> int | None:

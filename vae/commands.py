@@ -138,7 +138,7 @@ def _run_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     human = (
         f"wrote {summary['out']} after {summary['steps']} steps: held-out 64x64 round-trip mIoU "
-        f"{summary['holdout_miou']:.4f} on {summary['holdout_crops']} crops, "
+        f"{'n/a' if summary['holdout_miou'] is None else format(summary['holdout_miou'], '.4f')} on {summary['holdout_crops']} crops, "
         f"{summary['holdout_codes_used']}/128 codes used"
     )
     console.report(summary, human, args.json)

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from metrics import aggregate, scoring
 from paliseg import console, dataset, files
 from vae import sources
 from vae.masks import crop_to_64
@@ -230,9 +231,9 @@ def holdout_scores(model: MaskVAE, holdout: np.ndarray) -> dict[str, float]:
     crops = holdout.astype(np.float32) / 255.0
     tokens = model.encode(crops)
     predicted, target = model.decode(tokens) > 0, crops > 0.5
-    union = (predicted | target).sum((1, 2))
-    ious = np.where(union > 0, (predicted & target).sum((1, 2)) / np.maximum(union, 1), 1.0)
-    return {"holdout_miou": float(ious.mean()), "holdout_crops": len(crops), "holdout_codes_used": int(len(np.unique(tokens)))}
+    scores = [scoring.score_image(p, t, "holdout", str(i)) for i, (p, t) in enumerate(zip(predicted, target))]
+    miou = aggregate.summarize(scores)["overall"]["miou"]
+    return {"holdout_miou": miou, "holdout_crops": len(crops), "holdout_codes_used": int(len(np.unique(tokens)))}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def find_splits(directory: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"{directory}: dataset folder not found")
     found = records.available_splits(directory)
     if not found:
-        raise FileNotFoundError(f"{directory}: not a converted dataset (no {records.annotations_path('', '<split>')} file)")
+        raise FileNotFoundError(f"{directory}: not a converted dataset (no {records.ANNOTATIONS_GLOB} file)")
     return found
 
 
@@ -111,7 +111,8 @@ def _image(path: Path, sizes: ImageSizes) -> tuple[int, int] | Problem:
             try:
                 sizes[path] = _read_image(path)
             except (OSError, ValueError) as error:
-                sizes[path] = Problem(UNREADABLE_IMAGE, f"image {path} is not a readable image ({error.__cause__ or error})")
+                reason = error.__cause__ or error  # files.read_rgb wraps the decoder's error with the path
+                sizes[path] = Problem(UNREADABLE_IMAGE, f"image {path} is not a readable image ({reason})")
     return sizes[path]
 
 
@@ -134,7 +135,9 @@ def inspect(record: records.Record, sizes: ImageSizes | None = None, masks: bool
         return inspection
     inspection.mask = mask
     if size is not None and mask.shape != (size[1], size[0]):
-        inspection.mask_problem = Problem(MASK_SIZE, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}")
+        inspection.mask_problem = Problem(
+            MASK_SIZE, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}"
+        )
     return inspection
 
 

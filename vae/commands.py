@@ -136,9 +136,10 @@ def _run_train(args: argparse.Namespace) -> int:
         args.sources, args.out, config, resume=args.resume, overwrite=args.overwrite,
         dtype=np.float16 if args.float16 else np.float32, split=args.split,
     )  # fmt: skip
+    miou = "n/a" if summary["holdout_miou"] is None else f"{summary['holdout_miou']:.4f}"  # None: no held-out crop
     human = (
         f"wrote {summary['out']} after {summary['steps']} steps: held-out 64x64 round-trip mIoU "
-        f"{'n/a' if summary['holdout_miou'] is None else format(summary['holdout_miou'], '.4f')} on {summary['holdout_crops']} crops, "
+        f"{miou} on {summary['holdout_crops']} crops, "
         f"{summary['holdout_codes_used']}/128 codes used"
     )
     console.report(summary, human, args.json)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
 from paliseg import dataset, files, records
 from paliseg import tokens as codec
 

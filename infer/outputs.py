@@ -34,7 +34,7 @@ import numpy as np
 
 from infer import prediction as prediction_module
 from infer.prediction import Prediction
-from paliseg import files, records
+from paliseg import dataset, files, records
 from paliseg import tokens as codec
 from vae.masks import crop_box
 
@@ -175,7 +175,7 @@ class CocoCollector:
 
 
 def _gt_annotations(record: records.Record, image_id: int, category_id: int, width: int, height: int, first_id: int):
-    union = files.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
+    union = dataset.read_mask(record, width, height)
     annotations = []
     for obj in codec.parse_suffix(record.suffix, require_seg=False).objects:
         x1, y1, x2, y2 = crop_box(codec.locs_to_box(obj.locs, width, height), width, height)

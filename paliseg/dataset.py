@@ -155,10 +155,14 @@ class Item:
         return f"{self.record.image}\t{self.record.prefix}"
 
     def read_mask(self) -> np.ndarray:
-        """The ground-truth union mask, bool [H, W]; all-zero for a record without a mask (no object)."""
-        if self.record.mask_path is None:
-            return np.zeros((self.height, self.width), bool)
-        return _read_mask(self.record.mask_path)
+        return read_mask(self.record, self.width, self.height)
+
+
+def read_mask(record: records.Record, width: int, height: int) -> np.ndarray:
+    """A record's ground-truth union mask, bool [H, W]; all-zero for a record without a mask (no object)."""
+    if record.mask_path is None:
+        return np.zeros((height, width), bool)
+    return _read_mask(record.mask_path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,13 +204,11 @@ def _first_problem(record: records.Record, sizes: ImageSizes, masks: bool) -> Pr
     return inspection.mask_problem
 
 
-def check_split(
-    directory: str | os.PathLike, split: str, limit: int | None = None, masks: bool = True
-) -> tuple[list[Item], list[Skip]]:
+def check_split(directory: str | os.PathLike, split: str, limit: int | None = None) -> tuple[list[Item], list[Skip]]:
     """The usable records of a split (of its first `limit` records) and the skipped ones (see `check`)."""
     items: list[Item] = []
     skips: list[Skip] = []
-    for checked in check(read_records(directory, split)[:limit], masks):
+    for checked in check(read_records(directory, split)[:limit]):
         (items if isinstance(checked, Item) else skips).append(checked)
     return items, skips
 

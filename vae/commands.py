@@ -128,7 +128,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from paliseg import console
     from vae import training
 
-    config = training.TrainConfig(
+    config = training.VAETrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, dice_weight=args.dice_weight,
         synthetic_count=args.synthetic_count, save_every=args.save_every, seed=args.seed,
     )  # fmt: skip

@@ -51,7 +51,7 @@ def _check_split(split: str, path: Path, sizes: dataset.ImageSizes) -> SplitChec
 
 def _check_record(record: records.Record, sizes: dataset.ImageSizes, check: SplitCheck) -> list[str]:
     problems = []
-    inspection = dataset.inspect(record, sizes)
+    inspection = dataset.inspect_record(record, sizes)
     if inspection.image_problem is not None:
         problems.append(inspection.image_problem.message)
 

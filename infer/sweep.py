@@ -14,7 +14,8 @@ What is scored, side by side:
 Decoded texts are cached per checkpoint (`infer.cache`): a re-run, or a run after a crash, decodes only what
 no earlier run finished; scores are always recomputed from the cached texts (cheap: the VAE decoder and the
 paste-back). A checkpoint that cannot be loaded or decoded (another config, a truncated file) is reported
-and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips.
+and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips
+(`paliseg.dataset.check`).
 The best checkpoint (by `metric` over all prompts; ties broken by the other metrics, then the earlier
 step) is written to
 RUN_DIR/best.json, which `Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.

@@ -116,7 +116,7 @@ def _image(path: Path, sizes: ImageSizes) -> tuple[int, int] | Problem:
     return sizes[path]
 
 
-def inspect(record: records.Record, sizes: ImageSizes | None = None, masks: bool = True) -> Inspection:
+def inspect_record(record: records.Record, sizes: ImageSizes | None = None, masks: bool = True) -> Inspection:
     """Check that the record's image exists and decodes and (with `masks`) that its mask, when it names one,
     exists, decodes and has the image's size."""
     image = _image(record.image_path, {} if sizes is None else sizes)
@@ -193,7 +193,7 @@ def check(all_records: Iterable[records.Record], masks: bool = True) -> Iterator
 
 
 def _first_problem(record: records.Record, sizes: ImageSizes, masks: bool) -> Problem | None:
-    inspection = inspect(record, sizes, masks)
+    inspection = inspect_record(record, sizes, masks)
     if inspection.image_problem is not None:
         return inspection.image_problem
     parsed = codec.parse_suffix(record.suffix, require_seg=False)

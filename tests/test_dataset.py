@@ -75,7 +75,7 @@ def test_without_masks_only_the_image_and_suffix_are_checked(tmp_path):
     record = records.Record("images/a.png", "segment crack", SUFFIX, "masks/absent.png", source=tmp_path / "x.jsonl")
     (item,) = dataset.check([record], masks=False)
     assert isinstance(item, dataset.Item) and (item.width, item.height) == (WIDTH, HEIGHT)
-    assert dataset.inspect(record).mask_problem.reason == "missing_mask"
+    assert dataset.inspect_record(record).mask_problem.reason == "missing_mask"
 
 
 def test_a_missing_split_lists_the_ones_found(tmp_path):

@@ -31,7 +31,8 @@ box crop (its instance mask for COCO and mask folders; the union mask for conver
 no per-object masks). --objects merged encodes each image's union as one object in its tight box.
 
 DATASET: a converted dataset (_annotations.<split>.jsonl), a Roboflow COCO export (folder with
-_annotations.coco.json, or with split folders), or a folder of mask PNGs.
+_annotations.coco.json, or with split folders), or a folder of mask PNGs. Records of a converted dataset
+that `paliseg eval` would skip (missing or unreadable image or mask, ...) are skipped and counted here too.
 
 example:
   paliseg vae ceiling ../shared/data/roboflow/cracks/valid --json

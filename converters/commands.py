@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from paliseg.tokens import OBJECT_MODES  # stdlib only
+
 _CONVERT_HELP = "Convert Roboflow exports (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens."
 _CONVERT_EPILOG = """\
 inputs (detected per split, or forced with --format):
@@ -60,7 +62,7 @@ def register(subparsers) -> None:
                          help="prompt for a class (CLASS may be a glob, e.g. 'NewCracks*'); default 'segment <class>'")
     convert.add_argument("--label-map", nargs="+", action="extend", default=[], metavar="CLASS=LABEL",
                          help="label written after each object's tokens; default the class name")
-    convert.add_argument("--objects", choices=("instance", "merged"), default="instance",
+    convert.add_argument("--objects", choices=OBJECT_MODES, default=OBJECT_MODES[0],
                          help="instance: each object's tokens from its own mask (default); merged: from the "
                          "prompt's union mask cropped to each box (the peer project's encoding, for comparison)")
     convert.add_argument("--vae", metavar="PATH", help="mask VAE npz (default: models/vae-oid.npz, else the bundled VAE)")

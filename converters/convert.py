@@ -50,7 +50,6 @@ from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
 from paliseg import console, files, images, records, tokens
 
-OBJECT_MODES = ("instance", "merged")
 BOX_MASK_MODES = ("sam", "fill")
 # VAE encodes are batched across images: flush once this many objects are waiting (a VAE batch bucket).
 ENCODE_BATCH = 128
@@ -148,8 +147,8 @@ class _Converter:
         self.config = config
         self.log = log
         self.out = Path(config.out)
-        if config.objects not in OBJECT_MODES:
-            raise ValueError(f"--objects {config.objects!r}: choose from {', '.join(OBJECT_MODES)}")
+        if config.objects not in tokens.OBJECT_MODES:
+            raise ValueError(f"--objects {config.objects!r}: choose from {', '.join(tokens.OBJECT_MODES)}")
         self.exports = [(Path(s), read_export(s, config.format, config.mask_class)) for s in config.sources]
         self.tags = _export_tags([path for path, _ in self.exports])
         available = {s.split for _, splits in self.exports for s in splits}
@@ -217,7 +216,7 @@ class _Converter:
             records.write_records(records.annotations_path(self.out, split), split_records, overwrite=self.config.overwrite)
         seconds = time.perf_counter() - start
         summary = self._summary(splits_read, seconds)
-        files.write_json(self.out / "conversion.json", summary, overwrite=self.config.overwrite)
+        files.write_json(self.out / records.CONVERSION_FILE, summary, overwrite=self.config.overwrite)
         return summary
 
     def _prepare_output(self) -> None:
@@ -226,7 +225,7 @@ class _Converter:
         if self.out.is_dir() and any(self.out.iterdir()):
             if not self.config.overwrite:
                 raise files.OutputExistsError(self.out)
-            for stale in self.out.glob("_annotations.*.jsonl"):  # splits this run may not write again
+            for stale in self.out.glob(records.ANNOTATIONS_GLOB):  # splits this run may not write again
                 stale.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from converters import coco, mask_folder, paligemma_jsonl, yolo
 from converters.sources import FORMATS, ConversionError, SourceSplit
-from paliseg.records import SPLITS
+from paliseg.records import SPLITS, TRAIN_SPLIT, split_order
 
 DEFAULT_MASK_CLASS = "object"
 
 
 def _split_order(split: SourceSplit) -> tuple:
-    return (SPLITS.index(split.split) if split.split in SPLITS else len(SPLITS), split.split)
+    return split_order(split.split)
 
 
 def read_export(path: str | Path, fmt: str | None = None, mask_class: str | None = None) -> list[SourceSplit]:
@@ -52,7 +52,7 @@ def _read_folders(export: Path, fmt: str | None, mask_class: str | None) -> list
     if (export / coco.ANNOTATION_FILE).is_file() or (fmt != "coco" and mask_folder.find_layout(export)):
         # One split folder: named by its folder when that is a split name (cracks/valid), else "train".
         candidates, root = [export], export.parent
-        names = {export: export.name if export.name in SPLITS else "train"}
+        names = {export: export.name if export.name in SPLITS else TRAIN_SPLIT}
     else:
         candidates, root = sorted(p for p in export.iterdir() if p.is_dir() and not p.name.endswith("_masks")), export
         names = {p: p.name for p in candidates}

@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from converters import coco
-from paliseg import tokens
+from paliseg import records, tokens
 
 MASK_LAYOUTS = ("sibling", "beside", "subfolders")
 
@@ -88,7 +88,7 @@ def write_paligemma_jsonl(coco_root: str | Path, out: str | Path) -> Path:
                 objects.append(tokens.SegObject(locs, None, names[ann["category_id"]]))
             prefix = "detect " + " ; ".join(names.values())
             lines.append(json.dumps({"image": image["file_name"], "prefix": prefix, "suffix": tokens.format_suffix(objects)}))
-        (folder / f"_annotations.{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+        records.annotations_path(folder, split).write_text("".join(line + "\n" for line in lines))
     return out
 
 

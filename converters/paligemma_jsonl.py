@@ -15,7 +15,7 @@ from pathlib import Path
 
 from converters import geometry
 from converters.sources import IssueLog, SourceImage, SourceSplit, image_size
-from paliseg import tokens
+from paliseg import records, tokens
 
 DETECT = "detect "
 
@@ -23,14 +23,14 @@ DETECT = "detect "
 def annotation_files(export: Path) -> list[Path]:
     """`_annotations.<split>.jsonl` in the export or in its `dataset/` folder (Roboflow's layout)."""
     for folder in (export / "dataset", export):
-        found = sorted(folder.glob("_annotations.*.jsonl")) if folder.is_dir() else []
+        found = sorted(folder.glob(records.ANNOTATIONS_GLOB)) if folder.is_dir() else []
         if found:
             return found
     return []
 
 
 def split_name(annotation_file: Path) -> str:
-    return annotation_file.name[len("_annotations.") : -len(".jsonl")]
+    return records.split_of(annotation_file)
 
 
 def read_jsonl_split(export: Path, annotation_file: Path) -> SourceSplit:

@@ -37,10 +37,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from paliseg import files
+from converters.coco import ANNOTATION_FILE  # what it writes is what the COCO reader reads
+from paliseg import files, records
 
-ANNOTATION_FILE = "_annotations.coco.json"
-SPLIT_NAMES = ("train", "valid", "test")
 # A shape is darker than the background around it by at least this much luminance (0-255): the shapes are
 # plainly visible, the task is learning where and what they are.
 MIN_CONTRAST = 40.0
@@ -230,7 +229,7 @@ def make_image(rng: np.random.Generator, config: ShapesConfig = ShapesConfig()) 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one image: independent of every other image, so splits can grow."""
-    return np.random.default_rng([seed, SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES), index])
+    return np.random.default_rng([seed, records.split_order(split)[0], index])
 
 
 # ---------------------------------------------------------------------------------------------- COCO
@@ -312,7 +311,7 @@ def write_synthetic_coco(
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if project in config.classes:
         raise ValueError(f"the project name {project!r} must differ from the class names (it is the placeholder)")
-    counts = {"train": n_train, "valid": n_valid}
+    counts = {records.TRAIN_SPLIT: n_train, records.VALID_SPLIT: n_valid}
     for split, count in counts.items():
         coco_split(out_dir, split, count, config, seed, project, image_format, overwrite, on_image)
     return counts

@@ -10,15 +10,11 @@ problem is reported as `file:line: message`, not just the first.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from paliseg import console, images, records, tokens
-
-_LOC = re.compile(r"<loc\d+>")
-_SEG = re.compile(r"<seg\d+>")
+from paliseg import console, dataset, records, tokens
 
 
 @dataclasses.dataclass
@@ -34,64 +30,37 @@ class SplitCheck:
 
 def validate(directory: str | Path, splits: Sequence[str] | None = None) -> list[SplitCheck]:
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: dataset folder not found")
-    found = records.available_splits(directory)
-    if not found:
-        raise FileNotFoundError(f"{directory}: no _annotations.<split>.jsonl file")
-    missing = [s for s in splits or () if s not in found]
-    if missing:
-        raise FileNotFoundError(f"{directory}: no annotation file for split(s) {', '.join(missing)} (found: {', '.join(found)})")
-    sizes: dict[Path, tuple[int, int] | str] = {}
-    return [_check_split(directory, split, sizes) for split in (splits or found)]
+    splits = list(splits or dataset.find_splits(directory))
+    paths = [dataset.split_file(directory, split) for split in splits]  # every split is there before any is checked
+    sizes: dataset.ImageSizes = {}
+    return [_check_split(split, path, sizes) for split, path in zip(splits, paths)]
 
 
-def _check_split(directory: Path, split: str, sizes: dict) -> SplitCheck:
-    path = records.annotations_path(directory, split)
+def _check_split(split: str, path: Path, sizes: dataset.ImageSizes) -> SplitCheck:
     check = SplitCheck(split, path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in console.progress(list(enumerate(lines, start=1)), f"validate {split}", unit="rec"):
-        if not line.strip():
-            continue
+    for parsed in console.progress(dataset.read_lines(path), f"validate {split}", unit="rec"):
         check.records += 1
-        where = f"{path}:{number}"
-        try:
-            record = records.parse_record(line, path, number)
-        except records.RecordError as error:
-            problems = [str(error)]
+        if isinstance(parsed, records.RecordError):
+            problems = [str(parsed)]
         else:
-            problems = [f"{where}: {p}" for p in _check_record(record, sizes, check)]
+            problems = [f"{parsed.where}: {p}" for p in _check_record(parsed, sizes, check)]
         check.problems += problems
         check.bad_records += int(bool(problems))
     return check
 
 
-def _image_size(path: Path, sizes: dict) -> tuple[int, int] | str:
-    """Displayed (width, height) after a full decode (`paliseg.images`: masks are in the displayed frame), or
-    the reason it failed; cached per file."""
-    if path not in sizes:
-        if not path.is_file():
-            sizes[path] = f"{path} not found"
-        else:
-            try:
-                sizes[path] = images.read_header(path, decode=True).displayed_size
-            except images.ImageReadError as error:
-                sizes[path] = f"{path} is not a readable image ({error.reason})"
-    return sizes[path]
-
-
-def _check_record(record: records.Record, sizes: dict, check: SplitCheck) -> list[str]:
+def _check_record(record: records.Record, sizes: dataset.ImageSizes, check: SplitCheck) -> list[str]:
     problems = []
-    image_size = _image_size(record.image_path, sizes)
-    if isinstance(image_size, str):
-        problems.append(f"image {image_size}")
+    inspection = dataset.inspect_record(record, sizes)
+    if inspection.image_problem is not None:
+        problems.append(inspection.image_problem.message)
 
     parsed = tokens.parse_suffix(record.suffix)
     if parsed.invalid:
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(parsed.invalid.items()))
         problems.append(f"suffix has {parsed.invalid_count} invalid object(s): {reasons}")
     n = len(parsed.objects)
-    locs, segs = len(_LOC.findall(record.suffix)), len(_SEG.findall(record.suffix))
+    locs, segs = len(tokens.LOC_TOKEN.findall(record.suffix)), len(tokens.SEG_TOKEN.findall(record.suffix))
     if not parsed.invalid and (locs != 4 * n or segs != tokens.SEG_PER_OBJECT * n):
         problems.append(f"suffix has {locs} loc and {segs} seg tokens for {n} object(s) (expected {4 * n} and {tokens.SEG_PER_OBJECT * n})")
     listed = record.extra.get("objects")
@@ -102,20 +71,13 @@ def _check_record(record: records.Record, sizes: dict, check: SplitCheck) -> lis
 
     if record.mask_path is None:
         problems.append("no 'mask' field: a ground-truth mask PNG is required")
-    elif not record.mask_path.is_file():
-        problems.append(f"mask {record.mask_path} not found")
-    else:
-        try:
-            mask = images.read_mask(record.mask_path)
-        except images.ImageReadError as error:
-            problems.append(f"mask {record.mask_path} is not a readable image ({error})")
-        else:
-            if not isinstance(image_size, str) and mask.shape != (image_size[1], image_size[0]):
-                problems.append(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image_size[0]}x{image_size[1]}")
-            if record.suffix.strip() and not mask.any():
-                problems.append(f"suffix has {n} object(s) but the mask is empty")
-            if not record.suffix.strip() and mask.any():
-                problems.append("suffix is empty but the mask is not")
+    elif inspection.mask_problem is not None:
+        problems.append(inspection.mask_problem.message)
+    if inspection.mask is not None:
+        if record.suffix.strip() and not inspection.mask.any():
+            problems.append(f"suffix has {n} object(s) but the mask is empty")
+        if not record.suffix.strip() and inspection.mask.any():
+            problems.append("suffix is empty but the mask is not")
     return problems
 
 

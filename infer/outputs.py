@@ -34,10 +34,11 @@ import numpy as np
 
 from infer import prediction as prediction_module
 from infer.prediction import Prediction
-from paliseg import files, images, records
+from paliseg import dataset, files, images, records
 from paliseg import tokens as codec
 from vae.masks import crop_box
 
+PREDICTIONS_FILE = "predictions.jsonl"  # OUT/predictions.jsonl
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -174,7 +175,7 @@ class CocoCollector:
 
 
 def _gt_annotations(record: records.Record, image_id: int, category_id: int, width: int, height: int, first_id: int):
-    union = images.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
+    union = dataset.read_mask(record, width, height)
     annotations = []
     for obj in codec.parse_suffix(record.suffix, require_seg=False).objects:
         x1, y1, x2, y2 = crop_box(codec.locs_to_box(obj.locs, width, height), width, height)
@@ -193,7 +194,7 @@ def _canvas(job: Job, image, prediction: Prediction):
     from metrics import canvas
 
     if job.record is not None:
-        predicted = canvas.CanvasPrediction(prediction.mask, prediction.text, prediction.confidences)
+        predicted = canvas.Prediction(prediction.mask, prediction.text, prediction.confidences)
         return canvas.canvas_for_record(job.record, predicted, panel_height=320)[0]
     caption = (
         f"prompt: {job.prompt}    image: {job.image_path.name}\n"
@@ -234,8 +235,8 @@ def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases
     from paliseg import console
 
     out = Path(out)
-    if not overwrite and ((out / "predictions.jsonl").exists() or any((out / "masks").glob("*.png"))):
-        raise files.OutputExistsError(out / "predictions.jsonl")
+    if not overwrite and ((out / PREDICTIONS_FILE).exists() or any((out / "masks").glob("*.png"))):
+        raise files.OutputExistsError(out / PREDICTIONS_FILE)
     started = time.perf_counter()
     coco = CocoCollector([job.prompt for job in jobs])
     results, skipped, scores, prediction_records = [], [], [], []
@@ -259,7 +260,7 @@ def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases
             bar.update(len(chunk))
     finally:
         bar.close()
-    records.write_records(out / "predictions.jsonl", prediction_records, overwrite=True)
+    records.write_records(out / PREDICTIONS_FILE, prediction_records, overwrite=True)
     files.write_json(out / "coco_dataset.json", coco.dataset())
     files.write_json(out / "coco_results.json", coco.results)
     seconds = time.perf_counter() - started

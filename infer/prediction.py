@@ -22,7 +22,7 @@ import numpy as np
 
 import vae
 from metrics import scoring
-from paliseg import images, records
+from paliseg import dataset, records
 from paliseg import tokens as codec
 
 
@@ -144,7 +144,7 @@ def from_text(
 
 def ground_truth(record: records.Record, width: int, height: int) -> tuple[np.ndarray, list[tuple[float, ...]]]:
     """A record's GT union mask (all-zero when it has no mask file: no object) and its objects' pixel boxes."""
-    mask = images.read_mask(record.mask_path) if record.mask_path is not None else np.zeros((height, width), bool)
+    mask = dataset.read_mask(record, width, height)
     parsed = codec.parse_suffix(record.suffix, require_seg=False)
     return mask, [codec.locs_to_box(o.locs, width, height) for o in parsed.objects]
 

@@ -14,7 +14,8 @@ What is scored, side by side:
 Decoded texts are cached per checkpoint (`infer.cache`): a re-run, or a run after a crash, decodes only what
 no earlier run finished; scores are always recomputed from the cached texts (cheap: the VAE decoder and the
 paste-back). A checkpoint that cannot be loaded or decoded (another config, a truncated file) is reported
-and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips.
+and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips
+(`paliseg.dataset.check`).
 The best checkpoint (by `metric` over all prompts; ties broken by the other metrics, then the earlier
 step) is written to
 RUN_DIR/best.json, which `Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.
@@ -40,98 +41,13 @@ from infer import cache as prediction_cache
 from infer.prediction import Prediction, from_text, ground_truth, score
 from infer.predictor import BEST_FILE, Predictor
 from metrics import aggregate, scoring
-from paliseg import console, files, images, records
-from paliseg import tokens as codec
+from paliseg import console, dataset, files, images, records
+from paliseg.dataset import Item
 
 # Metrics the best checkpoint can be chosen by (all: higher is better), keys of `metrics.aggregate`.
 METRICS = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "p10", "p50", "p90")
 SWEEP_FILE = "sweep.json"  # REPORT_DIR's identity: which run, data and split it reports on
 OWNED_FOLDERS = ("predictions", "steps", "ceiling", "plots", "canvases")  # what the sweep writes in REPORT_DIR
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """A usable record of the split, with its image size."""
-
-    record: records.Record
-    width: int
-    height: int
-
-    @property
-    def key(self) -> str:
-        return record_key(self.record)
-
-
-def record_key(record: records.Record) -> str:
-    return f"{record.image}\t{record.prefix}"
-
-
-@dataclasses.dataclass
-class Skip:
-    where: str
-    reason: str
-    message: str
-
-
-def read_split(data_dir: str | os.PathLike, split: str, limit: int | None = None) -> tuple[list[Item], list[Skip]]:
-    """The records of a split that can be scored, and the ones that cannot (with why).
-
-    Raises for a missing or empty split. A record is skipped when its image is missing or does not decode,
-    its ground-truth mask is missing, unreadable or of another size than the image, its suffix does not
-    parse, or it repeats an (image, prompt) pair already seen.
-    """
-    path = records.annotations_path(data_dir, split)
-    if not path.is_file():
-        found = records.available_splits(data_dir) if Path(data_dir).is_dir() else []
-        raise FileNotFoundError(
-            f"{path}: no '{split}' split in {data_dir}" + (f" (found: {', '.join(found)})" if found else "")
-        )
-    all_records = records.read_records(path)[:limit]
-    if not all_records:
-        raise ValueError(f"{path}: the '{split}' split has no records")
-    items, skips, seen = [], [], set()
-    for record in all_records:
-        try:
-            if record_key(record) in seen:
-                raise _Unusable("duplicate", f"image {record.image} with prompt {record.prefix!r} appears twice")
-            items.append(_check(record))
-            seen.add(record_key(record))
-        except _Unusable as problem:
-            skips.append(Skip(record.where, problem.reason, problem.message))
-    return items, skips
-
-
-class _Unusable(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
-def _check(record: records.Record) -> Item:
-    if not record.image_path.is_file():
-        raise _Unusable("missing_image", f"image {record.image_path} not found")
-    try:
-        width, height = images.read_image(record.image_path).size
-    except ValueError as error:
-        raise _Unusable("unreadable_image", str(error)) from None
-    parsed = codec.parse_suffix(record.suffix, require_seg=False)
-    if parsed.invalid_count:
-        raise _Unusable("invalid_suffix", f"ground-truth suffix has invalid objects {dict(parsed.invalid)}")
-    if record.mask_path is None:
-        if parsed.objects:
-            raise _Unusable("missing_mask", "the record has objects but no ground-truth mask")
-        return Item(record, width, height)
-    if not record.mask_path.is_file():
-        raise _Unusable("missing_mask", f"ground-truth mask {record.mask_path} not found")
-    try:
-        shape = images.read_mask(record.mask_path).shape
-    except (OSError, ValueError) as error:
-        raise _Unusable("unreadable_mask", f"ground-truth mask {record.mask_path}: {error}") from None
-    if shape != (height, width):
-        raise _Unusable(
-            "mask_size", f"ground-truth mask {record.mask_path} is {shape[1]}x{shape[0]}, image is {width}x{height}"
-        )
-    return Item(record, width, height)
 
 
 def select_steps(requested: str | Sequence[int], saved: Sequence[int], base: bool) -> list[int]:
@@ -284,7 +200,9 @@ def evaluate_run(
     wanted = select_steps(steps, checkpoints.list_steps(run_dir), base)
     if not wanted:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to score yet (and the base was not asked for)")
-    items, skips = read_split(data_dir, split, limit)
+    items, skips = dataset.check_split(data_dir, split, limit)
+    if not items and not skips:
+        raise ValueError(f"{records.annotations_path(data_dir, split)}: the '{split}' split has no records")
     if not items:
         raise ValueError(f"{records.annotations_path(data_dir, split)}: no usable record ({len(skips)} skipped: "
                          + "; ".join(f"{s.where}: {s.message}" for s in skips[:3]) + ")")

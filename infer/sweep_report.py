@@ -21,7 +21,7 @@ from typing import Any
 
 from infer import prediction as prediction_module
 from metrics import aggregate, canvas, report as metrics_report, scoring
-from paliseg import console, files
+from paliseg import console, dataset, files
 
 PLOTTED = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "invalid")
 # Columns of the report's tables: (header, key of the `metrics.aggregate` stats).
@@ -32,6 +32,7 @@ COLUMNS = (
 )  # fmt: skip
 METRIC_NAMES = {key: header for header, key in COLUMNS} | {"invalid": "invalid predictions"}
 ALL = "all"  # the prompt name of the overall rows
+REPORT_MD, REPORT_JSON, METRICS_CSV = "report.md", "report.json", "metrics.csv"  # in REPORT_DIR
 
 
 def build(
@@ -46,7 +47,7 @@ def build(
             "step": best.step,
             "metric": metric,
             "value": best.summary["overall"][metric],
-            "report": str((out_dir / "report.md").absolute()),
+            "report": str((out_dir / REPORT_MD).absolute()),
             "data": str(data_dir.absolute()),
             "split": split,
             "records": len(items),
@@ -54,9 +55,6 @@ def build(
             "steps_scored": [r.step for r in results if r.summary is not None],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-    reasons: dict[str, int] = {}
-    for skip in skips:
-        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
     return {
         "title": f"Checkpoint sweep of {run_dir.name}",
         "run_dir": str(run_dir.absolute()),
@@ -66,7 +64,7 @@ def build(
         "records": len(items),
         "prompts": sorted({item.record.prefix for item in items}),
         "skipped": [{"where": s.where, "reason": s.reason, "message": s.message} for s in skips],
-        "skipped_by_reason": reasons,
+        "skipped_by_reason": dataset.skip_counts(skips),
         "metric": metric,
         "max_new_tokens": max_new_tokens,
         "steps": [r.to_json() for r in results],
@@ -128,7 +126,7 @@ def write(
         )  # fmt: skip
 
     rows = metric_rows(report)
-    csv_path = out_dir / "metrics.csv"
+    csv_path = out_dir / METRICS_CSV
     with files.atomic_open(csv_path, "w") as handle:
         writer = csv.DictWriter(handle, ["step", "kind", "best", "prompt", *aggregate.STAT_KEYS], lineterminator="\n")
         writer.writeheader()
@@ -139,11 +137,11 @@ def write(
     pictures = _canvases(out_dir, report, items, scores, caches, vae_model, canvases)
     report["files"] = {"plots": [str(p) for p in plots], "canvases": [str(p) for p in pictures]}
     written += plots + pictures
-    markdown = out_dir / "report.md"
+    markdown = out_dir / REPORT_MD
     with files.atomic_open(markdown, "w") as handle:
         handle.write(markdown_report(report, out_dir))
-    files.write_json(out_dir / "report.json", report)
-    return written + [markdown, out_dir / "report.json"]
+    files.write_json(out_dir / REPORT_JSON, report)
+    return written + [markdown, out_dir / REPORT_JSON]
 
 
 def _shown_step(report: Mapping[str, Any]) -> int | None:

@@ -19,7 +19,10 @@ from typing import Any
 
 from paliseg import files
 
-SPLITS = ("train", "valid", "test")
+SPLITS = TRAIN_SPLIT, VALID_SPLIT, TEST_SPLIT = ("train", "valid", "test")  # the known splits, in their order
+CONVERSION_FILE = "conversion.json"  # DIR/conversion.json: what `paliseg convert` wrote and how
+_ANNOTATIONS_PREFIX, _ANNOTATIONS_SUFFIX = "_annotations.", ".jsonl"
+ANNOTATIONS_GLOB = f"{_ANNOTATIONS_PREFIX}*{_ANNOTATIONS_SUFFIX}"  # every split's annotation file in a folder
 _FIELDS = ("image", "prefix", "suffix", "mask")
 
 
@@ -35,13 +38,22 @@ def prompt_slug(prompt: str) -> str:
 
 def annotations_path(directory: str | os.PathLike, split: str) -> Path:
     """Roboflow's naming: DIR/_annotations.<split>.jsonl."""
-    return Path(directory) / f"_annotations.{split}.jsonl"
+    return Path(directory) / f"{_ANNOTATIONS_PREFIX}{split}{_ANNOTATIONS_SUFFIX}"
+
+
+def split_of(annotation_file: str | os.PathLike) -> str:
+    """The split an annotation file is named for (`_annotations.valid.jsonl` -> "valid")."""
+    return Path(annotation_file).name[len(_ANNOTATIONS_PREFIX) : -len(_ANNOTATIONS_SUFFIX)]
+
+
+def split_order(split: str) -> tuple[int, str]:
+    """Sort key of split names: the known splits in their order, then the others by name."""
+    return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
 
 
 def available_splits(directory: str | os.PathLike) -> list[str]:
     """Splits with an annotation file in `directory`, known splits first."""
-    found = sorted(p.name[len("_annotations.") : -len(".jsonl")] for p in Path(directory).glob("_annotations.*.jsonl"))
-    return sorted(found, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
+    return sorted((split_of(p) for p in Path(directory).glob(ANNOTATIONS_GLOB)), key=split_order)
 
 
 @dataclasses.dataclass

@@ -21,10 +21,13 @@ LOC_BINS = 1024
 SEG_CODES = 128
 SEG_PER_OBJECT = 16
 OBJECT_SEPARATOR = " ; "
+# How a dataset's seg tokens are made (`paliseg convert --objects`): each object's from its own mask
+# ("instance"), or from the prompt's union mask cropped to the object's box ("merged").
+OBJECT_MODES = ("instance", "merged")
 
-_LOC = re.compile(r"<loc(\d{4})>")
-_SEG = re.compile(r"<seg(\d{3})>")
-_OBJECT = re.compile(r"(?P<locs>(?:<loc\d{4}>)*)(?P<segs>(?:<seg\d{3}>)*)(?P<label>[^<>]*)")
+LOC_TOKEN = re.compile(r"<loc(\d{4})>")  # one loc token; group 1 is its index
+SEG_TOKEN = re.compile(r"<seg(\d{3})>")  # one seg token; group 1 is its code
+_OBJECT = re.compile(rf"(?P<locs>(?:{LOC_TOKEN.pattern})*)(?P<segs>(?:{SEG_TOKEN.pattern})*)(?P<label>[^<>]*)")
 
 
 def loc_token(index: int) -> str:
@@ -134,8 +137,8 @@ def parse_suffix(text: str, require_seg: bool = True) -> ParseResult:
         if match is None:
             result.invalid["malformed"] += 1
             continue
-        locs = [int(v) for v in _LOC.findall(match["locs"])]
-        segs = [int(v) for v in _SEG.findall(match["segs"])]
+        locs = [int(v) for v in LOC_TOKEN.findall(match["locs"])]
+        segs = [int(v) for v in SEG_TOKEN.findall(match["segs"])]
         if len(locs) != 4:
             result.invalid["loc_count"] += 1
         elif not (len(segs) == SEG_PER_OBJECT or (not segs and not require_seg)):

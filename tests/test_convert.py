@@ -15,7 +15,7 @@ import vae
 from converters import synthetic
 from converters.convert import ConvertConfig, convert
 from converters.sources import ConversionError, IssueLog
-from paliseg import images, records, tokens
+from paliseg import dataset, images, tokens
 from paliseg.cli import main as cli
 
 CRACK = "NewCracks - v2 2024-05-18 10-54pm"
@@ -60,10 +60,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def read_split(out: Path, split: str) -> list[records.Record]:
-    return records.read_records(records.annotations_path(out, split))
-
-
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -77,7 +73,7 @@ def test_real_cracks_tokens_follow_polygons_and_masks_match_pycocotools(roboflow
     assert summary["warnings"] == {"box_only_annotation": 3} and summary["skipped"] == {}
 
     oracle = COCO(str(source / "_annotations.coco.json"))
-    converted = read_split(tmp_path / "out", "valid")
+    converted = dataset.read_records(tmp_path / "out", "valid")
     assert [r.extra["source_id"] for r in converted] == [0, 10, 93, 184, 200]
     for record in converted:
         assert record.prefix == f"segment {CRACK}"
@@ -116,7 +112,7 @@ def test_real_drywall_boxes_fill_and_negatives(roboflow_dir, tmp_path, vae_path)
                                     prompt_map={"drywall-join": "segment taping area"}, label_map={"drywall-join": "taping"}))
     assert summary["splits"]["train"]["prompts"] == {"segment taping area": {"records": 3, "objects": 9, "empty": 1}}
     oracle = COCO(str(source / "_annotations.coco.json"))
-    for record in read_split(tmp_path / "out", "train"):
+    for record in dataset.read_records(tmp_path / "out", "train"):
         image = oracle.imgs[record.extra["source_id"]]
         boxes = [(x, y, x + w, y + h) for x, y, w, h in (a["bbox"] for a in oracle.imgToAnns[image["id"]])]
         parsed = tokens.parse_suffix(record.suffix)
@@ -130,7 +126,7 @@ def test_real_drywall_boxes_fill_and_negatives(roboflow_dir, tmp_path, vae_path)
         if not boxes:
             assert record.suffix == "" and record.extra["source_id"] == 380
     # Images are hard links (same inode) when source and output share a file system.
-    linked = read_split(tmp_path / "out", "train")[0]
+    linked = dataset.read_records(tmp_path / "out", "train")[0]
     assert linked.image_path.samefile(source / linked.extra["source_image"])
 
 
@@ -145,7 +141,7 @@ def test_one_record_per_prompt_with_maps_and_negatives(tmp_path, vae_path):
     root = shapes_export(tmp_path)
     config = dict(vae=vae_path, prompt_map={"rectangle": "segment box", "tri*": "segment triangle"}, label_map={"rect*": "box"})
     summary = convert(ConvertConfig([root], tmp_path / "out", **config))
-    converted = read_split(tmp_path / "out", "train")
+    converted = dataset.read_records(tmp_path / "out", "train")
     data = json.loads((root / "train" / "_annotations.coco.json").read_text())
     names = {c["id"]: c["name"] for c in data["categories"]}
     prompts = {"ellipse": "segment ellipse", "rectangle": "segment box", "triangle": "segment triangle"}
@@ -161,7 +157,7 @@ def test_one_record_per_prompt_with_maps_and_negatives(tmp_path, vae_path):
     assert negatives > 0 and summary["splits"]["train"]["empty"] == negatives
 
     convert(ConvertConfig([root], tmp_path / "positives", negatives=False, **config))
-    assert len(read_split(tmp_path / "positives", "train")) == len(converted) - negatives
+    assert len(dataset.read_records(tmp_path / "positives", "train")) == len(converted) - negatives
 
 
 def test_objects_are_sorted_and_merged_mode_encodes_the_union(tmp_path, vae_path, vae_model):
@@ -169,7 +165,7 @@ def test_objects_are_sorted_and_merged_mode_encodes_the_union(tmp_path, vae_path
     convert(ConvertConfig([root], tmp_path / "instance", vae=vae_path))
     convert(ConvertConfig([root], tmp_path / "merged", vae=vae_path, objects="merged"))
     differs = 0
-    for inst, merged in zip(read_split(tmp_path / "instance", "train"), read_split(tmp_path / "merged", "train")):
+    for inst, merged in zip(dataset.read_records(tmp_path / "instance", "train"), dataset.read_records(tmp_path / "merged", "train")):
         objects = tokens.parse_suffix(inst.suffix).objects
         assert [o.locs for o in objects] == sorted(o.locs for o in objects)
         union = images.read_mask(merged.mask_path)
@@ -192,7 +188,7 @@ def test_two_exports_into_one_output_with_their_own_prompts(roboflow_dir, tmp_pa
     summary = json.loads(out)
     assert summary["splits"]["valid"]["prompts"].keys() == {"segment crack", "segment taping area"}
     assert summary["splits"]["valid"]["records"] == 5  # no cross-export negatives
-    converted = read_split(tmp_path / "out", "valid")
+    converted = dataset.read_records(tmp_path / "out", "valid")
     assert {r.image.split("/")[2] for r in converted} == {"cracks", "drywall"}
     assert {r.prefix for r in converted if "/cracks/" in r.image} == {"segment crack"}
     assert json.loads((tmp_path / "out" / "conversion.json").read_text())["splits"] == summary["splits"]
@@ -240,7 +236,7 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
     assert where["missing_image"] == f"{path}:images[4]"
     assert where["corrupt_image"] == f"{path}:images[5]"
 
-    converted = {r.extra["source_id"]: r for r in read_split(tmp_path / "out", "train")}
+    converted = {r.extra["source_id"]: r for r in dataset.read_records(tmp_path / "out", "train")}
     assert set(converted) == {0, 1, 2, 3}
     clipped = next(o for o in converted[0].extra["objects"] if o["annotation"].endswith("annotations[4]"))
     assert clipped["box"] == [50.0, 10.0, 64.0, 30.0]

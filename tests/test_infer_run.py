@@ -18,7 +18,7 @@ import vae
 from infer import sweep
 from infer.predictor import Predictor
 from paliseg import config as model_configs
-from paliseg import files, images, model, records, tokens
+from paliseg import dataset, files, images, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
@@ -176,7 +176,7 @@ def test_report_files_best_json_and_scores(setup, swept):
 
     cache_lines = (out / "predictions" / "step_000004.jsonl").read_text().splitlines()[1:]
     texts = {json.loads(line)["key"]: json.loads(line)["text"] for line in cache_lines}
-    items, _ = sweep.read_split(data, "valid")
+    items, _ = dataset.check_split(data, "valid")
     model_vae = vae.MaskVAE.from_npz(vae_path)
     expected = []
     for item in items:
@@ -237,8 +237,8 @@ def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path
 
     # The Python API gives the same texts and masks for the same step, from PIL images.
     predictor = Predictor.from_run(run_dir, 4, vae_model=vae.MaskVAE.from_npz(vae_path), batch_size=2)
-    pictures = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
-    api = predictor.predict(pictures, PROMPT)
+    images = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
+    api = predictor.predict(images, PROMPT)
     assert [p.text for p in api] == [r["text"] for r in result["results"]]
     assert [round(o.confidence, 4) for p in api for o in p.objects] == coco_scores
     for prediction, name in zip(api, names):

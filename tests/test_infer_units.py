@@ -186,29 +186,6 @@ def test_step_selection():
         parse_steps("best")
 
 
-def test_read_split_counts_bad_records(tmp_path, vae_model):
-    jsonl = _records_set(tmp_path, vae_model)
-    good = records.read_records(jsonl)
-    (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    files.write_mask(tmp_path / "masks" / "small.png", np.zeros((4, 4), bool))
-    bad = [
-        records.Record("images/broken.jpg", "segment crack", "", None),
-        records.Record("images/missing.jpg", "segment crack", "", None),
-        records.Record("images/im0.png", "segment hole", "", "masks/small.png"),
-        good[0],  # the same image and prompt twice
-    ]
-    records.write_records(jsonl, good + bad, overwrite=True)
-    items, skips = sweep.read_split(tmp_path, "valid")
-    assert [item.record.image for item in items] == [r.image for r in good]
-    assert [skip.reason for skip in skips] == ["unreadable_image", "missing_image", "mask_size", "duplicate"]
-    assert skips[0].where.endswith("_annotations.valid.jsonl:4")
-    with pytest.raises(FileNotFoundError, match="found: valid"):
-        sweep.read_split(tmp_path, "test")
-    records.write_records(records.annotations_path(tmp_path, "test"), [])
-    with pytest.raises(ValueError, match="has no records"):
-        sweep.read_split(tmp_path, "test")
-
-
 @pytest.mark.slow
 def test_step_0_of_a_lora_run_is_the_base_checkpoint(tmp_path):
     """Before fine-tuning = the base checkpoint: fresh adapters (B = 0) merged change nothing."""

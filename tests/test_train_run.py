@@ -18,7 +18,7 @@ from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
 from train import data as train_data
-from train import optim, sharding, trainer
+from train import optim, trainer
 from train import params as param_sets
 from train import step as train_step
 
@@ -184,6 +184,20 @@ def test_examples_longer_than_seq_len_fail_before_compiling(dataset, tmp_path, c
     err = capsys.readouterr().err
     assert code == 1
     assert "do not fit --seq-len 12" in err and "_annotations.train.jsonl:1:" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unusable_records_and_a_missing_split_fail_before_compiling(tmp_path, capsys):
+    data = make_dataset(tmp_path / "set", count=4)
+    (data / "images" / "1.png").unlink()
+    (data / "images" / "2.png").write_bytes(b"not an image")
+    argv = ["train", "--data", str(data), "--init", "random", "--preset", "tiny", "--out", str(tmp_path / "run")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 record(s) cannot be trained on (missing_image: 1, unreadable_image: 1;" in err
+    assert "_annotations.train.jsonl:2: image" in err and "_annotations.train.jsonl:3: image" in err
+    assert main([*argv, "--split", "valid"]) == 1
+    assert f"{data}: no split 'valid'; found: train" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

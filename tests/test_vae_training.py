@@ -97,8 +97,13 @@ def test_converted_dataset_boxes_come_from_the_suffix_locs(tmp_path):
     Image.new("RGB", (80, 60)).save(tmp_path / "a.jpg")
     locs = codec.box_to_locs((10, 10, 30, 20), 80, 60)
     suffix = codec.SegObject(locs, tuple(range(16)), "crack").to_text()
-    records.write_records(records.annotations_path(tmp_path, "valid"), [records.Record("a.jpg", "segment crack", suffix, "masks/a.png")])
-    (sample,) = sources.samples(tmp_path)
+    records.write_records(records.annotations_path(tmp_path, "valid"), [
+        records.Record("a.jpg", "segment crack", suffix, "masks/a.png"),
+        records.Record("gone.jpg", "segment crack", suffix, "masks/a.png"),  # skipped, as eval skips it
+    ])  # fmt: skip
+    skipped = []
+    (sample,) = sources.samples(tmp_path, skipped=skipped)
+    assert [(skip.where[-1], skip.reason) for skip in skipped] == [("2", "missing_image")]
     assert sample.prompt == "segment crack" and sample.instance_masks is None
     np.testing.assert_allclose(sample.boxes[0], (10, 10, 30, 20), atol=0.05)
     np.testing.assert_array_equal(sample.mask, mask)
@@ -181,7 +186,7 @@ TINY = dict(steps=4, batch_size=4, synthetic_count=24, save_every=2, warmup_step
 
 @pytest.mark.slow
 def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path, monkeypatch):
-    config = training.TrainConfig(**TINY)
+    config = training.VAETrainConfig(**TINY)
     straight = training.train(["synthetic"], tmp_path / "a.npz", config, dtype=np.float16)
     assert straight["steps"] == 4 and straight["train_crops"] == {"synthetic": 24}
     with np.load(tmp_path / "a.npz") as data:
@@ -208,14 +213,14 @@ def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path, monkey
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    other = training.TrainConfig(**{**TINY, "learning_rate": 0.5})
+    other = training.VAETrainConfig(**{**TINY, "learning_rate": 0.5})
     with pytest.raises(ValueError, match="different training config"):
         training.train(["synthetic"], tmp_path / "b.npz", other, resume=True)
 
 
 @pytest.mark.slow
 def test_dead_codes_restart_on_batch_latents():
-    config = training.TrainConfig(**TINY)
+    config = training.VAETrainConfig(**TINY)
     batch = synthetic.synthetic_crops(config.batch_size, seed=2)
     state = training.init_state(config, batch)
     state["ema_count"][:5] = 0.0  # five codes nobody uses ...
@@ -223,7 +228,7 @@ def test_dead_codes_restart_on_batch_latents():
     state["step"] = np.asarray(config.restart_every - 1, np.int32)  # the step that checks for dead codes
     new_state, metrics = training.make_train_step(config)(state, batch)
     assert int(metrics["restarted"]) >= 5
-    latents = vae_model.Encoder().apply({"params": state["params"]["encoder"]}, batch).reshape(-1, 512)
+    latents = vae_model.MaskEncoder().apply({"params": state["params"]["encoder"]}, batch).reshape(-1, 512)
     distances = np.abs(np.asarray(new_state["codebook"])[:5, None, :] - np.asarray(latents)[None]).max(-1).min(-1)
     assert distances.max() < 1e-5  # every restarted code sits on a latent of the batch
     np.testing.assert_array_equal(np.asarray(new_state["ema_count"])[:5], 1.0)

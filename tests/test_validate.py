@@ -102,4 +102,4 @@ def test_missing_folder_or_split_is_a_clear_error(tmp_path, dataset, capsys):
     code, _, err = run(capsys, tmp_path / "nope")
     assert code == 1 and "nope: dataset folder not found" in err
     code, _, err = run(capsys, dataset, "--splits", "test")
-    assert code == 1 and "no annotation file for split(s) test (found: train, valid)" in err
+    assert code == 1 and "no split 'test'; found: train, valid" in err

@@ -24,11 +24,10 @@ import concurrent.futures
 import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from paliseg import images, records
+from paliseg import dataset, images, records
 from train.config import TrainConfig
 
 TEXT_FIELDS = ("tokens", "mask_ar", "mask_loss", "mask_input")
@@ -43,30 +42,35 @@ class Example:
 def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
     """Every training example of every --data folder (one list per folder), tokenized and length-checked.
 
-    Raises before anything is compiled: a missing split names the folder, and examples whose tokens do not
-    fit `seq_len` are listed by file:line with the length they need.
+    Raises before anything is compiled: a missing split names the folder and the splits it has, records
+    whose image is missing or does not decode (`paliseg.dataset`) are listed by file:line, and so are the
+    examples whose tokens do not fit `seq_len`, with the length they need.
     """
     per_folder: list[list[Example]] = []
+    unusable: list[dataset.Skip] = []
     too_long: list[tuple[str, int]] = []
     for folder in config.data:
-        path = records.annotations_path(folder, config.split)
-        if not path.is_file():
-            found = records.available_splits(folder) if Path(folder).is_dir() else []
-            raise FileNotFoundError(f"{path}: no '{config.split}' annotations in --data {folder}"
-                                    + (f" (found splits: {', '.join(found)})" if found else ""))
         examples = []
-        for record in records.read_records(path):
-            if not record.image_path.is_file():
-                raise FileNotFoundError(f"{record.where}: image {record.image_path} not found")
+        for checked in dataset.check(dataset.read_records(folder, config.split), masks=False):
+            if isinstance(checked, dataset.Skip):
+                unusable.append(checked)
+                continue
+            record = checked.record
             # encode_example truncates silently (as big_vision does); one extra slot shows whether it would.
             text = tokenizer.encode_example(record.prefix, record.suffix, config.seq_len + 1)
             if text["mask_input"][-1]:
                 too_long.append((record.where, _length(tokenizer, record)))
                 continue
             examples.append(Example(record, {key: np.asarray(text[key][:-1], np.int32) for key in TEXT_FIELDS}))
-        if not examples and not too_long:
-            raise ValueError(f"{path}: no training examples")
+        if not examples and not too_long and not unusable:
+            raise ValueError(f"{dataset.split_file(folder, config.split)}: no training examples")
         per_folder.append(examples)
+    if unusable:
+        counts = ", ".join(f"{reason}: {count}" for reason, count in dataset.skip_counts(unusable).items())
+        listed = "\n  ".join(f"{skip.where}: {skip.message}" for skip in unusable[:20])
+        more = f"\n  ... and {len(unusable) - 20} more" if len(unusable) > 20 else ""
+        raise ValueError(f"{len(unusable)} record(s) cannot be trained on ({counts}; `paliseg validate` "
+                         f"lists every problem):\n  {listed}{more}")
     if too_long:
         longest = max(length for _, length in too_long)
         listed = "\n  ".join(f"{where}: {length} tokens" for where, length in too_long[:20])
@@ -78,7 +82,7 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
 
 def annotation_digests(config: TrainConfig) -> dict[str, str]:
     """SHA-256 of each --data folder's annotation file: a resumed run checks its data did not change."""
-    return {folder: hashlib.sha256(records.annotations_path(folder, config.split).read_bytes()).hexdigest()
+    return {folder: hashlib.sha256(dataset.split_file(folder, config.split).read_bytes()).hexdigest()
             for folder in config.data}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metrics import aggregate, scoring
 from metrics import masks as mask_metrics
 from paliseg import tokens as codec
 from vae.masks import masks_to_tokens, tight_box, tokens_to_masks
@@ -54,25 +55,20 @@ def round_trip(model: MaskVAE, sample: Sample, objects: str = "instance", counts
 
 
 def summarize(results: Iterable[RoundTrip], counts: collections.Counter) -> dict:
-    """mIoU (mean per-image IoU), cumulative IoU and counts, overall and per prompt."""
-    by_prompt: dict[str, list[RoundTrip]] = collections.defaultdict(list)
-    for result in results:
-        by_prompt[result.sample.prompt].append(result)
+    """mIoU (mean per-image IoU), cumulative IoU and counts, overall and per prompt: `metrics.aggregate`
+    of the round trips scored as predictions (`metrics.scoring.score_image`)."""
+    results = list(results)
+    scores = [scoring.score_image(r.prediction, r.sample.mask, r.sample.prompt, r.sample.name) for r in results]
+    summary = aggregate.summarize(scores)
 
-    def stats(group: list[RoundTrip]) -> dict:
-        intersection = sum(int(np.count_nonzero(r.prediction & r.sample.mask)) for r in group)
-        union = sum(int(np.count_nonzero(r.prediction | r.sample.mask)) for r in group)
-        return {
-            "images": len(group),
-            "objects": sum(r.objects for r in group),
-            "miou": float(np.mean([r.iou for r in group])) if group else float("nan"),
-            "ciou": intersection / union if union else 1.0,
-        }
+    def stats(aggregated: dict, group: list[RoundTrip]) -> dict:
+        return {"images": aggregated["count"], "objects": sum(r.objects for r in group),
+                "miou": aggregated["miou"], "ciou": aggregated["ciou"]}  # fmt: skip
 
-    everything = [r for group in by_prompt.values() for r in group]
     return {
-        "overall": stats(everything),
-        "prompts": {prompt: stats(group) for prompt, group in sorted(by_prompt.items())},
+        "overall": stats(summary["overall"], results),
+        "prompts": {prompt: stats(aggregated, [r for r in results if r.sample.prompt == prompt])
+                    for prompt, aggregated in summary["per_prompt"].items()},
         "degenerate_boxes": dict(counts),
     }
 

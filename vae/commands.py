@@ -31,7 +31,8 @@ box crop (its instance mask for COCO and mask folders; the union mask for conver
 no per-object masks). --objects merged encodes each image's union as one object in its tight box.
 
 DATASET: a converted dataset (_annotations.<split>.jsonl), a Roboflow COCO export (folder with
-_annotations.coco.json, or with split folders), or a folder of mask PNGs.
+_annotations.coco.json, or with split folders), or a folder of mask PNGs. Records of a converted dataset
+that `paliseg eval` would skip (missing or unreadable image or mask, ...) are skipped and counted here too.
 
 example:
   paliseg vae ceiling ../shared/data/roboflow/cracks/valid --json
@@ -128,7 +129,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from paliseg import console
     from vae import training
 
-    config = training.TrainConfig(
+    config = training.VAETrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, dice_weight=args.dice_weight,
         synthetic_count=args.synthetic_count, save_every=args.save_every, seed=args.seed,
     )  # fmt: skip
@@ -136,9 +137,10 @@ def _run_train(args: argparse.Namespace) -> int:
         args.sources, args.out, config, resume=args.resume, overwrite=args.overwrite,
         dtype=np.float16 if args.float16 else np.float32, split=args.split,
     )  # fmt: skip
+    miou = "n/a" if summary["holdout_miou"] is None else f"{summary['holdout_miou']:.4f}"  # None: no held-out crop
     human = (
         f"wrote {summary['out']} after {summary['steps']} steps: held-out 64x64 round-trip mIoU "
-        f"{summary['holdout_miou']:.4f} on {summary['holdout_crops']} crops, "
+        f"{miou} on {summary['holdout_crops']} crops, "
         f"{summary['holdout_codes_used']}/128 codes used"
     )
     console.report(summary, human, args.json)
@@ -149,20 +151,26 @@ def _run_ceiling(args: argparse.Namespace) -> int:
     import collections
     import warnings
 
-    from paliseg import console
+    from paliseg import console, dataset
     import vae
     from vae import ceiling, sources
 
     model = vae.load(args.vae)
     counts: collections.Counter = collections.Counter()
     results = []
+    skipped: list[dataset.Skip] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", vae.DegenerateBoxWarning)  # counted and reported instead
-        for sample in console.progress(sources.samples(args.dataset, args.split, args.limit), desc="round trip", unit="img"):
+        found = sources.samples(args.dataset, args.split, args.limit, skipped=skipped)
+        for sample in console.progress(found, desc="round trip", unit="img"):
             results.append(ceiling.round_trip(model, sample, args.objects, counts))
+    for skip in skipped:
+        console.info(f"skipped {skip.where}: {skip.message}")
     if not results:
-        raise ValueError(f"{args.dataset}: no images to score")
+        raise ValueError(f"{args.dataset}: no images to score" + (f" ({len(skipped)} record(s) skipped)" if skipped else ""))
     summary = ceiling.summarize(results, counts)
+    if skipped:
+        summary["skipped_by_reason"] = dataset.skip_counts(skipped)
     summary.update({"dataset": str(args.dataset), "split": args.split, "vae": model.source, "objects": args.objects})
     if args.canvas is not None:
         summary["canvas"] = str(ceiling.write_canvas(args.canvas, results, args.canvas_count))
@@ -173,6 +181,7 @@ def _run_ceiling(args: argparse.Namespace) -> int:
         f"round-trip ceiling of {args.dataset} ({args.objects} objects, VAE {model.source}):\n"
         + console.markdown_table(["prompt", "images", "objects", "mIoU", "cIoU"], rows)
         + (f"\ndegenerate boxes (empty masks): {dict(counts)}" if counts else "")
+        + (f"\nskipped records: {summary['skipped_by_reason']}" if skipped else "")
         + (f"\ncanvas: {summary['canvas']}" if "canvas" in summary else "")
     )
     console.report(summary, human, args.json)

@@ -150,7 +150,7 @@ def interleave_phases(phases: jax.Array) -> jax.Array:
     return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, c)  # [n, h, a, w, b, c] -> rows 2m + a
 
 
-class Encoder(nn.Module):
+class MaskEncoder(nn.Module):
     """[N, 64, 64] masks in [0, 1] -> [N, 4, 4, 512] continuous latents (before quantization)."""
 
     @nn.compact
@@ -164,7 +164,7 @@ class Encoder(nn.Module):
         return nn.Conv(CODE_DIM, (1, 1), name="encoder_10")(x)
 
 
-class Decoder(nn.Module):
+class MaskDecoder(nn.Module):
     """[N, 4, 4, 512] code vectors -> [N, 64, 64] mask logits (> 0 is foreground, roughly in [-1, 1])."""
 
     @nn.compact
@@ -215,8 +215,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     """Every key of the vae-oid layout and its PyTorch shape, derived from the Flax modules."""
     shapes = {CODEBOOK_KEY: (CODEBOOK_SIZE, CODE_DIM)}
     trees = {
-        "encoder": jax.eval_shape(Encoder().init, jax.random.key(0), jnp.zeros((1, MASK_SIZE, MASK_SIZE))),
-        "decoder": jax.eval_shape(Decoder().init, jax.random.key(0), jnp.zeros((1, GRID, GRID, CODE_DIM))),
+        "encoder": jax.eval_shape(MaskEncoder().init, jax.random.key(0), jnp.zeros((1, MASK_SIZE, MASK_SIZE))),
+        "decoder": jax.eval_shape(MaskDecoder().init, jax.random.key(0), jnp.zeros((1, GRID, GRID, CODE_DIM))),
     }
     for tree in trees.values():
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree["params"])[0]:
@@ -280,8 +280,8 @@ def save_npz(path: str | os.PathLike, params: Mapping, dtype: np.dtype = np.floa
 def random_params(seed: int = 0) -> dict:
     """Freshly initialised params (Flax default init, codebook ~ U(-1/128, 1/128) as in torch VQ code)."""
     enc_key, dec_key, code_key = jax.random.split(jax.random.key(seed), 3)
-    encoder = Encoder().init(enc_key, jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"]
-    decoder = Decoder().init(dec_key, jnp.zeros((1, GRID, GRID, CODE_DIM)))["params"]
+    encoder = MaskEncoder().init(enc_key, jnp.zeros((1, MASK_SIZE, MASK_SIZE)))["params"]
+    decoder = MaskDecoder().init(dec_key, jnp.zeros((1, GRID, GRID, CODE_DIM)))["params"]
     codebook = jax.random.uniform(code_key, (CODEBOOK_SIZE, CODE_DIM), minval=-1, maxval=1) / CODEBOOK_SIZE
     return jax.tree.map(np.asarray, {"encoder": encoder, "decoder": decoder, "codebook": codebook})
 
@@ -330,11 +330,11 @@ def bucket_size(n: int) -> int:
 
 
 def _encode(params, masks):
-    return quantize(Encoder().apply({"params": params["encoder"]}, masks), params["codebook"])
+    return quantize(MaskEncoder().apply({"params": params["encoder"]}, masks), params["codebook"])
 
 
 def _decode(params, tokens):
-    return Decoder().apply({"params": params["decoder"]}, embed(tokens, params["codebook"]))
+    return MaskDecoder().apply({"params": params["decoder"]}, embed(tokens, params["codebook"]))
 
 
 # jax 0.10's XLA:CPU hands matmuls to YNNPACK by default; for this model's small convolutions and matmuls

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paliseg import images, records
+from paliseg import dataset, images, records
 from paliseg import tokens as codec
 
 COCO_FILE = "_annotations.coco.json"
@@ -71,15 +71,16 @@ def kind_of(path: Path) -> str:
     )
 
 
-def samples(path: str | os.PathLike, split: str | None = None, limit: int | None = None) -> Iterator[Sample]:
+def samples(
+    path: str | os.PathLike, split: str | None = None, limit: int | None = None, skipped: list[dataset.Skip] | None = None
+) -> Iterator[Sample]:
     """Every sample of a source. `split` picks the split of a converted dataset or of a COCO export with
-    split folders (default: valid if present, else the first available)."""
+    split folders (default: valid if present, else the first available). A converted dataset's records that
+    `paliseg.dataset.check` rejects are left out, and appended to `skipped` when it is given."""
     path = Path(path)
     kind = kind_of(path)
     if kind == "records":
-        available = records.available_splits(path)
-        split = _pick_split(path, split, available)
-        iterator = _record_samples(records.annotations_path(path, split))
+        iterator = _record_samples(path, _pick_split(path, split, dataset.find_splits(path)), skipped)
     elif kind == "coco-splits":
         available = [s for s in records.SPLITS if (path / s / COCO_FILE).is_file()]
         iterator = _coco_samples(path / _pick_split(path, split, available))
@@ -97,23 +98,20 @@ def _pick_split(path: Path, split: str | None, available: list[str]) -> str:
     if split is None:
         return "valid" if "valid" in available else available[0]
     if split not in available:
-        raise ValueError(f"{path}: no split {split!r} (available: {', '.join(available)})")
+        raise ValueError(dataset.missing_split(path, split, available))
     return split
 
 
-def _record_samples(jsonl: Path) -> Iterator[Sample]:
-    for record in records.read_records(jsonl):
-        if record.mask_path is not None:
-            mask = images.read_mask(record.mask_path)
-        else:
-            width, height = images.read_header(record.image_path).displayed_size
-            mask = np.zeros((height, width), bool)
-        height, width = mask.shape
+def _record_samples(directory: Path, split: str, skipped: list[dataset.Skip] | None) -> Iterator[Sample]:
+    for checked in dataset.check(dataset.read_records(directory, split)):
+        if isinstance(checked, dataset.Skip):
+            if skipped is not None:
+                skipped.append(checked)
+            continue
+        record = checked.record
         parsed = codec.parse_suffix(record.suffix, require_seg=False)
-        if parsed.invalid_count:
-            raise ValueError(f"{record.where}: suffix has invalid objects {dict(parsed.invalid)}")
-        boxes = [codec.locs_to_box(o.locs, width, height) for o in parsed.objects]
-        yield Sample(record.where, record.prefix, mask, boxes, None, record.image_path)
+        boxes = [codec.locs_to_box(o.locs, checked.width, checked.height) for o in parsed.objects]
+        yield Sample(record.where, record.prefix, checked.read_mask(), boxes, None, record.image_path)
 
 
 def _coco_samples(folder: Path) -> Iterator[Sample]:

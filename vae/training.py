@@ -31,15 +31,16 @@ import numpy as np
 import optax
 from flax import serialization
 
-from paliseg import console, files
+from metrics import aggregate, scoring
+from paliseg import console, dataset, files
 from vae import sources
 from vae.masks import crop_to_64
 from vae.model import (
     CODE_DIM,
     CODEBOOK_SIZE,
     MASK_SIZE,
-    Decoder,
-    Encoder,
+    MaskDecoder,
+    MaskEncoder,
     MaskVAE,
     embed,
     quantize,
@@ -52,7 +53,7 @@ SYNTHETIC = "synthetic"  # the MASK_SOURCES name of the built-in shape generator
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class VAETrainConfig:
     steps: int = 4000
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -76,15 +77,18 @@ class TrainConfig:
 def real_crops(path: str | os.PathLike, split: str | None, min_box_pixels: int) -> np.ndarray:
     """64x64 encoder inputs of every object of a converted dataset, COCO export or mask folder."""
     crops = []
-    for sample in console.progress(sources.samples(path, split), desc=f"crops {Path(path).name}", unit="img"):
+    skipped: list[dataset.Skip] = []
+    for sample in console.progress(sources.samples(path, split, skipped=skipped), desc=f"crops {Path(path).name}", unit="img"):
         for mask, box in zip(sample.object_masks(), sample.boxes):
             x1, y1, x2, y2 = box
             if x2 - x1 >= min_box_pixels and y2 - y1 >= min_box_pixels:
                 crops.append(crop_to_64(mask, box))
+    if skipped:
+        console.info(f"vae train: skipped {len(skipped)} record(s) of {path}: {dataset.skip_counts(skipped)}")
     return np.asarray(crops, np.float32).reshape(-1, MASK_SIZE, MASK_SIZE)
 
 
-def build_pool(mask_sources: Sequence[str], config: TrainConfig, split: str | None = "train") -> dict[str, np.ndarray]:
+def build_pool(mask_sources: Sequence[str], config: VAETrainConfig, split: str | None = "train") -> dict[str, np.ndarray]:
     """All training crops as uint8 (value * 255), by source name, deterministic for a given config."""
     pool = {}
     for source in mask_sources:
@@ -100,7 +104,7 @@ def build_pool(mask_sources: Sequence[str], config: TrainConfig, split: str | No
     return pool
 
 
-def split_pool(pool: dict[str, np.ndarray], config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def split_pool(pool: dict[str, np.ndarray], config: VAETrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(train crops, holdout crops): a `holdout_fraction` of every source is kept out of training.
     Batches sample the train crops uniformly, so a source's share is its crop count (tune it for
     synthetic shapes with `synthetic_count`)."""
@@ -114,7 +118,7 @@ def split_pool(pool: dict[str, np.ndarray], config: TrainConfig) -> tuple[np.nda
     return np.concatenate(train), np.concatenate(holdout)
 
 
-def batch_at(train: np.ndarray, step: int, config: TrainConfig) -> np.ndarray:
+def batch_at(train: np.ndarray, step: int, config: VAETrainConfig) -> np.ndarray:
     """The batch of `step`: uniform sample + one of the 8 flips/rotations each (masks have no up)."""
     rng = np.random.default_rng([config.seed, step])
     batch = train[rng.integers(0, len(train), config.batch_size)].astype(np.float32) / 255.0
@@ -129,9 +133,9 @@ def batch_at(train: np.ndarray, step: int, config: TrainConfig) -> np.ndarray:
 # The step
 
 
-def init_state(config: TrainConfig, first_batch: np.ndarray) -> dict:
+def init_state(config: VAETrainConfig, first_batch: np.ndarray) -> dict:
     params = random_params(config.seed)
-    latents = Encoder().apply({"params": params["encoder"]}, jnp.asarray(first_batch)).reshape(-1, CODE_DIM)
+    latents = MaskEncoder().apply({"params": params["encoder"]}, jnp.asarray(first_batch)).reshape(-1, CODE_DIM)
     rng = np.random.default_rng(config.seed)
     # Codes start on encoder outputs, so none begins dead far away from the data.
     codebook = np.asarray(latents)[rng.choice(len(latents), CODEBOOK_SIZE, replace=len(latents) < CODEBOOK_SIZE)]
@@ -147,7 +151,7 @@ def init_state(config: TrainConfig, first_batch: np.ndarray) -> dict:
     }
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: VAETrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1), config.learning_rate * 0.05
     )
@@ -155,16 +159,16 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def _forward(params, codebook, batch):
-    latents = Encoder().apply({"params": params["encoder"]}, batch)
+    latents = MaskEncoder().apply({"params": params["encoder"]}, batch)
     codes = quantize(latents, codebook)  # [B, 16]
     quantized = embed(codes, codebook)
     straight_through = latents + jax.lax.stop_gradient(quantized - latents)
-    logits = Decoder().apply({"params": params["decoder"]}, straight_through)
+    logits = MaskDecoder().apply({"params": params["decoder"]}, straight_through)
     return latents, quantized, codes, logits
 
 
 @functools.lru_cache(maxsize=4)
-def make_train_step(config: TrainConfig):
+def make_train_step(config: VAETrainConfig):
     """The jit-compiled step for `config` (cached: a resumed run in the same process compiles nothing)."""
     optimizer = make_optimizer(config)
 
@@ -227,9 +231,9 @@ def holdout_scores(model: MaskVAE, holdout: np.ndarray) -> dict[str, float]:
     crops = holdout.astype(np.float32) / 255.0
     tokens = model.encode(crops)
     predicted, target = model.decode(tokens) > 0, crops > 0.5
-    union = (predicted | target).sum((1, 2))
-    ious = np.where(union > 0, (predicted & target).sum((1, 2)) / np.maximum(union, 1), 1.0)
-    return {"holdout_miou": float(ious.mean()), "holdout_crops": len(crops), "holdout_codes_used": int(len(np.unique(tokens)))}
+    scores = [scoring.score_image(p, t, "holdout", str(i)) for i, (p, t) in enumerate(zip(predicted, target))]
+    miou = aggregate.summarize(scores)["overall"]["miou"]
+    return {"holdout_miou": miou, "holdout_crops": len(crops), "holdout_codes_used": int(len(np.unique(tokens)))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,12 +244,12 @@ def state_path(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def save_state(path: Path, state: dict, config: TrainConfig, sources_used: Sequence[str]) -> None:
+def save_state(path: Path, state: dict, config: VAETrainConfig, sources_used: Sequence[str]) -> None:
     payload = {"state": jax.tree.map(np.asarray, state), "config": json.dumps(dataclasses.asdict(config)), "sources": list(sources_used)}
     files.write_bytes(path, serialization.msgpack_serialize(serialization.to_state_dict(payload)))
 
 
-def load_state(path: Path, template: dict, config: TrainConfig, sources_used: Sequence[str]) -> dict:
+def load_state(path: Path, template: dict, config: VAETrainConfig, sources_used: Sequence[str]) -> dict:
     payload = serialization.msgpack_restore(path.read_bytes())
     saved = json.loads(payload["config"])
     if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}:
@@ -258,7 +262,7 @@ def load_state(path: Path, template: dict, config: TrainConfig, sources_used: Se
 def train(
     mask_sources: Sequence[str],
     out: str | os.PathLike,
-    config: TrainConfig,
+    config: VAETrainConfig,
     resume: bool = False,
     overwrite: bool = False,
     dtype: np.dtype = np.float32,

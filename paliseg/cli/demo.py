@@ -28,7 +28,6 @@ import io
 import json
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -183,6 +182,7 @@ class Demo:
 
     def convert(self) -> None:
         from paliseg.config import ASSETS
+        from paliseg.records import CONVERSION_FILE
 
         jobs = [(self.paths.shapes, ["convert", str(self.paths.export), "--out", str(self.paths.shapes),
                                      "--vae", self.vae, "--no-negatives"]),
@@ -194,8 +194,8 @@ class Demo:
         started = self._stage("convert", [_shown(argv) for _, argv in jobs] + [_shown(validate)])
         records = {}
         for folder, argv in jobs:
-            if self.resume and (folder / "conversion.json").is_file():
-                summary = json.loads((folder / "conversion.json").read_text())
+            if self.resume and (folder / CONVERSION_FILE).is_file():
+                summary = json.loads((folder / CONVERSION_FILE).read_text())
             else:
                 summary = run_paliseg(argv + (["--overwrite"] if self.resume else []))
             records[folder.name] = _records(summary)
@@ -270,6 +270,8 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
 
 def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, predictions: str) -> dict:
     """The demo's result: what the model learned (step 0 vs best), how long each stage took, where the files are."""
+    from infer import sweep_report
+
     base = report["base"]["overall"] if report.get("base") else None
     ceiling = report["ceiling"]["overall"] if report.get("ceiling") else None
     best = report.get("best")
@@ -287,9 +289,9 @@ def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, pre
         "steps": [{"step": s["step"], "miou": s["summary"]["overall"]["miou"]} for s in report["steps"] if s["summary"]],
         "stages": demo.stages,
         "files": {
-            "report": str(report_dir / "report.md"),
-            "report_json": str(report_dir / "report.json"),
-            "metrics_csv": str(report_dir / "metrics.csv"),
+            "report": str(report_dir / sweep_report.REPORT_MD),
+            "report_json": str(report_dir / sweep_report.REPORT_JSON),
+            "metrics_csv": str(report_dir / sweep_report.METRICS_CSV),
             "plots": report.get("files", {}).get("plots", []),
             "canvases": report.get("files", {}).get("canvases", []),
             "run": str(demo.paths.run),

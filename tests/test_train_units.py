@@ -23,9 +23,11 @@ def _config(**changes):
 
 def test_resolve_layers_defaults_file_and_flags(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text('{"lr": 0.001, "steps": 7, "lora_rank": 4}')
-    config = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None}, path)
-    assert (config.lr, config.steps, config.lora_rank, config.batch_size) == (0.001, 9, 4, 8)
+    path.write_text('{"lr": 0.001, "steps": 7, "lora": {"rank": 4, "alpha": 2.0}}')
+    config = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None,
+                                   "lora": {"alpha": 8.0}}, path)
+    assert (config.lr, config.steps, config.batch_size) == (0.001, 9, 8)
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (4, 8.0, 0.0)  # nested settings merge
     assert config.data[0].startswith("/") and config.out.startswith("/")  # recorded as absolute paths
 
 
@@ -35,7 +37,10 @@ def test_resolve_layers_defaults_file_and_flags(tmp_path):
         ({"batch_size": 6, "grad_accum": 4}, "multiple of --grad-accum"),
         ({"lr": -1.0}, "--lr must be positive"),
         ({"trainable": "head"}, "--trainable must be one of"),
-        ({"lora_targets": ["q", "qq"]}, "unknown: qq"),
+        ({"lora": {"targets": ["q", "qq"]}}, r"lora: unknown LoRA targets \['qq'\]"),
+        ({"lora": {"targets": []}}, "--lora-targets must be a non-empty subset"),
+        ({"lora": {"rank": 0}}, "--lora-rank must be at least 1"),
+        ({"b1": 1.0}, "--b1 and --b2"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"checkpoint": "/base.npz"}, "exactly one of --checkpoint BASE or --init random"),
         ({"preset": "huge"}, "--preset must be one of"),

@@ -46,36 +46,13 @@ from PIL import Image
 
 import vae
 from converters import geometry
+from converters.config import BOX_MASK_MODES, OBJECT_MODES, ConvertConfig
 from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
 from paliseg import console, files, records, tokens
 
-OBJECT_MODES = ("instance", "merged")
-BOX_MASK_MODES = ("sam", "fill")
 # VAE encodes are batched across images: flush once this many objects are waiting (a VAE batch bucket).
 ENCODE_BATCH = 128
-
-
-@dataclasses.dataclass
-class ConvertConfig:
-    sources: Sequence[str | Path]
-    out: str | Path
-    format: str | None = None
-    prompt_map: dict[str, str] = dataclasses.field(default_factory=dict)  # class name or glob -> prompt
-    label_map: dict[str, str] = dataclasses.field(default_factory=dict)  # class name or glob -> label
-    objects: str = "instance"
-    vae: str | Path | None = None
-    box_masks: str | None = None  # None: "sam" when a SAM checkpoint is given, else "fill"
-    sam_checkpoint: str | Path | None = None
-    sam_model: str = "vit_h"
-    sam_device: str | None = None
-    negatives: bool = True
-    splits: Sequence[str] | None = None
-    limit: int | None = None  # first N images of each split
-    mask_class: str | None = None
-    min_box_side: float = 2.0  # objects narrower or shorter than this (pixels) are skipped as annotation noise
-    strict: bool = False
-    overwrite: bool = False
 
 
 @dataclasses.dataclass

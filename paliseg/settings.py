@@ -129,7 +129,7 @@ class _Flag:
             else:
                 container.add_argument(self.name, action="store_const", const=not self.default, **common)
             return
-        common.update(metavar=self.option.metavar, required=self.option.required)
+        common.update(metavar=self.option.metavar, required=self.option.required or self.default is MISSING)
         if self.kind == "value":
             container.add_argument(self.name, type=self.parse, choices=self.choices, **common)
         elif self.option.items == "comma":
@@ -206,6 +206,9 @@ def _walk(cls: type, prefix: tuple[str, ...], parent_default: Any, group: str | 
             raise TypeError(f"{where}: declare it with paliseg.settings.setting(default, help)")
         if not option.group and group:
             option = dataclasses.replace(option, group=group)
+        if not option.cli:  # the command declares it: its type needs no command-line form here
+            yield _Flag(prefix + (field.name,), cls.__name__, option, "value", str, None, default)
+            continue
         annotation = _hints(cls)[field.name]
         if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
             members = [member for member in typing.get_args(annotation) if member is not type(None)]

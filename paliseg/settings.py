@@ -27,8 +27,9 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 _METADATA_KEY = "paliseg.settings"
 MISSING = dataclasses.MISSING
@@ -50,9 +51,11 @@ class Setting:
     cli: bool = True  # False: no derived flag (the command declares its own, or config files only)
 
 
-def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | Any = MISSING, **options: Any) -> Any:
-    """A dataclass field with its command-line declaration; mutable defaults are copied per instance."""
-    if default is not MISSING and type(default).__hash__ is None:  # a list, dict or mutable dataclass
+def setting(default: Any = MISSING, help: str = "", **options: Any) -> Any:
+    """A dataclass field with its command-line declaration (`Setting`'s fields as keywords); a mutable
+    default (list, dict, mutable dataclass) is copied for each instance."""
+    factory: Any = MISSING
+    if default is not MISSING and type(default).__hash__ is None:
         default, factory = MISSING, functools.partial(copy.deepcopy, default)
     return dataclasses.field(default=default, default_factory=factory, metadata={_METADATA_KEY: Setting(help, **options)})
 
@@ -115,14 +118,13 @@ class _Flag:
         text = self.option.help
         if self.choices and (self.option.metavar or self.kind == "list"):  # the metavar does not show them
             text += f"; one of: {', '.join(map(str, self.choices))}"
-        if self.kind == "bool" and self.option.negatable:
-            text += f" (default: {self.text(self.default)})"
-        elif self.kind != "bool" and self.default not in (MISSING, None, "") and self.default != [] and self.default != ():
+        empty = self.default in (MISSING, None, "") or (isinstance(self.default, (list, tuple)) and not self.default)
+        if not empty and (self.kind != "bool" or self.option.negatable):  # a one-way bool flag is its own help
             text += f" (default: {self.text(self.default)})"
         return text.replace("%", "%%")  # argparse formats help with %
 
     def add_to(self, container: Any) -> None:
-        common = dict(dest=self.dest, default=None, help=self.help())
+        common: dict[str, Any] = {"dest": self.dest, "default": None, "help": self.help()}
         if self.kind == "bool":
             if self.option.negatable:
                 container.add_argument(self.name, action=argparse.BooleanOptionalAction, **common)
@@ -160,7 +162,7 @@ def _scalar(annotation: Any, where: str) -> tuple[Callable[[str], Any], tuple | 
         choices = typing.get_args(annotation)
         return type(choices[0]), choices
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        members = typing.get_args(annotation)
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
         if str in members and all(member in (str, Path) for member in members):
             return str, None
     if annotation in (int, float, str, Path):
@@ -210,9 +212,9 @@ def _walk(cls: type, prefix: tuple[str, ...], parent_default: Any, group: str | 
             yield _Flag(prefix + (field.name,), cls.__name__, option, "value", str, None, default)
             continue
         annotation = _hints(cls)[field.name]
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None` is read as X
             members = [member for member in typing.get_args(annotation) if member is not type(None)]
-            annotation = members[0] if len(members) == 1 else typing.Union[tuple(members)]
+            annotation = members[0] if len(members) == 1 else annotation
         origin = typing.get_origin(annotation)
         if annotation is bool:
             kind, parse, choices = "bool", bool, None
@@ -275,9 +277,8 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def leaves(config: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """The settings in `values` (nested like `config`'s class) by dotted name: {"lr": 1e-3, "lora.rank": 16}."""
-    cls = config if isinstance(config, type) else type(config)
+def leaves(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The settings in `values` (nested like `cls`) by dotted name: {"lr": 1e-3, "lora.rank": 16}."""
     found = {}
     for key, value in values.items():
         nested = _nested_class(cls, key) if key in _hints(cls) else None
@@ -295,7 +296,7 @@ def lookup(config: Any, key: str) -> Any:
     return config
 
 
-def known_names(cls: type) -> list[str]:
+def _known_names(cls: type) -> list[str]:
     """Every setting of `cls` by dotted name (nested configs' fields as `lora.rank`)."""
     return sorted(flag.key for flag in _flags(cls))
 
@@ -306,9 +307,9 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "config", _default
     A nested config given as a dict changes only the fields it names (`{"lora": {"rank": 16}}` keeps the
     default alpha); sequences become the annotated list or tuple.
     """
-    unknown = sorted(set(leaves(cls, values)) - set(known_names(cls)))
+    unknown = sorted(set(leaves(cls, values)) - set(_known_names(cls)))
     if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known_names(cls))}")
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_known_names(cls))}")
     changes = {}
     for field in dataclasses.fields(cls):
         if field.name not in values:

@@ -37,6 +37,7 @@ class Example:
     files: list[str] = setting([], "files", items="repeated")
     splits: list[str] = setting(["train"], "splits", items="spaced")
     inner: Inner = setting(Inner(rank=4), group="inner settings")
+    size: int = setting(1, "a size in pixels", flag="--size-px")
 
 
 def _parser(cls=Example) -> argparse.ArgumentParser:
@@ -54,6 +55,7 @@ def test_types_come_from_the_annotations():
                      "--weights", "1,2.5", "--files", "a", "--files", "b", "--splits", "valid", "test"])
     assert (config.count, config.ratio, config.label, config.path, config.mode) == (7, 0.25, "y", Path("p/q"), "slow")
     assert (config.weights, config.files, config.splits) == ([1.0, 2.5], ["a", "b"], ["valid", "test"])
+    assert _parse(["--size-px", "5"]).size == 5  # a declared flag name
 
 
 def test_nested_fields_take_the_field_name_as_prefix_and_their_parent_default():
@@ -113,7 +115,7 @@ def test_unknown_keys_list_the_known_ones():
 @pytest.mark.parametrize("config", [
     Example(),
     Example(count=0, ratio=1e-7, label="a b", path=Path("/x"), mode="slow", kind="two", verbose=True, check=False,
-            cache=False, weights=[0.1, 3.0], files=["p", "q"], splits=["a", "b"], inner=Inner(rank=0, names=())),
+            cache=False, weights=[0.1, 3.0], files=["p", "q"], splits=["a", "b"], inner=Inner(rank=0, names=()), size=2),
     Example(cache=True, inner=Inner(rank=4, names=("b",))),
 ])
 def test_to_argv_round_trips(config):

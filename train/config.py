@@ -87,10 +87,10 @@ class TrainConfig:
     seed: int = setting(0, "seeds data order, augmentation, adapters, dropout", metavar="S", group=OPTIMISATION)
     augment: bool = setting(True, "turn off the photometric augmentation (brightness, contrast, saturation)",
                             group=OPTIMISATION)
-    brightness: float = setting(0.2, "augmentation: largest relative brightness change", metavar="F",
+    brightness: float = setting(0.2, "augmentation: largest brightness offset (on [0, 1] pixel values)", metavar="F",
                                 group=OPTIMISATION)
-    contrast: float = setting(0.2, "augmentation: largest relative contrast change", metavar="F", group=OPTIMISATION)
-    saturation: float = setting(0.2, "augmentation: largest relative saturation change", metavar="F",
+    contrast: float = setting(0.2, "augmentation: contrast factors drawn from 1 +- F", metavar="F", group=OPTIMISATION)
+    saturation: float = setting(0.2, "augmentation: saturation factors drawn from 1 +- F", metavar="F",
                                 group=OPTIMISATION)
 
     save_every: int = setting(25, "checkpoint every N steps, all kept", metavar="N", group=EXECUTION)

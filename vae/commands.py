@@ -1,6 +1,7 @@
 """`paliseg vae ...`: train a mask VAE, measure the token round-trip ceiling, download vae-oid.npz, encode.
 
-Registered by paliseg.cli.main. Only argparse/stdlib at the top: jax is imported inside the handlers.
+Registered by paliseg.cli.main. Light at the top (argparse, paliseg.settings): `register` reads the
+`vae train` flags from vae.training.VaeTrainConfig, and the handlers import the rest.
 """
 
 from __future__ import annotations

@@ -134,8 +134,8 @@ class Transformers:
 class Ours:
     def __init__(self, folder: Path, batch: dict):
         config = TrainConfig(data=["-"], out="-", checkpoint=str(folder), preset="mid", trainable="lora",
-                             lora_rank=RANK, lora_alpha=ALPHA, remat=False, lr=LR, warmup_fraction=0.0,
-                             steps=10**6, grad_clip=1.0, batch_size=len(batch["tokens"]))
+                             lora=model_configs.LoraConfig(rank=RANK, alpha=ALPHA), remat=False, lr=LR,
+                             warmup_fraction=0.0, steps=10**6, grad_clip=1.0, batch_size=len(batch["tokens"]))
         model_cfg = param_sets.model_config(config)
         self.frozen, trainable = param_sets.initial(config, model_cfg)
         self.trainable_count = sum(x.size for x in jax.tree_util.tree_leaves(trainable))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from paliseg.tokens import OBJECT_MODES  # stdlib only
+from converters.config import ConvertConfig
+from paliseg import settings
 
 _CONVERT_HELP = "Convert Roboflow exports (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens."
 _CONVERT_EPILOG = """\
@@ -56,31 +57,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("sources", nargs="+", metavar="SRC", help="Roboflow export folder(s), or split folder(s)")
-    convert.add_argument("--out", required=True, metavar="DIR", help="output dataset folder (must be empty or new)")
-    convert.add_argument("--format", choices=("coco", "yolo", "paligemma", "masks"), help="skip detection and read only this format")
     convert.add_argument("--prompt-map", nargs="+", action="extend", default=[], metavar="CLASS=PROMPT",
                          help="prompt for a class (CLASS may be a glob, e.g. 'NewCracks*'); default 'segment <class>'")
     convert.add_argument("--label-map", nargs="+", action="extend", default=[], metavar="CLASS=LABEL",
                          help="label written after each object's tokens; default the class name")
-    convert.add_argument("--objects", choices=OBJECT_MODES, default=OBJECT_MODES[0],
-                         help="instance: each object's tokens from its own mask (default); merged: from the "
-                         "prompt's union mask cropped to each box (the peer project's encoding, for comparison)")
-    convert.add_argument("--vae", metavar="PATH", help="mask VAE npz (default: models/vae-oid.npz, else the bundled VAE)")
-    convert.add_argument("--box-masks", choices=("sam", "fill"),
-                         help="masks for box-only objects: sam (default when --sam-checkpoint is given) or fill (the box)")
-    convert.add_argument("--sam-checkpoint", metavar="PATH", help="segment-anything checkpoint (sam_vit_h_4b8939.pth, ...)")
-    convert.add_argument("--sam-model", choices=("vit_h", "vit_l", "vit_b", "tiny"), default="vit_h",
-                         help="architecture of --sam-checkpoint (tiny: the random test model of converters.sam)")
-    convert.add_argument("--sam-device", metavar="DEVICE", help="torch device for SAM (default: cuda if available, else cpu)")
-    convert.add_argument("--mask-class", metavar="NAME", help="class name of mask-folder objects")
-    convert.add_argument("--splits", nargs="+", metavar="SPLIT", help="convert only these splits (default: all)")
-    convert.add_argument("--limit", type=int, metavar="N", help="convert only the first N images of each split")
-    convert.add_argument("--min-box-side", type=float, default=2.0, metavar="PIXELS",
-                         help="skip objects whose box is narrower or shorter than this (default 2: Roboflow exports "
-                         "hold sub-pixel boxes in image corners)")
-    convert.add_argument("--no-negatives", action="store_true", help="drop records whose image has no object of the prompt")
-    convert.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping it")
-    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing its files")
+    settings.add_arguments(convert, ConvertConfig)  # the other settings: --out, --format, --objects, ...
     convert.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     convert.set_defaults(run=_run_convert)
 
@@ -95,31 +76,15 @@ def register(subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from converters.convert import ConvertConfig, convert, parse_map, summary_text
+    from converters.convert import convert, parse_map, summary_text
     from paliseg import console
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    config = ConvertConfig(
-        sources=args.sources,
-        out=args.out,
-        format=args.format,
-        prompt_map=parse_map(args.prompt_map, "--prompt-map"),
-        label_map=parse_map(args.label_map, "--label-map"),
-        objects=args.objects,
-        vae=args.vae,
-        box_masks=args.box_masks,
-        sam_checkpoint=args.sam_checkpoint,
-        sam_model=args.sam_model,
-        sam_device=args.sam_device,
-        negatives=not args.no_negatives,
-        splits=args.splits,
-        limit=args.limit,
-        mask_class=args.mask_class,
-        min_box_side=args.min_box_side,
-        strict=args.strict,
-        overwrite=args.overwrite,
-    )
+    given = settings.given(args, ConvertConfig)
+    config = settings.from_dict(ConvertConfig, {
+        **given, "sources": args.sources, "prompt_map": parse_map(args.prompt_map, "--prompt-map"),
+        "label_map": parse_map(args.label_map, "--label-map")}, "flags")
     summary = convert(config)
     console.report(summary, summary_text(summary), args.json)
     return 0

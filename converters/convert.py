@@ -46,35 +46,13 @@ import numpy as np
 
 import vae
 from converters import geometry
+from converters.config import BOX_MASK_MODES, OBJECT_MODES, ConvertConfig
 from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
 from paliseg import console, files, images, records, tokens
 
-BOX_MASK_MODES = ("sam", "fill")
 # VAE encodes are batched across images: flush once this many objects are waiting (a VAE batch bucket).
 ENCODE_BATCH = 128
-
-
-@dataclasses.dataclass
-class ConvertConfig:
-    sources: Sequence[str | Path]
-    out: str | Path
-    format: str | None = None
-    prompt_map: dict[str, str] = dataclasses.field(default_factory=dict)  # class name or glob -> prompt
-    label_map: dict[str, str] = dataclasses.field(default_factory=dict)  # class name or glob -> label
-    objects: str = "instance"
-    vae: str | Path | None = None
-    box_masks: str | None = None  # None: "sam" when a SAM checkpoint is given, else "fill"
-    sam_checkpoint: str | Path | None = None
-    sam_model: str = "vit_h"
-    sam_device: str | None = None
-    negatives: bool = True
-    splits: Sequence[str] | None = None
-    limit: int | None = None  # first N images of each split
-    mask_class: str | None = None
-    min_box_side: float = 2.0  # objects narrower or shorter than this (pixels) are skipped as annotation noise
-    strict: bool = False
-    overwrite: bool = False
 
 
 @dataclasses.dataclass
@@ -147,8 +125,8 @@ class _Converter:
         self.config = config
         self.log = log
         self.out = Path(config.out)
-        if config.objects not in tokens.OBJECT_MODES:
-            raise ValueError(f"--objects {config.objects!r}: choose from {', '.join(tokens.OBJECT_MODES)}")
+        if config.objects not in OBJECT_MODES:
+            raise ValueError(f"--objects {config.objects!r}: choose from {', '.join(OBJECT_MODES)}")
         self.exports = [(Path(s), read_export(s, config.format, config.mask_class)) for s in config.sources]
         self.tags = _export_tags([path for path, _ in self.exports])
         available = {s.split for _, splits in self.exports for s in splits}

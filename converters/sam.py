@@ -21,9 +21,9 @@ from segment_anything import SamPredictor
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from converters.config import SAM_MODEL_TYPES as MODEL_TYPES
 from converters.geometry import box_mask
 
-MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
 # Boxes decoded per mask-decoder call: bounds memory (each box gives 3 full-resolution masks).
 BOXES_PER_CALL = 32
 # Components and holes below this fraction of the box area (and at least MIN_CLEAN_PIXELS) are removed.

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from paliseg.settings import setting
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Made (deterministically) by:
 #   python -c "from paliseg.tokenizer import build_tiny_tokenizer as b; b('paliseg/assets/tiny_tokenizer.model')"
@@ -88,13 +90,14 @@ class LoraConfig:
 
     `targets` are short names (`LLM_LORA_TARGETS`, `IMG_LORA_TARGETS`). Each target adapts its own slice of
     a fused weight: `k` adapts only index 0 of `kv_einsum`, `gate` only index 0 of `gating_einsum`.
-    `rank=0` disables LoRA.
+    `rank=0` disables LoRA. `paliseg train` takes these settings as `--lora-rank` etc. (its config's `lora`).
     """
 
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = LLM_LORA_TARGETS
+    rank: int = setting(0, "adapter rank", metavar="R")
+    alpha: float = setting(16.0, "adapter scale numerator: scale = alpha / rank", metavar="A")
+    dropout: float = setting(0.0, "dropout on the adapter input", metavar="P")
+    targets: tuple[str, ...] = setting(LLM_LORA_TARGETS, "projections to adapt: Gemma's, and SigLIP's (img_*)",
+                                       metavar="T1,T2", choices=LLM_LORA_TARGETS + IMG_LORA_TARGETS)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))

@@ -21,9 +21,6 @@ LOC_BINS = 1024
 SEG_CODES = 128
 SEG_PER_OBJECT = 16
 OBJECT_SEPARATOR = " ; "
-# How a dataset's seg tokens are made (`paliseg convert --objects`): each object's from its own mask
-# ("instance"), or from the prompt's union mask cropped to the object's box ("merged").
-OBJECT_MODES = ("instance", "merged")
 
 LOC_TOKEN = re.compile(r"<loc(\d{4})>")  # one loc token; group 1 is its index
 SEG_TOKEN = re.compile(r"<seg(\d{3})>")  # one seg token; group 1 is its code

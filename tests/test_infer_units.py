@@ -202,7 +202,7 @@ def test_step_0_of_a_lora_run_is_the_base_checkpoint(tmp_path):
     base_params = model.init_params(base_config, jax.random.key(3))
     base_path = checkpoints.save(tmp_path / "base", base_params, base_config)
     config = train_config.resolve(dict(data=[str(tmp_path)], out=str(tmp_path / "run"), checkpoint=str(base_path),
-                                       preset="tiny", trainable="lora", lora_rank=4))  # fmt: skip
+                                       preset="tiny", trainable="lora", lora={"rank": 4}))  # fmt: skip
     run_checkpoints.write_run_config(tmp_path / "run", config, param_sets.model_config(config))
     step0_config, step0 = load_step(tmp_path / "run", 0)
     assert not step0_config.lora.enabled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from paliseg.config import LoraConfig
 from train import config as train_config
 from train import data as train_data
 from train import events, optim, sharding
@@ -23,9 +25,11 @@ def _config(**changes):
 
 def test_resolve_layers_defaults_file_and_flags(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text('{"lr": 0.001, "steps": 7, "lora_rank": 4}')
-    config = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None}, path)
-    assert (config.lr, config.steps, config.lora_rank, config.batch_size) == (0.001, 9, 4, 8)
+    path.write_text('{"lr": 0.001, "steps": 7, "lora": {"rank": 4, "alpha": 2.0}}')
+    config = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None,
+                                   "lora": {"alpha": 8.0}}, path)
+    assert (config.lr, config.steps, config.batch_size) == (0.001, 9, 8)
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (4, 8.0, 0.0)  # nested settings merge
     assert config.data[0].startswith("/") and config.out.startswith("/")  # recorded as absolute paths
 
 
@@ -35,7 +39,10 @@ def test_resolve_layers_defaults_file_and_flags(tmp_path):
         ({"batch_size": 6, "grad_accum": 4}, "multiple of --grad-accum"),
         ({"lr": -1.0}, "--lr must be positive"),
         ({"trainable": "head"}, "--trainable must be one of"),
-        ({"lora_targets": ["q", "qq"]}, "unknown: qq"),
+        ({"lora": {"targets": ["q", "qq"]}}, r"lora: unknown LoRA targets \['qq'\]"),
+        ({"lora": {"targets": []}}, "--lora-targets must be a non-empty subset"),
+        ({"lora": {"rank": 0}}, "--lora-rank must be at least 1"),
+        ({"b1": 1.0}, "--b1 and --b2"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"checkpoint": "/base.npz"}, "exactly one of --checkpoint BASE or --init random"),
         ({"preset": "huge"}, "--preset must be one of"),
@@ -60,6 +67,34 @@ def test_resume_refuses_changed_semantics_but_takes_execution_settings():
     assert resumed.workers == 1 and resumed.out == "/elsewhere" and resumed.lr == 1e-3
     with pytest.raises(ValueError, match=r"lr=0\.01 \(the run has 0\.001\)"):
         train_config.check_resume(saved, {"lr": 0.01})
+
+
+def test_resume_compares_nested_settings():
+    saved = _config(lora={"rank": 4})
+    assert train_config.check_resume(saved, {"lora": {"rank": 4}, "workers": 2}).lora.rank == 4
+    with pytest.raises(ValueError, match=r"lora\.alpha=2\.0 \(the run has 16\.0\)"):
+        train_config.check_resume(saved, {"lora": {"alpha": 2.0}})
+
+
+def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
+    """Runs and config files written before the LoRA settings were nested (`lora_rank`, ...) load as before."""
+    from train import checkpoints, params
+
+    config = _config(lora={"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "img_fc1"]})
+    model_cfg = params.model_config(config)
+    old = config.to_json()
+    old.update({f"lora_{key}": value for key, value in old.pop("lora").items()})
+    assert "lora" not in old and old["lora_rank"] == 4
+    (tmp_path / "config.json").write_text(json.dumps({"train": old, "model": model_cfg.to_dict(), "data_sha256": {}}))
+    loaded, loaded_model = checkpoints.read_run_config(tmp_path)
+    assert loaded == config and loaded_model == model_cfg
+    (tmp_path / "c.json").write_text('{"lora_rank": 2, "lora_targets": ["v"]}')
+    from_file = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "lora": {"alpha": 4.0}},
+                                     tmp_path / "c.json")
+    assert from_file.lora == LoraConfig(rank=2, alpha=4.0, targets=("v",))
+    (tmp_path / "both.json").write_text('{"lora_rank": 2, "lora": {"rank": 3}}')
+    with pytest.raises(ValueError, match="both lora_rank and lora.rank"):
+        train_config.load_file(tmp_path / "both.json")
 
 
 def test_sampler_is_a_function_of_the_step_and_covers_each_epoch():

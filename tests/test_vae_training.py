@@ -186,7 +186,7 @@ TINY = dict(steps=4, batch_size=4, synthetic_count=24, save_every=2, warmup_step
 
 @pytest.mark.slow
 def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path, monkeypatch):
-    config = training.VAETrainConfig(**TINY)
+    config = training.VaeTrainConfig(**TINY)
     straight = training.train(["synthetic"], tmp_path / "a.npz", config, dtype=np.float16)
     assert straight["steps"] == 4 and straight["train_crops"] == {"synthetic": 24}
     with np.load(tmp_path / "a.npz") as data:
@@ -213,14 +213,14 @@ def test_training_writes_the_vae_oid_layout_and_resumes_exactly(tmp_path, monkey
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    other = training.VAETrainConfig(**{**TINY, "learning_rate": 0.5})
+    other = training.VaeTrainConfig(**{**TINY, "learning_rate": 0.5})
     with pytest.raises(ValueError, match="different training config"):
         training.train(["synthetic"], tmp_path / "b.npz", other, resume=True)
 
 
 @pytest.mark.slow
 def test_dead_codes_restart_on_batch_latents():
-    config = training.VAETrainConfig(**TINY)
+    config = training.VaeTrainConfig(**TINY)
     batch = synthetic.synthetic_crops(config.batch_size, seed=2)
     state = training.init_state(config, batch)
     state["ema_count"][:5] = 0.0  # five codes nobody uses ...

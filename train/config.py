@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from paliseg.config import IMG_LORA_TARGETS, LLM_LORA_TARGETS, PRESETS
+from paliseg import settings
+from paliseg.config import IMG_LORA_TARGETS, LLM_LORA_TARGETS, PRESETS, LoraConfig
+from paliseg.settings import setting
 
 TRAINABLE_SETS = ("lora", "attn", "all")
 OPTIMIZERS = ("adamw", "sgd")
@@ -26,55 +28,77 @@ DTYPES = ("bfloat16", "float16", "float32")
 EXECUTION_FIELDS = frozenset({"out", "workers", "prefetch", "log_every", "save_every", "mesh_fsdp"})
 
 
+# The argument groups of `paliseg train --help`.
+INPUTS = "data, model and run folder"
+MODEL = "model"
+TRAINED = "what is trained"
+OPTIMISATION = "optimisation"
+EXECUTION = "execution"
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    # Inputs and outputs.
-    data: list[str] = dataclasses.field(default_factory=list)
-    data_weights: list[float] | None = None  # sampling weight per --data folder; None: proportional to size
-    balance_prompts: bool = False  # sample every prompt ("segment crack", "segment taping area") equally
-    split: str = "train"
-    checkpoint: str | None = None  # base PaliGemma checkpoint (big_vision npz, HF safetensors, or ours)
-    init: str | None = None  # "random": no base checkpoint, a seeded random model (tiny demo runs)
-    tokenizer: str | None = None  # SentencePiece model; None: the preset's default
-    out: str = ""
-    # Model.
-    preset: str = "paligemma-3b-224"
-    seq_len: int = 128  # text tokens per example: bos + prefix + "\n" + suffix + eos, padded
-    base_dtype: str | None = None  # dtype of the frozen base; None: the preset's (trainable ones are float32)
-    remat: bool = True  # recompute activations in the backward pass (memory for compute)
-    # What is trained.
-    trainable: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    # Gemma projections q,k,v,o,gate,up,down; add img_q,img_k,img_v,img_o,img_fc1,img_fc2 to adapt SigLIP too.
-    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(LLM_LORA_TARGETS))
-    # Optimisation.
-    steps: int = 200
-    batch_size: int = 8  # examples per optimizer step, over all devices and hosts
-    grad_accum: int = 1  # micro-batches per step; each holds batch_size / grad_accum examples
-    optimizer: str = "adamw"
-    lr: float = 3e-4
-    warmup_fraction: float = 0.1  # linear warmup over this share of the steps, then cosine to min_lr_ratio*lr
-    min_lr_ratio: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    momentum: float = 0.0  # SGD only
-    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables it
-    label_smoothing: float = 0.0
-    seed: int = 0
-    # Input pipeline.
-    augment: bool = True  # photometric: brightness, contrast, saturation
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    workers: int = 4
-    prefetch: int = 2
-    # Checkpoints, logging, devices.
-    save_every: int = 25
-    log_every: int = 1
-    mesh_fsdp: int = 1  # devices per FSDP group; the rest of the devices form the data axis
+    """Every setting of a run; `paliseg train` derives its flags from these declarations (paliseg.settings)."""
+
+    data: list[str] = setting([], "converted data folder (repeatable)", metavar="DIR", items="repeated", group=INPUTS)
+    data_weights: list[float] | None = setting(
+        None, "sampling weight of each --data folder (default: proportional to size)", metavar="W1,W2", group=INPUTS)
+    balance_prompts: bool = setting(
+        False, "sample every prompt equally often (e.g. the small drywall set as often as cracks)", group=INPUTS)
+    split: str = setting("train", "annotation split to train on", metavar="SPLIT", group=INPUTS)
+    checkpoint: str | None = setting(None, "base PaliGemma checkpoint (big_vision npz, HF safetensors, or ours)",
+                                     metavar="BASE", group=INPUTS, exclusive="base")
+    init: str | None = setting(None, "start from a seeded random model instead (tiny demo runs)", choices=("random",),
+                               group=INPUTS, exclusive="base")
+    tokenizer: str | None = setting(None, "SentencePiece model (default: the preset's; the tiny presets bundle one, "
+                                    "the 3B presets need paligemma_tokenizer.model)", metavar="PATH", group=INPUTS)
+    out: str = setting("", "run folder (config, checkpoints, metrics)", metavar="RUN_DIR", required=True, group=INPUTS)
+
+    preset: str = setting("paligemma-3b-224", "model preset", metavar="NAME", choices=tuple(PRESETS), group=MODEL)
+    seq_len: int = setting(128, "text tokens per example: bos + prefix + newline + suffix + eos, padded; longer "
+                           "examples are an error", metavar="N", group=MODEL)
+    base_dtype: str | None = setting(None, "dtype of the frozen base (default: the preset's; trainable parameters "
+                                     "are float32)", choices=DTYPES, group=MODEL)
+    remat: bool = setting(True, "recompute activations in the backward pass, trading compute for memory", negatable=True,
+                          group=MODEL)
+
+    trainable: str = setting("lora", "parameter set: LoRA adapters, the Gemma attention, or every parameter",
+                             choices=TRAINABLE_SETS, group=TRAINED)
+    lora: LoraConfig = setting(LoraConfig(rank=8), group=TRAINED)  # --lora-rank, --lora-alpha, ...
+
+    steps: int = setting(200, "optimizer steps", metavar="N", group=OPTIMISATION)
+    batch_size: int = setting(8, "examples per optimizer step, over all devices and hosts", metavar="B",
+                              group=OPTIMISATION)
+    grad_accum: int = setting(1, "micro-batches per step; each holds batch_size / grad_accum examples", metavar="K",
+                              group=OPTIMISATION)
+    optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS, group=OPTIMISATION)
+    lr: float = setting(3e-4, "peak learning rate", metavar="LR", group=OPTIMISATION)
+    warmup_fraction: float = setting(0.1, "share of the steps in linear warmup, then cosine to --min-lr-ratio * --lr",
+                                     metavar="F", group=OPTIMISATION)
+    min_lr_ratio: float = setting(0.0, "final lr of the cosine, relative to --lr", metavar="F", group=OPTIMISATION)
+    b1: float = setting(0.9, "AdamW beta1", metavar="B1", group=OPTIMISATION)
+    b2: float = setting(0.999, "AdamW beta2", metavar="B2", group=OPTIMISATION)
+    momentum: float = setting(0.0, "SGD momentum", metavar="M", group=OPTIMISATION)
+    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW), on matrices only", metavar="WD",
+                                  group=OPTIMISATION)
+    grad_clip: float = setting(1.0, "global-norm clip; 0 disables it", metavar="NORM", group=OPTIMISATION)
+    label_smoothing: float = setting(0.0, "label smoothing (big_vision's refcoco_seg uses 0.3)", metavar="LS",
+                                     group=OPTIMISATION)
+    seed: int = setting(0, "seeds data order, augmentation, adapters, dropout", metavar="S", group=OPTIMISATION)
+    augment: bool = setting(True, "turn off the photometric augmentation (brightness, contrast, saturation)",
+                            group=OPTIMISATION)
+    brightness: float = setting(0.2, "augmentation: largest brightness offset (on [0, 1] pixel values)", metavar="F",
+                                group=OPTIMISATION)
+    contrast: float = setting(0.2, "augmentation: contrast factors drawn from 1 +- F", metavar="F", group=OPTIMISATION)
+    saturation: float = setting(0.2, "augmentation: saturation factors drawn from 1 +- F", metavar="F",
+                                group=OPTIMISATION)
+
+    save_every: int = setting(25, "checkpoint every N steps, all kept", metavar="N", group=EXECUTION)
+    log_every: int = setting(1, "write metrics every N steps", metavar="N", group=EXECUTION)
+    workers: int = setting(4, "image-loading threads", metavar="N", group=EXECUTION)
+    prefetch: int = setting(2, "batches loaded ahead", metavar="N", group=EXECUTION)
+    mesh_fsdp: int = setting(1, "devices that share one copy of the model (FSDP); the others replicate it (data "
+                             "parallel)", metavar="N", group=EXECUTION)
 
     @property
     def micro_batch_size(self) -> int:
@@ -91,19 +115,31 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+# Run folders and config files written before the LoRA settings were nested: flat key -> nested field.
+_LEGACY_KEYS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets"}
+
+
+def _upgrade_legacy(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with the flat LoRA keys of older config files moved into `lora`."""
+    flat = {key: values[key] for key in _LEGACY_KEYS if key in values}
+    if not flat:
+        return values
+    lora = dict(values.get("lora") or {})
+    for key, value in flat.items():
+        if _LEGACY_KEYS[key] in lora:
+            raise ValueError(f"{where}: both {key} and lora.{_LEGACY_KEYS[key]} are given")
+        lora[_LEGACY_KEYS[key]] = value
+    return {**{key: value for key, value in values.items() if key not in flat}, "lora": lora}
 
 
 def from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
-    """Build a config from a mapping, rejecting unknown keys with the list of known ones."""
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
-    return TrainConfig(**values)
+    """Build a config from a mapping (nested: {"lora": {"rank": 16}}; the flat keys of older files too),
+    rejecting unknown keys with the list of known ones."""
+    return settings.from_dict(TrainConfig, _upgrade_legacy(values, where), where)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings of a JSON config file (keys are TrainConfig fields, e.g. {"lr": 1e-4, "steps": 500})."""
+    """The settings of a JSON config file (keys are TrainConfig fields, e.g. {"lr": 1e-4, "lora": {"rank": 16}})."""
     path = Path(path)
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
@@ -113,17 +149,16 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object of settings")
+    values = _upgrade_legacy(values, str(path))
     from_dict(values, str(path))  # unknown keys fail here, naming the file
     return values
 
 
 def resolve(overrides: dict[str, Any], config_file: str | os.PathLike | None = None) -> TrainConfig:
-    """Defaults, then the config file, then the explicitly given overrides (None means 'not given')."""
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        values.update(load_file(config_file))
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    config = absolute_paths(from_dict(values))
+    """Defaults, then the config file, then the explicitly given overrides (nested like the config, as
+    `settings.given` returns them; None means 'not given')."""
+    values = load_file(config_file) if config_file is not None else {}
+    config = absolute_paths(from_dict(settings.merge(values, overrides)))
     validate(config)
     return config
 
@@ -139,31 +174,27 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 
 
 def check_resume(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig:
-    """The saved run config, with execution-only settings taken from `requested`.
+    """The saved run config, with execution-only settings taken from `requested` (nested like the config).
 
     Any other explicitly requested value that differs from the saved one is an error: resuming with a
     different learning rate, batch or data would silently produce a run nobody asked for.
     """
+    asked = absolute_paths(from_dict(settings.merge(saved.to_json(), requested)))
     conflicts = []
     changes = {}
-    given = {key: value for key, value in requested.items() if value is not None and key in _FIELDS}
-    given = {key: value for key, value in dataclasses.asdict(absolute_paths(saved.replace(**given))).items()
-             if key in given}
-    for key, value in given.items():
+    for key, value in settings.leaves(TrainConfig, requested).items():
+        if value is None:
+            continue
         if key in EXECUTION_FIELDS:
-            changes[key] = value
-        elif _normalise(value) != _normalise(getattr(saved, key)):
-            conflicts.append(f"{key}={value!r} (the run has {getattr(saved, key)!r})")
+            changes[key] = getattr(asked, key)
+        elif settings.lookup(asked, key) != settings.lookup(saved, key):
+            conflicts.append(f"{key}={settings.lookup(asked, key)!r} (the run has {settings.lookup(saved, key)!r})")
     if conflicts:
         raise ValueError("--resume: the run was started with other settings: " + "; ".join(conflicts)
                          + ". Resume without them, or start a new run in another --out folder.")
     config = saved.replace(**changes)
     validate(config)
     return config
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def validate(config: TrainConfig) -> None:
@@ -188,7 +219,7 @@ def validate(config: TrainConfig) -> None:
     need(config.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
     need(config.trainable in TRAINABLE_SETS, f"--trainable must be one of {', '.join(TRAINABLE_SETS)}")
     need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
-    need(config.base_dtype in (None, *DTYPES), f"base_dtype must be one of {', '.join(DTYPES)}")
+    need(config.base_dtype in (None, *DTYPES), f"--base-dtype must be one of {', '.join(DTYPES)}")
     need(config.seq_len >= 8, f"--seq-len must be at least 8, got {config.seq_len}")
     need(config.steps >= 1, f"--steps must be at least 1, got {config.steps}")
     need(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
@@ -197,22 +228,20 @@ def validate(config: TrainConfig) -> None:
         need(config.batch_size % config.grad_accum == 0,
              f"--batch-size {config.batch_size} must be a multiple of --grad-accum {config.grad_accum}")
     need(config.lr > 0 and math.isfinite(config.lr), f"--lr must be positive, got {config.lr}")
-    need(0 <= config.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
-    need(0 <= config.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
-    need(0 <= config.b1 < 1 and 0 <= config.b2 < 1, "b1 and b2 must be in [0, 1)")
-    need(0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}")
+    need(0 <= config.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {config.warmup_fraction}")
+    need(0 <= config.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
+    need(0 <= config.b1 < 1 and 0 <= config.b2 < 1, "--b1 and --b2 must be in [0, 1)")
+    need(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
     need(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
     need(config.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables it), got {config.grad_clip}")
     need(0 <= config.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
-    need(config.lora_rank >= 1, f"--lora-rank must be at least 1, got {config.lora_rank}")
-    need(config.lora_alpha > 0, f"--lora-alpha must be positive, got {config.lora_alpha}")
-    need(0 <= config.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
-    bad_targets = sorted(set(config.lora_targets) - set(LLM_LORA_TARGETS + IMG_LORA_TARGETS))
-    need(bool(config.lora_targets) and not bad_targets,
-         f"--lora-targets must be a non-empty subset of {','.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}"
-         + (f"; unknown: {','.join(bad_targets)}" if bad_targets else ""))
+    need(config.lora.rank >= 1, f"--lora-rank must be at least 1, got {config.lora.rank}")
+    need(config.lora.alpha > 0, f"--lora-alpha must be positive, got {config.lora.alpha}")
+    need(0 <= config.lora.dropout < 1, f"--lora-dropout must be in [0, 1), got {config.lora.dropout}")
+    need(bool(config.lora.targets),  # LoraConfig itself refuses unknown targets
+         f"--lora-targets must be a non-empty subset of {','.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}")
     for name in ("brightness", "contrast", "saturation"):
-        need(0 <= getattr(config, name) < 1, f"{name} must be in [0, 1), got {getattr(config, name)}")
+        need(0 <= getattr(config, name) < 1, f"--{name} must be in [0, 1), got {getattr(config, name)}")
     need(config.workers >= 1, f"--workers must be at least 1, got {config.workers}")
     need(config.prefetch >= 1, f"--prefetch must be at least 1, got {config.prefetch}")
     need(config.save_every >= 1, f"--save-every must be at least 1, got {config.save_every}")

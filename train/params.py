@@ -30,12 +30,7 @@ Params = dict[str, Any]
 def model_config(config: TrainConfig) -> model_configs.ModelConfig:
     """The model a run trains: the preset, with LoRA on for `--trainable lora`, the run's remat and base dtype."""
     base = model_configs.preset(config.preset)
-    lora_config = model_configs.LoraConfig(
-        rank=config.lora_rank if config.trainable == "lora" else 0,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        targets=tuple(config.lora_targets),
-    )
+    lora_config = config.lora if config.trainable == "lora" else dataclasses.replace(config.lora, rank=0)
     changes: dict[str, Any] = {"lora": lora_config, "remat": config.remat}
     if config.base_dtype is not None:
         changes["param_dtype"] = config.base_dtype

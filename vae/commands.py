@@ -1,12 +1,15 @@
 """`paliseg vae ...`: train a mask VAE, measure the token round-trip ceiling, download vae-oid.npz, encode.
 
-Registered by paliseg.cli.main. Only argparse/stdlib at the top: jax is imported inside the handlers.
+Registered by paliseg.cli.main. Light at the top (argparse, paliseg.settings): `register` reads the
+`vae train` flags from vae.training.VaeTrainConfig, and the handlers import the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from paliseg import settings
 
 _VAE_HELP = "the VAE npz (vae-oid layout); default: models/vae-oid.npz if present, else the bundled VAE"
 
@@ -40,6 +43,8 @@ example:
 
 
 def register(subparsers) -> None:
+    from vae.training import VaeTrainConfig  # only optax more: vae/__init__ has loaded jax already
+
     parser = subparsers.add_parser(
         "vae",
         help="Mask VQ-VAE: train your own, measure the token round-trip ceiling, download vae-oid.npz.",
@@ -62,13 +67,7 @@ def register(subparsers) -> None:
     train.add_argument("sources", nargs="+", metavar="MASK_SOURCES", help="see below")
     train.add_argument("--out", type=Path, required=True, help="output npz")
     train.add_argument("--split", default="train", help="split of converted datasets / COCO exports with split folders (default: train)")
-    train.add_argument("--steps", type=int, default=4000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice term that keeps thin objects (default: 1)")
-    train.add_argument("--synthetic-count", type=int, default=6000, help="synthetic crops drawn (default: 6000)")
-    train.add_argument("--save-every", type=int, default=250, help="steps between resume states (default: 250)")
-    train.add_argument("--seed", type=int, default=0)
+    settings.add_arguments(train, VaeTrainConfig)  # a flag per field: --steps, --batch-size, ...
     train.add_argument("--float16", action="store_true", help="store the weights as float16 (half the size)")
     train.add_argument("--resume", action="store_true", help="continue from OUT.state")
     train.add_argument("--overwrite", action="store_true", help="replace OUT (and start over) if it exists")
@@ -129,10 +128,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from paliseg import console
     from vae import training
 
-    config = training.VAETrainConfig(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, dice_weight=args.dice_weight,
-        synthetic_count=args.synthetic_count, save_every=args.save_every, seed=args.seed,
-    )  # fmt: skip
+    config = settings.from_dict(training.VaeTrainConfig, settings.given(args, training.VaeTrainConfig), "flags")
     summary = training.train(
         args.sources, args.out, config, resume=args.resume, overwrite=args.overwrite,
         dtype=np.float16 if args.float16 else np.float32, split=args.split,

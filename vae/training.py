@@ -33,6 +33,7 @@ from flax import serialization
 
 from metrics import aggregate, scoring
 from paliseg import console, dataset, files
+from paliseg.settings import setting
 from vae import sources
 from vae.masks import crop_to_64
 from vae.model import (
@@ -53,21 +54,24 @@ SYNTHETIC = "synthetic"  # the MASK_SOURCES name of the built-in shape generator
 
 
 @dataclasses.dataclass(frozen=True)
-class VAETrainConfig:
-    steps: int = 4000
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
-    commitment: float = 0.25
-    dice_weight: float = 1.0
-    ema_decay: float = 0.99
-    restart_every: int = 100
-    dead_usage: float = 0.05  # EMA of assignments per step below which a code is restarted
-    synthetic_count: int = 6000  # crops drawn by the shape generator
-    min_box_pixels: int = 4  # real objects whose box is thinner than this in either side are skipped
-    holdout_fraction: float = 0.05  # of the crops, kept out of training to report the round-trip IoU
-    save_every: int = 250
-    seed: int = 0
+class VaeTrainConfig:
+    """The settings of `paliseg vae train`, which derives its flags from these declarations (paliseg.settings)."""
+
+    steps: int = setting(4000, "optimizer steps", metavar="N")
+    batch_size: int = setting(64, "crops per step", metavar="B")
+    learning_rate: float = setting(1e-3, "peak learning rate (Adam; linear warmup, then cosine to 5% of it)", metavar="LR")
+    warmup_steps: int = setting(200, "steps of linear learning-rate warmup", metavar="N")
+    commitment: float = setting(0.25, "weight of the commitment term (encoder outputs to their codes)", metavar="W")
+    dice_weight: float = setting(1.0, "weight of the soft Dice term that keeps thin objects", metavar="W")
+    ema_decay: float = setting(0.99, "decay of the codebook's exponential moving averages", metavar="D")
+    restart_every: int = setting(100, "steps between dead-code restarts", metavar="N")
+    dead_usage: float = setting(0.05, "EMA of assignments per step below which a code is restarted", metavar="U")
+    synthetic_count: int = setting(6000, "synthetic crops drawn by the shape generator", metavar="N")
+    min_box_pixels: int = setting(4, "skip real objects whose box is thinner than this on either side", metavar="PIXELS")
+    holdout_fraction: float = setting(0.05, "share of the crops kept out of training to report the round-trip IoU",
+                                      metavar="F")
+    save_every: int = setting(250, "steps between resume states", metavar="N")
+    seed: int = setting(0, "seeds the synthetic shapes, the holdout, batches and initialisation", metavar="S")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,7 +92,7 @@ def real_crops(path: str | os.PathLike, split: str | None, min_box_pixels: int) 
     return np.asarray(crops, np.float32).reshape(-1, MASK_SIZE, MASK_SIZE)
 
 
-def build_pool(mask_sources: Sequence[str], config: VAETrainConfig, split: str | None = "train") -> dict[str, np.ndarray]:
+def build_pool(mask_sources: Sequence[str], config: VaeTrainConfig, split: str | None = "train") -> dict[str, np.ndarray]:
     """All training crops as uint8 (value * 255), by source name, deterministic for a given config."""
     pool = {}
     for source in mask_sources:
@@ -104,7 +108,7 @@ def build_pool(mask_sources: Sequence[str], config: VAETrainConfig, split: str |
     return pool
 
 
-def split_pool(pool: dict[str, np.ndarray], config: VAETrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def split_pool(pool: dict[str, np.ndarray], config: VaeTrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(train crops, holdout crops): a `holdout_fraction` of every source is kept out of training.
     Batches sample the train crops uniformly, so a source's share is its crop count (tune it for
     synthetic shapes with `synthetic_count`)."""
@@ -118,7 +122,7 @@ def split_pool(pool: dict[str, np.ndarray], config: VAETrainConfig) -> tuple[np.
     return np.concatenate(train), np.concatenate(holdout)
 
 
-def batch_at(train: np.ndarray, step: int, config: VAETrainConfig) -> np.ndarray:
+def batch_at(train: np.ndarray, step: int, config: VaeTrainConfig) -> np.ndarray:
     """The batch of `step`: uniform sample + one of the 8 flips/rotations each (masks have no up)."""
     rng = np.random.default_rng([config.seed, step])
     batch = train[rng.integers(0, len(train), config.batch_size)].astype(np.float32) / 255.0
@@ -133,7 +137,7 @@ def batch_at(train: np.ndarray, step: int, config: VAETrainConfig) -> np.ndarray
 # The step
 
 
-def init_state(config: VAETrainConfig, first_batch: np.ndarray) -> dict:
+def init_state(config: VaeTrainConfig, first_batch: np.ndarray) -> dict:
     params = random_params(config.seed)
     latents = MaskEncoder().apply({"params": params["encoder"]}, jnp.asarray(first_batch)).reshape(-1, CODE_DIM)
     rng = np.random.default_rng(config.seed)
@@ -151,7 +155,7 @@ def init_state(config: VAETrainConfig, first_batch: np.ndarray) -> dict:
     }
 
 
-def make_optimizer(config: VAETrainConfig) -> optax.GradientTransformation:
+def make_optimizer(config: VaeTrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1), config.learning_rate * 0.05
     )
@@ -168,7 +172,7 @@ def _forward(params, codebook, batch):
 
 
 @functools.lru_cache(maxsize=4)
-def make_train_step(config: VAETrainConfig):
+def make_train_step(config: VaeTrainConfig):
     """The jit-compiled step for `config` (cached: a resumed run in the same process compiles nothing)."""
     optimizer = make_optimizer(config)
 
@@ -244,12 +248,12 @@ def state_path(out: Path) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def save_state(path: Path, state: dict, config: VAETrainConfig, sources_used: Sequence[str]) -> None:
+def save_state(path: Path, state: dict, config: VaeTrainConfig, sources_used: Sequence[str]) -> None:
     payload = {"state": jax.tree.map(np.asarray, state), "config": json.dumps(dataclasses.asdict(config)), "sources": list(sources_used)}
     files.write_bytes(path, serialization.msgpack_serialize(serialization.to_state_dict(payload)))
 
 
-def load_state(path: Path, template: dict, config: VAETrainConfig, sources_used: Sequence[str]) -> dict:
+def load_state(path: Path, template: dict, config: VaeTrainConfig, sources_used: Sequence[str]) -> dict:
     payload = serialization.msgpack_restore(path.read_bytes())
     saved = json.loads(payload["config"])
     if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}:
@@ -262,7 +266,7 @@ def load_state(path: Path, template: dict, config: VAETrainConfig, sources_used:
 def train(
     mask_sources: Sequence[str],
     out: str | os.PathLike,
-    config: VAETrainConfig,
+    config: VaeTrainConfig,
     resume: bool = False,
     overwrite: bool = False,
     dtype: np.dtype = np.float32,

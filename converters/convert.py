@@ -17,7 +17,8 @@ Output layout (paths in records are relative to DIR):
     DIR/_annotations.<split>.jsonl
     DIR/images/<split>/<export>/<file>                  hard link to the source image, else a copy
     DIR/masks/<split>/<export>/<stem>.<prompt-slug>.png  0/255 union mask of the record's prompt
-    DIR/conversion.json                                 the summary (counts, skips, settings)
+    DIR/conversion.json                                 the summary (counts, skips, settings) and the
+                                                        VAE's identity ("vae": SHA-256 and path, `vae.identity`)
 Masks and images are written before the JSONL files, each atomically, so an interrupted run never leaves a
 record pointing at a missing file. An existing non-empty DIR is refused unless `overwrite`; with it, the
 files this run writes are replaced and any other `_annotations.*.jsonl` is removed (a stale split would
@@ -49,6 +50,7 @@ from converters import geometry
 from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
 from paliseg import console, files, records, tokens
+from vae import identity
 
 OBJECT_MODES = ("instance", "merged")
 BOX_MASK_MODES = ("sam", "fill")
@@ -157,6 +159,7 @@ class _Converter:
             raise ValueError(f"--splits {', '.join(unknown)}: not in the sources (found: {', '.join(sorted(available))})")
         self._check_maps()
         self.box_masker = _BoxMasker(config, log)
+        self.vae_identity = identity.identify(config.vae)  # recorded: the tokens need this very VAE
         self.model = vae.load(config.vae)
         self.records: dict[str, list[records.Record]] = collections.defaultdict(list)
         self.pending: list[_Planned] = []
@@ -217,7 +220,7 @@ class _Converter:
             records.write_records(records.annotations_path(self.out, split), split_records, overwrite=self.config.overwrite)
         seconds = time.perf_counter() - start
         summary = self._summary(splits_read, seconds)
-        files.write_json(self.out / "conversion.json", summary, overwrite=self.config.overwrite)
+        files.write_json(self.out / records.CONVERSION_FILE, summary, overwrite=self.config.overwrite)
         return summary
 
     def _prepare_output(self) -> None:
@@ -384,6 +387,7 @@ class _Converter:
                 "prompts": {c: self.prompt(c) for c in self._classes()},
                 "labels": {c: self.label(c) for c in self._classes()},
             },
+            "vae": self.vae_identity.to_json(),
             "splits": splits,
             **self.log.to_json(),
             "seconds": round(seconds, 3),

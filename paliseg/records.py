@@ -20,6 +20,7 @@ from typing import Any
 from paliseg import files
 
 SPLITS = ("train", "valid", "test")
+CONVERSION_FILE = "conversion.json"  # a converted folder's summary: counts, skips, settings, the VAE's identity
 _FIELDS = ("image", "prefix", "suffix", "mask")
 
 

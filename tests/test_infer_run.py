@@ -22,6 +22,7 @@ from paliseg import files, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
+from train import params as param_sets
 from train import trainer
 
 pytestmark = pytest.mark.slow
@@ -106,10 +107,10 @@ def swept(setup, tmp_path_factory):
     data, run_dir, vae_path = setup
     out = tmp_path_factory.mktemp("sweep") / "whole"
     loads = []
-    frozen_params = run_checkpoints.frozen_params
+    initial = param_sets.initial
     with pytest.MonkeyPatch.context() as monkeypatch:
         calls = _count_decodes(monkeypatch)
-        monkeypatch.setattr(run_checkpoints, "frozen_params", lambda run: loads.append(run) or frozen_params(run))
+        monkeypatch.setattr(param_sets, "initial", lambda *args: loads.append(args) or initial(*args))
         report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)
     return report, out, calls, len(loads)
 
@@ -119,7 +120,7 @@ def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swep
     whole, whole_dir, whole_calls, frozen_loads = swept
     assert [s["step"] for s in whole["steps"]] == [0, 2, 4] and all(s["status"] == "ok" for s in whole["steps"])
     assert sum(whole_calls) == 3 * 3  # 3 valid records x (base + 2 checkpoints)
-    assert frozen_loads == 1  # the checkpoints share one read of the frozen base
+    assert frozen_loads == 1  # step 0 and the checkpoints share one read of the base
     calls = _count_decodes(monkeypatch)
 
     def crash_after_step_2(step):

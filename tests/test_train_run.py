@@ -21,6 +21,7 @@ from train import data as train_data
 from train import optim, sharding, trainer
 from train import params as param_sets
 from train import step as train_step
+from train.run import Run
 
 PROMPTS = ("segment crack", "segment taping area")
 
@@ -206,8 +207,8 @@ def test_cli_trains_loss_falls_and_load_run_merges_lora(dataset, tmp_path, capsy
     assert run_checkpoints.list_steps(run_dir) == [6, 12]
     assert any((run_dir / "tb").iterdir())
 
-    merged_cfg, merged = run_checkpoints.load_run(run_dir, 12)
-    lora_cfg, with_adapters = run_checkpoints.load_run(run_dir, 12, merge_lora=False)
+    merged_cfg, merged = Run(run_dir).load(12)
+    lora_cfg, with_adapters = Run(run_dir).load(12, merge_lora=False)
     assert not merged_cfg.lora.enabled and lora_cfg.lora.enabled
     assert not any("lora" in "/".join(k) for k in _flatten(merged))
     batch = train_data.TrainData(tiny_config(dataset, run_dir, augment=False),
@@ -231,9 +232,8 @@ def test_lora_from_a_base_checkpoint_keeps_the_base_and_records_it(dataset, tmp_
 
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["checkpoint"] == str(path) and saved["init"] is None
-    _, params = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False)
-    _, shared = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False,
-                                         frozen=run_checkpoints.frozen_params(tmp_path / "run"))
+    _, params = Run(tmp_path / "run").load(2, merge_lora=False)
+    _, shared = Run(tmp_path / "run").load(2, merge_lora=False, frozen=Run(tmp_path / "run").frozen_params())
     jax.tree.map(np.testing.assert_array_equal, params, shared)  # a sweep's one read of the base: the same params
     flat, base_flat = flatten(params), flatten(base)
     for name, value in base_flat.items():  # the frozen base is exactly the file's

@@ -183,6 +183,7 @@ class Demo:
 
     def convert(self) -> None:
         from paliseg.config import ASSETS
+        from paliseg.records import CONVERSION_FILE
 
         jobs = [(self.paths.shapes, ["convert", str(self.paths.export), "--out", str(self.paths.shapes),
                                      "--vae", self.vae, "--no-negatives"]),
@@ -194,8 +195,8 @@ class Demo:
         started = self._stage("convert", [_shown(argv) for _, argv in jobs] + [_shown(validate)])
         records = {}
         for folder, argv in jobs:
-            if self.resume and (folder / "conversion.json").is_file():
-                summary = json.loads((folder / "conversion.json").read_text())
+            if self.resume and (folder / CONVERSION_FILE).is_file():
+                summary = json.loads((folder / CONVERSION_FILE).read_text())
             else:
                 summary = run_paliseg(argv + (["--overwrite"] if self.resume else []))
             records[folder.name] = _records(summary)
@@ -203,7 +204,7 @@ class Demo:
         self._done("convert", started, records=records)
 
     def train(self) -> None:
-        from train import checkpoints
+        from train import run
 
         plan = self.plan
         argv = ["train", "--data", str(self.paths.shapes), "--out", str(self.paths.run), "--preset", "tiny",
@@ -211,7 +212,7 @@ class Demo:
                 "--lr", str(plan.lr), "--warmup-fraction", str(plan.warmup_fraction), "--save-every",
                 str(plan.save_every), "--seq-len", str(plan.seq_len), "--seed", str(plan.seed), "--no-remat"]  # fmt: skip
         started = self._stage("train", [_shown(argv)])
-        saved = checkpoints.list_steps(self.paths.run) if (self.paths.run / "config.json").is_file() else []
+        saved = run.Run(self.paths.run).steps if run.is_run(self.paths.run) else []
         if self.resume and saved and saved[-1] >= plan.steps:
             result = {"checkpoint_steps": saved}
         else:

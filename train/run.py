@@ -59,7 +59,8 @@ def data_vae(folders: list[str]) -> identity.VaeIdentity | None:
                          "do not mean the same masks. Convert them with one VAE (paliseg convert --vae PATH)")
     unknown = [folder for folder, vae in recorded.items() if vae is None]
     if unknown:
-        console.info(f"note: {', '.join(unknown)} record(s) no VAE (converted by an older paliseg); "
+        console.info(f"note: no VAE is recorded in the conversion.json of {', '.join(unknown)} (converted by an "
+                     "older paliseg, or not by `paliseg convert`); "
                      + ("the run records the VAE of the others" if known else "the run records none, so "
                         "eval and predict use --vae or the default VAE"))
     return next(iter(known.values()), None)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paliseg import model, records, tokens
+from paliseg import files, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
@@ -100,16 +100,25 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     whole = trainer.run(tiny_config(dataset, tmp_path / "whole"))
     assert whole["checkpoint_steps"] == [3, 6] and len(whole["losses"]) == 6
 
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["vae"] is None  # no conversion.json
+
     config = tiny_config(dataset, tmp_path / "cut")
-    first = trainer.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
-    assert first["checkpoint_steps"] == [3]
-    second = trainer.run(config, resume=True)
+    recorded = {"sha256": "1" * 64, "path": "/first/vae.npz"}
+    files.write_json(dataset / records.CONVERSION_FILE, {"vae": recorded})
+    try:
+        first = trainer.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
+        assert first["checkpoint_steps"] == [3]
+        files.write_json(dataset / records.CONVERSION_FILE, {"vae": {"sha256": "2" * 64, "path": "/other.npz"}})
+        second = trainer.run(config, resume=True)
+    finally:
+        (dataset / records.CONVERSION_FILE).unlink()
     assert second["start_step"] == 3
     assert second["losses"] == whole["losses"][3:]  # bit-identical
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")  # the step-4 row was redone once
 
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert saved["train"]["init"] == "random" and saved["model"]["lora"]["rank"] == 8
+    assert saved["vae"] == recorded  # the data's VAE when the run started; --resume keeps it
 
     annotations = records.annotations_path(dataset, "train")
     original = annotations.read_bytes()

@@ -112,13 +112,13 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     start_step = saved_steps[-1] if saved_steps else 0  # a run killed before its first save starts over
     if start_step >= config.steps:
         return _summary(out, config, start_step, start_step, [])
-    data_vae = None if resume else run_folder.data_vae(config.data)  # a resumed run keeps its record
     model_cfg = param_sets.model_config(config)
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
     data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, jax.process_index(), jax.process_count())
     if resume:
         run_folder.Run(out).check_same_data(data.digests)
+    data_vae = None if resume else run_folder.data_vae(config.data)  # a resumed run keeps its record
     mesh = sharding.make_mesh(config.mesh_fsdp)
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
     is_main = jax.process_index() == 0

@@ -21,7 +21,8 @@ outputs:
   DIR/_annotations.<split>.jsonl      one record per image and prompt: image, prefix, suffix, mask, provenance
   DIR/images/<split>/<export>/...     hard links to the source images (copies across file systems)
   DIR/masks/<split>/<export>/<stem>.<prompt>.png   ground truth: union of the prompt's objects, 0/255
-  DIR/conversion.json                 the summary printed at the end
+  DIR/conversion.json                 the summary printed at the end, and the SHA-256 of the VAE that wrote
+                                      the seg tokens (train, eval, predict and `vae ceiling` use that VAE)
 
 behaviour:
   Every prompt of an export's classes gets a record for every image of that export: images without the

@@ -18,7 +18,8 @@ Output layout (paths in records are relative to DIR):
     DIR/_annotations.<split>.jsonl
     DIR/images/<split>/<export>/<file>                  hard link to the source image, else a copy
     DIR/masks/<split>/<export>/<stem>.<prompt-slug>.png  0/255 union mask of the record's prompt
-    DIR/conversion.json                                 the summary (counts, skips, settings)
+    DIR/conversion.json                                 the summary (counts, skips, settings) and the
+                                                        VAE's identity ("vae": SHA-256 and path, `vae.identity`)
 Masks and images are written before the JSONL files, each atomically, so an interrupted run never leaves a
 record pointing at a missing file. An existing non-empty DIR is refused unless `overwrite`; with it, the
 files this run writes are replaced and any other `_annotations.*.jsonl` is removed (a stale split would
@@ -50,6 +51,7 @@ from converters.config import BOX_MASK_MODES, OBJECT_MODES, ConvertConfig
 from converters.detect import read_export
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
 from paliseg import console, files, images, records, tokens
+from vae import identity
 
 # VAE encodes are batched across images: flush once this many objects are waiting (a VAE batch bucket).
 ENCODE_BATCH = 128
@@ -134,6 +136,7 @@ class _Converter:
             raise ValueError(f"--splits {', '.join(unknown)}: not in the sources (found: {', '.join(sorted(available))})")
         self._check_maps()
         self.box_masker = _BoxMasker(config, log)
+        self.vae_identity = identity.identify(config.vae)  # recorded: the tokens need this very VAE
         self.model = vae.load(config.vae)
         self.records: dict[str, list[records.Record]] = collections.defaultdict(list)
         self.pending: list[_Planned] = []
@@ -374,6 +377,7 @@ class _Converter:
                 "prompts": {c: self.prompt(c) for c in self._classes()},
                 "labels": {c: self.label(c) for c in self._classes()},
             },
+            "vae": self.vae_identity.to_json(),
             "splits": splits,
             **self.log.to_json(),
             "seconds": round(seconds, 3),

@@ -21,6 +21,10 @@ inputs:
                           own prompt; its ground truth is drawn and scored; --prompt filters the records)
   --prompt TEXT           e.g. "segment crack"; repeat it to ask several prompts about every image
 
+mask VAE: a run decodes with the VAE its data was converted with (its SHA-256 is in RUN_DIR/config.json),
+  found at its recorded path, models/vae-oid.npz or bundled; a --vae of another SHA-256 is refused unless
+  --allow-vae-mismatch. --checkpoint: --vae, else models/vae-oid.npz, else the bundled VAE.
+
 outputs in OUT (NAME = IMAGE_STEM.PROMPT_SLUG):
   masks/NAME.png          union mask (0/255) at the image's full resolution
   objects/NAME.K.png      each object's own mask
@@ -47,6 +51,10 @@ predictions (scored 0), P10/P50/P90 of the per-image IoU.
 
 the best checkpoint (by --metric over all prompts) is written to RUN_DIR/best.json:
 `paliseg predict --run RUN_DIR --step best` uses it.
+
+the mask VAE is the one the run's data was converted with (SHA-256 in RUN_DIR/config.json, else in
+DATA/conversion.json); a --vae of another SHA-256, or a --data folder converted with another VAE than the
+run's, is refused unless --allow-vae-mismatch.
 
 outputs in REPORT_DIR:
   report.md, report.json, metrics.csv      tables per prompt: base, each checkpoint, best, ceiling
@@ -84,7 +92,7 @@ def register(subparsers) -> None:
     predict.add_argument("--no-constrain", action="store_true",
                          help="decode freely (default: the segmentation grammar for prompts that start with 'segment')")
     _decoding_arguments(predict)
-    predict.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: models/vae-oid.npz, else the bundled one)")
+    _vae_arguments(predict)
     predict.add_argument("--no-canvas", action="store_true", help="do not draw canvases")
     predict.add_argument("--overwrite", action="store_true", help="replace an earlier prediction set in --out")
     predict.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -105,7 +113,7 @@ def register(subparsers) -> None:
     _decoding_arguments(evaluate)
     evaluate.add_argument("--no-base", action="store_true", help="do not score step 0 (the base)")
     evaluate.add_argument("--no-ceiling", action="store_true", help="do not score the token round-trip ceiling")
-    evaluate.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: models/vae-oid.npz, else the bundled one)")
+    _vae_arguments(evaluate)
     evaluate.add_argument("--canvases", type=int, default=4, metavar="N", help="best and worst images to draw (default 4)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace a report of another run in REPORT_DIR")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -118,33 +126,46 @@ def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)")
 
 
+def _vae_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: the one the run's data was "
+                        "converted with; for a plain checkpoint models/vae-oid.npz, else the bundled one)")
+    parser.add_argument("--allow-vae-mismatch", action="store_true",
+                        help="use --vae even though its SHA-256 differs from the recorded VAE's (a warning, not an error)")
+
+
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import vae
     from infer import outputs
-    from infer.predictor import BEST_FILE, Predictor
+    from infer.predictor import Predictor
     from paliseg import console
+    from train.run import Run
+    from vae import identity
 
     _positive(args.batch_size, "--batch-size")
     _positive(args.max_new_tokens, "--max-new-tokens")
     if args.out is None and not args.raw:
         raise ValueError("--out DIR is required (or --raw alone: print the decoded texts, write nothing)")
     jobs = outputs.jobs_for(args.image, args.prompt)  # bad input fails before the model loads
-    options = {"batch_size": args.batch_size, "vae_model": _vae(args.vae), "constrain": False if args.no_constrain else None}
+    options = {"batch_size": args.batch_size, "constrain": False if args.no_constrain else None}
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
     if args.run_dir is not None:
         if args.preset:
             raise ValueError("--preset goes with --checkpoint; a run records its own model config")
-        step = args.step or ("best" if (args.run_dir / BEST_FILE).is_file() else "latest")
-        predictor = Predictor.from_run(args.run_dir, step, tokenizer=args.tokenizer, **options)
+        run = Run(args.run_dir)
+        vae_file = identity.resolve(run.vae, args.vae, args.allow_vae_mismatch, f"run {args.run_dir}")
+        step = args.step or ("best" if run.best is not None else "latest")
+        predictor = Predictor.from_run(run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), **options)
     else:
         if args.step:
             raise ValueError("--step goes with --run")
-        predictor = Predictor.from_checkpoint(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, **options)
+        predictor = Predictor.from_checkpoint(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
+                                              vae_model=vae.load(args.vae), **options)
     console.info(f"predict: {len(jobs)} image/prompt pair(s) with {predictor.source}")
     if args.out is None:
         predictions = predictor.predict([job.image_path for job in jobs], [job.prompt for job in jobs])
@@ -155,12 +176,6 @@ def run_predict(args: argparse.Namespace) -> int:
         result = outputs.predict_set(predictor, jobs, args.out, canvases=not args.no_canvas, overwrite=args.overwrite)
     console.report(result, "\n".join(r["text"] for r in result["results"]) if args.raw else _predict_text(result), args.json)
     return 0
-
-
-def _vae(path: Path | None):
-    import vae
-
-    return vae.load(path)
 
 
 def _predict_text(result: dict) -> str:
@@ -206,13 +221,15 @@ def run_eval(args: argparse.Namespace) -> int:
         args.run_dir, args.data, args.out, split=args.split, steps=parse_steps(args.steps), limit=args.limit,
         metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=not args.no_base, ceiling=not args.no_ceiling, vae_path=args.vae, canvases=args.canvases,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, allow_vae_mismatch=args.allow_vae_mismatch,
     )  # fmt: skip
     console.report(report, _eval_text(report, args.out), args.json)
     return 0
 
 
 def _eval_text(report: dict, out: Path) -> str:
+    from train.run import BEST_FILE
+
     lines = []
     metric = report["metric"]
     for step in report["steps"]:
@@ -225,7 +242,7 @@ def _eval_text(report: dict, out: Path) -> str:
     if report["ceiling"] is not None:
         lines.append(f"ceiling    : {metric} {report['ceiling']['overall'][metric]:.4f}  (token round trip)")
     best = report["best"]
-    lines.append(f"best: step {best['step']} ({metric} {best['value']:.4f}), written to {report['run_dir']}/best.json"
+    lines.append(f"best: step {best['step']} ({metric} {best['value']:.4f}), written to {Path(report['run_dir']) / BEST_FILE}"
                  if best else "no checkpoint could be scored: no best step recorded")
     if report["skipped"]:
         lines.append(f"{len(report['skipped'])} record(s) skipped: {report['skipped_by_reason']}")

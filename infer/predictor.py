@@ -1,7 +1,7 @@
 """Load a model once, then predict boxes and full-resolution masks for many images.
 
     from infer import Predictor
-    predictor = Predictor.from_run("runs/r1", step="best")           # or an int, or "latest"
+    predictor = Predictor.from_run("runs/r1", step="best")           # or an int, or "latest"; the run's VAE
     predictor = Predictor.from_checkpoint("ckpt.npz", preset="paligemma-3b-224", tokenizer="tok.model")
     [prediction] = predictor.predict("wall.jpg", "segment crack")    # or lists of images and prompts
     prediction.mask, prediction.boxes, prediction.labels, prediction.text, prediction.objects
@@ -14,10 +14,8 @@ bucket); masks come from the VAE at each image's own resolution (`infer.predicti
 from __future__ import annotations
 
 import collections
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,48 +25,9 @@ from infer.prediction import Prediction, from_text
 
 if TYPE_CHECKING:
     from paliseg import decoding
+    from train.run import Run
 
-BEST_FILE = "best.json"  # written into RUN_DIR by the sweep (`infer.sweep`)
 DEFAULT_MAX_NEW_TOKENS = 128  # 5 objects of 4 loc + 16 seg + label tokens
-
-
-def resolve_step(run_dir: str | os.PathLike, step: int | str | None) -> int:
-    """"best" (RUN_DIR/best.json, written by `paliseg eval`), "latest"/None, or an int (0 = the base)."""
-    from train import checkpoints
-
-    if step == "best":
-        path = Path(run_dir) / BEST_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no best step recorded yet; run `paliseg eval {run_dir} ...` first, or pass --step N")
-        return int(json.loads(path.read_text(encoding="utf-8"))["step"])
-    if step is None or step == "latest":
-        steps = checkpoints.list_steps(run_dir)
-        if not steps:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint yet")
-        return steps[-1]
-    try:
-        return int(step)
-    except ValueError:
-        raise ValueError(f"step must be an integer, 'best' or 'latest', got {step!r}") from None
-
-
-def load_step(run_dir: str | os.PathLike, step: int, frozen: dict | None = None):
-    """(model config, params) of a run at `step`; step 0 is the base the run started from (the base
-    checkpoint with zero-effect LoRA adapters, or the recorded seeded random init). `frozen`: the run's
-    `train.checkpoints.frozen_params` when already loaded (used for steps > 0)."""
-    from train import checkpoints
-
-    if step != 0:
-        return checkpoints.load_run(run_dir, step, frozen=frozen)
-    from paliseg import model
-    from train import params as param_sets
-
-    config, model_cfg = checkpoints.read_run_config(run_dir)
-    params = param_sets.join(*param_sets.initial(config, model_cfg))
-    if model_cfg.lora.enabled:
-        params = model.merge_lora(params, model_cfg.lora)
-        model_cfg = model_cfg.replace(lora={"rank": 0})
-    return model_cfg, params
 
 
 def _as_image(image: Image.Image | str | os.PathLike) -> Image.Image:
@@ -117,20 +76,27 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, run_dir: str | os.PathLike, step: int | str | None = "best", tokenizer=None, frozen: dict | None = None,
-        **options: Any,
+        cls, run_dir: "str | os.PathLike | Run", step: int | str | None = "best", tokenizer=None,
+        frozen: dict | None = None, **options: Any,
     ) -> "Predictor":
-        """A run's checkpoint: `step` is "best" (recorded by `paliseg eval`), "latest", or a number (0 = base).
-        `max_new_tokens` defaults to the run's --seq-len: no suffix it trained on was longer. `frozen`: the
-        run's parameters that training never changes, when already loaded (`load_step`)."""
-        from train import checkpoints
+        """A run's checkpoint (`run_dir`: a folder or an open `train.run.Run`): `step` is "best" (recorded by
+        `paliseg eval`), "latest", or a number (0 = the base). `max_new_tokens` defaults to the run's
+        --seq-len: no suffix it trained on was longer. Without `vae_model`, the VAE of the run's data
+        (`vae.identity.resolve`). `frozen`: the run's parameters that training never changes, when
+        already loaded elsewhere (an open Run keeps its own)."""
+        from train.run import Run
 
-        number = resolve_step(run_dir, step)
-        train_config, run_model = checkpoints.read_run_config(run_dir)
-        tokenizer = _tokenizer(tokenizer or train_config.tokenizer, run_model)  # fails fast, before the params load
-        config, params = load_step(run_dir, number, frozen)
-        options.setdefault("max_new_tokens", train_config.seq_len)
-        return cls(config, params, tokenizer, source=f"{run_dir} step {number}", step=number, **options)
+        run = Run.open(run_dir)
+        number = run.resolve_step(step)
+        tokenizer = _tokenizer(tokenizer or run.train_config.tokenizer, run.model_config)  # fails fast, before the params load
+        if options.get("vae_model") is None:
+            import vae
+            from vae import identity
+
+            options["vae_model"] = vae.load(identity.resolve(run.vae, recorded_by=f"run {run.dir}").path)
+        config, params = run.load(number, frozen=frozen)
+        options.setdefault("max_new_tokens", run.train_config.seq_len)
+        return cls(config, params, tokenizer, source=f"{run.dir} step {number}", step=number, **options)
 
     @classmethod
     def from_checkpoint(

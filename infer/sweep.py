@@ -17,16 +17,16 @@ paste-back). A checkpoint that cannot be loaded or decoded (another config, a tr
 and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips
 (`paliseg.dataset.check`).
 The best checkpoint (by `metric` over all prompts; ties broken by the other metrics, then the earlier
-step) is written to
-RUN_DIR/best.json, which `Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.
+step) is recorded by the run (`train.run.Run.record_best`: RUN_DIR/best.json), which
+`Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.
+
+Masks are decoded with the VAE of the run's data (`vae.identity.resolve`), checked before anything is written.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import hashlib
 import json
 import os
 import shutil
@@ -39,10 +39,12 @@ import numpy as np
 
 from infer import cache as prediction_cache
 from infer.prediction import Prediction, from_text, ground_truth, score
-from infer.predictor import BEST_FILE, Predictor
+from infer.predictor import Predictor
 from metrics import aggregate, scoring
 from paliseg import console, dataset, files, images, records
 from paliseg.dataset import Item
+from train.run import Run
+from vae import identity
 
 # Metrics the best checkpoint can be chosen by (all: higher is better), keys of `metrics.aggregate`.
 METRICS = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "p10", "p50", "p90")
@@ -80,11 +82,10 @@ class StepResult:
         return dataclasses.asdict(self) | {"kind": self.kind}
 
 
-def _fingerprint(run_dir: Path, step: int, max_new_tokens: int | None) -> dict[str, Any]:
+def _fingerprint(run: Run, step: int, max_new_tokens: int | None) -> dict[str, Any]:
     """What a cached text depends on: the run's settings (config.json), the step and the decoding."""
-    config_bytes = (run_dir / "config.json").read_bytes()
     return {
-        "run_config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "run_config_sha256": run.config_sha256,
         "step": step,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy; segmentation grammar for 'segment' prompts",
@@ -180,24 +181,25 @@ def evaluate_run(
     canvases: int = 4,
     overwrite: bool = False,
     on_step_done: Callable[[int], None] | None = None,
+    allow_vae_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Score the checkpoints of `run_dir` on `data_dir`'s `split` and write the report into `out_dir`.
 
     `steps`: "all" or a list of steps (0 = the base); `base`: also score step 0 with "all"; `limit`: the
     first K records only; `max_new_tokens`: decoding budget (default: the run's --seq-len);
     `canvases`: how many best and worst images of the best checkpoint to draw; `on_step_done(step)` is
-    called after each step's texts are cached (the demo's progress, the tests' crash). Returns the
-    report's content (see `infer.sweep_report.build`).
+    called after each step's texts are cached (the demo's progress, the tests' crash). `vae_path`: the VAE
+    (default: the run's, see `vae_for`), `allow_vae_mismatch` lets it differ. Returns the report's content
+    (see `infer.sweep_report.build`).
     """
     import vae
     from infer import sweep_report
-    from train import checkpoints
 
-    run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir)
+    run = Run.open(run_dir)
+    run_dir, data_dir, out_dir = run.dir, Path(data_dir), Path(out_dir)
     if metric not in METRICS:
         raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    train_config, _ = checkpoints.read_run_config(run_dir)
-    wanted = select_steps(steps, checkpoints.list_steps(run_dir), base)
+    wanted = select_steps(steps, run.steps, base)
     if not wanted:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to score yet (and the base was not asked for)")
     items, skips = dataset.check_split(data_dir, split, limit)
@@ -208,25 +210,23 @@ def evaluate_run(
                          + "; ".join(f"{s.where}: {s.message}" for s in skips[:3]) + ")")
     for skip in skips:
         console.info(f"skipped {skip.where}: {skip.message}")
-    identity = {"run_dir": str(run_dir.absolute()), "data": str(data_dir.absolute()), "split": split}
-    _claim(out_dir, identity, overwrite)
-    max_new_tokens = max_new_tokens or train_config.seq_len
-    vae_model = vae.load(vae_path)
+    vae_file = vae_for(run, data_dir, vae_path, allow_vae_mismatch)
+    claimed = {"run_dir": str(run_dir.absolute()), "data": str(data_dir.absolute()), "split": split}
+    _claim(out_dir, claimed, overwrite)
+    max_new_tokens = max_new_tokens or run.train_config.seq_len
+    vae_model = vae.load(vae_file.path)
 
     results: list[StepResult] = []
     caches: dict[int, prediction_cache.PredictionCache] = {}
-    # The base every step shares (`train.checkpoints.frozen_params`): read once, when a step first decodes.
-    frozen_params = functools.cache(lambda: checkpoints.frozen_params(run_dir))
 
     for step in wanted:
         started = time.perf_counter()
         cache = prediction_cache.PredictionCache(
-            prediction_cache.step_path(out_dir, step), _fingerprint(run_dir, step, max_new_tokens)
+            prediction_cache.step_path(out_dir, step), _fingerprint(run, step, max_new_tokens)
         )
         cached = sum(item.key in cache for item in items)
-        factory = lambda step=step: Predictor.from_run(  # noqa: E731
-            run_dir, step, frozen=frozen_params() if step else None, vae_model=vae_model, batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
+        factory = lambda step=step: Predictor.from_run(  # noqa: E731 - the run keeps the frozen base for every step
+            run, step, vae_model=vae_model, batch_size=batch_size, max_new_tokens=max_new_tokens,
         )
         try:
             decoded = decode_step(factory, items, cache, batch_size, f"step {step}")
@@ -252,8 +252,22 @@ def evaluate_run(
     )  # fmt: skip
     sweep_report.write(out_dir, report, items, scores, ceiling_scores, caches, vae_model, canvases)
     if best is not None:
-        files.write_json(run_dir / BEST_FILE, report["best"])
+        run.record_best(report["best"])
     return report
+
+
+def vae_for(run: Run, data_dir: Path, requested: str | os.PathLike | None, allow_mismatch: bool) -> identity.VaeIdentity:
+    """The VAE to score with: the run's recorded one (else the data's), by `vae.identity.resolve`. A data
+    folder converted with another VAE than the run's is refused like a mismatching --vae."""
+    data_vae = identity.of_data(data_dir)
+    if run.vae is not None and data_vae is not None and run.vae.sha256 != data_vae.sha256:
+        mismatch = (f"{data_dir} was converted with the VAE of SHA-256 {data_vae.sha256}, run {run.dir} was trained "
+                    f"on the seg tokens of the VAE of SHA-256 {run.vae.sha256}")
+        if not allow_mismatch:
+            raise identity.VaeMismatchError(f"{mismatch}; pass {identity.MISMATCH_FLAG} if scoring it anyway is intended")
+        console.info(f"warning: {mismatch}; scoring anyway ({identity.MISMATCH_FLAG})")
+    recorded, recorded_by = (run.vae, f"run {run.dir}") if run.vae is not None else (data_vae, str(data_dir))
+    return identity.resolve(recorded, requested, allow_mismatch, recorded_by)
 
 
 def _score(items, caches, vae_model, ceiling: bool):

@@ -22,6 +22,7 @@ from typing import Any
 from infer import prediction as prediction_module
 from metrics import aggregate, canvas, report as metrics_report, scoring
 from paliseg import console, dataset, files
+from train.run import BEST_FILE
 
 PLOTTED = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "invalid")
 # Columns of the report's tables: (header, key of the `metrics.aggregate` stats).
@@ -261,7 +262,7 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
         lines += [
             f"**Best checkpoint: step {best['step']}**, {metric_name} {best['value']:.4f} over all prompts "
             f"(before fine-tuning: {_fmt(base_value)}; ceiling with these tokens: {_fmt(ceiling_value)}).",
-            f"Recorded in `{Path(report['run_dir']) / 'best.json'}`: `paliseg predict --run {report['run_dir']} --step best` uses it.",
+            f"Recorded in `{Path(report['run_dir']) / BEST_FILE}`: `paliseg predict --run {report['run_dir']} --step best` uses it.",
         ]
         if base_value is not None and base_value > best["value"]:
             lines.append(f"Note: the base model scores higher than every checkpoint on {metric_name}.")

@@ -20,7 +20,7 @@ from typing import Any
 from paliseg import files
 
 SPLITS = TRAIN_SPLIT, VALID_SPLIT, TEST_SPLIT = ("train", "valid", "test")  # the known splits, in their order
-CONVERSION_FILE = "conversion.json"  # DIR/conversion.json: what `paliseg convert` wrote and how
+CONVERSION_FILE = "conversion.json"  # a converted folder's summary: counts, skips, settings, the VAE's identity
 _ANNOTATIONS_PREFIX, _ANNOTATIONS_SUFFIX = "_annotations.", ".jsonl"
 ANNOTATIONS_GLOB = f"{_ANNOTATIONS_PREFIX}*{_ANNOTATIONS_SUFFIX}"  # every split's annotation file in a folder
 _FIELDS = ("image", "prefix", "suffix", "mask")

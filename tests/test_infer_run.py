@@ -22,15 +22,19 @@ from paliseg import dataset, files, images, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
+from train import params as param_sets
 from train import trainer
+from train.run import Run
+from vae import identity
 
 pytestmark = pytest.mark.slow
 PROMPT = "segment crack"
 
 
 def make_dataset(folder: Path, vae_path: Path) -> Path:
-    """A converted-data folder in the real layout: images, 0/255 GT masks, VAE-token suffixes; 4 train
-    records and 3 valid ones (one of them a negative: empty suffix, empty mask), images of varied sizes."""
+    """A converted-data folder in the real layout: images, 0/255 GT masks, VAE-token suffixes, the VAE's
+    identity in conversion.json; 4 train records and 3 valid ones (one of them a negative: empty suffix,
+    empty mask), images of varied sizes."""
     vae_model = vae.MaskVAE.from_npz(vae_path)
     rng = np.random.default_rng(0)
     for split, count in (("train", 4), ("valid", 3)):
@@ -52,6 +56,7 @@ def make_dataset(folder: Path, vae_path: Path) -> Path:
             files.write_mask(folder / "masks" / f"{name}.png", mask)
             out.append(records.Record(f"images/{name}.png", PROMPT, tokens.format_suffix(objects), f"masks/{name}.png"))
         records.write_records(records.annotations_path(folder, split), out)
+    files.write_json(folder / records.CONVERSION_FILE, {"vae": identity.identify(vae_path).to_json()})
     return folder
 
 
@@ -67,6 +72,7 @@ def setup(tmp_path_factory):
     ))  # fmt: skip
     trainer.run(config)
     assert run_checkpoints.list_steps(root / "run") == [2, 4]
+    assert Run(root / "run").vae == identity.identify(vae_path)  # the data's VAE, recorded by the run
     return data, root / "run", vae_path
 
 
@@ -105,12 +111,14 @@ def swept(setup, tmp_path_factory):
     times the run's frozen parameters were loaded)."""
     data, run_dir, vae_path = setup
     out = tmp_path_factory.mktemp("sweep") / "whole"
-    loads = []
-    frozen_params = run_checkpoints.frozen_params
+    loads, parsed = [], []
+    initial, from_dict = param_sets.initial, train_config.from_dict
     with pytest.MonkeyPatch.context() as monkeypatch:
         calls = _count_decodes(monkeypatch)
-        monkeypatch.setattr(run_checkpoints, "frozen_params", lambda run: loads.append(run) or frozen_params(run))
+        monkeypatch.setattr(param_sets, "initial", lambda *args: loads.append(args) or initial(*args))
+        monkeypatch.setattr(train_config, "from_dict", lambda *args: parsed.append(args) or from_dict(*args))
         report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)
+    assert len(parsed) == 1  # the run's config.json is parsed once per sweep, not per checkpoint
     return report, out, calls, len(loads)
 
 
@@ -119,7 +127,7 @@ def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swep
     whole, whole_dir, whole_calls, frozen_loads = swept
     assert [s["step"] for s in whole["steps"]] == [0, 2, 4] and all(s["status"] == "ok" for s in whole["steps"])
     assert sum(whole_calls) == 3 * 3  # 3 valid records x (base + 2 checkpoints)
-    assert frozen_loads == 1  # the checkpoints share one read of the frozen base
+    assert frozen_loads == 1  # step 0 and the checkpoints share one read of the base
     calls = _count_decodes(monkeypatch)
 
     def crash_after_step_2(step):
@@ -303,3 +311,74 @@ def _plain_tokenizer(path: Path) -> Path:
     )  # fmt: skip
     path.write_bytes(buffer.getvalue())
     return path
+
+
+@pytest.fixture
+def loaded_vaes(monkeypatch) -> list[str]:
+    """The paths `vae.load` loads from here on."""
+    loaded: list[str] = []
+    load = vae.load
+    monkeypatch.setattr(vae, "load", lambda path=None: loaded.append(str(path)) or load(path))
+    return loaded
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch) -> Path:
+    """Another current folder whose models/vae-oid.npz is another VAE than the run's (the default one)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PALISEG_MODELS", raising=False)
+    vae.write_random_npz(tmp_path / "models" / "vae-oid.npz", seed=1)
+    return tmp_path / "models" / "vae-oid.npz"
+
+
+def test_predict_and_eval_use_the_runs_vae_and_refuse_another(setup, elsewhere, loaded_vaes, tmp_path, capsys):
+    data, run_dir, vae_path = setup
+    digests = (identity.identify(vae_path).sha256, identity.identify(elsewhere).sha256)
+    image = data / "images" / "valid_0.png"
+    predict = ["predict", "--run", str(run_dir), "--step", "4", "--image", str(image), "--prompt", PROMPT]
+    evaluate = ["eval", str(run_dir), "--data", str(data), "--steps", "4", "--no-base", "--canvases", "0"]
+    for argv in (predict, evaluate):
+        out = tmp_path / f"{argv[0]}_default"
+        assert main(argv + ["--out", str(out)]) == 0
+        assert loaded_vaes[-1] == str(vae_path.absolute())  # not ./models/vae-oid.npz
+        capsys.readouterr()
+
+        refused = tmp_path / f"{argv[0]}_refused"
+        assert main(argv + ["--out", str(refused), "--vae", str(elsewhere)]) == 1
+        err = capsys.readouterr().err
+        assert all(digest in err for digest in digests) and "--allow-vae-mismatch" in err
+        assert not refused.exists()  # nothing written
+
+        assert main(argv + ["--out", str(tmp_path / f"{argv[0]}_allowed"), "--vae", str(elsewhere), "--allow-vae-mismatch"]) == 0
+        assert loaded_vaes[-1] == str(elsewhere.absolute()) and "warning" in capsys.readouterr().err
+
+
+def test_eval_refuses_data_of_another_vae_and_legacy_runs_behave_as_before(setup, elsewhere, loaded_vaes, tmp_path, capsys):
+    data, run_dir, vae_path = setup
+    other_data = tmp_path / "other_data"
+    shutil.copytree(data, other_data)
+    files.write_json(other_data / records.CONVERSION_FILE, {"vae": identity.identify(elsewhere).to_json()}, overwrite=True)
+    argv = ["eval", str(run_dir), "--data", str(other_data), "--steps", "4", "--no-base", "--no-ceiling", "--canvases", "0"]
+    assert main(argv + ["--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert identity.identify(vae_path).sha256 in err and identity.identify(elsewhere).sha256 in err
+    assert not (tmp_path / "refused").exists()
+    assert main(argv + ["--out", str(tmp_path / "allowed"), "--allow-vae-mismatch"]) == 0
+    assert loaded_vaes[-1] == str(vae_path.absolute()) and "warning" in capsys.readouterr().err
+
+    legacy = tmp_path / "legacy_run"  # a run from before the VAE was recorded, on data without a record
+    shutil.copytree(run_dir, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    del config["vae"]
+    files.write_json(legacy / "config.json", config, overwrite=True)
+    (other_data / records.CONVERSION_FILE).unlink()
+    assert Run(legacy).vae is None
+    predict = ["predict", "--run", str(legacy), "--step", "4", "--image", str(data / "images" / "valid_0.png"),
+               "--prompt", PROMPT]  # fmt: skip
+    assert main(predict + ["--out", str(tmp_path / "legacy_default")]) == 0
+    assert Path(loaded_vaes[-1]) == elsewhere.absolute()  # the default search, as before
+    assert main(predict + ["--out", str(tmp_path / "legacy_any"), "--vae", str(vae_path)]) == 0  # no record: any --vae
+    assert loaded_vaes[-1] == str(vae_path.absolute())
+    assert main(["eval", str(legacy), "--data", str(other_data), "--steps", "4", "--no-base", "--no-ceiling",
+                 "--canvases", "0", "--out", str(tmp_path / "legacy_eval")]) == 0  # fmt: skip
+    assert Path(loaded_vaes[-1]) == elsewhere.absolute()

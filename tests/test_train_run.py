@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paliseg import model, records, tokens
+from paliseg import files, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import config as train_config
@@ -21,6 +21,7 @@ from train import data as train_data
 from train import optim, trainer
 from train import params as param_sets
 from train import step as train_step
+from train.run import Run
 
 PROMPTS = ("segment crack", "segment taping area")
 
@@ -99,16 +100,25 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     whole = trainer.run(tiny_config(dataset, tmp_path / "whole"))
     assert whole["checkpoint_steps"] == [3, 6] and len(whole["losses"]) == 6
 
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["vae"] is None  # no conversion.json
+
     config = tiny_config(dataset, tmp_path / "cut")
-    first = trainer.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
-    assert first["checkpoint_steps"] == [3]
-    second = trainer.run(config, resume=True)
+    recorded = {"sha256": "1" * 64, "path": "/first/vae.npz"}
+    files.write_json(dataset / records.CONVERSION_FILE, {"vae": recorded})
+    try:
+        first = trainer.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
+        assert first["checkpoint_steps"] == [3]
+        files.write_json(dataset / records.CONVERSION_FILE, {"vae": {"sha256": "2" * 64, "path": "/other.npz"}})
+        second = trainer.run(config, resume=True)
+    finally:
+        (dataset / records.CONVERSION_FILE).unlink()
     assert second["start_step"] == 3
     assert second["losses"] == whole["losses"][3:]  # bit-identical
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")  # the step-4 row was redone once
 
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())
     assert saved["train"]["init"] == "random" and saved["model"]["lora"]["rank"] == 8
+    assert saved["vae"] == recorded  # the data's VAE when the run started; --resume keeps it
 
     annotations = records.annotations_path(dataset, "train")
     original = annotations.read_bytes()
@@ -220,8 +230,8 @@ def test_cli_trains_loss_falls_and_load_run_merges_lora(dataset, tmp_path, capsy
     assert run_checkpoints.list_steps(run_dir) == [6, 12]
     assert any((run_dir / "tb").iterdir())
 
-    merged_cfg, merged = run_checkpoints.load_run(run_dir, 12)
-    lora_cfg, with_adapters = run_checkpoints.load_run(run_dir, 12, merge_lora=False)
+    merged_cfg, merged = Run(run_dir).load(12)
+    lora_cfg, with_adapters = Run(run_dir).load(12, merge_lora=False)
     assert not merged_cfg.lora.enabled and lora_cfg.lora.enabled
     assert not any("lora" in "/".join(k) for k in _flatten(merged))
     batch = train_data.TrainData(tiny_config(dataset, run_dir, augment=False),
@@ -245,9 +255,8 @@ def test_lora_from_a_base_checkpoint_keeps_the_base_and_records_it(dataset, tmp_
 
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["checkpoint"] == str(path) and saved["init"] is None
-    _, params = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False)
-    _, shared = run_checkpoints.load_run(tmp_path / "run", 2, merge_lora=False,
-                                         frozen=run_checkpoints.frozen_params(tmp_path / "run"))
+    _, params = Run(tmp_path / "run").load(2, merge_lora=False)
+    _, shared = Run(tmp_path / "run").load(2, merge_lora=False, frozen=Run(tmp_path / "run").frozen_params())
     jax.tree.map(np.testing.assert_array_equal, params, shared)  # a sweep's one read of the base: the same params
     flat, base_flat = flatten(params), flatten(base)
     for name, value in base_flat.items():  # the frozen base is exactly the file's

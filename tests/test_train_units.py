@@ -78,7 +78,8 @@ def test_resume_compares_nested_settings():
 
 def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
     """Runs and config files written before the LoRA settings were nested (`lora_rank`, ...) load as before."""
-    from train import checkpoints, params
+    from train import params
+    from train.run import Run
 
     config = _config(lora={"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "img_fc1"]})
     model_cfg = params.model_config(config)
@@ -86,8 +87,8 @@ def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
     old.update({f"lora_{key}": value for key, value in old.pop("lora").items()})
     assert "lora" not in old and old["lora_rank"] == 4
     (tmp_path / "config.json").write_text(json.dumps({"train": old, "model": model_cfg.to_dict(), "data_sha256": {}}))
-    loaded, loaded_model = checkpoints.read_run_config(tmp_path)
-    assert loaded == config and loaded_model == model_cfg
+    run = Run(tmp_path)
+    assert run.train_config == config and run.model_config == model_cfg
     (tmp_path / "c.json").write_text('{"lora_rank": 2, "lora_targets": ["v"]}')
     from_file = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "lora": {"alpha": 4.0}},
                                      tmp_path / "c.json")

@@ -1,17 +1,19 @@
 """Fine-tuning: converted data + a PaliGemma checkpoint -> a run folder of checkpoints (`paliseg train`).
 
-For the later stages (infer, eval), a run folder is read with `train.checkpoints`:
+For the later stages (infer, eval), a run folder is one object, `train.run.Run`:
 
-    from train import checkpoints
-    checkpoints.list_steps(run_dir)                      # [25, 50, ...]: steps with a complete checkpoint
-    train_cfg, model_cfg = checkpoints.read_run_config(run_dir)   # TrainConfig, ModelConfig
-    model_cfg, params = checkpoints.load_run(run_dir, step)       # full tree, LoRA folded into the base
-    model_cfg, params = checkpoints.load_run(run_dir, step, merge_lora=False)   # adapters kept
+    from train.run import Run
+    run = Run(run_dir)                                   # config.json read once
+    run.steps                                            # [25, 50, ...]: steps with a complete checkpoint
+    run.train_config, run.model_config                   # TrainConfig, ModelConfig
+    model_cfg, params = run.load(step)                   # full tree, LoRA folded into the base (0: the base)
+    model_cfg, params = run.load(step, merge_lora=False) # adapters kept
+    run.resolve_step("best"), run.record_best({...})     # RUN_DIR/best.json, written by `paliseg eval`
+    run.vae                                              # the identity of the VAE of the data's seg tokens
 
-Step 0 (the starting point) is `train.params.join(*train.params.initial(train_cfg, model_cfg))`. To export a
-merged model: `paliseg.checkpoints.save(path, params, model_cfg)` on what `load_run` returns.
+To export a merged model: `paliseg.checkpoints.save(path, params, model_cfg)` on what `run.load` returns.
 
 Modules: `config` (TrainConfig, resolution and checks), `data` (deterministic input pipeline), `params`
 (trainable sets and initial params), `optim` (optax), `step` (loss and compiled step), `sharding` (mesh),
-`checkpoints` (orbax run folder), `trainer` (the run loop), `commands` (the CLI).
+`checkpoints` (orbax checkpoints), `run` (a run folder), `trainer` (the run loop), `commands` (the CLI).
 """

@@ -22,7 +22,8 @@ inputs:
                       {"lr": 1e-4, "lora": {"rank": 16}}); flags given on the command line win
 
 outputs in RUN_DIR (--out):
-  config.json         the resolved settings, base checkpoint and model config of the run
+  config.json         the resolved settings, base checkpoint and model config of the run, and the
+                      SHA-256 of the VAE that wrote the data's seg tokens (from DIR/conversion.json)
   checkpoints/<step>/ trainable params + optimizer state (orbax), every --save-every steps, all kept
   metrics.csv, tb/    loss, lr, grad norm, examples/s per step (CSV and TensorBoard)
 
@@ -74,16 +75,16 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from paliseg import console
-    from train import checkpoints, trainer
+    from train import trainer
     from train import config as train_config
+    from train.run import Run
 
     _initialize_distributed(args)
     requested = settings.given(args, TrainConfig)
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the settings from the run's config.json; drop --config")
-        saved, _ = checkpoints.read_run_config(args.out)
-        config = train_config.check_resume(saved, requested)
+        config = train_config.check_resume(Run(args.out).train_config, requested)
     else:
         config = train_config.resolve(requested, args.config)
     result = trainer.run(config, resume=args.resume)

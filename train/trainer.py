@@ -6,7 +6,7 @@ before the base model is loaded or anything is compiled. The step is compiled on
 the same shapes and shardings, so it never recompiles.
 
 Outputs (process 0 writes the files; every process takes part in saving the sharded checkpoints):
-    RUN_DIR/config.json, RUN_DIR/checkpoints/<step>/ (see train.checkpoints),
+    RUN_DIR/config.json (see train.run), RUN_DIR/checkpoints/<step>/ (see train.checkpoints),
     RUN_DIR/metrics.csv (step, loss, lr, grad_norm, examples_per_s, elapsed_s), RUN_DIR/tb/ (TensorBoard).
 """
 
@@ -26,6 +26,7 @@ from paliseg.tokenizer import Tokenizer
 from train import checkpoints as run_checkpoints
 from train import data as train_data
 from train import events, optim, sharding
+from train import run as run_folder
 from train import params as param_sets
 from train import step as train_step
 from train.config import TrainConfig
@@ -60,9 +61,9 @@ def load_tokenizer(config: TrainConfig, model_cfg) -> Tokenizer:
 
 def _check_out(config: TrainConfig, resume: bool) -> Path:
     out = Path(config.out)
-    has_run = (out / run_checkpoints.CONFIG_FILE).exists() or (out / run_checkpoints.CHECKPOINTS).exists()
-    if resume and not (out / run_checkpoints.CONFIG_FILE).exists():
-        raise FileNotFoundError(f"--resume: {out / run_checkpoints.CONFIG_FILE} not found; nothing to resume")
+    has_run = (out / run_folder.CONFIG_FILE).exists() or (out / run_checkpoints.CHECKPOINTS).exists()
+    if resume and not (out / run_folder.CONFIG_FILE).exists():
+        raise FileNotFoundError(f"--resume: {out / run_folder.CONFIG_FILE} not found; nothing to resume")
     if not resume and has_run:
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     return out
@@ -116,7 +117,8 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     tokenizer = load_tokenizer(config, model_cfg)
     data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, jax.process_index(), jax.process_count())
     if resume:
-        run_checkpoints.check_same_data(out, data.digests)
+        run_folder.Run(out).check_same_data(data.digests)
+    data_vae = None if resume else run_folder.data_vae(config.data)  # a resumed run keeps its record
     mesh = sharding.make_mesh(config.mesh_fsdp)
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
     is_main = jax.process_index() == 0
@@ -143,7 +145,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_shardings)(trainable)
         if is_main and not resume:
             out.mkdir(parents=True, exist_ok=True)
-            run_checkpoints.write_run_config(out, config, model_cfg, data.digests)
+            run_folder.write_config(out, config, model_cfg, data.digests, data_vae)
 
     step_fn = train_step.jit_train_step(
         config, model_cfg, tx, lr_schedule,

@@ -5,6 +5,9 @@
     seg = vae.mask_to_tokens(model, mask, box_xyxy)           # 16 ints in [0, 128)
     mask = vae.tokens_to_mask(model, seg, locs, width, height)  # bool [height, width]
 
+Tokens belong to the VAE that wrote them: `vae.identity` records a VAE by its SHA-256 and picks the VAE a
+dataset's or run's tokens need (`vae.identity.resolve`).
+
 A library: imports no pipeline stage.
 """
 

@@ -37,6 +37,10 @@ DATASET: a converted dataset (_annotations.<split>.jsonl), a Roboflow COCO expor
 _annotations.coco.json, or with split folders), or a folder of mask PNGs. Records of a converted dataset
 that `paliseg eval` would skip (missing or unreadable image or mask, ...) are skipped and counted here too.
 
+VAE: a converted dataset is scored with the VAE it was converted with (its SHA-256 is in
+DATASET/conversion.json; found at its recorded path, models/vae-oid.npz or bundled); a --vae of another
+SHA-256 is refused unless --allow-vae-mismatch. Other sources: --vae, else the default VAE.
+
 example:
   paliseg vae ceiling ../shared/data/roboflow/cracks/valid --json
   paliseg vae ceiling data/cracks --split valid --vae models/vae-oid.npz --canvas runs/ceiling"""
@@ -83,7 +87,11 @@ def register(subparsers) -> None:
         epilog=_CEILING_EPILOG,
     )
     ceiling.add_argument("dataset", type=Path, metavar="DATASET")
-    ceiling.add_argument("--vae", type=Path, default=None, help=_VAE_HELP)
+    ceiling.add_argument("--vae", type=Path, default=None,
+                         help="the VAE npz (vae-oid layout); default: a converted dataset's own (see below), else "
+                         "models/vae-oid.npz if present, else the bundled VAE")
+    ceiling.add_argument("--allow-vae-mismatch", action="store_true",
+                         help="use --vae even though its SHA-256 differs from the dataset's recorded VAE (a warning, not an error)")
     ceiling.add_argument("--split", default=None, help="split to score (default: valid if present, else the first)")
     ceiling.add_argument("--objects", choices=("instance", "merged"), default="instance",
                          help="one token group per object (default) or one per image for the union")  # fmt: skip
@@ -149,9 +157,10 @@ def _run_ceiling(args: argparse.Namespace) -> int:
 
     from paliseg import console, dataset
     import vae
-    from vae import ceiling, sources
+    from vae import ceiling, identity, sources
 
-    model = vae.load(args.vae)
+    recorded = identity.of_data(args.dataset)  # None for exports and mask folders: nothing encoded yet
+    model = vae.load(identity.resolve(recorded, args.vae, args.allow_vae_mismatch, str(args.dataset)).path)
     counts: collections.Counter = collections.Counter()
     results = []
     skipped: list[dataset.Skip] = []

@@ -401,21 +401,24 @@ class MaskVAE:
         return f"MaskVAE({self.source})"
 
 
-def load(path: str | os.PathLike | None = None) -> MaskVAE:
-    """Load a VAE npz (vae-oid layout, float32 or float16).
-
-    `path=None` picks the default: the released VAE at `models/vae-oid.npz` (relative to the current
-    directory, or in $PALISEG_MODELS; where `paliseg vae download` puts it), else the small VAE bundled
-    with paliseg (`vae/assets/paliseg-vae-f16.npz`).
-    """
-    if path is not None:
-        return MaskVAE.from_npz(path)
+def default_path() -> Path:
+    """Where `load(None)` finds its VAE: the released VAE at `models/vae-oid.npz` (relative to the current
+    directory, or in $PALISEG_MODELS; where `paliseg vae download` puts it), else the small VAE bundled with
+    paliseg (`vae/assets/paliseg-vae-f16.npz`)."""
     released = downloads.models_dir() / RELEASED_VAE_NAME
     if released.is_file():
-        return MaskVAE.from_npz(released)
+        return released
     if BUNDLED_VAE_PATH.is_file():
-        return MaskVAE.from_npz(BUNDLED_VAE_PATH)
+        return BUNDLED_VAE_PATH
     raise FileNotFoundError(
         f"no VAE found: neither {released} (run `paliseg vae download`) nor the bundled "
         f"{BUNDLED_VAE_PATH} exists; pass a path to a vae-oid-layout npz"
     )
+
+
+def load(path: str | os.PathLike | None = None) -> MaskVAE:
+    """Load a VAE npz (vae-oid layout, float32 or float16); `path=None` loads the `default_path()`.
+
+    A dataset's or run's tokens need the VAE that encoded them: commands pick it with `vae.identity.resolve`.
+    """
+    return MaskVAE.from_npz(default_path() if path is None else path)

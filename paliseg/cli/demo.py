@@ -203,7 +203,7 @@ class Demo:
         self._done("convert", started, records=records)
 
     def train(self) -> None:
-        from train import checkpoints
+        from train import run
 
         plan = self.plan
         argv = ["train", "--data", str(self.paths.shapes), "--out", str(self.paths.run), "--preset", "tiny",
@@ -211,7 +211,7 @@ class Demo:
                 "--lr", str(plan.lr), "--warmup-fraction", str(plan.warmup_fraction), "--save-every",
                 str(plan.save_every), "--seq-len", str(plan.seq_len), "--seed", str(plan.seed), "--no-remat"]  # fmt: skip
         started = self._stage("train", [_shown(argv)])
-        saved = checkpoints.list_steps(self.paths.run) if (self.paths.run / "config.json").is_file() else []
+        saved = run.Run(self.paths.run).steps if run.is_run(self.paths.run) else []
         if self.resume and saved and saved[-1] >= plan.steps:
             result = {"checkpoint_steps": saved}
         else:

@@ -1,0 +1,183 @@
+"""A training run folder as one object: what later stages (eval, predict, the demo) read from RUN_DIR.
+
+    RUN_DIR/config.json              the resolved TrainConfig and ModelConfig ({"train": ..., "model": ...}),
+                                     the SHA-256 of each folder's annotations ("data_sha256") and the
+                                     identity of the VAE that wrote their seg tokens ("vae", or null)
+    RUN_DIR/checkpoints/<step>/      trainable params + optimizer state (orbax, `train.checkpoints`)
+    RUN_DIR/best.json                the best step, recorded by `paliseg eval` (`record_best`)
+
+    run = Run("runs/r1")                  # config.json parsed once
+    run.train_config, run.model_config    # TrainConfig, ModelConfig
+    run.steps                             # [25, 50, ...]: steps with a complete checkpoint
+    run.resolve_step("best")              # "best", "latest"/None or an int -> a step (0 = the base)
+    model_cfg, params = run.load(50)      # full tree, LoRA folded into the base (merge_lora=False keeps it)
+    run.vae                               # vae.identity.VaeIdentity of the data's VAE, or None
+
+Step 0 is the base the run started from: the base checkpoint with zero-effect LoRA adapters, or the seeded
+random init of `--init random`. To export a merged model: `paliseg.checkpoints.save(path, params, model_cfg)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from paliseg import console, files
+from paliseg.config import ModelConfig
+from train import checkpoints
+from train import config as train_config
+from vae import identity
+
+CONFIG_FILE = "config.json"
+BEST_FILE = "best.json"
+
+
+def is_run(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / CONFIG_FILE).is_file()
+
+
+def write_config(run_dir: str | os.PathLike, config: train_config.TrainConfig, model_cfg: ModelConfig,
+                 data_digests: dict[str, str], vae: identity.VaeIdentity | None) -> None:
+    """RUN_DIR/config.json at the start of a run (see the module docstring); a resumed run keeps it."""
+    files.write_json(Path(run_dir) / CONFIG_FILE, {
+        "train": config.to_json(), "model": model_cfg.to_dict(), "data_sha256": data_digests,
+        "vae": None if vae is None else vae.to_json()})  # fmt: skip
+
+
+def data_vae(folders: list[str]) -> identity.VaeIdentity | None:
+    """The VAE recorded by the conversion of the --data folders, which must agree; None (with a note on
+    stderr) when none recorded one. Folders converted before the record existed are named on stderr."""
+    recorded = {folder: identity.of_data(folder) for folder in folders}
+    known = {folder: vae for folder, vae in recorded.items() if vae is not None}
+    digests = {vae.sha256 for vae in known.values()}
+    if len(digests) > 1:
+        listed = "; ".join(f"{folder}: {vae.sha256}" for folder, vae in known.items())
+        raise ValueError(f"the --data folders were converted with different VAEs ({listed}); their seg tokens "
+                         "do not mean the same masks. Convert them with one VAE (paliseg convert --vae PATH)")
+    unknown = [folder for folder, vae in recorded.items() if vae is None]
+    if unknown:
+        console.info(f"note: no VAE is recorded in the conversion.json of {', '.join(unknown)} (converted by an "
+                     "older paliseg, or not by `paliseg convert`); "
+                     + ("the run records the VAE of the others" if known else "the run records none, so "
+                        "eval and predict use --vae or the default VAE"))
+    return next(iter(known.values()), None)
+
+
+class Run:
+    """A `paliseg train` run folder, its config.json read once; checkpoints and the frozen base on demand."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        path = self.dir / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; is {run_dir} a `paliseg train` run folder?")
+        content = path.read_bytes()
+        try:
+            data = json.loads(content)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        self.config_sha256 = hashlib.sha256(content).hexdigest()  # what a cached prediction depends on
+        self.train_config = train_config.from_dict(data["train"], str(path))
+        self.model_config = ModelConfig.from_dict(data["model"])
+        self.data_sha256: dict[str, str] = data.get("data_sha256", {})
+        self.vae = None if data.get("vae") is None else identity.VaeIdentity.from_json(data["vae"], str(path))
+        self._frozen: dict | None = None
+
+    @classmethod
+    def open(cls, run: "Run | str | os.PathLike") -> "Run":
+        """`run` itself when it is already a Run, else the run in that folder."""
+        return run if isinstance(run, Run) else cls(run)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r})"
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps that have a complete checkpoint, in increasing order (read anew: training may go on)."""
+        return checkpoints.list_steps(self.dir)
+
+    def check_same_data(self, digests: dict[str, str]) -> None:
+        """Refuse to resume on changed annotations: the sampler would draw other examples than the run did."""
+        changed = sorted(folder for folder, digest in self.data_sha256.items() if digests.get(folder) != digest)
+        if changed:
+            raise ValueError(f"--resume: the annotations of {', '.join(changed)} changed since the run started; "
+                             "resuming would not continue the same run. Start a new run in another --out folder.")
+
+    # --- the best step ----------------------------------------------------------------------------------
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / BEST_FILE
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """What `record_best` recorded (step, metric, value, the report...), or None."""
+        return json.loads(self.best_path.read_text(encoding="utf-8")) if self.best_path.is_file() else None
+
+    def record_best(self, best: dict[str, Any]) -> None:
+        """Record the best step (`best["step"]` and how it was chosen) for `resolve_step("best")`."""
+        files.write_json(self.best_path, best)
+
+    def resolve_step(self, step: int | str | None) -> int:
+        """"best" (recorded by `paliseg eval`), "latest"/None, or an int (0 = the base)."""
+        if step == "best":
+            best = self.best
+            if best is None:
+                raise FileNotFoundError(f"{self.best_path}: no best step recorded yet; run `paliseg eval {self.dir} ...` "
+                                        "first, or pass --step N")
+            return int(best["step"])
+        if step is None or step == "latest":
+            steps = self.steps
+            if not steps:
+                raise FileNotFoundError(f"{self.dir}: no checkpoint yet")
+            return steps[-1]
+        try:
+            return int(step)
+        except ValueError:
+            raise ValueError(f"step must be an integer, 'best' or 'latest', got {step!r}") from None
+
+    # --- parameters -------------------------------------------------------------------------------------
+
+    def frozen_params(self) -> dict:
+        """The parameters no checkpoint holds, because training never changes them: the base checkpoint (or
+        the seeded random init) minus the trainable set; empty for `--trainable all`. Every step shares
+        them: loaded once, then kept."""
+        if self._frozen is None:
+            from train import params as param_sets
+
+            all_trainable = self.train_config.trainable == "all"
+            self._frozen = {} if all_trainable else param_sets.initial(self.train_config, self.model_config)[0]
+        return self._frozen
+
+    def load(self, step: int | None = None, merge_lora: bool = True, frozen: dict | None = None) -> tuple[ModelConfig, dict]:
+        """(model config, full params) of checkpoint `step` (default: the latest; 0: the base).
+
+        With `merge_lora` (default) the adapters are folded into the base and the returned config has LoRA
+        off, so the params run at the base model's speed; otherwise the config keeps LoRA and the tree holds
+        the adapters. `frozen`: the run's `frozen_params`, when already in memory elsewhere.
+        """
+        from paliseg import model
+        from train import params as param_sets
+
+        step = self.resolve_step(None) if step is None else step
+        if step == 0:
+            base, trainable = param_sets.initial(self.train_config, self.model_config)
+            if self._frozen is None and frozen is None and self.train_config.trainable != "all":
+                self._frozen = base
+        else:
+            steps = self.steps
+            if step not in steps:
+                raise ValueError(f"{self.dir}: no checkpoint at step {step}; saved steps: "
+                                 + (", ".join(map(str, steps)) or "none"))
+            _, trainable_shapes = param_sets.abstract(self.train_config, self.model_config)
+            trainable = checkpoints.restore_params(self.dir, step, trainable_shapes)
+            base = self.frozen_params() if frozen is None else frozen
+        params = param_sets.join(base, trainable)
+        model_cfg = self.model_config
+        if merge_lora and model_cfg.lora.enabled:
+            params = model.merge_lora(params, model_cfg.lora)
+            model_cfg = model_cfg.replace(lora={"rank": 0})
+        return model_cfg, params

@@ -34,7 +34,7 @@ behaviour:
   and position; --strict stops at the first one instead.
 
 example:
-  paliseg convert ../shared/data/roboflow/cracks ../shared/data/roboflow/drywall --out data \\
+  paliseg convert ~/data/cracks ~/data/drywall --out data \\
       --prompt-map 'NewCracks*=segment crack' drywall-join='segment taping area' \\
       --label-map 'NewCracks*=crack' drywall-join=taping --box-masks fill
   paliseg validate data"""

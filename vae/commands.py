@@ -23,7 +23,7 @@ MASK_SOURCES (any mix; batches sample all their object crops uniformly):
 output: OUT (vae-oid.npz layout, loadable by every paliseg command via --vae), OUT.state (resume state).
 
 example:
-  paliseg vae train synthetic ../shared/data/roboflow/cracks/train_masks ../shared/data/roboflow/drywall \\
+  paliseg vae train synthetic ~/data/cracks-masks ~/data/drywall \\
       --out runs/vae/my-vae.npz --steps 4000 --float16
   paliseg vae train ... --out runs/vae/my-vae.npz --resume      # continue after an interruption"""
 
@@ -42,7 +42,7 @@ DATASET/conversion.json; found at its recorded path, models/vae-oid.npz or bundl
 SHA-256 is refused unless --allow-vae-mismatch. Other sources: --vae, else the default VAE.
 
 example:
-  paliseg vae ceiling ../shared/data/roboflow/cracks/valid --json
+  paliseg vae ceiling ~/data/cracks/valid --json
   paliseg vae ceiling data/cracks --split valid --vae models/vae-oid.npz --canvas runs/ceiling"""
 
 

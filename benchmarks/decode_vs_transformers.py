@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-
 from _peak import matmul_peak, timed  # noqa: E402
+
 from paliseg import allocator, checkpoints, decoding  # noqa: E402
 from paliseg.config import ModelConfig, preset  # noqa: E402
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
+from train_vs_transformers import lora_step_flops  # noqa: E402
 
 from paliseg import allocator, decoding, model  # noqa: E402
 from paliseg.config import preset  # noqa: E402
@@ -41,7 +42,6 @@ from train import optim  # noqa: E402
 from train import params as param_sets  # noqa: E402
 from train import step as train_step  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train_vs_transformers import lora_step_flops  # noqa: E402
 
 # Dense bf16 peak of the accelerators the MFU line knows (FLOP/s): NVIDIA's datasheet figures, no sparsity.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from paliseg import allocator  # noqa: E402
+
 IMAGES = REPO / "paliseg" / "assets" / "demo" / "roboflow" / "cracks" / "valid"
 
 

@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
-
 from _peak import matmul_peak  # noqa: E402
 
 from paliseg import allocator  # noqa: E402

@@ -46,9 +46,9 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from test_vae import TorchMaskVAE  # the oracle module
 
     import vae
-    from test_vae import TorchMaskVAE  # the oracle module
     from vae import masks as vae_masks
     from vae import sources
     from vae.synthetic import synthetic_crops

@@ -95,7 +95,7 @@ def mask_components(
     class_name: str, mask: np.ndarray, where: str, log: IssueLog
 ) -> list[SourceObject]:
     """Instances of a union mask: its 8-connected components (thin diagonal cracks stay whole)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    labels, _count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     objects = []
     for index, slices in enumerate(ndimage.find_objects(labels), start=1):
         pixels = labels[slices] == index

@@ -86,7 +86,7 @@ class SourceSplit:
     format: str
     class_names: list[str]
     count: int
-    read: Callable[["IssueLog"], Iterator[SourceImage]]
+    read: Callable[[IssueLog], Iterator[SourceImage]]
     annotation_file: Path | None = None
 
 

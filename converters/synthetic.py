@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import io
 import dataclasses
+import io
 import math
 import sys
 from collections.abc import Callable, Sequence

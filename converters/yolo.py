@@ -16,7 +16,15 @@ from pathlib import Path
 import yaml
 
 from converters import geometry
-from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit, image_files, image_size
+from converters.sources import (
+    ConversionError,
+    IssueLog,
+    SourceImage,
+    SourceObject,
+    SourceSplit,
+    image_files,
+    image_size,
+)
 
 DATA_YAML = "data.yaml"
 

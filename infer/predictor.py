@@ -76,9 +76,9 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, run_dir: "str | os.PathLike | Run", step: int | str | None = "best", tokenizer=None,
+        cls, run_dir: str | os.PathLike | Run, step: int | str | None = "best", tokenizer=None,
         frozen: dict | None = None, **options: Any,
-    ) -> "Predictor":
+    ) -> Predictor:
         """A run's checkpoint (`run_dir`: a folder or an open `train.run.Run`): `step` is "best" (recorded by
         `paliseg eval`), "latest", or a number (0 = the base). `max_new_tokens` defaults to the run's
         --seq-len: no suffix it trained on was longer. Without `vae_model`, the VAE of the run's data
@@ -101,7 +101,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike, preset: str | None = None, tokenizer=None, **options: Any
-    ) -> "Predictor":
+    ) -> Predictor:
         """A checkpoint file or folder (big_vision npz with `preset`, Hugging Face, or ours)."""
         from paliseg import checkpoints
 
@@ -109,7 +109,7 @@ class Predictor:
         tokenizer = _tokenizer(tokenizer or checkpoints.default_tokenizer(path, config), config)
         return cls(config, params, tokenizer, source=str(path), **options)
 
-    def decode_texts(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list["decoding.Decoded"]:
+    def decode_texts(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[decoding.Decoded]:
         """Preprocessed images ([S, S, 3] in [-1, 1], S = the config's image size) and prompts -> decoded
         texts with their objects' confidences, in batches of `batch_size` (a short last batch is padded
         with copies of its first item)."""

@@ -230,7 +230,7 @@ def evaluate_run(
         )
         try:
             decoded = decode_step(factory, items, cache, batch_size, f"step {step}")
-        except Exception as error:  # noqa: BLE001 - one broken checkpoint must not stop the sweep
+        except Exception as error:
             message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             console.info(f"step {step}: FAILED, skipped ({message})")
             results.append(StepResult(step, "failed", cached=cached, error=message))

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from infer import prediction as prediction_module
-from metrics import aggregate, canvas, report as metrics_report, scoring
+from metrics import aggregate, canvas, scoring
+from metrics import report as metrics_report
 from paliseg import console, dataset, files
 from train.run import BEST_FILE
 
@@ -252,7 +253,7 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
     lines.append(f"- data: `{report['data']}`, split **{report['split']}**: {report['records']} image/prompt pairs scored"
                  + (f" (first {report['limit']} records)" if report["limit"] else "")
                  + (f", {len(report['skipped'])} skipped (see below)" if report["skipped"] else ""))
-    lines.append(f"- prompts: " + ", ".join(f"`{p}`" for p in report["prompts"]))
+    lines.append("- prompts: " + ", ".join(f"`{p}`" for p in report["prompts"]))
     lines.append(f"- decoding: greedy, at most {report['max_new_tokens']} tokens, segmentation grammar for `segment` prompts")
     lines.append("")
     best = report["best"]

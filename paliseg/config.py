@@ -155,9 +155,9 @@ class ModelConfig:
             return path
         return ASSETS / path
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with fields changed; `img`, `llm` and `lora` also accept dicts of their own fields."""
-        for name, cls in (("img", SiglipConfig), ("llm", GemmaConfig), ("lora", LoraConfig)):
+        for name in ("img", "llm", "lora"):
             if isinstance(changes.get(name), dict):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)
@@ -166,7 +166,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
         lora = dict(data.pop("lora", {}))
         if "targets" in lora:

@@ -65,7 +65,7 @@ class SegmentGrammar:
     loc_value: np.ndarray  # int32 [V], -1 for non-loc tokens
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int) -> "SegmentGrammar":
+    def from_tokenizer(cls, tokenizer: Tokenizer, vocab_size: int) -> SegmentGrammar:
         token_class = np.full(vocab_size, FORBIDDEN, np.int32)
         for i in range(min(vocab_size, tokenizer.vocab_size)):
             if tokenizer.is_plain_text(i):
@@ -94,7 +94,7 @@ def _text_class(text: str) -> int:
         return FORBIDDEN
     if ";" not in text:
         return SPACE if not text.strip() else TEXT
-    head, _, tail = text.partition(";")
+    _head, _, tail = text.partition(";")
     return SEMI if not tail.strip() else FORBIDDEN
 
 

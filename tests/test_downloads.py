@@ -15,7 +15,7 @@ PAYLOAD = bytes(range(256)) * 4000  # ~1 MB
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         start = int(self.headers.get("Range", "bytes=0-")[6:].split("-")[0] or 0)
         body = PAYLOAD[start:]
         self.send_response(206 if start else 200)

@@ -245,8 +245,8 @@ def test_predict_cli_writes_masks_objects_json_canvases_and_coco(setup, tmp_path
 
     # The Python API gives the same texts and masks for the same step, from PIL images.
     predictor = Predictor.from_run(run_dir, 4, vae_model=vae.MaskVAE.from_npz(vae_path), batch_size=2)
-    images = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
-    api = predictor.predict(images, PROMPT)
+    photos = [Image.open(data / "images" / f"valid_{i}.png") for i in range(3)]
+    api = predictor.predict(photos, PROMPT)
     assert [p.text for p in api] == [r["text"] for r in result["results"]]
     assert [round(o.confidence, 4) for p in api for o in p.objects] == coco_scores
     for prediction, name in zip(api, names):

@@ -108,7 +108,7 @@ def _images(config, batch: int, seed: int = 0) -> np.ndarray:
 
 
 def test_loaded_config_has_the_hf_sizes(pair):
-    name, hf, _, config, _ = pair
+    _name, hf, _, config, _ = pair
     text, vision = hf.config.text_config, hf.config.vision_config
     assert (config.llm.width, config.llm.depth, config.llm.num_heads) == (
         text.hidden_size, text.num_hidden_layers, text.num_attention_heads)
@@ -211,7 +211,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_transformers_key_layout_loads_identically(mqa, layout, tmp_path):
-    name, _, folder, config, params = mqa
+    _name, _, folder, _config, params = mqa
     rename, extra, shards = LAYOUTS[layout]
     other = _rewrite(folder, tmp_path / "other", rename, extra, shards)
     _, loaded = checkpoints.load(other, **F32)
@@ -221,7 +221,7 @@ def test_every_transformers_key_layout_loads_identically(mqa, layout, tmp_path):
 
 
 def test_padded_embedding_is_trimmed_to_the_tokenizer(mqa, tmp_path):
-    name, _, folder, config, params = mqa
+    _name, _, folder, config, params = mqa
     pad = np.random.default_rng(0).normal(size=(20, config.llm.width)).astype(np.float32)
     key = "language_model.model.embed_tokens.weight"
     other = _rewrite(folder, tmp_path / "padded", lambda k: k, lambda t: {key: np.concatenate([t[key], pad])})
@@ -232,12 +232,12 @@ def test_padded_embedding_is_trimmed_to_the_tokenizer(mqa, tmp_path):
     trimmed_config, trimmed = checkpoints.load(other, vocab_size=config.llm.vocab_size, **F32)
     assert trimmed_config.llm.vocab_size == config.llm.vocab_size
     np.testing.assert_array_equal(trimmed["llm"]["embedder"]["input_embedding"], params["llm"]["embedder"]["input_embedding"])
-    full_config, full = checkpoints.load(other, **F32)
+    _full_config, full = checkpoints.load(other, **F32)
     assert full["llm"]["embedder"]["input_embedding"].shape[0] == config.llm.vocab_size + 20
 
 
 def test_bad_checkpoints_name_the_offending_keys(mqa, tmp_path):
-    name, _, folder, config, _ = mqa
+    _name, _, folder, _config, _ = mqa
     missing = "language_model.model.layers.1.mlp.up_proj.weight"
     broken = _rewrite(
         folder, tmp_path / "broken", lambda k: "vision_tower.bogus.weight" if k == missing else k,
@@ -252,7 +252,7 @@ def test_bad_checkpoints_name_the_offending_keys(mqa, tmp_path):
 
 
 def test_exported_safetensors_load_in_transformers_with_equal_logits(pair, tmp_path):
-    name, _, _, config, params = pair
+    _name, _, _, config, params = pair
     folder = checkpoints.export_hf(tmp_path / "export", params, config)
     hf = transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
     tokens = np.random.default_rng(4).integers(3, 250, (1, 5))

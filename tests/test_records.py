@@ -51,10 +51,9 @@ def test_existing_output_is_not_overwritten_without_consent(tmp_path):
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "out.json"
     files.write_json(path, {"v": 1})
-    with pytest.raises(RuntimeError):
-        with files.atomic_open(path) as handle:
-            handle.write('{"v": 2')
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), files.atomic_open(path) as handle:
+        handle.write('{"v": 2')
+        raise RuntimeError("crash mid-write")
     assert path.read_text().startswith('{\n  "v": 1')
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 

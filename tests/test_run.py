@@ -72,7 +72,7 @@ def test_a_run_folder_is_read_once(lora_run, monkeypatch):
 
 
 def test_not_a_run_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is .* a `paliseg train` run folder"):
+    with pytest.raises(FileNotFoundError, match=r"is .* a `paliseg train` run folder"):
         Run(tmp_path)
     assert not run_folder.is_run(tmp_path)
 
@@ -95,7 +95,7 @@ def test_best_step_round_trip(lora_run, tmp_path):
 def test_frozen_base_is_read_once_and_steps_differ(lora_run, monkeypatch):
     initial = _count(monkeypatch, param_sets, "initial")
     run = Run(lora_run)
-    base_cfg, base = run.load(0)  # the base with zero-effect adapters, merged
+    base_cfg, _base = run.load(0)  # the base with zero-effect adapters, merged
     lora_cfg, step2 = run.load(2, merge_lora=False)
     _, step4 = run.load(4, merge_lora=False)
     assert run.frozen_params() is run.frozen_params()

@@ -50,9 +50,9 @@ def test_checkpoint_loads_into_the_architecture(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"partial.pth: not a SAM tiny checkpoint .*iou_prediction_head"):
         sam.load_sam(tmp_path / "partial.pth", "tiny", "cpu")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.pth: not a SAM tiny checkpoint"):
+    with pytest.raises(ValueError, match=r"junk\.pth: not a SAM tiny checkpoint"):
         sam.load_sam(tmp_path / "junk.pth", "tiny", "cpu")
-    with pytest.raises(FileNotFoundError, match="nothing.pth: SAM checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.pth: SAM checkpoint not found"):
         sam.load_sam(tmp_path / "nothing.pth", "tiny")
 
 

@@ -15,7 +15,6 @@ from converters import coco as coco_reader
 from converters import synthetic
 from converters.sources import IssueLog, Polygons
 
-
 CROWDED = synthetic.ShapesConfig(objects_per_image=(1, 3))
 
 
@@ -47,7 +46,7 @@ def test_layout_is_roboflow_coco(export):
             x, y, w, h = annotation["bbox"]
             np.testing.assert_allclose([x, y, x + w, y + h], [*ring.min(0), *ring.max(0)], atol=0.011)
             assert all(float(v).is_integer() for v in annotation["bbox"]), "boxes fall on pixel edges"
-            assert 0 <= ring.min() and ring.max() <= 64
+            assert ring.min() >= 0 and ring.max() <= 64
             assert annotation["area"] == dataset.annToMask(annotation).sum()
 
 

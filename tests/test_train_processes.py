@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_run import make_dataset, read_losses, tiny_config
 
 from paliseg.cli.main import main
-from test_train_run import make_dataset, read_losses, tiny_config
 from train import trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -94,7 +94,7 @@ def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
                                      tmp_path / "c.json")
     assert from_file.lora == LoraConfig(rank=2, alpha=4.0, targets=("v",))
     (tmp_path / "both.json").write_text('{"lora_rank": 2, "lora": {"rank": 3}}')
-    with pytest.raises(ValueError, match="both lora_rank and lora.rank"):
+    with pytest.raises(ValueError, match=r"both lora_rank and lora\.rank"):
         train_config.load_file(tmp_path / "both.json")
 
 

@@ -57,10 +57,10 @@ def test_of_data_of_legacy_and_broken_folders(tmp_path):
     (tmp_path / records.CONVERSION_FILE).write_text(json.dumps({"splits": {}}))
     assert identity.of_data(tmp_path) is None  # converted before the record existed
     (tmp_path / records.CONVERSION_FILE).write_text(json.dumps({"vae": {"sha256": 3}}))
-    with pytest.raises(ValueError, match="conversion.json: 'vae' must be"):
+    with pytest.raises(ValueError, match=r"conversion\.json: 'vae' must be"):
         identity.of_data(tmp_path)
     (tmp_path / records.CONVERSION_FILE).write_text("{")
-    with pytest.raises(ValueError, match="conversion.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"conversion\.json: not valid JSON"):
         identity.of_data(tmp_path)
 
 

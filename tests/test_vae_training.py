@@ -36,7 +36,7 @@ def test_every_synthetic_shape_gives_a_crop_that_fills_its_box(kind):
         box = vae.masks.tight_box(mask)
         assert box is not None
         crop = vae.masks.crop_to_64(mask, box)
-        assert crop.shape == (64, 64) and 0.0 <= crop.min() and crop.max() <= 1.0
+        assert crop.shape == (64, 64) and crop.min() >= 0.0 and crop.max() <= 1.0
         # A tight box: the object reaches all four edges of the crop.
         assert crop[0].max() > 0 and crop[-1].max() > 0 and crop[:, 0].max() > 0 and crop[:, -1].max() > 0
 

@@ -73,7 +73,7 @@ def test_each_broken_record_is_reported_with_file_and_line(dataset, tmp_path, ca
     path = broken / "_annotations.train.jsonl"
     path.write_text("\n".join(lines) + "\n")
 
-    code, out, err = run(capsys, broken)
+    code, out, _err = run(capsys, broken)
     assert code == 1 and "INVALID: 8 problem(s) in 8 record(s)" in out
     problems = [line for line in out.splitlines() if line.startswith(str(path))]
     lines_reported = [int(p[len(str(path)) + 1 :].split(":", 1)[0]) for p in problems]

@@ -75,8 +75,8 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from paliseg import console
-    from train import trainer
     from train import config as train_config
+    from train import trainer
     from train.run import Run
 
     _initialize_distributed(args)

@@ -82,7 +82,7 @@ class ScalarWriter:
         logdir.mkdir(parents=True, exist_ok=True)
         now = time.time()
         self.path = logdir / f"events.out.tfevents.{now:.6f}.{socket.gethostname()}.{os.getpid()}"
-        self.handle = open(self.path, "ab")
+        self.handle = open(self.path, "ab")  # noqa: SIM115 (open for the writer's lifetime; close())
         self._write(_event(now, purge_step or 0, file_version="brain.Event:2"))
         if purge_step is not None:
             self._write(_event(now, purge_step, session_start=True))

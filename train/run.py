@@ -87,7 +87,7 @@ class Run:
         self._frozen: dict | None = None
 
     @classmethod
-    def open(cls, run: "Run | str | os.PathLike") -> "Run":
+    def open(cls, run: Run | str | os.PathLike) -> Run:
         """`run` itself when it is already a Run, else the run in that folder."""
         return run if isinstance(run, Run) else cls(run)
 

@@ -13,7 +13,8 @@ in the state, so a resumed run draws the same masks.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

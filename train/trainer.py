@@ -26,8 +26,8 @@ from paliseg.tokenizer import Tokenizer
 from train import checkpoints as run_checkpoints
 from train import data as train_data
 from train import events, optim, sharding
-from train import run as run_folder
 from train import params as param_sets
+from train import run as run_folder
 from train import step as train_step
 from train.config import TrainConfig
 
@@ -85,7 +85,7 @@ class MetricsLog:
             writer = csv.DictWriter(handle, METRIC_FIELDS)
             writer.writeheader()
             writer.writerows(kept)
-        self.handle = open(self.path, "a", newline="")
+        self.handle = open(self.path, "a", newline="")  # noqa: SIM115 (open for the run; close())
         self.csv = csv.DictWriter(self.handle, METRIC_FIELDS)
         self.tb = events.ScalarWriter(run_dir / "tb", purge_step=start_step + 1 if start_step else None)
 

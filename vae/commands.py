@@ -155,8 +155,8 @@ def _run_ceiling(args: argparse.Namespace) -> int:
     import collections
     import warnings
 
-    from paliseg import console, dataset
     import vae
+    from paliseg import console, dataset
     from vae import ceiling, identity, sources
 
     recorded = identity.of_data(args.dataset)  # None for exports and mask folders: nothing encoded yet
@@ -194,8 +194,8 @@ def _run_ceiling(args: argparse.Namespace) -> int:
 
 
 def _run_download(args: argparse.Namespace) -> int:
-    from paliseg import console, downloads
     import vae
+    from paliseg import console, downloads
 
     asset = next(a for a in downloads.ASSETS if a.name == "vae-oid.npz")
     directory = args.dir or downloads.models_dir()
@@ -212,10 +212,10 @@ def _run_download(args: argparse.Namespace) -> int:
 def _run_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    import vae
     from metrics import masks as mask_metrics
     from paliseg import console, images
     from paliseg import tokens as codec
-    import vae
     from vae.masks import tight_box
 
     model = vae.load(args.vae)

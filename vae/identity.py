@@ -45,7 +45,7 @@ class VaeIdentity:
         return {"sha256": self.sha256, "path": self.path}
 
     @classmethod
-    def from_json(cls, data: Any, where: str) -> "VaeIdentity":
+    def from_json(cls, data: Any, where: str) -> VaeIdentity:
         if not (isinstance(data, dict) and isinstance(data.get("sha256"), str) and isinstance(data.get("path"), str)):
             raise ValueError(f"{where}: 'vae' must be an object with the strings 'sha256' and 'path', got {data!r}")
         return cls(data["sha256"], data["path"])

@@ -145,7 +145,7 @@ def tokens_to_masks(
     if not len(segs):
         return np.zeros((0, height, width), dtype=bool)
     logits = model.decode(np.asarray(segs, dtype=np.int32).reshape(len(segs), -1))
-    boxes = [codec.locs_to_pixel_box(l, width, height) for l in locs]
+    boxes = [codec.locs_to_pixel_box(object_locs, width, height) for object_locs in locs]
     return np.stack([paste(m, b, width, height, counts) for m, b in zip(logits, boxes)])
 
 

@@ -358,7 +358,7 @@ class MaskVAE:
         self.source = source
 
     @classmethod
-    def from_npz(cls, path: str | os.PathLike) -> "MaskVAE":
+    def from_npz(cls, path: str | os.PathLike) -> MaskVAE:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: VAE file not found")

@@ -159,7 +159,7 @@ def _mask_folder_samples(folder: Path) -> Iterator[Sample]:
 
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in MASK_SUFFIXES):
         mask = images.read_mask(path)
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        labels, _count = ndimage.label(mask, structure=np.ones((3, 3), bool))
         instances, boxes = [], []
         for index, found in enumerate(ndimage.find_objects(labels), start=1):
             ys, xs = found

@@ -237,7 +237,7 @@ def holdout_scores(model: MaskVAE, holdout: np.ndarray) -> dict[str, float]:
     predicted, target = model.decode(tokens) > 0, crops > 0.5
     scores = [scoring.score_image(p, t, "holdout", str(i)) for i, (p, t) in enumerate(zip(predicted, target))]
     miou = aggregate.summarize(scores)["overall"]["miou"]
-    return {"holdout_miou": miou, "holdout_crops": len(crops), "holdout_codes_used": int(len(np.unique(tokens)))}
+    return {"holdout_miou": miou, "holdout_crops": len(crops), "holdout_codes_used": len(np.unique(tokens))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def train(
     return {
         "out": str(out),
         "steps": int(state["step"]),
-        "train_crops": {name: int(len(crops)) for name, crops in pool.items()},
+        "train_crops": {name: len(crops) for name, crops in pool.items()},
         **{k: float(v) for k, v in metrics.items()},
         **holdout_scores(MaskVAE.from_npz(out), holdout),  # the written file, in its stored dtype
     }

@@ -29,7 +29,8 @@ from paliseg.checkpoints.big_vision import read_npz, write_npz
 from paliseg.checkpoints.huggingface import config_from_hf, read_hf, write_hf
 from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, save
 from paliseg.checkpoints.tree import check_tree, to_device
-from paliseg.config import ModelConfig, preset as get_preset
+from paliseg.config import ModelConfig
+from paliseg.config import preset as get_preset
 
 __all__ = [
     "config_from_hf",

@@ -259,7 +259,7 @@ def read_hf(folder: str | os.PathLike, vocab_size: int | None = None, dtype: Any
         unexpected = []
         for file in _tensor_files(folder):
             handle = stack.enter_context(safe_open(str(file), framework="np"))
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 name = canonical_name(key)
                 if name is None:
                     unexpected.append(f"{key} ({file.name})")

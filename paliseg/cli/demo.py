@@ -208,10 +208,9 @@ class Demo:
             saved, _ = checkpoints.read_run_config(self.paths.run)
             config = train_config.check_resume(saved, {"out": config.out})
         result = trainer.run(config, resume=resume)
-        done = f"checkpoints at steps {', '.join(map(str, result['checkpoint_steps']))}"
-        if result["losses"]:
-            done = (f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, "
-                    f"{result['examples_per_s']:.1f} examples/s; {done}")
+        steps = ", ".join(map(str, result["checkpoint_steps"]))
+        done = (f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} "
+                f"examples/s; checkpoints at steps {steps}" if result["losses"] else f"already trained: checkpoints at steps {steps}")
         self._done("train", started, done, checkpoints=result["checkpoint_steps"], first_loss=result["first_loss"],
                    last_loss=result["last_loss"], examples_per_s=result["examples_per_s"])
 

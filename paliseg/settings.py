@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -328,14 +328,17 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "config", _default
     return cls(**changes) if _defaults is MISSING else dataclasses.replace(_defaults, **changes)
 
 
-def to_argv(config: Any) -> list[str]:
+def to_argv(config: Any, written_by_caller: Sequence[str] = ()) -> list[str]:
     """The flags that reproduce `config` from the defaults: one per field that differs from its default.
 
-    Raises ValueError for a differing field that no derived flag can set (one with `cli=False`, or None
-    where the default is not None).
+    `written_by_caller` names fields the command takes by hand (positional arguments, `--prompt-map`): they
+    are left out. Raises ValueError for any other differing field that no derived flag can set (one with
+    `cli=False`, or None where the default is not None).
     """
     argv: list[str] = []
     for flag in _flags(type(config)):
+        if flag.key in written_by_caller:
+            continue
         value = lookup(config, flag.key)
         if flag.default is not MISSING and _same(value, flag.default):
             continue

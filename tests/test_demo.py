@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 import time
+from pathlib import Path
 
 import pytest
 
 from paliseg.cli import demo
-from paliseg.cli.main import main
+from paliseg.cli.main import build_parser, main
 
 
 @pytest.mark.slow
@@ -17,8 +20,10 @@ def test_quick_demo_learns(tmp_path, capsys):
     started = time.perf_counter()
     assert main(["demo", "--quick", "--out", str(out), "--json"]) == 0
     seconds = time.perf_counter() - started
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary == json.loads((out / demo.SUMMARY_FILE).read_text())
+    _check_printed_commands(summary, printed.err, out)
 
     steps = {s["step"]: s["miou"] for s in summary["steps"]}
     assert 0 in steps and len(steps) >= 3, steps
@@ -37,6 +42,45 @@ def test_quick_demo_learns(tmp_path, capsys):
     assert len(list((out / "predict" / "canvases").glob("*.png"))) == 16
     print(f"demo --quick: {seconds:.0f} s, mIoU step 0 {summary['step0']['miou']:.3f} -> "
           f"best (step {summary['best']['step']}) {summary['best']['miou']:.3f}")
+
+
+def _check_printed_commands(summary, stderr, out):
+    """Each stage printed its command lines, and the real parser accepts every `paliseg` one as typed; the
+    train command resolves to the very settings the demo trained with."""
+    from paliseg import settings
+    from train import config as train_config
+    from train.run import Run
+
+    stages = summary["stages"]
+    assert {name: [c.split()[1] for c in stage["commands"]] for name, stage in stages.items()} == {
+        "synthetic shapes": ["-m"], "convert": ["convert", "convert", "validate"], "train": ["train"],
+        "eval": ["eval"], "predict": ["predict"]}  # fmt: skip
+    commands = [c for name in ("synthetic shapes", "convert", "train", "eval", "predict") for c in stages[name]["commands"]]
+    for command in commands:
+        assert f"  $ {command}\n" in stderr
+        if command.startswith("paliseg "):
+            args = build_parser().parse_args(shlex.split(command)[1:])  # argparse exits on a bad line
+            assert hasattr(args, "run")
+    args = build_parser().parse_args(shlex.split(stages["train"]["commands"][0])[1:])
+    typed = train_config.resolve(settings.given(args, train_config.TrainConfig))
+    trained = Run(out / "run").train_config
+    assert typed == dataclasses.replace(trained, tokenizer=None)  # the tokenizer: the preset's, filled in by training
+
+
+def test_command_line_is_copy_pasteable():
+    line = demo.command_line("paliseg convert", {
+        "sources": [Path("my exports/cracks"), "drywall"], "--out": Path("data"), "--format": None,
+        "--prompt-map": ["NewCracks*=segment crack"], "--label-map": [], "--min-box-side": 0, "--no-negatives": True,
+        "--strict": False})  # fmt: skip
+    assert line == "paliseg convert 'my exports/cracks' drywall --out data --prompt-map 'NewCracks*=segment crack' " \
+                   "--min-box-side 0 --no-negatives"
+    args = build_parser().parse_args(shlex.split(line)[1:])
+    assert (args.sources, args.out, args.prompt_map) == (["my exports/cracks", "drywall"], "data", ["NewCracks*=segment crack"])
+    from converters.config import ConvertConfig
+    from paliseg import settings
+
+    assert settings.given(args, ConvertConfig) == {"out": "data", "min_box_side": 0, "negatives": False}
+    assert args.label_map == []
 
 
 def test_refuses_a_folder_that_is_not_a_demo(tmp_path):

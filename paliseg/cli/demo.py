@@ -1,7 +1,7 @@
 """`paliseg demo`: every stage end to end, offline, on bundled data, with a model that really learns.
 
-The demo runs the real commands in this process (the same argument parsing and handlers as typing them),
-prints each command before it runs it, and ends with a summary of what the model learned:
+The demo calls each stage's Python API in this process and first prints the command line that does the same
+(copy-paste one to rerun that stage alone); it ends with a summary of what the model learned:
 
     1. synthetic shapes  python -m converters.synthetic OUT/exports/shapes ...   (a Roboflow COCO export)
     2. convert           paliseg convert OUT/exports/shapes --out OUT/data/shapes ...; paliseg validate ...
@@ -22,22 +22,23 @@ what it has not cached); `--overwrite` deletes an earlier demo's OUT first.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import shlex
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from paliseg import settings  # light: the standard library only
 
 _DESCRIPTION = """\
 Run the whole pipeline offline on bundled data and watch a model learn: a synthetic-shapes dataset in
 Roboflow COCO format -> convert (loc + seg tokens with the bundled VAE) -> train a small `tiny` PaliGemma
 from scratch -> eval every checkpoint (report, plots, canvases) -> predict on real crack and drywall
-photos. No GPU, no download. The full run takes about 15 minutes on
-2 CPU cores, --quick about 3."""
+photos. Before each stage it prints the command line that does the same: copy one to rerun that stage
+alone. No GPU, no download. The full run takes about 15 minutes on 2 CPU cores, --quick about 3."""
 
 _EPILOG = """\
 what it shows:
@@ -92,59 +93,39 @@ FULL = DemoPlan(train_images=3000, valid_images=48, steps=2000, save_every=250)
 QUICK = DemoPlan(train_images=600, valid_images=24, steps=300, save_every=75)
 
 
-@dataclasses.dataclass
 class Layout:
-    out: Path
+    """The demo's folders in OUT (listed in the epilog)."""
 
-    @property
-    def export(self) -> Path:
-        return self.out / "exports" / "shapes"
-
-    @property
-    def shapes(self) -> Path:
-        return self.out / "data" / "shapes"
-
-    @property
-    def real(self) -> Path:
-        return self.out / "data" / "real"
-
-    @property
-    def run(self) -> Path:
-        return self.out / "run"
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report"
-
-    @property
-    def predict(self) -> Path:
-        return self.out / "predict"
+    def __init__(self, out: Path):
+        self.out, self.export, self.run = out, out / "exports" / "shapes", out / "run"
+        self.shapes, self.real = out / "data" / "shapes", out / "data" / "real"
+        self.report, self.predict = out / "report", out / "predict"
 
 
-def run_paliseg(argv: list[str]) -> dict[str, Any]:
-    """Run `paliseg ARGV --json` in this process, as if typed; returns its JSON result.
+def command_line(command: str, flags: dict[str, Any], argv: Sequence[str] = ()) -> str:
+    """The copy-pasteable shell line of `command` ("paliseg convert") with `flags`, in their order, then `argv`
+    (flags already rendered, e.g. by `paliseg.settings.to_argv` from a typed config).
 
-    The command's human text goes to stderr (that is what --json does), its progress bars too."""
-    from paliseg.cli.main import build_parser
-
-    args = build_parser().parse_args([*argv, "--json"])
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        code = args.run(args)
-    if code:
-        raise RuntimeError(f"`paliseg {shlex.join(argv)}` failed with exit code {code}")
-    return json.loads(captured.getvalue().strip().splitlines()[-1])
+    A key that starts with "-" is a flag: True gives it alone, None, False or an empty list leave it out, a
+    list or tuple puts its values after it. Any other key names a positional argument: its value(s) only."""
+    words = command.split()
+    for key, value in flags.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if value is None or value is False or not values:
+            continue
+        words += [key] if key.startswith("-") else []
+        words += [str(v) for v in values if v is not True]
+    return shlex.join([*words, *argv])
 
 
 class Demo:
-    """The stages, each run as its `paliseg` command; `stages` collects commands, timings and results."""
+    """The stages, each called through its Python API after printing the `paliseg` command that does the
+    same; `stages` collects those commands, timings and results."""
 
     def __init__(self, out: Path, plan: DemoPlan, resume: bool):
         from vae.model import BUNDLED_VAE_PATH
 
-        self.paths = Layout(out)
-        self.plan = plan
-        self.resume = resume
+        self.paths, self.plan, self.resume = Layout(out), plan, resume
         # Always the bundled VAE, never models/vae-oid.npz: the figures must not depend on what is downloaded.
         self.vae = str(BUNDLED_VAE_PATH)
         self.stages: dict[str, dict[str, Any]] = {}
@@ -154,12 +135,14 @@ class Demo:
         from paliseg import console
 
         console.info(f"\n[{len(self.stages) + 1}/{self.count}] {name}")
-        for command in commands:
-            console.info(f"  $ {command}")
+        console.info("\n".join(f"  $ {command}" for command in commands))
         self.stages[name] = {"commands": commands}
         return time.perf_counter()
 
-    def _done(self, name: str, started: float, **details: Any) -> None:
+    def _done(self, name: str, started: float, outcome: str, **details: Any) -> None:
+        from paliseg import console
+
+        console.info(f"  {outcome}")
         self.stages[name].update(seconds=round(time.perf_counter() - started, 1), **details)
 
     def synthetic_data(self) -> None:
@@ -167,84 +150,101 @@ class Demo:
         from paliseg import console
 
         plan, export = self.plan, self.paths.export
-        command = (f"python -m converters.synthetic {export} --train {plan.train_images} --valid {plan.valid_images} "
-                   f"--size {plan.image_size} --classes {','.join(plan.classes)} --objects 1 1 "
-                   f"--scale {plan.object_scale[0]} {plan.object_scale[1]} --grid {plan.grid} --seed {plan.seed}")
-        started = self._stage("synthetic shapes", [command])
-        if self.resume and all((export / s / synthetic.ANNOTATION_FILE).is_file() for s in ("train", "valid")):
-            console.info("  (kept from the earlier run)")
-        else:
-            config = synthetic.ShapesConfig(plan.image_size, plan.classes, (1, 1), plan.object_scale, plan.grid)
+        shapes = synthetic.ShapesConfig(image_size=plan.image_size, classes=plan.classes, objects_per_image=(1, 1),
+                                        object_scale=plan.object_scale, grid=plan.grid)
+        started = self._stage("synthetic shapes", [command_line("python -m converters.synthetic", {
+            "out": export, "--train": plan.train_images, "--valid": plan.valid_images, "--size": shapes.image_size,
+            "--classes": ",".join(shapes.classes), "--objects": shapes.objects_per_image,
+            "--scale": shapes.object_scale, "--grid": shapes.grid, "--seed": plan.seed})])  # fmt: skip
+        kept = self.resume and all((export / s / synthetic.ANNOTATION_FILE).is_file() for s in ("train", "valid"))
+        if not kept:
             with console.progress_bar("shapes", total=plan.train_images + plan.valid_images, unit="img") as bar:
-                synthetic.write_synthetic_coco(export, plan.train_images, plan.valid_images, config, plan.seed,
-                                               overwrite=self.resume, on_image=lambda: bar.update(1))
-        self._done("synthetic shapes", started, images={"train": plan.train_images, "valid": plan.valid_images})
+                synthetic.write_synthetic_coco(export, n_train=plan.train_images, n_valid=plan.valid_images,
+                                               config=shapes, seed=plan.seed, overwrite=self.resume,
+                                               on_image=lambda: bar.update(1))
+        done = "kept from the earlier run" if kept else f"wrote {plan.train_images} train and {plan.valid_images} valid images"
+        self._done("synthetic shapes", started, done, images={"train": plan.train_images, "valid": plan.valid_images})
 
     def convert(self) -> None:
+        from converters.convert import ConvertConfig, convert, parse_map
+        from converters.validate import result_json, result_text, validate
         from paliseg.config import ASSETS
         from paliseg.records import CONVERSION_FILE
 
-        jobs = [(self.paths.shapes, ["convert", str(self.paths.export), "--out", str(self.paths.shapes),
-                                     "--vae", self.vae, "--no-negatives"]),
-                (self.paths.real, [
-                    "convert", *(str(ASSETS / "demo" / "roboflow" / name) for name in REAL_SAMPLE), "--out",
-                    str(self.paths.real), "--vae", self.vae, "--prompt-map", *REAL_PROMPTS, "--label-map",
-                    *REAL_LABELS, "--box-masks", "fill"])]  # fmt: skip
-        validate = ["validate", str(self.paths.shapes)]
-        started = self._stage("convert", [_shown(argv) for _, argv in jobs] + [_shown(validate)])
+        configs = [
+            ConvertConfig(sources=[self.paths.export], out=self.paths.shapes, vae=self.vae, negatives=False),
+            ConvertConfig(sources=[ASSETS / "demo" / "roboflow" / name for name in REAL_SAMPLE], out=self.paths.real,
+                          vae=self.vae, prompt_map=parse_map(REAL_PROMPTS, "--prompt-map"),
+                          label_map=parse_map(REAL_LABELS, "--label-map"), box_masks="fill"),
+        ]  # fmt: skip
+        by_hand = ("sources", "prompt_map", "label_map")  # the command's positional and CLASS=VALUE arguments
+        commands = [command_line("paliseg convert", {
+            "sources": c.sources, "--prompt-map": [f"{k}={v}" for k, v in c.prompt_map.items()],
+            "--label-map": [f"{k}={v}" for k, v in c.label_map.items()]}, settings.to_argv(c, by_hand))
+            for c in configs]  # fmt: skip
+        commands.append(command_line("paliseg validate", {"directory": self.paths.shapes}))
+        started = self._stage("convert", commands)
         records = {}
-        for folder, argv in jobs:
-            if self.resume and (folder / CONVERSION_FILE).is_file():
-                summary = json.loads((folder / CONVERSION_FILE).read_text())
-            else:
-                summary = run_paliseg(argv + (["--overwrite"] if self.resume else []))
-            records[folder.name] = _records(summary)
-        run_paliseg(validate)
-        self._done("convert", started, records=records)
+        for config in configs:
+            done = Path(config.out) / CONVERSION_FILE  # written last: the conversion finished
+            summary = json.loads(done.read_text()) if self.resume and done.is_file() else convert(
+                dataclasses.replace(config, overwrite=self.resume))
+            records[Path(config.out).name] = {split: sum(c["records"] for c in info["prompts"].values())
+                                              for split, info in summary["splits"].items()}
+        checks = validate(directory=self.paths.shapes)
+        if not result_json(checks)["ok"]:
+            raise ValueError(f"the converted demo data is not valid:\n{result_text(checks)}")
+        self._done("convert", started, f"records {records}; {self.paths.shapes} is valid", records=records)
 
     def train(self) -> None:
-        from train import run
+        from train import config as train_config
+        from train import trainer
+        from train.run import Run, is_run
 
         plan = self.plan
-        argv = ["train", "--data", str(self.paths.shapes), "--out", str(self.paths.run), "--preset", "tiny",
-                "--init", "random", "--trainable", "all", "--steps", str(plan.steps), "--batch-size", str(plan.batch_size),
-                "--lr", str(plan.lr), "--warmup-fraction", str(plan.warmup_fraction), "--save-every",
-                str(plan.save_every), "--seq-len", str(plan.seq_len), "--seed", str(plan.seed), "--no-remat"]  # fmt: skip
-        started = self._stage("train", [_shown(argv)])
-        saved = run.Run(self.paths.run).steps if run.is_run(self.paths.run) else []
-        if self.resume and saved and saved[-1] >= plan.steps:
-            result = {"checkpoint_steps": saved}
-        else:
-            result = run_paliseg(["train", "--out", str(self.paths.run), "--resume"] if self.resume and saved else argv)
-        self._done("train", started, checkpoints=result["checkpoint_steps"], first_loss=result.get("first_loss"),
-                   last_loss=result.get("last_loss"), examples_per_s=result.get("examples_per_s"))
+        config = train_config.resolve({
+            "data": [str(self.paths.shapes)], "out": str(self.paths.run), "preset": "tiny", "init": "random",
+            "trainable": "all", "steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
+            "warmup_fraction": plan.warmup_fraction, "save_every": plan.save_every, "seq_len": plan.seq_len,
+            "seed": plan.seed, "remat": False})  # fmt: skip
+        started = self._stage("train", [command_line("paliseg train", {}, settings.to_argv(config))])
+        resume = self.resume and is_run(self.paths.run)
+        if resume:  # as `paliseg train --out RUN --resume`: the run's own settings
+            config = train_config.check_resume(Run(self.paths.run).train_config, {"out": config.out})
+        result = trainer.run(config, resume=resume)
+        steps = ", ".join(map(str, result["checkpoint_steps"]))
+        done = (f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} "
+                f"examples/s; checkpoints at steps {steps}" if result["losses"] else f"already trained: checkpoints at steps {steps}")
+        self._done("train", started, done, checkpoints=result["checkpoint_steps"], first_loss=result["first_loss"],
+                   last_loss=result["last_loss"], examples_per_s=result["examples_per_s"])
 
     def evaluate(self) -> dict[str, Any]:
-        argv = ["eval", str(self.paths.run), "--data", str(self.paths.shapes), "--split", "valid",
-                "--out", str(self.paths.report), "--vae", self.vae]  # fmt: skip
-        started = self._stage("eval", [_shown(argv)])
-        report = run_paliseg(argv)
-        self._done("eval", started)
+        from infer import sweep
+
+        run, data, split, out = self.paths.run, self.paths.shapes, "valid", self.paths.report
+        started = self._stage("eval", [command_line("paliseg eval", {
+            "run_dir": run, "--data": data, "--split": split, "--out": out, "--vae": self.vae})])  # fmt: skip
+        report = sweep.evaluate_run(run_dir=run, data_dir=data, out_dir=out, split=split, vae_path=self.vae)
+        best = report["best"]
+        self._done("eval", started, f"best: step {best['step']} ({report['metric']} {best['value']:.4f})" if best
+                   else "no checkpoint could be scored")
         return report
 
-    def predict(self) -> dict[str, Any]:
+    def predict(self) -> None:
+        import vae
+        from infer import outputs
+        from infer.predictor import Predictor
         from paliseg import records
 
-        argv = ["predict", "--run", str(self.paths.run), "--step", "best", "--image",
-                str(records.annotations_path(self.paths.real, "valid")), "--out", str(self.paths.predict),
-                "--vae", self.vae]  # fmt: skip
-        started = self._stage("predict", [_shown(argv)])
-        result = run_paliseg(argv + (["--overwrite"] if self.resume else []))
-        self._done("predict", started, predicted=result["predicted"])
-        return result
-
-
-def _shown(argv: list[str]) -> str:
-    return "paliseg " + shlex.join(argv)
-
-
-def _records(conversion: dict[str, Any]) -> dict[str, int]:
-    return {split: sum(c["records"] for c in info["prompts"].values()) for split, info in conversion["splits"].items()}
+        image = records.annotations_path(self.paths.real, "valid")
+        started = self._stage("predict", [command_line("paliseg predict", {
+            "--run": self.paths.run, "--step": "best", "--image": image, "--out": self.paths.predict,
+            "--vae": self.vae})])  # fmt: skip
+        jobs = outputs.jobs_for(source=image, prompts=[])
+        predictor = Predictor.from_run(run_dir=self.paths.run, step="best", vae_model=vae.load(self.vae))
+        result = outputs.predict_set(predictor=predictor, jobs=jobs, out=self.paths.predict, overwrite=self.resume)
+        self._done("predict", started, f"{result['predicted']} predicted with {predictor.source}, "
+                   f"{result['invalid_predictions']} invalid; files in {result['out']}/", predicted=result["predicted"])
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -268,7 +268,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     (out / DEMO_MARKER).touch()
 
 
-def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, predictions: str) -> dict:
+def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str) -> dict:
     """The demo's result: what the model learned (step 0 vs best), how long each stage took, where the files are."""
     from infer import sweep_report
 
@@ -295,7 +295,7 @@ def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str, pre
             "plots": report.get("files", {}).get("plots", []),
             "canvases": report.get("files", {}).get("canvases", []),
             "run": str(demo.paths.run),
-            "predictions": predictions,
+            "predictions": str(demo.paths.predict),
         },
     }
 
@@ -350,8 +350,8 @@ def run_demo(args: argparse.Namespace) -> int:
     demo.convert()
     demo.train()
     report = demo.evaluate()
-    predictions = demo.predict()["out"]
-    summary = summarize(demo, report, time.perf_counter() - started, mode, predictions)
+    demo.predict()
+    summary = summarize(demo, report, time.perf_counter() - started, mode)
     files.write_json(out / SUMMARY_FILE, summary)
     console.report(summary, summary_text(summary), args.json)
     return 0

@@ -39,8 +39,10 @@ def convert_rate(source: Path, work: Path, name: str, vae_path: Path, **options)
     summary = convert(ConvertConfig([source], work / name, vae=vae_path, **options), IssueLog())
     images = sum(s["images"] for s in summary["splits"].values())
     rate = images / summary["seconds"]
-    print(f"convert {name}: {images} images, {summary['seconds']:.2f} s, {rate:.1f} images/s "
-          f"({sum(s['objects'] for s in summary['splits'].values())} objects)")
+    print(
+        f"convert {name}: {images} images, {summary['seconds']:.2f} s, {rate:.1f} images/s "
+        f"({sum(s['objects'] for s in summary['splits'].values())} objects)"
+    )
     return images, summary["seconds"]
 
 
@@ -64,7 +66,9 @@ def sam_ratio(drywall_valid: Path, model_type: str, count: int) -> float:
     batched = [segmenter.masks_for_boxes(image, b) for image, b in zip(pictures, boxes)]
     per_image = time.perf_counter() - start
     start = time.perf_counter()
-    one_by_one = [np.stack([segmenter.masks_for_boxes(image, [box])[0] for box in b]) for image, b in zip(pictures, boxes)]
+    one_by_one = [
+        np.stack([segmenter.masks_for_boxes(image, [box])[0] for box in b]) for image, b in zip(pictures, boxes)
+    ]
     per_box = time.perf_counter() - start
     same = all(np.array_equal(a, b) for a, b in zip(batched, one_by_one))
     print(f"SAM {model_type} (random weights), {len(pictures)} drywall images, {n_boxes} boxes:")
@@ -88,7 +92,9 @@ def main() -> int:
         vae_path = args.vae or vae.write_random_npz(work / "vae.npz")
         convert_rate(args.roboflow / "drywall" / "valid", work, "warm-up", vae_path, box_masks="fill", limit=40)
         cracks = convert_rate(args.roboflow / "cracks" / "valid", work, "cracks-valid (polygons)", vae_path)
-        drywall = convert_rate(args.roboflow / "drywall" / "valid", work, "drywall-valid (fill)", vae_path, box_masks="fill")
+        drywall = convert_rate(
+            args.roboflow / "drywall" / "valid", work, "drywall-valid (fill)", vae_path, box_masks="fill"
+        )
         print(f"convert overall: {(cracks[0] + drywall[0]) / (cracks[1] + drywall[1]):.1f} images/s")
     ratio = sam_ratio(args.roboflow / "drywall" / "valid", args.sam_model, args.sam_images)
     print(f"SAM per-box / per-image time ratio ({args.sam_model}): {ratio:.2f}x")

@@ -45,13 +45,23 @@ def hf_model(config: ModelConfig):
     img, llm = config.img, config.llm
     hf_config = transformers.PaliGemmaConfig(
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=img.width, intermediate_size=img.mlp_dim,
-            num_hidden_layers=img.depth, num_attention_heads=img.num_heads, image_size=img.image_size,
-            patch_size=img.patch_size, vision_use_head=False,
+            model_type="siglip_vision_model",
+            hidden_size=img.width,
+            intermediate_size=img.mlp_dim,
+            num_hidden_layers=img.depth,
+            num_attention_heads=img.num_heads,
+            image_size=img.image_size,
+            patch_size=img.patch_size,
+            vision_use_head=False,
         ),
         text_config=dict(
-            model_type="gemma", hidden_size=llm.width, intermediate_size=llm.mlp_dim, num_hidden_layers=llm.depth,
-            num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads, head_dim=llm.head_dim,
+            model_type="gemma",
+            hidden_size=llm.width,
+            intermediate_size=llm.mlp_dim,
+            num_hidden_layers=llm.depth,
+            num_attention_heads=llm.num_heads,
+            num_key_value_heads=llm.num_kv_heads,
+            head_dim=llm.head_dim,
             vocab_size=llm.vocab_size,
         ),
         image_token_index=llm.vocab_size,  # outside the vocabulary, as our exports write it
@@ -94,7 +104,9 @@ def main() -> None:
     hf = hf_model(config)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours_config, params = checkpoints.load(folder, param_dtype="float32", compute_dtype="float32", cache_dtype="float32")
+        ours_config, params = checkpoints.load(
+            folder, param_dtype="float32", compute_dtype="float32", cache_dtype="float32"
+        )
 
     rng = np.random.default_rng(0)
     size = config.img.image_size
@@ -103,7 +115,9 @@ def main() -> None:
     zeros, ones = np.zeros_like(prompt), np.ones_like(prompt)
 
     def ours():
-        out = decoding.generate(ours_config, params, images, prompt, zeros, ones, max_new_tokens=args.new_tokens, eos_id=NEVER)
+        out = decoding.generate(
+            ours_config, params, images, prompt, zeros, ones, max_new_tokens=args.new_tokens, eos_id=NEVER
+        )
         return jax.block_until_ready(out)
 
     n_img = config.num_image_tokens
@@ -113,8 +127,14 @@ def main() -> None:
     def theirs():
         with torch.no_grad():
             out = hf.generate(
-                input_ids=ids, pixel_values=pixels, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                input_ids=ids,
+                pixel_values=pixels,
+                token_type_ids=torch.zeros_like(ids),
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )
         assert out.shape[1] - ids.shape[1] == args.new_tokens
         return out
@@ -127,14 +147,18 @@ def main() -> None:
     peak = max(peak_jax, peak_torch)
     flops = decode_flops(config, args.batch, args.new_tokens)
 
-    print(f"config: mid preset (vision {config.img.width}x{config.img.depth} @ {size}px, "
-          f"gemma {config.llm.width}x{config.llm.depth}, vocab {config.llm.vocab_size}), batch {args.batch}, "
-          f"{args.new_tokens} new tokens, float32, {os.cpu_count()} CPU threads visible, torch threads {torch.get_num_threads()}")
+    print(
+        f"config: mid preset (vision {config.img.width}x{config.img.depth} @ {size}px, "
+        f"gemma {config.llm.width}x{config.llm.depth}, vocab {config.llm.vocab_size}), batch {args.batch}, "
+        f"{args.new_tokens} new tokens, float32, {os.cpu_count()} CPU threads visible, torch threads {torch.get_num_threads()}"
+    )
     print(f"useful work: {flops / args.batch / 1e9:.2f} GFLOP per image")
     print(f"matmul peak (2048^3 float32): jax {peak_jax / 1e9:.1f} GFLOP/s, torch {peak_torch / 1e9:.1f} GFLOP/s")
     for name, seconds in (("transformers generate", best_theirs), ("paliseg decoding", best_ours)):
-        print(f"{name:>22}: {args.batch / seconds:7.2f} images/s  ({seconds:.3f} s per batch)  "
-              f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / peak:.1%} of the matmul peak")
+        print(
+            f"{name:>22}: {args.batch / seconds:7.2f} images/s  ({seconds:.3f} s per batch)  "
+            f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / peak:.1%} of the matmul peak"
+        )
     print(f"ratio (paliseg / transformers, images/s): {best_theirs / best_ours:.2f}x")
 
 

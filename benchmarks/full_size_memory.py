@@ -57,8 +57,11 @@ def timed_twice(name: str, fn) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    print(f"{name}: first call (with compilation) {times[0]:.1f} s, compiled {times[1]:.1f} s; "
-          f"peak RSS so far {peak_rss_gb():.2f} GB", flush=True)
+    print(
+        f"{name}: first call (with compilation) {times[0]:.1f} s, compiled {times[1]:.1f} s; "
+        f"peak RSS so far {peak_rss_gb():.2f} GB",
+        flush=True,
+    )
     return times[1]
 
 
@@ -77,9 +80,12 @@ def main() -> None:
     config = preset("paligemma-3b-224")  # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
     start = time.perf_counter()
     params = jax.block_until_ready(model.init_params(config, jax.random.key(0, impl="rbg")))
-    print(f"{jax.devices()[0].device_kind}: init {count_params(params) / 1e9:.3f} B params "
-          f"({sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; "
-          f"peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    print(
+        f"{jax.devices()[0].device_kind}: init {count_params(params) / 1e9:.3f} B params "
+        f"({sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; "
+        f"peak RSS {peak_rss_gb():.2f} GB",
+        flush=True,
+    )
     params = model.inference_view(params)
 
     rng = np.random.default_rng(0)
@@ -88,13 +94,16 @@ def main() -> None:
     tokens = rng.integers(3, 256_000, (args.batch, 16)).astype(np.int32)
     mask_ar = np.array([[0] * 8 + [1] * 8] * args.batch, np.int32)
     ones = np.ones_like(tokens)
-    timed_twice(f"forward (batch {args.batch}, 256 image + 16 text tokens)",
-                lambda: model.forward(config, params, images, tokens, mask_ar, ones))
+    timed_twice(
+        f"forward (batch {args.batch}, 256 image + 16 text tokens)",
+        lambda: model.forward(config, params, images, tokens, mask_ar, ones),
+    )
     prompt_mask = np.array([[1] * 8 + [0] * 8] * args.batch, np.int32)
     seconds = timed_twice(
         f"decode (batch {args.batch}, {args.new_tokens} new tokens)",
-        lambda: decoding.generate(config, params, images, tokens, 0 * mask_ar, prompt_mask,
-                                  max_new_tokens=args.new_tokens, eos_id=-1),
+        lambda: decoding.generate(
+            config, params, images, tokens, 0 * mask_ar, prompt_mask, max_new_tokens=args.new_tokens, eos_id=-1
+        ),
     )
     print(f"decode: {args.batch / seconds:.3f} images/s, {args.batch * args.new_tokens / seconds:.2f} tokens/s")
     print(f"peak RSS: {peak_rss_gb():.2f} GB (goal < 12 GB)")
@@ -102,24 +111,33 @@ def main() -> None:
 
 def train(batch: int, seq_len: int) -> None:
     """One compiled LoRA step of the 3B model as `paliseg train` builds it; its peak memory and speed."""
-    config = TrainConfig(data=["-"], out="-", preset="paligemma-3b-224", trainable="lora", batch_size=batch,
-                         seq_len=seq_len, steps=1000)
+    config = TrainConfig(
+        data=["-"], out="-", preset="paligemma-3b-224", trainable="lora", batch_size=batch, seq_len=seq_len, steps=1000
+    )
     model_cfg = param_sets.model_config(config)
     start = time.perf_counter()
     init = jax.jit(lambda key: param_sets.split(model.init_params(model_cfg, key), "lora"))
     frozen, trainable = jax.block_until_ready(init(jax.random.key(0, impl="rbg")))
     tx = optim.optimizer(config)
     state = train_step.init_state(trainable, tx)
-    print(f"{jax.devices()[0].device_kind}: frozen {count_params(frozen) / 1e9:.3f} B params "
-          f"({sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**30:.2f} GiB bf16), LoRA {count_params(trainable):,} "
-          f"(f32) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    print(
+        f"{jax.devices()[0].device_kind}: frozen {count_params(frozen) / 1e9:.3f} B params "
+        f"({sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**30:.2f} GiB bf16), LoRA {count_params(trainable):,} "
+        f"(f32) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_gb():.2f} GB",
+        flush=True,
+    )
 
     rng = np.random.default_rng(0)
     size = model_cfg.img.image_size
     suffix = (np.arange(seq_len) >= 16).astype(np.int32)[None].repeat(batch, 0)
     tokens = rng.integers(3, model_cfg.llm.vocab_size, (batch, seq_len)).astype(np.int32)
-    micro = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32), "tokens": tokens,
-             "mask_ar": suffix, "mask_loss": suffix, "mask_input": np.ones_like(tokens)}
+    micro = {
+        "image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+        "tokens": tokens,
+        "mask_ar": suffix,
+        "mask_loss": suffix,
+        "mask_input": np.ones_like(tokens),
+    }
     step_batch = jax.device_put({key: value[None] for key, value in micro.items()})  # the grad-accum axis
     step_fn = train_step.jit_train_step(config, model_cfg, tx, optim.schedule(config))
 

@@ -57,7 +57,10 @@ def _median_seconds(function, rounds: int) -> float:
 def main() -> None:
     args = parse_args()
     allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}"
+    ).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
@@ -90,11 +93,15 @@ def main() -> None:
             counter = iter(range(10**6))
             outputs.predict_set(predictor, jobs, tmp / f"warm-{name}", canvases=False)
             whole = _median_seconds(
-                lambda: outputs.predict_set(predictor, jobs, tmp / f"{name}-{next(counter)}", canvases=False), args.batches
+                lambda: outputs.predict_set(predictor, jobs, tmp / f"{name}-{next(counter)}", canvases=False),
+                args.batches,
             )
             predictions = predictor.predict(paths, prompt)
             drawing = _median_seconds(
-                lambda: [canvas.make_canvas(images.read_image(p), None, q.mask, "x", pred_boxes=q.boxes) for p, q in zip(paths, predictions)],
+                lambda: [
+                    canvas.make_canvas(images.read_image(p), None, q.mask, "x", pred_boxes=q.boxes)
+                    for p, q in zip(paths, predictions)
+                ],
                 1,
             )
             objects = sum(len(p.objects) for p in predictions) / len(predictions)

@@ -57,7 +57,12 @@ def lora_step_flops(cfg: model_configs.ModelConfig, batch: int, text_len: int) -
     img, llm = cfg.img, cfg.llm
     patches = img.num_patches
     vision_params_per_token = 4 * img.width**2 + 2 * img.width * img.mlp_dim
-    vision = 2 * batch * patches * (img.depth * vision_params_per_token + img.patch_size**2 * 3 * img.width + img.width * llm.width)
+    vision = (
+        2
+        * batch
+        * patches
+        * (img.depth * vision_params_per_token + img.patch_size**2 * 3 * img.width + img.width * llm.width)
+    )
     vision += img.depth * 2 * 2 * batch * patches**2 * img.width  # scores and values
     tokens = patches + text_len
     d, n, k, h, f = llm.width, llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.mlp_dim
@@ -77,8 +82,13 @@ def make_batch(cfg: model_configs.ModelConfig, batch: int, text_len: int, prefix
     tokens = rng.integers(4, cfg.llm.vocab_size, (batch, text_len)).astype(np.int32)
     tokens[:, 0] = 2  # bos
     suffix = (np.arange(text_len) >= prefix_len).astype(np.int32)[None].repeat(batch, 0)
-    return {"image": images, "tokens": tokens, "mask_ar": suffix, "mask_loss": suffix,
-            "mask_input": np.ones_like(tokens)}
+    return {
+        "image": images,
+        "tokens": tokens,
+        "mask_ar": suffix,
+        "mask_loss": suffix,
+        "mask_input": np.ones_like(tokens),
+    }
 
 
 def build_hf(cfg: model_configs.ModelConfig, folder: Path):
@@ -101,8 +111,12 @@ class Transformers:
         import torch
 
         model.train()  # transformers' default attention (sdpa), as the peer project ran it
-        lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                               target_modules=r".*language_model.*\.(" + "|".join(LLM_TARGETS) + ")")
+        lora = peft.LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            target_modules=r".*language_model.*\.(" + "|".join(LLM_TARGETS) + ")",
+        )
         self.model = peft.get_peft_model(model, lora)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_count = sum(p.numel() for p in trainable)
@@ -132,9 +146,20 @@ class Transformers:
 
 class Ours:
     def __init__(self, folder: Path, batch: dict):
-        config = TrainConfig(data=["-"], out="-", checkpoint=str(folder), preset="mid", trainable="lora",
-                             lora=model_configs.LoraConfig(rank=RANK, alpha=ALPHA), remat=False, lr=LR,
-                             warmup_fraction=0.0, steps=10**6, grad_clip=1.0, batch_size=len(batch["tokens"]))
+        config = TrainConfig(
+            data=["-"],
+            out="-",
+            checkpoint=str(folder),
+            preset="mid",
+            trainable="lora",
+            lora=model_configs.LoraConfig(rank=RANK, alpha=ALPHA),
+            remat=False,
+            lr=LR,
+            warmup_fraction=0.0,
+            steps=10**6,
+            grad_clip=1.0,
+            batch_size=len(batch["tokens"]),
+        )
         model_cfg = param_sets.model_config(config)
         self.frozen, trainable = param_sets.initial(config, model_cfg)
         self.trainable_count = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
@@ -165,17 +190,21 @@ def main() -> None:
         hf_model, image_token = build_hf(cfg, Path(tmp))
         ours = Ours(Path(tmp), batch)
     theirs = Transformers(hf_model, image_token, batch, cfg.num_image_tokens)
-    print(f"mid preset, batch {args.batch}, {cfg.num_image_tokens} image + {args.text_len} text tokens, "
-          f"LoRA r={RANK} on {','.join(LLM_TARGETS)}; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(
+        f"mid preset, batch {args.batch}, {cfg.num_image_tokens} image + {args.text_len} text tokens, "
+        f"LoRA r={RANK} on {','.join(LLM_TARGETS)}; jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
     print(f"trainable parameters: ours {ours.trainable_count:,}, transformers+peft {theirs.trainable_count:,}")
 
     start = time.perf_counter()
     first_ours = ours.step()
     compile_s = time.perf_counter() - start
     first_theirs = theirs.step()
-    print(f"first-step loss (same weights and batch): ours {first_ours:.5f}, transformers {first_theirs:.5f} "
-          f"(our first step includes {compile_s:.1f} s of compilation)")
+    print(
+        f"first-step loss (same weights and batch): ours {first_ours:.5f}, transformers {first_theirs:.5f} "
+        f"(our first step includes {compile_s:.1f} s of compilation)"
+    )
 
     times: dict[str, list[float]] = {"ours": [], "transformers": []}
     for _ in range(args.rounds):
@@ -191,8 +220,10 @@ def main() -> None:
     print(f"useful work per step: {flops / 1e9:.1f} GFLOP")
     for name in ("ours", "transformers"):
         seconds = statistics.median(times[name])
-        print(f"{name:>12}: {seconds * 1e3:8.1f} ms/step (median of {args.rounds} x {args.steps}), "
-              f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / peak:.1%} of the matmul peak")
+        print(
+            f"{name:>12}: {seconds * 1e3:8.1f} ms/step (median of {args.rounds} x {args.steps}), "
+            f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / peak:.1%} of the matmul peak"
+        )
     ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])
     print(f"steps/s ratio (ours / transformers+peft): {ratio:.2f}x")
 

@@ -40,7 +40,10 @@ def main() -> None:
     args = parse_args()
     allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
     # XLA reads its thread-pool size once, at import: set it before jax is imported.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}"
+    ).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(REPO / "tests"))
 
@@ -65,8 +68,10 @@ def main() -> None:
     else:
         crops, what = list(synthetic_crops(args.batch, seed=0)), "synthetic shapes"
     masks = np.resize(np.asarray(crops, np.float32), (args.batch, 64, 64))
-    print(f"{args.batch} masks ({what}), weights {path if args.vae else 'random'}, {args.threads} threads, "
-          f"jax {__import__('jax').__version__} vs torch {torch.__version__}")
+    print(
+        f"{args.batch} masks ({what}), weights {path if args.vae else 'random'}, {args.threads} threads, "
+        f"jax {__import__('jax').__version__} vs torch {torch.__version__}"
+    )
 
     tokens = ours.encode(masks)
     reference_tokens = reference.encode(masks)

@@ -50,7 +50,9 @@ def read_coco_split(export: Path, split: str, folder: Path) -> SourceSplit:
     data = load_json(annotation_file)
     categories = {c.get("id"): c for c in data["categories"] if isinstance(c, dict)}
     placeholders = placeholder_ids(list(categories.values()))
-    class_names = list(dict.fromkeys(str(c.get("name")) for i, c in sorted(categories.items()) if i not in placeholders))
+    class_names = list(
+        dict.fromkeys(str(c.get("name")) for i, c in sorted(categories.items()) if i not in placeholders)
+    )
 
     def read(log: IssueLog) -> Iterator[SourceImage]:
         images = {}
@@ -86,7 +88,11 @@ def read_coco_split(export: Path, split: str, folder: Path) -> SourceSplit:
             objects = [
                 obj
                 for ann_where, annotation in by_image.get(image_id, [])
-                if (obj := _read_annotation(annotation, ann_where, categories, placeholders, width, height, has_polygons, log))
+                if (
+                    obj := _read_annotation(
+                        annotation, ann_where, categories, placeholders, width, height, has_polygons, log
+                    )
+                )
             ]
             yield SourceImage(path, name, width, height, objects, where, source_id=image_id)
 
@@ -127,5 +133,7 @@ def _read_annotation(
     x, y, w, h = (float(v) for v in bbox)
     obj = geometry.box_object(class_name, (x, y, x + w, y + h), width, height, where, log)
     if obj is not None and has_polygons:
-        log.warn(where, "box_only_annotation", "no polygon in a polygon export: the mask comes from the box (--box-masks)")
+        log.warn(
+            where, "box_only_annotation", "no polygon in a polygon export: the mask comes from the box (--box-masks)"
+        )
     return obj

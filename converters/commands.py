@@ -7,7 +7,9 @@ import argparse
 from converters.config import ConvertConfig
 from paliseg import settings
 
-_CONVERT_HELP = "Convert Roboflow exports (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens."
+_CONVERT_HELP = (
+    "Convert Roboflow exports (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens."
+)
 _CONVERT_EPILOG = """\
 inputs (detected per split, or forced with --format):
   coco       <split>/_annotations.coco.json beside the images; polygons, RLE, or boxes (segmentation: [])
@@ -54,20 +56,38 @@ example:
 
 def register(subparsers) -> None:
     convert = subparsers.add_parser(
-        "convert", help=_CONVERT_HELP, description=_CONVERT_HELP, epilog=_CONVERT_EPILOG,
+        "convert",
+        help=_CONVERT_HELP,
+        description=_CONVERT_HELP,
+        epilog=_CONVERT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("sources", nargs="+", metavar="SRC", help="Roboflow export folder(s), or split folder(s)")
-    convert.add_argument("--prompt-map", nargs="+", action="extend", default=[], metavar="CLASS=PROMPT",
-                         help="prompt for a class (CLASS may be a glob, e.g. 'NewCracks*'); default 'segment <class>'")
-    convert.add_argument("--label-map", nargs="+", action="extend", default=[], metavar="CLASS=LABEL",
-                         help="label written after each object's tokens; default the class name")
+    convert.add_argument(
+        "--prompt-map",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CLASS=PROMPT",
+        help="prompt for a class (CLASS may be a glob, e.g. 'NewCracks*'); default 'segment <class>'",
+    )
+    convert.add_argument(
+        "--label-map",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CLASS=LABEL",
+        help="label written after each object's tokens; default the class name",
+    )
     settings.add_arguments(convert, ConvertConfig)  # the other settings: --out, --format, --objects, ...
     convert.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     convert.set_defaults(run=_run_convert)
 
     validate = subparsers.add_parser(
-        "validate", help=_VALIDATE_HELP, description=_VALIDATE_HELP, epilog=_VALIDATE_EPILOG,
+        "validate",
+        help=_VALIDATE_HELP,
+        description=_VALIDATE_HELP,
+        epilog=_VALIDATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     validate.add_argument("directory", metavar="DIR", help="a converted dataset folder")
@@ -83,9 +103,16 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     given = settings.given(args, ConvertConfig)
-    config = settings.from_dict(ConvertConfig, {
-        **given, "sources": args.sources, "prompt_map": parse_map(args.prompt_map, "--prompt-map"),
-        "label_map": parse_map(args.label_map, "--label-map")}, "flags")
+    config = settings.from_dict(
+        ConvertConfig,
+        {
+            **given,
+            "sources": args.sources,
+            "prompt_map": parse_map(args.prompt_map, "--prompt-map"),
+            "label_map": parse_map(args.label_map, "--label-map"),
+        },
+        "flags",
+    )
     summary = convert(config)
     console.report(summary, summary_text(summary), args.json)
     return 0

@@ -28,25 +28,42 @@ class ConvertConfig:
     # class name or glob -> prompt, label (the command parses --prompt-map / --label-map CLASS=VALUE)
     prompt_map: dict[str, str] = setting({}, cli=False)
     label_map: dict[str, str] = setting({}, cli=False)
-    objects: str = setting("instance", "instance: each object's tokens from its own mask; merged: from the prompt's "
-                           "union mask cropped to each box (the peer project's encoding, for comparison)",
-                           choices=OBJECT_MODES)
-    vae: str | Path | None = setting(None, "mask VAE npz (default: models/vae-oid.npz, else the bundled VAE)",
-                                     metavar="PATH")
-    box_masks: str | None = setting(None, "masks for box-only objects: sam (default when --sam-checkpoint is given) "
-                                    "or fill (the box)", choices=BOX_MASK_MODES)
-    sam_checkpoint: str | Path | None = setting(None, "segment-anything checkpoint (sam_vit_h_4b8939.pth, ...)",
-                                                metavar="PATH")
-    sam_model: str = setting("vit_h", "architecture of --sam-checkpoint (tiny: the random test model of "
-                             "converters.sam)", choices=SAM_MODEL_TYPES)
-    sam_device: str | None = setting(None, "torch device for SAM (default: cuda if available, else cpu)",
-                                     metavar="DEVICE")
+    objects: str = setting(
+        "instance",
+        "instance: each object's tokens from its own mask; merged: from the prompt's "
+        "union mask cropped to each box (the peer project's encoding, for comparison)",
+        choices=OBJECT_MODES,
+    )
+    vae: str | Path | None = setting(
+        None, "mask VAE npz (default: models/vae-oid.npz, else the bundled VAE)", metavar="PATH"
+    )
+    box_masks: str | None = setting(
+        None,
+        "masks for box-only objects: sam (default when --sam-checkpoint is given) or fill (the box)",
+        choices=BOX_MASK_MODES,
+    )
+    sam_checkpoint: str | Path | None = setting(
+        None, "segment-anything checkpoint (sam_vit_h_4b8939.pth, ...)", metavar="PATH"
+    )
+    sam_model: str = setting(
+        "vit_h",
+        "architecture of --sam-checkpoint (tiny: the random test model of converters.sam)",
+        choices=SAM_MODEL_TYPES,
+    )
+    sam_device: str | None = setting(
+        None, "torch device for SAM (default: cuda if available, else cpu)", metavar="DEVICE"
+    )
     negatives: bool = setting(True, "drop records whose image has no object of the prompt")
-    splits: Sequence[str] | None = setting(None, "convert only these splits (default: all)", metavar="SPLIT",
-                                           items="spaced")
+    splits: Sequence[str] | None = setting(
+        None, "convert only these splits (default: all)", metavar="SPLIT", items="spaced"
+    )
     limit: int | None = setting(None, "convert only the first N images of each split", metavar="N")
     mask_class: str | None = setting(None, "class name of mask-folder objects", metavar="NAME")
-    min_box_side: float = setting(2.0, "skip objects whose box is narrower or shorter than this, as annotation "
-                                  "noise (Roboflow exports hold sub-pixel boxes in image corners)", metavar="PIXELS")
+    min_box_side: float = setting(
+        2.0,
+        "skip objects whose box is narrower or shorter than this, as annotation "
+        "noise (Roboflow exports hold sub-pixel boxes in image corners)",
+        metavar="PIXELS",
+    )
     strict: bool = setting(False, "stop at the first bad item instead of skipping it")
     overwrite: bool = setting(False, "write into a non-empty DIR, replacing its files")

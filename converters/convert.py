@@ -107,7 +107,9 @@ class _BoxMasker:
     def needs_pixels(self) -> bool:
         return self.segmenter is not None
 
-    def masks(self, pixels: np.ndarray, width: int, height: int, objects: list[SourceObject]) -> list[tuple[np.ndarray, str]]:
+    def masks(
+        self, pixels: np.ndarray, width: int, height: int, objects: list[SourceObject]
+    ) -> list[tuple[np.ndarray, str]]:
         """(mask, origin) per box-only object; an empty SAM mask falls back to the box (counted)."""
         boxes = [o.box_xyxy for o in objects]
         if self.segmenter is None:
@@ -133,7 +135,9 @@ class _Converter:
         self.tags = _export_tags([path for path, _ in self.exports])
         available = {s.split for _, splits in self.exports for s in splits}
         if config.splits and (unknown := sorted(set(config.splits) - available)):
-            raise ValueError(f"--splits {', '.join(unknown)}: not in the sources (found: {', '.join(sorted(available))})")
+            raise ValueError(
+                f"--splits {', '.join(unknown)}: not in the sources (found: {', '.join(sorted(available))})"
+            )
         self._check_maps()
         self.box_masker = _BoxMasker(config, log)
         self.vae_identity = identity.identify(config.vae)  # recorded: the tokens need this very VAE
@@ -153,19 +157,25 @@ class _Converter:
         for option, mapping in (("--prompt-map", self.config.prompt_map), ("--label-map", self.config.label_map)):
             for key in mapping:
                 if not any(key == c or fnmatch.fnmatchcase(c, key) for c in classes):
-                    raise ValueError(f"{option} {key!r} matches no class of the sources (classes: {', '.join(map(repr, classes))})")
+                    raise ValueError(
+                        f"{option} {key!r} matches no class of the sources (classes: {', '.join(map(repr, classes))})"
+                    )
         slugs: dict[str, str] = {}
         for class_name in classes:
             label = self.label(class_name)
             try:
                 tokens.SegObject((0, 0, 1, 1), None, label)
             except ValueError:
-                raise ValueError(f"label {label!r} of class {class_name!r} is not a valid suffix label (no '<', '>', ';'); "
-                                 f"give one with --label-map {class_name!r}=LABEL") from None
+                raise ValueError(
+                    f"label {label!r} of class {class_name!r} is not a valid suffix label (no '<', '>', ';'); "
+                    f"give one with --label-map {class_name!r}=LABEL"
+                ) from None
             prompt = self.prompt(class_name)
             if slugs.setdefault(records.prompt_slug(prompt), prompt) != prompt:
-                raise ValueError(f"prompts {prompt!r} and {slugs[records.prompt_slug(prompt)]!r} share the mask file name "
-                                 f"'{records.prompt_slug(prompt)}'; make them differ in letters or digits")
+                raise ValueError(
+                    f"prompts {prompt!r} and {slugs[records.prompt_slug(prompt)]!r} share the mask file name "
+                    f"'{records.prompt_slug(prompt)}'; make them differ in letters or digits"
+                )
 
     def prompt(self, class_name: str) -> str:
         return _lookup(self.config.prompt_map, class_name) or f"segment {class_name}"
@@ -183,7 +193,11 @@ class _Converter:
             for split in splits:
                 if self.config.splits and split.split not in self.config.splits:
                     continue
-                splits_read.setdefault(str(path), {})[split.split] = {"format": split.format, "classes": split.class_names, "images": split.count}
+                splits_read.setdefault(str(path), {})[split.split] = {
+                    "format": split.format,
+                    "classes": split.class_names,
+                    "images": split.count,
+                }
                 total = split.count if self.config.limit is None else min(split.count, self.config.limit)
                 images = itertools.islice(split.read(self.log), self.config.limit)
                 for image in console.progress(images, f"convert {tag}/{split.split}", total=total, unit="img"):
@@ -192,9 +206,13 @@ class _Converter:
                         self._flush()
         self._flush()
         if not self.records:
-            raise ConversionError(f"no record was produced from {', '.join(map(str, self.config.sources))}: see the skipped items above")
+            raise ConversionError(
+                f"no record was produced from {', '.join(map(str, self.config.sources))}: see the skipped items above"
+            )
         for split, split_records in self.records.items():
-            records.write_records(records.annotations_path(self.out, split), split_records, overwrite=self.config.overwrite)
+            records.write_records(
+                records.annotations_path(self.out, split), split_records, overwrite=self.config.overwrite
+            )
         seconds = time.perf_counter() - start
         summary = self._summary(splits_read, seconds)
         files.write_json(self.out / records.CONVERSION_FILE, summary, overwrite=self.config.overwrite)
@@ -226,7 +244,11 @@ class _Converter:
         for obj in image.objects:
             x1, y1, x2, y2 = obj.box_xyxy
             if min(x2 - x1, y2 - y1) < self.config.min_box_side:
-                self.log.skip(obj.where, "tiny_box", f"box {_rounded(obj.box_xyxy)} is under {self.config.min_box_side:g} px on a side")
+                self.log.skip(
+                    obj.where,
+                    "tiny_box",
+                    f"box {_rounded(obj.box_xyxy)} is under {self.config.min_box_side:g} px on a side",
+                )
                 continue
             mask = geometry.object_mask(obj, image.width, image.height)
             if mask is None:
@@ -246,7 +268,11 @@ class _Converter:
         for obj, mask, origin in masked:
             locs = tokens.box_to_locs(obj.box_xyxy, image.width, image.height)
             if locs[2] <= locs[0] or locs[3] <= locs[1]:
-                self.log.skip(obj.where, "degenerate_box", f"box {_rounded(obj.box_xyxy)} is thinner than one loc bin (1/1023 of the image)")
+                self.log.skip(
+                    obj.where,
+                    "degenerate_box",
+                    f"box {_rounded(obj.box_xyxy)} is thinner than one loc bin (1/1023 of the image)",
+                )
                 continue
             by_prompt[self.prompt(obj.class_name)].append((obj, mask, origin))
 
@@ -266,7 +292,9 @@ class _Converter:
             }
             record = records.Record(image_rel.as_posix(), prompt, "", mask_rel.as_posix(), extra)
             label_of = {c: self.label(c) for c in classes_of[prompt]}
-            self.pending.append(_Planned(record, split.split, image.width, image.height, label_of, objects, self.out / mask_rel))
+            self.pending.append(
+                _Planned(record, split.split, image.width, image.height, label_of, objects, self.out / mask_rel)
+            )
 
     def _read_image(self, image: SourceImage) -> tuple[np.ndarray, SourceImage] | None:
         """Decode the whole image (catches truncated files) and bring its annotations to the image's displayed
@@ -294,8 +322,16 @@ class _Converter:
                           f"image {image.path} is shown turned (EXIF orientation {header.orientation}) as {width}x{height}; "
                           f"its {stored_w}x{stored_h} annotations describe the stored frame and were turned with it")  # fmt: skip
             return pixels, geometry.to_displayed_frame(image, header.orientation)
-        stored = f" ({stored_w}x{stored_h} as stored, EXIF orientation {header.orientation})" if header.orientation != 1 else ""
-        self.log.skip(image.where, "size_mismatch", f"image {image.path} is {width}x{height}{stored}, the annotation says {image.width}x{image.height}")
+        stored = (
+            f" ({stored_w}x{stored_h} as stored, EXIF orientation {header.orientation})"
+            if header.orientation != 1
+            else ""
+        )
+        self.log.skip(
+            image.where,
+            "size_mismatch",
+            f"image {image.path} is {width}x{height}{stored}, the annotation says {image.width}x{image.height}",
+        )
         return None
 
     def _link(self, source: Path, target: Path) -> None:
@@ -337,7 +373,12 @@ class _Converter:
                 seg_object = tokens.SegObject(locs, tuple(int(v) for v in seg), planned.label_of[obj.class_name])
                 seg_objects.append(seg_object)
                 where = obj.where.removeprefix(planned.record.extra["source"] + os.sep)
-                info_of[id(seg_object)] = {"box": _rounded(obj.box_xyxy), "class": obj.class_name, "mask_from": origin, "annotation": where}
+                info_of[id(seg_object)] = {
+                    "box": _rounded(obj.box_xyxy),
+                    "class": obj.class_name,
+                    "mask_from": origin,
+                    "annotation": where,
+                }
             ordered = tokens.sort_objects(seg_objects)
             planned.record.suffix = tokens.format_suffix(ordered)
             planned.record.extra["objects"] = [info_of[id(o)] for o in ordered]
@@ -423,7 +464,9 @@ def summary_text(summary: dict[str, Any]) -> str:
         "",
         "images per split: " + ", ".join(f"{s} {i['images']}" for s, i in summary["splits"].items()),
     ]
-    issues = [("skipped", r, n) for r, n in summary["skipped"].items()] + [("warning", r, n) for r, n in summary["warnings"].items()]
+    issues = [("skipped", r, n) for r, n in summary["skipped"].items()] + [
+        ("warning", r, n) for r, n in summary["warnings"].items()
+    ]
     if issues:
         lines += ["", console.markdown_table(["kind", "reason", "count"], issues)]
     else:

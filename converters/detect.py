@@ -57,7 +57,9 @@ def _read_folders(export: Path, fmt: str | None, mask_class: str | None) -> list
         candidates, root = sorted(p for p in export.iterdir() if p.is_dir() and not p.name.endswith("_masks")), export
         names = {p: p.name for p in candidates}
     coco_splits = [
-        coco.read_coco_split(root, names[f], f) for f in candidates if fmt != "masks" and (f / coco.ANNOTATION_FILE).is_file()
+        coco.read_coco_split(root, names[f], f)
+        for f in candidates
+        if fmt != "masks" and (f / coco.ANNOTATION_FILE).is_file()
     ]
     if mask_class is None:
         classes = {n for s in coco_splits for n in s.class_names}

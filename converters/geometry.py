@@ -56,7 +56,9 @@ def usable_rings(rings: Sequence[Sequence[float]], where: str, log: IssueLog) ->
     for ring in rings:
         values = [float(v) for v in ring]
         if len(values) < 6 or len(values) % 2 or not all(np.isfinite(values)):
-            log.warn(where, "bad_polygon_ring", f"polygon ring with {len(values)} values dropped (needs >= 3 x,y points)")
+            log.warn(
+                where, "bad_polygon_ring", f"polygon ring with {len(values)} values dropped (needs >= 3 x,y points)"
+            )
             continue
         usable.append(tuple(values))
     return usable
@@ -91,9 +93,7 @@ def rle_object(class_name: str, rle: dict, width: int, height: int, where: str, 
     return _raster_object(class_name, mask, Rle(rle), where, log)
 
 
-def mask_components(
-    class_name: str, mask: np.ndarray, where: str, log: IssueLog
-) -> list[SourceObject]:
+def mask_components(class_name: str, mask: np.ndarray, where: str, log: IssueLog) -> list[SourceObject]:
     """Instances of a union mask: its 8-connected components (thin diagonal cracks stay whole)."""
     labels, _count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     objects = []
@@ -113,7 +113,9 @@ def _raster_object(class_name: str, mask: np.ndarray, shape: Shape, where: str, 
     if not len(ys):
         log.skip(where, "empty_mask", "segmentation covers no pixel")
         return None
-    return SourceObject(class_name, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)), shape, where)
+    return SourceObject(
+        class_name, (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)), shape, where
+    )
 
 
 def _raster_box(shape: RasterMask) -> tuple[float, float, float, float]:
@@ -171,7 +173,9 @@ def displayed_point(x: float, y: float, orientation: int, width: int, height: in
     }[orientation]
 
 
-def displayed_box(box_xyxy: Sequence[float], orientation: int, width: int, height: int) -> tuple[float, float, float, float]:
+def displayed_box(
+    box_xyxy: Sequence[float], orientation: int, width: int, height: int
+) -> tuple[float, float, float, float]:
     """A stored-frame (x1, y1, x2, y2) box in the displayed frame (see `displayed_point`)."""
     x1, y1, x2, y2 = (float(v) for v in box_xyxy)
     (ax, ay), (bx, by) = (displayed_point(x, y, orientation, width, height) for x, y in ((x1, y1), (x2, y2)))

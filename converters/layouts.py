@@ -27,7 +27,9 @@ def _coco_splits(coco_root: Path) -> dict[str, dict]:
     for folder in sorted(p for p in Path(coco_root).iterdir() if (p / coco.ANNOTATION_FILE).is_file()):
         data = coco.load_json(folder / coco.ANNOTATION_FILE)
         placeholders = coco.placeholder_ids(data["categories"])
-        data["categories"] = sorted((c for c in data["categories"] if c["id"] not in placeholders), key=lambda c: c["id"])
+        data["categories"] = sorted(
+            (c for c in data["categories"] if c["id"] not in placeholders), key=lambda c: c["id"]
+        )
         splits[folder.name] = data
     if not splits:
         raise FileNotFoundError(f"{coco_root}: no <split>/{coco.ANNOTATION_FILE}")
@@ -87,7 +89,9 @@ def write_paligemma_jsonl(coco_root: str | Path, out: str | Path) -> Path:
                 locs = tokens.box_to_locs((x, y, x + bw, y + bh), image["width"], image["height"])
                 objects.append(tokens.SegObject(locs, None, names[ann["category_id"]]))
             prefix = "detect " + " ; ".join(names.values())
-            lines.append(json.dumps({"image": image["file_name"], "prefix": prefix, "suffix": tokens.format_suffix(objects)}))
+            lines.append(
+                json.dumps({"image": image["file_name"], "prefix": prefix, "suffix": tokens.format_suffix(objects)})
+            )
         records.annotations_path(folder, split).write_text("".join(line + "\n" for line in lines))
     return out
 
@@ -113,7 +117,9 @@ def write_mask_folder(coco_root: str | Path, out: str | Path, layout: str = "sib
             union = np.zeros((h, w), bool)
             for ann in by_image[image["id"]]:
                 if ann["segmentation"]:
-                    union |= mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w))).astype(bool)
+                    union |= mask_utils.decode(
+                        mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], h, w))
+                    ).astype(bool)
             stem = Path(image["file_name"]).stem
             Image.fromarray(union.astype(np.uint8) * 255).save(mask_folder / f"{stem}_mask.png")
     return out

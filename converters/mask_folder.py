@@ -32,7 +32,9 @@ def find_layout(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def read_mask_folder_split(export: Path, split: str, image_folder: Path, mask_folder: Path, class_name: str) -> SourceSplit:
+def read_mask_folder_split(
+    export: Path, split: str, image_folder: Path, mask_folder: Path, class_name: str
+) -> SourceSplit:
     """A mask-folder split: its images, each with the components of its `<stem>_mask.png` as objects."""
     paths = image_files(image_folder)
 
@@ -50,7 +52,9 @@ def read_mask_folder_split(export: Path, split: str, image_folder: Path, mask_fo
                 log.skip(where, "corrupt_image", str(error))
                 continue
             if mask.shape != (height, width):
-                log.skip(str(mask_path), "size_mismatch", f"mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
+                log.skip(
+                    str(mask_path), "size_mismatch", f"mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}"
+                )
                 continue
             objects = geometry.mask_components(class_name, mask, str(mask_path), log)
             yield SourceImage(path, path.name, width, height, objects, where, source_id=path.stem)

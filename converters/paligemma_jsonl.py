@@ -52,7 +52,11 @@ def read_jsonl_split(export: Path, annotation_file: Path) -> SourceSplit:
         if data and isinstance(data.get("image"), str):
             images[data["image"]] = None
         if data and isinstance(data.get("suffix"), str):
-            classes.update(dict.fromkeys(o.label for o in tokens.parse_suffix(data["suffix"], require_seg=False).objects if o.label))
+            classes.update(
+                dict.fromkeys(
+                    o.label for o in tokens.parse_suffix(data["suffix"], require_seg=False).objects if o.label
+                )
+            )
 
     def read(log: IssueLog) -> Iterator[SourceImage]:
         grouped: dict[str, list[tuple[str, dict]]] = {}
@@ -68,7 +72,9 @@ def read_jsonl_split(export: Path, annotation_file: Path) -> SourceSplit:
             where = entries[0][0]
             path = annotation_file.parent / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
-                log.skip(where, "bad_image_entry", f"image {name!r} is not a relative path inside {annotation_file.parent}")
+                log.skip(
+                    where, "bad_image_entry", f"image {name!r} is not a relative path inside {annotation_file.parent}"
+                )
                 continue
             if not path.is_file():
                 log.skip(where, "missing_image", f"image {path} not found")
@@ -94,4 +100,6 @@ def read_jsonl_split(export: Path, annotation_file: Path) -> SourceSplit:
                         objects.append(made)
             yield SourceImage(path, name, width, height, objects, where, source_id=name)
 
-    return SourceSplit(export, split_name(annotation_file), "paligemma", list(classes), len(images), read, annotation_file)
+    return SourceSplit(
+        export, split_name(annotation_file), "paligemma", list(classes), len(images), read, annotation_file
+    )

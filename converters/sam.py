@@ -111,7 +111,9 @@ class BoxSegmenter:
         device = self.predictor.device
         chosen = []
         for start in range(0, len(boxes), BOXES_PER_CALL):
-            prompts = self.predictor.transform.apply_boxes_torch(torch.as_tensor(boxes[start : start + BOXES_PER_CALL], device=device), (height, width))
+            prompts = self.predictor.transform.apply_boxes_torch(
+                torch.as_tensor(boxes[start : start + BOXES_PER_CALL], device=device), (height, width)
+            )
             masks, scores, _ = self.predictor.predict_torch(None, None, boxes=prompts, multimask_output=True)
             best = scores.argmax(dim=1)
             chosen.append(masks[torch.arange(len(best), device=device), best].cpu().numpy())

@@ -52,7 +52,9 @@ class RasterMask:
     pixels: np.ndarray
     x1: int
     y1: int
-    origin: str = "mask"  # what was rasterised: "mask", or the "polygon"/"rle" of an annotation turned to the displayed frame
+    origin: str = (
+        "mask"  # what was rasterised: "mask", or the "polygon"/"rle" of an annotation turned to the displayed frame
+    )
 
 
 Shape = Polygons | Rle | RasterMask | None
@@ -146,7 +148,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def image_files(folder: Path) -> list[Path]:
     """Images of a folder in sorted order, leaving out mask PNGs (`<stem>_mask.png`)."""
     return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask") and p.is_file()
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask") and p.is_file()
     )
 
 

@@ -265,23 +265,39 @@ def coco_split(
         sample = make_image(image_rng(seed, split, index), config)
         name = f"{split}_{index:05d}.{image_format}"
         files.write_bytes(folder / name, _encode(sample.pixels, image_format), overwrite=overwrite)
-        images.append({"id": index, "license": 1, "file_name": name, "height": config.image_size,
-                       "width": config.image_size, "date_captured": _DATE})
+        images.append(
+            {
+                "id": index,
+                "license": 1,
+                "file_name": name,
+                "height": config.image_size,
+                "width": config.image_size,
+                "date_captured": _DATE,
+            }
+        )
         for obj in sample.objects:
-            annotations.append({
-                "id": len(annotations),
-                "image_id": index,
-                "category_id": category_ids[obj.class_name],
-                "bbox": list(obj.bbox_xywh),
-                "area": int(obj.mask.sum()),
-                "segmentation": [list(obj.polygon)],
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations),
+                    "image_id": index,
+                    "category_id": category_ids[obj.class_name],
+                    "bbox": list(obj.bbox_xywh),
+                    "area": int(obj.mask.sum()),
+                    "segmentation": [list(obj.polygon)],
+                    "iscrowd": 0,
+                }
+            )
         if on_image is not None:
             on_image()
     coco = {
-        "info": {"year": "2025", "version": "1", "description": f"paliseg synthetic shapes (seed {seed})",
-                 "contributor": "paliseg", "url": "", "date_created": _DATE},
+        "info": {
+            "year": "2025",
+            "version": "1",
+            "description": f"paliseg synthetic shapes (seed {seed})",
+            "contributor": "paliseg",
+            "url": "",
+            "date_created": _DATE,
+        },
         "licenses": [{"id": 1, "url": "https://creativecommons.org/publicdomain/zero/1.0/", "name": "CC0 1.0"}],
         "categories": categories,
         "images": images,
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m converters.synthetic",
         description="Write a synthetic-shapes dataset as a Roboflow COCO export (OUT/train, OUT/valid).",
         epilog="example:\n  python -m converters.synthetic shapes --train 400 --valid 40 --size 64 --seed 0\n"
-               "  paliseg convert shapes --out shapes_data",
+        "  paliseg convert shapes --out shapes_data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("out", help="output folder (its train/ and valid/ must not exist yet, unless --overwrite)")
@@ -331,18 +347,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classes", default=",".join(SHAPES), help=f"comma-separated (default {','.join(SHAPES)})")
-    parser.add_argument("--objects", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"),
-                        help="shapes per image (default 1 1)")
-    parser.add_argument("--scale", type=float, nargs=2, default=(0.3, 0.7), metavar=("MIN", "MAX"),
-                        help="shape size as a share of the image side (default 0.3 0.7)")
+    parser.add_argument(
+        "--objects", type=int, nargs=2, default=(1, 1), metavar=("MIN", "MAX"), help="shapes per image (default 1 1)"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=(0.3, 0.7),
+        metavar=("MIN", "MAX"),
+        help="shape size as a share of the image side (default 0.3 0.7)",
+    )
     parser.add_argument("--grid", type=int, default=1, help="box edges on multiples of this many pixels (default 1)")
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    config = ShapesConfig(args.size, tuple(c.strip() for c in args.classes.split(",") if c.strip()),
-                          tuple(args.objects), tuple(args.scale), args.grid)
-    counts = write_synthetic_coco(args.out, args.train, args.valid, config, args.seed, image_format=args.format,
-                                  overwrite=args.overwrite)
+    config = ShapesConfig(
+        args.size,
+        tuple(c.strip() for c in args.classes.split(",") if c.strip()),
+        tuple(args.objects),
+        tuple(args.scale),
+        args.grid,
+    )
+    counts = write_synthetic_coco(
+        args.out, args.train, args.valid, config, args.seed, image_format=args.format, overwrite=args.overwrite
+    )
     print(f"wrote {counts['train']} train and {counts['valid']} valid images to {args.out}", file=sys.stderr)
     return 0
 

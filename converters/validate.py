@@ -62,7 +62,9 @@ def _check_record(record: records.Record, sizes: dataset.ImageSizes, check: Spli
     n = len(parsed.objects)
     locs, segs = len(tokens.LOC_TOKEN.findall(record.suffix)), len(tokens.SEG_TOKEN.findall(record.suffix))
     if not parsed.invalid and (locs != 4 * n or segs != tokens.SEG_PER_OBJECT * n):
-        problems.append(f"suffix has {locs} loc and {segs} seg tokens for {n} object(s) (expected {4 * n} and {tokens.SEG_PER_OBJECT * n})")
+        problems.append(
+            f"suffix has {locs} loc and {segs} seg tokens for {n} object(s) (expected {4 * n} and {tokens.SEG_PER_OBJECT * n})"
+        )
     listed = record.extra.get("objects")
     if isinstance(listed, list) and len(listed) != n + parsed.invalid_count:
         problems.append(f"'objects' lists {len(listed)} object(s) but the suffix has {n + parsed.invalid_count}")
@@ -85,8 +87,14 @@ def result_json(checks: list[SplitCheck]) -> dict[str, Any]:
     return {
         "ok": not any(c.problems for c in checks),
         "splits": {
-            c.split: {"file": str(c.path), "records": c.records, "objects": c.objects, "empty": c.empty,
-                      "bad_records": c.bad_records, "problems": len(c.problems)}
+            c.split: {
+                "file": str(c.path),
+                "records": c.records,
+                "objects": c.objects,
+                "empty": c.empty,
+                "bad_records": c.bad_records,
+                "problems": len(c.problems),
+            }
             for c in checks
         },
         "problems": [p for c in checks for p in c.problems],
@@ -98,7 +106,12 @@ def result_text(checks: list[SplitCheck], max_problems: int = 50) -> str:
     lines = [console.markdown_table(["split", "records", "objects", "empty records", "bad records"], rows)]
     problems = [p for c in checks for p in c.problems]
     if problems:
-        lines = problems[:max_problems] + ([f"... and {len(problems) - max_problems} more"] if len(problems) > max_problems else []) + [""] + lines
+        lines = (
+            problems[:max_problems]
+            + ([f"... and {len(problems) - max_problems} more"] if len(problems) > max_problems else [])
+            + [""]
+            + lines
+        )
         lines.append(f"\nINVALID: {len(problems)} problem(s) in {sum(c.bad_records for c in checks)} record(s)")
     else:
         lines.append("\nOK: every record is valid")

@@ -76,7 +76,9 @@ def _read_labels(label_file: Path, names: list[str], width: int, height: int, lo
         try:
             class_index, coords = int(fields[0]), [float(v) for v in fields[1:]]
         except ValueError:
-            log.skip(where, "malformed_line", f"expected 'class cx cy w h' or 'class x1 y1 x2 y2 ...', got {line.strip()!r}")
+            log.skip(
+                where, "malformed_line", f"expected 'class cx cy w h' or 'class x1 y1 x2 y2 ...', got {line.strip()!r}"
+            )
             continue
         if not 0 <= class_index < len(names):
             log.skip(where, "unknown_category", f"class {class_index} is not in data.yaml names (0..{len(names) - 1})")
@@ -92,7 +94,11 @@ def _read_labels(label_file: Path, names: list[str], width: int, height: int, lo
                 continue
             obj = geometry.polygon_object(names[class_index], [ring], width, height, where, log)
         else:
-            log.skip(where, "malformed_line", f"{len(coords)} coordinates: expected 4 (a box) or an even number >= 6 (a polygon)")
+            log.skip(
+                where,
+                "malformed_line",
+                f"{len(coords)} coordinates: expected 4 (a box) or an even number >= 6 (a polygon)",
+            )
             continue
         if obj is not None:
             objects.append(obj)

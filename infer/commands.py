@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_PREDICT_HELP = "Predict boxes and full-resolution masks for images and prompts, with a run's checkpoint or any checkpoint."
+_PREDICT_HELP = (
+    "Predict boxes and full-resolution masks for images and prompts, with a run's checkpoint or any checkpoint."
+)
 _PREDICT_EPILOG = """\
 model (one of):
   --run RUN_DIR [--step N|best|latest]   a `paliseg train` run; best = the step `paliseg eval` chose
@@ -81,16 +83,26 @@ def register(subparsers) -> None:
     model = predict.add_mutually_exclusive_group(required=True)
     model.add_argument("--run", dest="run_dir", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
     model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint file or folder")
-    predict.add_argument("--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)")
+    predict.add_argument(
+        "--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)"
+    )
     predict.add_argument("--preset", metavar="NAME", help="model sizes of a big_vision .npz (e.g. paligemma-3b-224)")
-    predict.add_argument("--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)")
+    predict.add_argument(
+        "--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)"
+    )
     predict.add_argument("--image", required=True, type=Path, metavar="IMG|DIR|JSONL", help="what to predict on")
     predict.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt (repeatable)")
     predict.add_argument("--out", type=Path, metavar="DIR", help="output folder (required unless --raw)")
-    predict.add_argument("--raw", action="store_true",
-                         help="print the decoded texts, one line per image and prompt (without --out: write nothing)")
-    predict.add_argument("--no-constrain", action="store_true",
-                         help="decode freely (default: the segmentation grammar for prompts that start with 'segment')")
+    predict.add_argument(
+        "--raw",
+        action="store_true",
+        help="print the decoded texts, one line per image and prompt (without --out: write nothing)",
+    )
+    predict.add_argument(
+        "--no-constrain",
+        action="store_true",
+        help="decode freely (default: the segmentation grammar for prompts that start with 'segment')",
+    )
     _decoding_arguments(predict)
     _vae_arguments(predict)
     predict.add_argument("--no-canvas", action="store_true", help="do not draw canvases")
@@ -108,13 +120,19 @@ def register(subparsers) -> None:
     evaluate.add_argument("--steps", default="all", metavar="all|N,M", help="checkpoints to score (default: all)")
     evaluate.add_argument("--limit", type=int, metavar="K", help="score only the first K records")
     evaluate.add_argument("--out", required=True, type=Path, metavar="REPORT_DIR", help="report folder")
-    evaluate.add_argument("--metric", default="miou", help="metric that picks the best checkpoint (default: miou; "
-                          "also mdice, ciou, box_miou, box_acc50, box_acc75, p10, p50, p90)")
+    evaluate.add_argument(
+        "--metric",
+        default="miou",
+        help="metric that picks the best checkpoint (default: miou; "
+        "also mdice, ciou, box_miou, box_acc50, box_acc75, p10, p50, p90)",
+    )
     _decoding_arguments(evaluate)
     evaluate.add_argument("--no-base", action="store_true", help="do not score step 0 (the base)")
     evaluate.add_argument("--no-ceiling", action="store_true", help="do not score the token round-trip ceiling")
     _vae_arguments(evaluate)
-    evaluate.add_argument("--canvases", type=int, default=4, metavar="N", help="best and worst images to draw (default 4)")
+    evaluate.add_argument(
+        "--canvases", type=int, default=4, metavar="N", help="best and worst images to draw (default 4)"
+    )
     evaluate.add_argument("--overwrite", action="store_true", help="replace a report of another run in REPORT_DIR")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     evaluate.set_defaults(run=run_eval)
@@ -122,15 +140,27 @@ def register(subparsers) -> None:
 
 def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per decoding batch (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="T",
-                        help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="T",
+        help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)",
+    )
 
 
 def _vae_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vae", type=Path, metavar="NPZ", help="mask VAE (default: the one the run's data was "
-                        "converted with; for a plain checkpoint models/vae-oid.npz, else the bundled one)")
-    parser.add_argument("--allow-vae-mismatch", action="store_true",
-                        help="use --vae even though its SHA-256 differs from the recorded VAE's (a warning, not an error)")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        metavar="NPZ",
+        help="mask VAE (default: the one the run's data was "
+        "converted with; for a plain checkpoint models/vae-oid.npz, else the bundled one)",
+    )
+    parser.add_argument(
+        "--allow-vae-mismatch",
+        action="store_true",
+        help="use --vae even though its SHA-256 differs from the recorded VAE's (a warning, not an error)",
+    )
 
 
 def _positive(value: int | None, flag: str) -> None:
@@ -160,12 +190,15 @@ def run_predict(args: argparse.Namespace) -> int:
         run = Run(args.run_dir)
         vae_file = identity.resolve(run.vae, args.vae, args.allow_vae_mismatch, f"run {args.run_dir}")
         step = args.step or ("best" if run.best is not None else "latest")
-        predictor = Predictor.from_run(run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), **options)
+        predictor = Predictor.from_run(
+            run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), **options
+        )
     else:
         if args.step:
             raise ValueError("--step goes with --run")
-        predictor = Predictor.from_checkpoint(args.checkpoint, preset=args.preset, tokenizer=args.tokenizer,
-                                              vae_model=vae.load(args.vae), **options)
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, vae_model=vae.load(args.vae), **options
+        )
     console.info(f"predict: {len(jobs)} image/prompt pair(s) with {predictor.source}")
     if args.out is None:
         predictions = predictor.predict([job.image_path for job in jobs], [job.prompt for job in jobs])
@@ -174,7 +207,9 @@ def run_predict(args: argparse.Namespace) -> int:
         ]}  # fmt: skip
     else:
         result = outputs.predict_set(predictor, jobs, args.out, canvases=not args.no_canvas, overwrite=args.overwrite)
-    console.report(result, "\n".join(r["text"] for r in result["results"]) if args.raw else _predict_text(result), args.json)
+    console.report(
+        result, "\n".join(r["text"] for r in result["results"]) if args.raw else _predict_text(result), args.json
+    )
     return 0
 
 
@@ -242,8 +277,11 @@ def _eval_text(report: dict, out: Path) -> str:
     if report["ceiling"] is not None:
         lines.append(f"ceiling    : {metric} {report['ceiling']['overall'][metric]:.4f}  (token round trip)")
     best = report["best"]
-    lines.append(f"best: step {best['step']} ({metric} {best['value']:.4f}), written to {Path(report['run_dir']) / BEST_FILE}"
-                 if best else "no checkpoint could be scored: no best step recorded")
+    lines.append(
+        f"best: step {best['step']} ({metric} {best['value']:.4f}), written to {Path(report['run_dir']) / BEST_FILE}"
+        if best
+        else "no checkpoint could be scored: no best step recorded"
+    )
     if report["skipped"]:
         lines.append(f"{len(report['skipped'])} record(s) skipped: {report['skipped_by_reason']}")
     lines.append(f"report: {out}/report.md")

@@ -62,7 +62,9 @@ def jobs_for(source: str | os.PathLike, prompts: Sequence[str]) -> list[Job]:
         if prompts:
             found = [r for r in found if r.prefix in prompts]
         if not found:
-            raise ValueError(f"{source}: no record" + (f" with prompt {' or '.join(map(repr, prompts))}" if prompts else ""))
+            raise ValueError(
+                f"{source}: no record" + (f" with prompt {' or '.join(map(repr, prompts))}" if prompts else "")
+            )
         jobs = [Job(r.image_path, r.prefix, r) for r in found]
     else:
         if not prompts:
@@ -95,10 +97,16 @@ def _named(jobs: list[Job]) -> list[Job]:
     return named
 
 
-def write_prediction(out: Path, job: Job, prediction: Prediction, canvas_image, score, overwrite: bool) -> dict[str, Any]:
+def write_prediction(
+    out: Path, job: Job, prediction: Prediction, canvas_image, score, overwrite: bool
+) -> dict[str, Any]:
     """The per-image files of one job; returns its JSON (also written to OUT/json/NAME.json)."""
     mask_path = out / "masks" / f"{job.name}.png"
-    files.write_mask(mask_path, prediction.mask if prediction.valid else np.zeros((prediction.height, prediction.width), bool), overwrite)
+    files.write_mask(
+        mask_path,
+        prediction.mask if prediction.valid else np.zeros((prediction.height, prediction.width), bool),
+        overwrite,
+    )
     objects = []
     for index, (obj, entry) in enumerate(zip(prediction.objects, prediction.to_json()["objects"])):
         if obj.mask is not None:
@@ -222,7 +230,9 @@ def _open_images(jobs: Sequence[Job], skipped: list[dict[str, str]]) -> list[tup
     return opened
 
 
-def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases: bool = True, overwrite: bool = False) -> dict[str, Any]:
+def predict_set(
+    predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Predict every job in batches and write the files of the module docstring; returns a summary.
 
     An image that cannot be read is a counted skip; OUT must not hold an earlier prediction set unless
@@ -246,7 +256,9 @@ def predict_set(predictor, jobs: Sequence[Job], out: str | os.PathLike, canvases
         for start in range(0, len(jobs), predictor.batch_size):
             chunk = jobs[start : start + predictor.batch_size]
             opened = _open_images(chunk, skipped)
-            predictions = predictor.predict([i for _, i in opened], [j.prompt for j, _ in opened], degenerate) if opened else []
+            predictions = (
+                predictor.predict([i for _, i in opened], [j.prompt for j, _ in opened], degenerate) if opened else []
+            )
             for (job, image), prediction in zip(opened, predictions):
                 score = None
                 if job.record is not None:

@@ -141,7 +141,6 @@ def from_text(
     return Prediction(prompt, text, width, height, objects, parsed.invalid, union)
 
 
-
 def ground_truth(record: records.Record, width: int, height: int) -> tuple[np.ndarray, list[tuple[float, ...]]]:
     """A record's GT union mask (all-zero when it has no mask file: no object) and its objects' pixel boxes."""
     mask = dataset.read_mask(record, width, height)

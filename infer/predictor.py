@@ -76,8 +76,12 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, run_dir: str | os.PathLike | Run, step: int | str | None = "best", tokenizer=None,
-        frozen: dict | None = None, **options: Any,
+        cls,
+        run_dir: str | os.PathLike | Run,
+        step: int | str | None = "best",
+        tokenizer=None,
+        frozen: dict | None = None,
+        **options: Any,
     ) -> Predictor:
         """A run's checkpoint (`run_dir`: a folder or an open `train.run.Run`): `step` is "best" (recorded by
         `paliseg eval`), "latest", or a number (0 = the base). `max_new_tokens` defaults to the run's
@@ -88,7 +92,9 @@ class Predictor:
 
         run = Run.open(run_dir)
         number = run.resolve_step(step)
-        tokenizer = _tokenizer(tokenizer or run.train_config.tokenizer, run.model_config)  # fails fast, before the params load
+        tokenizer = _tokenizer(
+            tokenizer or run.train_config.tokenizer, run.model_config
+        )  # fails fast, before the params load
         if options.get("vae_model") is None:
             import vae
             from vae import identity

@@ -59,7 +59,8 @@ def select_steps(requested: str | Sequence[int], saved: Sequence[int], base: boo
     unknown = [step for step in listed if step != 0 and step not in saved]
     if unknown:
         raise ValueError(
-            f"no checkpoint at step(s) {', '.join(map(str, unknown))}; saved steps: " + (", ".join(map(str, saved)) or "none")
+            f"no checkpoint at step(s) {', '.join(map(str, unknown))}; saved steps: "
+            + (", ".join(map(str, saved)) or "none")
         )
     return ([0] if base or 0 in listed else []) + [step for step in listed if step != 0]
 
@@ -127,33 +128,46 @@ def decode_step(
             batch = todo[start : start + batch_size]
             pixels = [predictor.preprocess(images.read_image(item.record.image_path)) for item in batch]
             decoded = predictor.decode_texts(pixels, [item.record.prefix for item in batch])
-            cache.append({"key": item.key, "text": one.text, "chunk_scores": list(one.chunk_scores)}
-                         for item, one in zip(batch, decoded))
+            cache.append(
+                {"key": item.key, "text": one.text, "chunk_scores": list(one.chunk_scores)}
+                for item, one in zip(batch, decoded)
+            )
             bar.update(len(batch))
     finally:
         bar.close()
     return len(todo)
 
 
-def prediction_of(item: Item, text: str, vae_model, degenerate: collections.Counter | None = None,
-                  chunk_scores: Sequence[float | None] | None = None) -> Prediction:
+def prediction_of(
+    item: Item,
+    text: str,
+    vae_model,
+    degenerate: collections.Counter | None = None,
+    chunk_scores: Sequence[float | None] | None = None,
+) -> Prediction:
     return from_text(text, item.record.prefix, item.width, item.height, vae_model, degenerate, chunk_scores)
 
 
-def ceiling_score(item: Item, mask: np.ndarray, boxes, vae_model, degenerate: collections.Counter) -> scoring.ImageScore:
+def ceiling_score(
+    item: Item, mask: np.ndarray, boxes, vae_model, degenerate: collections.Counter
+) -> scoring.ImageScore:
     """The round trip of the ground truth through the tokens (`vae.ceiling.round_trip`), scored as a prediction."""
     from vae.ceiling import round_trip
     from vae.sources import Sample
 
     sample = Sample(item.record.where, item.record.prefix, mask, list(boxes), None, item.record.image_path)
     result = round_trip(vae_model, sample, counts=degenerate)
-    return scoring.score_image(result.prediction, mask, item.record.prefix, item.record.image, pred_boxes=boxes, gt_boxes=boxes)
+    return scoring.score_image(
+        result.prediction, mask, item.record.prefix, item.record.image, pred_boxes=boxes, gt_boxes=boxes
+    )
 
 
 def pick_best(results: Sequence[StepResult], metric: str) -> StepResult | None:
     """The checkpoint (step > 0) with the highest overall `metric`; ties are broken by the other metrics
     (in `METRICS` order), then go to the earlier step."""
-    candidates = [r for r in results if r.step > 0 and r.summary is not None and r.summary["overall"][metric] is not None]
+    candidates = [
+        r for r in results if r.step > 0 and r.summary is not None and r.summary["overall"][metric] is not None
+    ]
     if not candidates:
         return None
 
@@ -206,8 +220,11 @@ def evaluate_run(
     if not items and not skips:
         raise ValueError(f"{records.annotations_path(data_dir, split)}: the '{split}' split has no records")
     if not items:
-        raise ValueError(f"{records.annotations_path(data_dir, split)}: no usable record ({len(skips)} skipped: "
-                         + "; ".join(f"{s.where}: {s.message}" for s in skips[:3]) + ")")
+        raise ValueError(
+            f"{records.annotations_path(data_dir, split)}: no usable record ({len(skips)} skipped: "
+            + "; ".join(f"{s.where}: {s.message}" for s in skips[:3])
+            + ")"
+        )
     for skip in skips:
         console.info(f"skipped {skip.where}: {skip.message}")
     vae_file = vae_for(run, data_dir, vae_path, allow_vae_mismatch)
@@ -226,7 +243,11 @@ def evaluate_run(
         )
         cached = sum(item.key in cache for item in items)
         factory = lambda step=step: Predictor.from_run(  # noqa: E731 - the run keeps the frozen base for every step
-            run, step, vae_model=vae_model, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            run,
+            step,
+            vae_model=vae_model,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
         )
         try:
             decoded = decode_step(factory, items, cache, batch_size, f"step {step}")
@@ -256,15 +277,21 @@ def evaluate_run(
     return report
 
 
-def vae_for(run: Run, data_dir: Path, requested: str | os.PathLike | None, allow_mismatch: bool) -> identity.VaeIdentity:
+def vae_for(
+    run: Run, data_dir: Path, requested: str | os.PathLike | None, allow_mismatch: bool
+) -> identity.VaeIdentity:
     """The VAE to score with: the run's recorded one (else the data's), by `vae.identity.resolve`. A data
     folder converted with another VAE than the run's is refused like a mismatching --vae."""
     data_vae = identity.of_data(data_dir)
     if run.vae is not None and data_vae is not None and run.vae.sha256 != data_vae.sha256:
-        mismatch = (f"{data_dir} was converted with the VAE of SHA-256 {data_vae.sha256}, run {run.dir} was trained "
-                    f"on the seg tokens of the VAE of SHA-256 {run.vae.sha256}")
+        mismatch = (
+            f"{data_dir} was converted with the VAE of SHA-256 {data_vae.sha256}, run {run.dir} was trained "
+            f"on the seg tokens of the VAE of SHA-256 {run.vae.sha256}"
+        )
         if not allow_mismatch:
-            raise identity.VaeMismatchError(f"{mismatch}; pass {identity.MISMATCH_FLAG} if scoring it anyway is intended")
+            raise identity.VaeMismatchError(
+                f"{mismatch}; pass {identity.MISMATCH_FLAG} if scoring it anyway is intended"
+            )
         console.info(f"warning: {mismatch}; scoring anyway ({identity.MISMATCH_FLAG})")
     recorded, recorded_by = (run.vae, f"run {run.dir}") if run.vae is not None else (data_vae, str(data_dir))
     return identity.resolve(recorded, requested, allow_mismatch, recorded_by)

@@ -1,14 +1,14 @@
 """The sweep's report: what a person reads to decide whether a run is good and which checkpoint to deploy.
 
-    REPORT_DIR/report.md                 tables per prompt: base, every checkpoint, best, ceiling; plots; canvases
-    REPORT_DIR/report.json               the same numbers, the skipped records, failed checkpoints, conventions
-    REPORT_DIR/metrics.csv               one row per (step, prompt), "all" for every prompt together
-    REPORT_DIR/plots/<metric>_vs_step.png  one line per prompt (`metrics.report.plot_metric_vs_step`)
-    REPORT_DIR/plots/iou_histogram.png   per-image IoU of the best checkpoint
-    REPORT_DIR/canvases/best.png, worst.png   the best and worst images of the best checkpoint (grids),
-                                         and each canvas alone: best_1.png ..., worst_1.png ...
-    REPORT_DIR/steps/step_000025/        per-image scores of each step (`metrics.report.write_report`)
-    REPORT_DIR/ceiling/                  per-image scores of the token round trip
+REPORT_DIR/report.md                 tables per prompt: base, every checkpoint, best, ceiling; plots; canvases
+REPORT_DIR/report.json               the same numbers, the skipped records, failed checkpoints, conventions
+REPORT_DIR/metrics.csv               one row per (step, prompt), "all" for every prompt together
+REPORT_DIR/plots/<metric>_vs_step.png  one line per prompt (`metrics.report.plot_metric_vs_step`)
+REPORT_DIR/plots/iou_histogram.png   per-image IoU of the best checkpoint
+REPORT_DIR/canvases/best.png, worst.png   the best and worst images of the best checkpoint (grids),
+                                     and each canvas alone: best_1.png ..., worst_1.png ...
+REPORT_DIR/steps/step_000025/        per-image scores of each step (`metrics.report.write_report`)
+REPORT_DIR/ceiling/                  per-image scores of the token round trip
 """
 
 from __future__ import annotations
@@ -194,11 +194,17 @@ def _canvases(out_dir: Path, report, items, scores, caches, vae_model, count: in
         for rank, index in enumerate(indices, start=1):
             item = items[index]
             predicted = prediction_module.from_text(
-                caches[shown].text(item.key), item.record.prefix, item.width, item.height, vae_model,
+                caches[shown].text(item.key),
+                item.record.prefix,
+                item.width,
+                item.height,
+                vae_model,
                 chunk_scores=caches[shown].chunk_scores(item.key),
             )
             picture, _ = canvas.canvas_for_record(
-                item.record, canvas.CanvasPrediction(predicted.mask, predicted.text, predicted.confidences), panel_height=320
+                item.record,
+                canvas.CanvasPrediction(predicted.mask, predicted.text, predicted.confidences),
+                panel_height=320,
             )
             path = folder / f"{name}_{rank}.png"
             files.write_image(path, picture)
@@ -250,11 +256,15 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
     metric_name = METRIC_NAMES.get(report["metric"], report["metric"])
     lines = [f"# {report['title']}", ""]
     lines.append(f"- run: `{report['run_dir']}`")
-    lines.append(f"- data: `{report['data']}`, split **{report['split']}**: {report['records']} image/prompt pairs scored"
-                 + (f" (first {report['limit']} records)" if report["limit"] else "")
-                 + (f", {len(report['skipped'])} skipped (see below)" if report["skipped"] else ""))
+    lines.append(
+        f"- data: `{report['data']}`, split **{report['split']}**: {report['records']} image/prompt pairs scored"
+        + (f" (first {report['limit']} records)" if report["limit"] else "")
+        + (f", {len(report['skipped'])} skipped (see below)" if report["skipped"] else "")
+    )
     lines.append("- prompts: " + ", ".join(f"`{p}`" for p in report["prompts"]))
-    lines.append(f"- decoding: greedy, at most {report['max_new_tokens']} tokens, segmentation grammar for `segment` prompts")
+    lines.append(
+        f"- decoding: greedy, at most {report['max_new_tokens']} tokens, segmentation grammar for `segment` prompts"
+    )
     lines.append("")
     best = report["best"]
     if best is not None:
@@ -268,7 +278,9 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
         if base_value is not None and base_value > best["value"]:
             lines.append(f"Note: the base model scores higher than every checkpoint on {metric_name}.")
     else:
-        lines.append("**No trained checkpoint was scored** (none saved yet, or all failed), so no best step was recorded.")
+        lines.append(
+            "**No trained checkpoint was scored** (none saved yet, or all failed), so no best step was recorded."
+        )
     lines.append("")
     lines += ["## All prompts together", "", _table(report, None), ""]
     for prompt in report["prompts"]:
@@ -291,12 +303,21 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
             lines += [f"![{title}]({path.relative_to(out_dir).as_posix()})", ""]
     pictures = [Path(p) for p in report.get("files", {}).get("canvases", [])]
     if shown is not None and pictures:
-        lines += [f"## Best and worst images of step {shown}", "",
-                  "Each row: the image, its ground truth (green) and the prediction (orange), with boxes and labels.", ""]
+        lines += [
+            f"## Best and worst images of step {shown}",
+            "",
+            "Each row: the image, its ground truth (green) and the prediction (orange), with boxes and labels.",
+            "",
+        ]
         for name in ("best", "worst"):
             grid = out_dir / "canvases" / f"{name}.png"
             if grid in pictures:
-                lines += [f"### {name.capitalize()}", "", f"![{name} images]({grid.relative_to(out_dir).as_posix()})", ""]
+                lines += [
+                    f"### {name.capitalize()}",
+                    "",
+                    f"![{name} images]({grid.relative_to(out_dir).as_posix()})",
+                    "",
+                ]
     if report["failed_steps"]:
         lines += ["## Checkpoints that could not be scored", ""]
         lines += [f"- step {f['step']}: {f['error']}" for f in report["failed_steps"]] + [""]
@@ -307,7 +328,10 @@ def markdown_report(report: Mapping[str, Any], out_dir: Path) -> str:
             lines.append(f"- ... and {len(report['skipped']) - 50} more (report.json lists them all)")
         lines.append("")
     if report["degenerate_boxes"]:
-        lines += ["Predicted boxes that cover no pixel (their mask is empty): "
-                  + "; ".join(f"{k}: {dict(v)}" for k, v in report["degenerate_boxes"].items()), ""]
+        lines += [
+            "Predicted boxes that cover no pixel (their mask is empty): "
+            + "; ".join(f"{k}: {dict(v)}" for k, v in report["degenerate_boxes"].items()),
+            "",
+        ]
     lines += ["## Conventions", ""] + [f"- {c}" for c in report["conventions"]]
     return "\n".join(lines) + "\n"

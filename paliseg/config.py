@@ -96,16 +96,18 @@ class LoraConfig:
     rank: int = setting(0, "adapter rank", metavar="R")
     alpha: float = setting(16.0, "adapter scale numerator: scale = alpha / rank", metavar="A")
     dropout: float = setting(0.0, "dropout on the adapter input", metavar="P")
-    targets: tuple[str, ...] = setting(LLM_LORA_TARGETS, "projections to adapt: Gemma's, and SigLIP's (img_*)",
-                                       metavar="T1,T2", choices=LLM_LORA_TARGETS + IMG_LORA_TARGETS)
+    targets: tuple[str, ...] = setting(
+        LLM_LORA_TARGETS,
+        "projections to adapt: Gemma's, and SigLIP's (img_*)",
+        metavar="T1,T2",
+        choices=LLM_LORA_TARGETS + IMG_LORA_TARGETS,
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = sorted(set(self.targets) - set(LLM_LORA_TARGETS + IMG_LORA_TARGETS))
         if unknown:
-            raise ValueError(
-                f"unknown LoRA targets {unknown}; valid: {', '.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}"
-            )
+            raise ValueError(f"unknown LoRA targets {unknown}; valid: {', '.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}")
         if self.rank < 0:
             raise ValueError(f"LoRA rank must be >= 0, got {self.rank}")
 
@@ -188,8 +190,9 @@ def _paligemma(image_size: int) -> ModelConfig:
 
 def _tiny(image_size: int) -> ModelConfig:
     return ModelConfig(
-        img=SiglipConfig(width=96, depth=2, mlp_dim=384, num_heads=4, patch_size=8, image_size=image_size,
-                         posemb_init="sincos2d"),
+        img=SiglipConfig(
+            width=96, depth=2, mlp_dim=384, num_heads=4, patch_size=8, image_size=image_size, posemb_init="sincos2d"
+        ),
         llm=GemmaConfig(
             width=128, depth=3, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32, vocab_size=TINY_VOCAB_SIZE
         ),

@@ -141,7 +141,6 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
 
-
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
@@ -163,14 +162,34 @@ def _sample(logits: jax.Array, temperature: jax.Array | None, top_p: jax.Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "return_logits"))
-def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temperature, top_p, rng, *,
-              max_new_tokens, eos_id, pad_id, return_logits):
+def _generate(
+    config,
+    params,
+    images,
+    tokens,
+    mask_ar,
+    mask_input,
+    grammar,
+    temperature,
+    top_p,
+    rng,
+    *,
+    max_new_tokens,
+    eos_id,
+    pad_id,
+    return_logits,
+):
     model = PaliGemma(config)
     params = storage_view(params)
     batch = tokens.shape[0]
     prompt_len = config.num_image_tokens + tokens.shape[1]
     logits, cache, key_valid, seq_len = model.apply(  # the last token is never written: max_new - 1 slots
-        {"params": params}, images, tokens, mask_ar, mask_input, prompt_len + max_new_tokens - 1,
+        {"params": params},
+        images,
+        tokens,
+        mask_ar,
+        mask_input,
+        prompt_len + max_new_tokens - 1,
         method=PaliGemma.prefill,
     )
     zeros = jnp.zeros((batch,), jnp.int32)
@@ -214,7 +233,12 @@ def _generate(config, params, images, tokens, mask_ar, mask_input, grammar, temp
         step = s["step"]
         slot = prompt_len + step
         s["logits"], s["cache"] = model.apply(
-            {"params": params}, token[:, None], (seq_len + step)[:, None], s["key_valid"], s["cache"], slot,
+            {"params": params},
+            token[:, None],
+            (seq_len + step)[:, None],
+            s["key_valid"],
+            s["cache"],
+            slot,
             method=PaliGemma.extend,
         )
         s["key_valid"] = s["key_valid"].at[:, slot].set(True)
@@ -255,12 +279,24 @@ def generate(
 ) -> Generation:
     """Decode up to `max_new_tokens` after each prompt (see `Generation` for what comes back)."""
     rng = jax.random.key(0) if rng is None else rng
-    return Generation(**_generate(
-        config, params, jnp.asarray(images), jnp.asarray(tokens), jnp.asarray(mask_ar), jnp.asarray(mask_input),
-        None if grammar is None else grammar.arrays(),
-        None if sampling.greedy else jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), rng,
-        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, return_logits=return_logits,
-    ))
+    return Generation(
+        **_generate(
+            config,
+            params,
+            jnp.asarray(images),
+            jnp.asarray(tokens),
+            jnp.asarray(mask_ar),
+            jnp.asarray(mask_input),
+            None if grammar is None else grammar.arrays(),
+            None if sampling.greedy else jnp.float32(sampling.temperature),
+            jnp.float32(sampling.top_p),
+            rng,
+            max_new_tokens=max_new_tokens,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            return_logits=return_logits,
+        )
+    )
 
 
 def prompt_length_bucket(length: int, multiple: int = 16) -> int:
@@ -328,9 +364,18 @@ def predict_texts(
     batch = {k: np.stack([e[k] for e in encoded]) for k in ("tokens", "mask_ar", "mask_input")}
     grammar = segment_grammar(tokenizer, config.llm.vocab_size) if constrain else None
     out = generate(
-        config, params, images, batch["tokens"], batch["mask_ar"], batch["mask_input"],
-        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-        grammar=grammar, sampling=sampling, rng=rng,
+        config,
+        params,
+        images,
+        batch["tokens"],
+        batch["mask_ar"],
+        batch["mask_input"],
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        grammar=grammar,
+        sampling=sampling,
+        rng=rng,
     )
     tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
     return [Decoded(tokenizer.decode(row), chunk_scores(tokenizer, row, lp)) for row, lp in zip(tokens, logprobs)]

@@ -36,15 +36,57 @@ class Asset:
 
 
 ASSETS: tuple[Asset, ...] = (
-    Asset("paligemma_tokenizer.model", "tokenizer", "PaliGemma SentencePiece tokenizer (Gemma + loc/seg)", url=f"{_GCS}/paligemma_tokenizer.model"),
+    Asset(
+        "paligemma_tokenizer.model",
+        "tokenizer",
+        "PaliGemma SentencePiece tokenizer (Gemma + loc/seg)",
+        url=f"{_GCS}/paligemma_tokenizer.model",
+    ),
     Asset("vae-oid.npz", "vae", "big_vision mask VQ-VAE trained on OpenImages", url=f"{_GCS}/paligemma/vae-oid.npz"),
-    Asset("paligemma-3b-pt-224.f16.npz", "paligemma", "PaliGemma 3B pretrained, 224 px (big_vision npz, f16)", kaggle="google/paligemma/jax/paligemma-3b-pt-224"),
-    Asset("paligemma-3b-mix-224.f16.npz", "paligemma", "PaliGemma 3B mix, 224 px (big_vision npz, f16)", kaggle="google/paligemma/jax/paligemma-3b-mix-224"),
-    Asset("paligemma-3b-pt-448.f16.npz", "paligemma-448", "PaliGemma 3B pretrained, 448 px (big_vision npz, f16)", kaggle="google/paligemma/jax/paligemma-3b-pt-448"),
-    Asset("paligemma-3b-pt-224-hf", "paligemma-hf", "PaliGemma 3B pretrained, 224 px (Hugging Face safetensors; needs HF_TOKEN and the accepted licence)", huggingface="google/paligemma-3b-pt-224"),
-    Asset("paligemma-3b-mix-224-hf", "paligemma-hf", "PaliGemma 3B mix, 224 px (Hugging Face safetensors; needs HF_TOKEN)", huggingface="google/paligemma-3b-mix-224"),
-    Asset("sam_vit_h_4b8939.pth", "sam", "Segment Anything ViT-H", url=f"{_SAM}/sam_vit_h_4b8939.pth", sha256_prefix="4b8939"),
-    Asset("sam_vit_b_01ec64.pth", "sam-small", "Segment Anything ViT-B", url=f"{_SAM}/sam_vit_b_01ec64.pth", sha256_prefix="01ec64"),
+    Asset(
+        "paligemma-3b-pt-224.f16.npz",
+        "paligemma",
+        "PaliGemma 3B pretrained, 224 px (big_vision npz, f16)",
+        kaggle="google/paligemma/jax/paligemma-3b-pt-224",
+    ),
+    Asset(
+        "paligemma-3b-mix-224.f16.npz",
+        "paligemma",
+        "PaliGemma 3B mix, 224 px (big_vision npz, f16)",
+        kaggle="google/paligemma/jax/paligemma-3b-mix-224",
+    ),
+    Asset(
+        "paligemma-3b-pt-448.f16.npz",
+        "paligemma-448",
+        "PaliGemma 3B pretrained, 448 px (big_vision npz, f16)",
+        kaggle="google/paligemma/jax/paligemma-3b-pt-448",
+    ),
+    Asset(
+        "paligemma-3b-pt-224-hf",
+        "paligemma-hf",
+        "PaliGemma 3B pretrained, 224 px (Hugging Face safetensors; needs HF_TOKEN and the accepted licence)",
+        huggingface="google/paligemma-3b-pt-224",
+    ),
+    Asset(
+        "paligemma-3b-mix-224-hf",
+        "paligemma-hf",
+        "PaliGemma 3B mix, 224 px (Hugging Face safetensors; needs HF_TOKEN)",
+        huggingface="google/paligemma-3b-mix-224",
+    ),
+    Asset(
+        "sam_vit_h_4b8939.pth",
+        "sam",
+        "Segment Anything ViT-H",
+        url=f"{_SAM}/sam_vit_h_4b8939.pth",
+        sha256_prefix="4b8939",
+    ),
+    Asset(
+        "sam_vit_b_01ec64.pth",
+        "sam-small",
+        "Segment Anything ViT-B",
+        url=f"{_SAM}/sam_vit_b_01ec64.pth",
+        sha256_prefix="01ec64",
+    ),
 )
 DEFAULT_GROUPS = ("tokenizer", "vae", "paligemma", "sam")
 
@@ -69,7 +111,10 @@ def _recorded_digests(directory: Path) -> dict[str, str]:
     sums = directory / "SHA256SUMS"
     if not sums.exists():
         return {}
-    return {name: digest for digest, name in (line.split(maxsplit=1) for line in sums.read_text().splitlines() if line.strip())}
+    return {
+        name: digest
+        for digest, name in (line.split(maxsplit=1) for line in sums.read_text().splitlines() if line.strip())
+    }
 
 
 def _record_digest(directory: Path, name: str, digest: str) -> None:
@@ -89,7 +134,9 @@ def verify(asset: Asset, path: Path) -> str:
         raise DownloadError(f"{path}: sha256 {digest[:12]}... does not start with the published {asset.sha256_prefix}")
     recorded = _recorded_digests(path.parent).get(asset.name)
     if recorded and recorded != digest:
-        raise DownloadError(f"{path}: sha256 {digest[:12]}... differs from the one recorded in SHA256SUMS ({recorded[:12]}...)")
+        raise DownloadError(
+            f"{path}: sha256 {digest[:12]}... differs from the one recorded in SHA256SUMS ({recorded[:12]}...)"
+        )
     return digest
 
 
@@ -166,9 +213,16 @@ def status(directory: Path) -> list[tuple[Asset, bool]]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="setup_models.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="setup_models.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--list", action="store_true", help="show which assets are present and exit")
-    parser.add_argument("--only", action="append", choices=sorted({a.group for a in ASSETS}), help=f"asset groups to fetch (default: {', '.join(DEFAULT_GROUPS)})")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted({a.group for a in ASSETS}),
+        help=f"asset groups to fetch (default: {', '.join(DEFAULT_GROUPS)})",
+    )
     parser.add_argument("--dir", type=Path, default=None, help="target folder (default: ./models or $PALISEG_MODELS)")
     args = parser.parse_args(argv)
     directory = args.dir or models_dir()
@@ -185,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{asset.name} ({error})")
     if failed:
         print("setup_models.sh: these assets are missing:\n  " + "\n  ".join(failed), file=sys.stderr)
-        print("Without them `paliseg demo` and the tests still run: they use the bundled tiny tokenizer, the bundled VAE and models trained here.", file=sys.stderr)
+        print(
+            "Without them `paliseg demo` and the tests still run: they use the bundled tiny tokenizer, the bundled VAE and models trained here.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

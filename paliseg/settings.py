@@ -57,7 +57,9 @@ def setting(default: Any = MISSING, help: str = "", **options: Any) -> Any:
     factory: Any = MISSING
     if default is not MISSING and type(default).__hash__ is None:
         default, factory = MISSING, functools.partial(copy.deepcopy, default)
-    return dataclasses.field(default=default, default_factory=factory, metadata={_METADATA_KEY: Setting(help, **options)})
+    return dataclasses.field(
+        default=default, default_factory=factory, metadata={_METADATA_KEY: Setting(help, **options)}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +149,14 @@ def _comma_list(parse: Callable[[str], Any], choices: tuple | None) -> Callable[
         try:
             values = [parse(item.strip()) for item in text.split(",") if item.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {parse.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {parse.__name__}, got {text!r}"
+            ) from None
         bad = [value for value in values if choices is not None and value not in choices]
         if bad:
-            raise argparse.ArgumentTypeError(f"invalid choice(s) {', '.join(map(str, bad))} (choose from {', '.join(map(str, choices))})")
+            raise argparse.ArgumentTypeError(
+                f"invalid choice(s) {', '.join(map(str, bad))} (choose from {', '.join(map(str, choices))})"
+            )
         return values
 
     return parse_list
@@ -202,7 +208,9 @@ def _walk(cls: type, prefix: tuple[str, ...], parent_default: Any, group: str | 
         default = _default_of(field, parent_default)
         nested = _nested_class(cls, field.name)
         if nested is not None:
-            yield from _walk(nested, prefix + (field.name,), default, option.group if option and option.group else group)
+            yield from _walk(
+                nested, prefix + (field.name,), default, option.group if option and option.group else group
+            )
             continue
         if option is None:
             raise TypeError(f"{where}: declare it with paliseg.settings.setting(default, help)")

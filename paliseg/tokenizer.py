@@ -45,7 +45,9 @@ class Tokenizer:
         ids = np.array([self.sp.piece_to_id(p) for p in pieces], np.int32)
         missing = [p for p, i in zip(pieces, ids) if self.sp.id_to_piece(int(i)) != p]
         if missing:
-            raise ValueError(f"{self.path}: no piece for {missing[0]} (and {len(missing) - 1} more): not a PaliGemma tokenizer")
+            raise ValueError(
+                f"{self.path}: no piece for {missing[0]} (and {len(missing) - 1} more): not a PaliGemma tokenizer"
+            )
         return ids
 
     def loc_id(self, index: int) -> int:
@@ -99,7 +101,10 @@ class Tokenizer:
     def is_plain_text(self, index: int) -> bool:
         """A normal vocabulary piece: not control/unknown/byte-fallback, not loc or seg."""
         sp = self.sp
-        return not (sp.is_control(index) or sp.is_unknown(index) or sp.is_byte(index)) and index not in self._special_pieces
+        return (
+            not (sp.is_control(index) or sp.is_unknown(index) or sp.is_byte(index))
+            and index not in self._special_pieces
+        )
 
     @property
     def _special_pieces(self) -> frozenset[int]:
@@ -116,7 +121,54 @@ def _pad(arrays: dict[str, list[int]], seq_len: int) -> dict[str, np.ndarray]:
     return out
 
 
-_WORDS = ["segment", "detect", "caption", "describe", "answer", "en", "crack", "cracks", "drywall", "taping", "area", "joint", "tape", "seam", "wall", "ellipse", "square", "circle", "triangle", "rectangle", "shape", "object", "region", "defect", "wall-crack", "hole", "patch", "corner", "left", "right", "top", "bottom", "small", "large", "red", "green", "blue", "white", "black", "the", "a", "of", "and", "in", "on", "with"]
+_WORDS = [
+    "segment",
+    "detect",
+    "caption",
+    "describe",
+    "answer",
+    "en",
+    "crack",
+    "cracks",
+    "drywall",
+    "taping",
+    "area",
+    "joint",
+    "tape",
+    "seam",
+    "wall",
+    "ellipse",
+    "square",
+    "circle",
+    "triangle",
+    "rectangle",
+    "shape",
+    "object",
+    "region",
+    "defect",
+    "wall-crack",
+    "hole",
+    "patch",
+    "corner",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "small",
+    "large",
+    "red",
+    "green",
+    "blue",
+    "white",
+    "black",
+    "the",
+    "a",
+    "of",
+    "and",
+    "in",
+    "on",
+    "with",
+]
 
 
 def _tiny_corpus(extra_text: Sequence[str], seed: int) -> list[str]:

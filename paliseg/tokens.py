@@ -78,9 +78,7 @@ class SegObject:
     def __post_init__(self):
         if len(self.locs) != 4 or not all(0 <= v < LOC_BINS for v in self.locs):
             raise ValueError(f"locs must be 4 indices in [0, {LOC_BINS}): {self.locs}")
-        if self.seg is not None and (
-            len(self.seg) != SEG_PER_OBJECT or not all(0 <= v < SEG_CODES for v in self.seg)
-        ):
+        if self.seg is not None and (len(self.seg) != SEG_PER_OBJECT or not all(0 <= v < SEG_CODES for v in self.seg)):
             raise ValueError(f"seg must be {SEG_PER_OBJECT} indices in [0, {SEG_CODES}): {self.seg}")
         if any(c in self.label for c in "<>;") or self.label != self.label.strip():
             raise ValueError(f"label must not contain '<', '>' or ';', nor outer spaces: {self.label!r}")

@@ -41,8 +41,12 @@ print(os.environ.get("GLIBC_TUNABLES", "-"), resource.getrusage(resource.RUSAGE_
 def _probe(**env: str) -> tuple[str, int]:
     clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.SWITCH_VARIABLE)}
     tunables, faults = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**clean, "PYTHONPATH": str(REPO), **env},
-        capture_output=True, text=True, check=True, timeout=120,
+        [sys.executable, "-c", PROBE],
+        env={**clean, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout.split()
     return tunables, int(faults)
 

@@ -30,5 +30,7 @@ def test_each_command_has_help(command, capsys):
 
 
 def test_console_script_is_installed_and_runs():
-    out = subprocess.run([sys.executable, "-m", "paliseg.cli.main", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "paliseg.cli.main", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("paliseg ")

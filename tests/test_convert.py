@@ -108,8 +108,16 @@ def test_real_cracks_tokens_follow_polygons_and_masks_match_pycocotools(roboflow
 def test_real_drywall_boxes_fill_and_negatives(roboflow_dir, tmp_path, vae_path):
     # drywall train: image 380 has no annotation (a negative), 134 has five boxes.
     source = coco_subset(roboflow_dir / "drywall" / "train", tmp_path / "drywall" / "train", [1, 134, 380])
-    summary = convert(ConvertConfig([source], tmp_path / "out", vae=vae_path, box_masks="fill",
-                                    prompt_map={"drywall-join": "segment taping area"}, label_map={"drywall-join": "taping"}))
+    summary = convert(
+        ConvertConfig(
+            [source],
+            tmp_path / "out",
+            vae=vae_path,
+            box_masks="fill",
+            prompt_map={"drywall-join": "segment taping area"},
+            label_map={"drywall-join": "taping"},
+        )
+    )
     assert summary["splits"]["train"]["prompts"] == {"segment taping area": {"records": 3, "objects": 9, "empty": 1}}
     oracle = COCO(str(source / "_annotations.coco.json"))
     for record in dataset.read_records(tmp_path / "out", "train"):
@@ -130,16 +138,22 @@ def test_real_drywall_boxes_fill_and_negatives(roboflow_dir, tmp_path, vae_path)
     assert linked.image_path.samefile(source / linked.extra["source_image"])
 
 
-def shapes_export(tmp_path: Path, n_train: int = 6, classes=("ellipse", "rectangle", "triangle"), objects_per_image=(2, 3)) -> Path:
+def shapes_export(
+    tmp_path: Path, n_train: int = 6, classes=("ellipse", "rectangle", "triangle"), objects_per_image=(2, 3)
+) -> Path:
     root = tmp_path / "shapes"
-    synthetic.write_synthetic_coco(root, n_train=n_train, n_valid=0, seed=3, config=synthetic.ShapesConfig(64, classes, objects_per_image))
+    synthetic.write_synthetic_coco(
+        root, n_train=n_train, n_valid=0, seed=3, config=synthetic.ShapesConfig(64, classes, objects_per_image)
+    )
     shutil.rmtree(root / "valid")
     return root
 
 
 def test_one_record_per_prompt_with_maps_and_negatives(tmp_path, vae_path):
     root = shapes_export(tmp_path)
-    config = dict(vae=vae_path, prompt_map={"rectangle": "segment box", "tri*": "segment triangle"}, label_map={"rect*": "box"})
+    config = dict(
+        vae=vae_path, prompt_map={"rectangle": "segment box", "tri*": "segment triangle"}, label_map={"rect*": "box"}
+    )
     summary = convert(ConvertConfig([root], tmp_path / "out", **config))
     converted = dataset.read_records(tmp_path / "out", "train")
     data = json.loads((root / "train" / "_annotations.coco.json").read_text())
@@ -148,7 +162,11 @@ def test_one_record_per_prompt_with_maps_and_negatives(tmp_path, vae_path):
     labels = {"ellipse": "ellipse", "rectangle": "box", "triangle": "triangle"}
     assert len(converted) == 6 * 3  # every image, every prompt
     for record in converted:
-        wanted = [a for a in data["annotations"] if a["image_id"] == record.extra["source_id"] and prompts[names[a["category_id"]]] == record.prefix]
+        wanted = [
+            a
+            for a in data["annotations"]
+            if a["image_id"] == record.extra["source_id"] and prompts[names[a["category_id"]]] == record.prefix
+        ]
         parsed = tokens.parse_suffix(record.suffix).objects
         assert len(parsed) == len(wanted)
         assert {o.label for o in parsed} <= {labels[names[a["category_id"]]] for a in wanted}
@@ -165,7 +183,9 @@ def test_objects_are_sorted_and_merged_mode_encodes_the_union(tmp_path, vae_path
     convert(ConvertConfig([root], tmp_path / "instance", vae=vae_path))
     convert(ConvertConfig([root], tmp_path / "merged", vae=vae_path, objects="merged"))
     differs = 0
-    for inst, merged in zip(dataset.read_records(tmp_path / "instance", "train"), dataset.read_records(tmp_path / "merged", "train")):
+    for inst, merged in zip(
+        dataset.read_records(tmp_path / "instance", "train"), dataset.read_records(tmp_path / "merged", "train")
+    ):
         objects = tokens.parse_suffix(inst.suffix).objects
         assert [o.locs for o in objects] == sorted(o.locs for o in objects)
         union = images.read_mask(merged.mask_path)
@@ -181,8 +201,20 @@ def test_two_exports_into_one_output_with_their_own_prompts(roboflow_dir, tmp_pa
     cracks = coco_subset(roboflow_dir / "cracks" / "valid", tmp_path / "cracks" / "valid", [0, 1])
     drywall = coco_subset(roboflow_dir / "drywall" / "valid", tmp_path / "drywall" / "valid", [0, 1, 2])
     code, out, err = run_cli(
-        capsys, "convert", cracks, drywall, "--out", tmp_path / "out", "--vae", vae_path, "--json",
-        "--prompt-map", "NewCracks*=segment crack", "drywall-join=segment taping area", "--label-map", "NewCracks*=crack",
+        capsys,
+        "convert",
+        cracks,
+        drywall,
+        "--out",
+        tmp_path / "out",
+        "--vae",
+        vae_path,
+        "--json",
+        "--prompt-map",
+        "NewCracks*=segment crack",
+        "drywall-join=segment taping area",
+        "--label-map",
+        "NewCracks*=crack",
     )
     assert code == 0, err
     summary = json.loads(out)
@@ -204,9 +236,14 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
     anns[0]["category_id"] = 99  # unknown category
     anns[1]["category_id"] = 0  # Roboflow's placeholder
     anns[2]["segmentation"] = []  # box-only inside a polygon export -> box mask (warning)
-    anns[3]["segmentation"] = [[p + (100 if i % 2 == 0 else 0) for i, p in enumerate(anns[3]["segmentation"][0])]]  # outside
+    anns[3]["segmentation"] = [
+        [p + (100 if i % 2 == 0 else 0) for i, p in enumerate(anns[3]["segmentation"][0])]
+    ]  # outside
     extra = [
-        {"segmentation": [[50.0, 10.0, 80.0, 10.0, 80.0, 30.0, 50.0, 30.0]], "bbox": [50, 10, 30, 20]},  # partly outside: clipped
+        {
+            "segmentation": [[50.0, 10.0, 80.0, 10.0, 80.0, 30.0, 50.0, 30.0]],
+            "bbox": [50, 10, 30, 20],
+        },  # partly outside: clipped
         {"segmentation": [], "bbox": [10, 10, 0, 20]},  # zero-area box
         {"segmentation": [[1.0, 2.0, 3.0, 4.0]], "bbox": [1, 2, 2, 2]},  # a 2-point ring: dropped, box used
         {"segmentation": [], "bbox": [0, 0, 0.5, 1]},  # sub-pixel corner box, as in the real drywall export
@@ -214,8 +251,12 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
     for offset, fields in enumerate(extra):
         anns.append({"id": 100 + offset, "image_id": 0, "category_id": 1, "area": 1, "iscrowd": 0, **fields})
     rle = {"size": [64, 64], "counts": [64 * 20 + 10, 30, 34, 30, 64 * 64 - (64 * 20 + 10) - 94]}
-    anns.append({"id": 200, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 1, "segmentation": rle})
-    anns.append({"id": 201, "image_id": 77, "category_id": 1, "bbox": [0, 0, 1, 1], "segmentation": []})  # unknown image
+    anns.append(
+        {"id": 200, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "area": 1, "iscrowd": 1, "segmentation": rle}
+    )
+    anns.append(
+        {"id": 201, "image_id": 77, "category_id": 1, "bbox": [0, 0, 1, 1], "segmentation": []}
+    )  # unknown image
     images.append({"id": 4, "file_name": "missing.jpg", "width": 64, "height": 64})
     images.append({"id": 5, "file_name": "corrupt.jpg", "width": 64, "height": 64})
     (split / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
@@ -226,8 +267,16 @@ def test_bad_coco_input_is_skipped_and_counted_with_positions(tmp_path, vae_path
     log = IssueLog()
     summary = convert(ConvertConfig([root], tmp_path / "out", vae=vae_path), log)
     assert summary["skipped"] == {
-        "unknown_category": 1, "placeholder_category": 1, "outside_image": 1, "zero_area": 1,
-        "unknown_image": 1, "missing_image": 1, "corrupt_image": 1, "size_mismatch": 1, "duplicate_image": 1, "tiny_box": 1,
+        "unknown_category": 1,
+        "placeholder_category": 1,
+        "outside_image": 1,
+        "zero_area": 1,
+        "unknown_image": 1,
+        "missing_image": 1,
+        "corrupt_image": 1,
+        "size_mismatch": 1,
+        "duplicate_image": 1,
+        "tiny_box": 1,
     }
     assert summary["warnings"] == {"box_only_annotation": 3, "clipped_to_image": 1, "bad_polygon_ring": 1}
     where = {i.reason: i.where for i in log.examples}
@@ -255,9 +304,13 @@ def test_cli_refuses_to_overwrite_and_reports_bad_options(tmp_path, capsys, vae_
     code, _, err = run_cli(capsys, "convert", root, "--out", out, "--vae", vae_path, "--objects", "merged")
     assert code == 1 and "--overwrite" in err and str(out) in err
     assert (out / "_annotations.train.jsonl").read_text() == before
-    assert run_cli(capsys, "convert", root, "--out", out, "--vae", vae_path, "--objects", "merged", "--overwrite")[0] == 0
+    assert (
+        run_cli(capsys, "convert", root, "--out", out, "--vae", vae_path, "--objects", "merged", "--overwrite")[0] == 0
+    )
 
-    code, _, err = run_cli(capsys, "convert", root, "--out", tmp_path / "o2", "--vae", vae_path, "--prompt-map", "crackz=segment crack")
+    code, _, err = run_cli(
+        capsys, "convert", root, "--out", tmp_path / "o2", "--vae", vae_path, "--prompt-map", "crackz=segment crack"
+    )
     assert code == 1 and "'crackz' matches no class" in err
     code, _, err = run_cli(capsys, "convert", root, "--out", tmp_path / "o5", "--vae", vae_path, "--splits", "valid")
     assert code == 1 and "--splits valid: not in the sources (found: train)" in err

@@ -30,7 +30,9 @@ def vae_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("exports") / "shapes"
-    synthetic.write_synthetic_coco(root, n_train=5, n_valid=3, seed=7, config=synthetic.ShapesConfig(64, CLASSES, (1, 3)))
+    synthetic.write_synthetic_coco(
+        root, n_train=5, n_valid=3, seed=7, config=synthetic.ShapesConfig(64, CLASSES, (1, 3))
+    )
     return root
 
 
@@ -41,7 +43,9 @@ def coco_records(shapes, vae_path, tmp_path_factory) -> dict[str, list[records.R
     return {s: records.read_records(records.annotations_path(out, s)) for s in ("train", "valid")}
 
 
-def convert_to_records(source: Path, out: Path, vae_path: Path, **options) -> tuple[dict, dict[str, list[records.Record]]]:
+def convert_to_records(
+    source: Path, out: Path, vae_path: Path, **options
+) -> tuple[dict, dict[str, list[records.Record]]]:
     log = IssueLog()
     summary = convert(ConvertConfig([source], out, vae=vae_path, **options), log)
     summary["log"] = log
@@ -85,13 +89,21 @@ def test_yolo_polygons_and_boxes_match_coco(shapes, coco_records, tmp_path, vae_
             edge = ndimage.binary_dilation(b) & ~ndimage.binary_erosion(b)
             assert not np.any((a ^ b) & ~edge)
 
-    _, boxes = convert_to_records(layouts.write_yolo(shapes, tmp_path / "yolo_boxes", boxes=True), tmp_path / "o2", vae_path)
+    _, boxes = convert_to_records(
+        layouts.write_yolo(shapes, tmp_path / "yolo_boxes", boxes=True), tmp_path / "o2", vae_path
+    )
     oracle = COCO(str(shapes / "train" / "_annotations.coco.json"))
     for record in boxes["train"]:
         assert all(o["mask_from"] == "box_fill" for o in record.extra["objects"])
         image = next(i for i in oracle.imgs.values() if i["file_name"] == record.extra["source_image"])
-        annotations = [a for a in oracle.imgToAnns[image["id"]] if f"segment {oracle.cats[a['category_id']]['name']}" == record.prefix]
-        want = sorted(tokens.box_to_locs((x, y, x + w, y + h), 64, 64) for x, y, w, h in (a["bbox"] for a in annotations))
+        annotations = [
+            a
+            for a in oracle.imgToAnns[image["id"]]
+            if f"segment {oracle.cats[a['category_id']]['name']}" == record.prefix
+        ]
+        want = sorted(
+            tokens.box_to_locs((x, y, x + w, y + h), 64, 64) for x, y, w, h in (a["bbox"] for a in annotations)
+        )
         got = locs_of(record)
         assert len(got) == len(want) and np.abs(np.subtract(got, want)).max(initial=0) <= 1
 
@@ -124,14 +136,22 @@ def test_mask_folders_give_components_with_exact_union(shapes, coco_records, tmp
             expected = [images.read_mask(r.mask_path) for r in unions[record.extra["source_image"]]]
             assert np.array_equal(images.read_mask(record.mask_path), np.logical_or.reduce(expected))
             # one object per drawn shape, boxed by its pixel extent
-            assert len(record.extra["objects"]) == sum(len(r.extra["objects"]) for r in unions[record.extra["source_image"]])
+            assert len(record.extra["objects"]) == sum(
+                len(r.extra["objects"]) for r in unions[record.extra["source_image"]]
+            )
             for obj in record.extra["objects"]:
                 assert obj["mask_from"] == "mask"
 
 
 def test_real_cracks_train_masks_folder(roboflow_dir, tmp_path, vae_path):
-    summary, converted = convert_to_records(roboflow_dir / "cracks", tmp_path / "out", vae_path, splits=["train"], limit=4,
-                                            prompt_map={"NewCracks*": "segment crack"})
+    summary, converted = convert_to_records(
+        roboflow_dir / "cracks",
+        tmp_path / "out",
+        vae_path,
+        splits=["train"],
+        limit=4,
+        prompt_map={"NewCracks*": "segment crack"},
+    )
     assert summary["sources"][str(roboflow_dir / "cracks")]["train"]["format"] == "masks"
     assert [r.prefix for r in converted["train"]] == ["segment crack"] * 4  # the class of the COCO valid/test splits
     for record in converted["train"]:
@@ -151,7 +171,12 @@ def test_bad_yolo_jsonl_and_mask_input_is_counted_with_positions(shapes, tmp_pat
     summary = convert(ConvertConfig([yolo], tmp_path / "o1", vae=vae_path), log)
     n = len(label.read_text().splitlines())
     assert summary["skipped"] == {"malformed_line": 2, "unknown_category": 1, "zero_area": 1, "corrupt_image": 1}
-    assert {i.where for i in log.examples if i.reason != "corrupt_image"} == {f"{label}:{n - 3}", f"{label}:{n - 2}", f"{label}:{n - 1}", f"{label}:{n}"}
+    assert {i.where for i in log.examples if i.reason != "corrupt_image"} == {
+        f"{label}:{n - 3}",
+        f"{label}:{n - 2}",
+        f"{label}:{n - 1}",
+        f"{label}:{n}",
+    }
     assert summary["splits"]["train"]["images"] == 5
 
     pg = layouts.write_paligemma_jsonl(shapes, tmp_path / "pg")
@@ -159,13 +184,19 @@ def test_bad_yolo_jsonl_and_mask_input_is_counted_with_positions(shapes, tmp_pat
     lines = jsonl.read_text().splitlines()
     lines[1] = lines[1][:-5]  # cut: not JSON
     lines.append(json.dumps({"image": "nowhere.jpg", "prefix": "detect ellipse", "suffix": ""}))
-    lines.append(json.dumps({"image": json.loads(lines[0])["image"], "prefix": "detect ellipse", "suffix": "<loc0001><loc0002> ellipse"}))
+    lines.append(
+        json.dumps(
+            {"image": json.loads(lines[0])["image"], "prefix": "detect ellipse", "suffix": "<loc0001><loc0002> ellipse"}
+        )
+    )
     jsonl.write_text("\n".join(lines) + "\n")
     log = IssueLog()
     summary = convert(ConvertConfig([pg], tmp_path / "o2", vae=vae_path), log)
     assert summary["skipped"] == {"malformed_line": 1, "missing_image": 1, "malformed_suffix": 1}
     assert {i.reason: i.where for i in log.examples} == {
-        "malformed_line": f"{jsonl}:2", "missing_image": f"{jsonl}:4", "malformed_suffix": f"{jsonl}:5",
+        "malformed_line": f"{jsonl}:2",
+        "missing_image": f"{jsonl}:4",
+        "malformed_suffix": f"{jsonl}:5",
     }
 
     masks = layouts.write_mask_folder(shapes, tmp_path / "masks")
@@ -174,5 +205,7 @@ def test_bad_yolo_jsonl_and_mask_input_is_counted_with_positions(shapes, tmp_pat
     summary = convert(ConvertConfig([masks], tmp_path / "o3", vae=vae_path))
     assert summary["skipped"] == {"missing_mask": 1, "size_mismatch": 1}
 
-    with pytest.raises(ConversionError, match=r"train_00000.jpg: no mask train_00000_mask.png in \S*train_masks \(--strict\)"):
+    with pytest.raises(
+        ConversionError, match=r"train_00000.jpg: no mask train_00000_mask.png in \S*train_masks \(--strict\)"
+    ):
         convert(ConvertConfig([masks], tmp_path / "o4", vae=vae_path, strict=True))

@@ -30,10 +30,12 @@ def params():
     random model does not repeat one token."""
     flat = flatten(model.init_params(SMALL, jax.random.key(0)))
     keys = jax.random.split(jax.random.key(1), len(flat))
-    return unflatten({
-        name: jax.random.normal(key, value.shape) * (0.1 if value.ndim == 1 or "norm" in name else 0.3)
-        for key, (name, value) in zip(keys, flat.items())
-    })
+    return unflatten(
+        {
+            name: jax.random.normal(key, value.shape) * (0.1 if value.ndim == 1 or "norm" in name else 0.3)
+            for key, (name, value) in zip(keys, flat.items())
+        }
+    )
 
 
 def _prompts(tokenizer, texts, length=16):
@@ -50,8 +52,15 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params):
     images = _images(3)
     steps = 8
     out = decoding.generate(
-        SMALL, params, images, prompts["tokens"], prompts["mask_ar"], prompts["mask_input"],
-        max_new_tokens=steps, eos_id=tokenizer.eos_id, return_logits=True,
+        SMALL,
+        params,
+        images,
+        prompts["tokens"],
+        prompts["mask_ar"],
+        prompts["mask_input"],
+        max_new_tokens=steps,
+        eos_id=tokenizer.eos_id,
+        return_logits=True,
     )
     tokens, logits = np.asarray(out.tokens), np.asarray(out.logits)
     assert len({tuple(row) for row in tokens}) == 3 and len(set(tokens[0].tolist())) > 2
@@ -123,20 +132,37 @@ def test_constrained_model_outputs_are_always_valid(tokenizer, params):
     texts = []
     for seed, sampling in enumerate([decoding.Sampling(), *[decoding.Sampling(temperature=1.5, top_p=0.95)] * 2]):
         out = decoding.generate(
-            SMALL, params, images, *prompts.values(),
-            max_new_tokens=48, eos_id=tokenizer.eos_id, grammar=grammar, sampling=sampling, rng=jax.random.key(seed),
+            SMALL,
+            params,
+            images,
+            *prompts.values(),
+            max_new_tokens=48,
+            eos_id=tokenizer.eos_id,
+            grammar=grammar,
+            sampling=sampling,
+            rng=jax.random.key(seed),
         )
         texts += [tokenizer.decode(row) for row in np.asarray(out.tokens)]
         if sampling.greedy:  # the grammar renormalises over the allowed tokens: never less likely than unmasked
-            raw = decoding.generate(SMALL, params, images, *prompts.values(), max_new_tokens=48,
-                                    eos_id=tokenizer.eos_id, grammar=grammar, return_logits=True)
+            raw = decoding.generate(
+                SMALL,
+                params,
+                images,
+                *prompts.values(),
+                max_new_tokens=48,
+                eos_id=tokenizer.eos_id,
+                grammar=grammar,
+                return_logits=True,
+            )
             tokens = np.asarray(raw.tokens)
             unmasked = np.take_along_axis(jax.nn.log_softmax(raw.logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
             live = np.cumsum(tokens == tokenizer.eos_id, axis=1) - (tokens == tokenizer.eos_id) == 0  # up to EOS
             assert np.all(np.asarray(raw.logprobs)[live] >= unmasked[live] - 1e-5)
             assert np.all(np.asarray(raw.logprobs)[live] <= 1e-6) and np.all(np.asarray(raw.logprobs)[~live] == 0)
     results = [parse_suffix(t) for t in texts]
-    assert all(r.invalid_count == 0 for r in results), [(t, r.invalid) for t, r in zip(texts, results) if r.invalid_count]
+    assert all(r.invalid_count == 0 for r in results), [
+        (t, r.invalid) for t, r in zip(texts, results) if r.invalid_count
+    ]
     assert sum(len(r.objects) for r in results) >= len(texts)
     # unconstrained, the same random model produces nothing parseable
     free = decoding.generate(SMALL, params, images, *prompts.values(), max_new_tokens=48, eos_id=tokenizer.eos_id)
@@ -146,8 +172,14 @@ def test_constrained_model_outputs_are_always_valid(tokenizer, params):
 def test_sampling_is_reproducible_and_tiny_nucleus_is_greedy(tokenizer, params):
     prompts = _prompts(tokenizer, ["caption en"] * 2)
     images = _images(2, seed=2)
-    run = lambda sampling, seed: np.asarray(decoding.generate(  # noqa: E731
-        SMALL, params, images, *prompts.values(), max_new_tokens=8, sampling=sampling, rng=jax.random.key(seed)).tokens)
+
+    def run(sampling, seed):
+        return np.asarray(
+            decoding.generate(
+                SMALL, params, images, *prompts.values(), max_new_tokens=8, sampling=sampling, rng=jax.random.key(seed)
+            ).tokens
+        )
+
     hot = decoding.Sampling(temperature=2.0)
     np.testing.assert_array_equal(run(hot, 0), run(hot, 0))
     assert not np.array_equal(run(hot, 0), run(hot, 1))
@@ -156,7 +188,9 @@ def test_sampling_is_reproducible_and_tiny_nucleus_is_greedy(tokenizer, params):
 
 def test_predict_texts_constrains_segment_prompts_by_default(tokenizer, params):
     images = _images(8, seed=3)  # the shapes of the test above: no new compile
-    decoded = decoding.predict_texts(SMALL, params, tokenizer, images, ["segment crack", "segment drywall"] * 4, max_new_tokens=48)
+    decoded = decoding.predict_texts(
+        SMALL, params, tokenizer, images, ["segment crack", "segment drywall"] * 4, max_new_tokens=48
+    )
     texts = [d.text for d in decoded]
     assert all(parse_suffix(t).invalid_count == 0 for t in texts) and any(parse_suffix(t).objects for t in texts)
     for item in decoded:  # one confidence per ";"-chunk; every object's chunk has one, in (0, 1]

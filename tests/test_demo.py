@@ -40,8 +40,10 @@ def test_quick_demo_learns(tmp_path, capsys):
     predictions = [json.loads(line) for line in (out / "predict" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16  # every committed real image, with its own prompt
     assert len(list((out / "predict" / "canvases").glob("*.png"))) == 16
-    print(f"demo --quick: {seconds:.0f} s, mIoU step 0 {summary['step0']['miou']:.3f} -> "
-          f"best (step {summary['best']['step']}) {summary['best']['miou']:.3f}")
+    print(
+        f"demo --quick: {seconds:.0f} s, mIoU step 0 {summary['step0']['miou']:.3f} -> "
+        f"best (step {summary['best']['step']}) {summary['best']['miou']:.3f}"
+    )
 
 
 def _check_printed_commands(summary, stderr, out):
@@ -55,7 +57,9 @@ def _check_printed_commands(summary, stderr, out):
     assert {name: [c.split()[1] for c in stage["commands"]] for name, stage in stages.items()} == {
         "synthetic shapes": ["-m"], "convert": ["convert", "convert", "validate"], "train": ["train"],
         "eval": ["eval"], "predict": ["predict"]}  # fmt: skip
-    commands = [c for name in ("synthetic shapes", "convert", "train", "eval", "predict") for c in stages[name]["commands"]]
+    commands = [
+        c for name in ("synthetic shapes", "convert", "train", "eval", "predict") for c in stages[name]["commands"]
+    ]
     for command in commands:
         assert f"  $ {command}\n" in stderr
         if command.startswith("paliseg "):
@@ -72,10 +76,16 @@ def test_command_line_is_copy_pasteable():
         "sources": [Path("my exports/cracks"), "drywall"], "--out": Path("data"), "--format": None,
         "--prompt-map": ["NewCracks*=segment crack"], "--label-map": [], "--min-box-side": 0, "--no-negatives": True,
         "--strict": False})  # fmt: skip
-    assert line == "paliseg convert 'my exports/cracks' drywall --out data --prompt-map 'NewCracks*=segment crack' " \
-                   "--min-box-side 0 --no-negatives"
+    assert (
+        line == "paliseg convert 'my exports/cracks' drywall --out data --prompt-map 'NewCracks*=segment crack' "
+        "--min-box-side 0 --no-negatives"
+    )
     args = build_parser().parse_args(shlex.split(line)[1:])
-    assert (args.sources, args.out, args.prompt_map) == (["my exports/cracks", "drywall"], "data", ["NewCracks*=segment crack"])
+    assert (args.sources, args.out, args.prompt_map) == (
+        ["my exports/cracks", "drywall"],
+        "data",
+        ["NewCracks*=segment crack"],
+    )
     from converters.config import ConvertConfig
     from paliseg import settings
 

@@ -29,7 +29,9 @@ ORIENTATIONS = range(1, 9)
 def picture(width: int, height: int) -> np.ndarray:
     """An RGB picture no turn or mirror leaves unchanged: smooth gradients (JPEG keeps them) in each channel."""
     ys, xs = np.mgrid[0:height, 0:width]
-    return np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), (xs + 2 * ys) * 255 // (width + 2 * height)], -1).astype(np.uint8)
+    return np.stack(
+        [xs * 255 // (width - 1), ys * 255 // (height - 1), (xs + 2 * ys) * 255 // (width + 2 * height)], -1
+    ).astype(np.uint8)
 
 
 def save_tagged(path: Path, image: Image.Image, orientation: int, **options) -> Path:
@@ -72,7 +74,9 @@ def test_reader_shows_every_orientation_as_exif_transpose_does(tmp_path, orienta
     mask = np.zeros((24, 40), bool)
     mask[2:9, 3:30] = True
     mask[9:20, 3:12] = True
-    mask_path = save_tagged(tmp_path / "mask.png", Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)), orientation)
+    mask_path = save_tagged(
+        tmp_path / "mask.png", Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)), orientation
+    )
     np.testing.assert_array_equal(images.read_mask(mask_path), exif_transposed(mask_path, "L") > 127)
 
 
@@ -86,23 +90,31 @@ def test_geometry_turns_points_boxes_and_masks_as_exif_transpose_turns_pixels(tm
     np.testing.assert_array_equal(geometry.displayed_mask(stored, orientation), expected)
 
     shown_w, shown_h = images.displayed_size((width, height), orientation)
-    turned = [c for x, y in zip(ring[::2], ring[1::2]) for c in geometry.displayed_point(x, y, orientation, width, height)]
+    turned = [
+        c for x, y in zip(ring[::2], ring[1::2]) for c in geometry.displayed_point(x, y, orientation, width, height)
+    ]
     drawn = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([turned], shown_h, shown_w))).astype(bool)
     np.testing.assert_array_equal(drawn, expected)
     box = (2.3, 1.6, 17.5, 11.2)  # a box mask (pixel centres inside) turns with its box
-    np.testing.assert_array_equal(geometry.box_mask(geometry.displayed_box(box, orientation, width, height), shown_w, shown_h),
-                                  geometry.displayed_mask(geometry.box_mask(box, width, height), orientation))
+    np.testing.assert_array_equal(
+        geometry.box_mask(geometry.displayed_box(box, orientation, width, height), shown_w, shown_h),
+        geometry.displayed_mask(geometry.box_mask(box, width, height), orientation),
+    )
 
     log = IssueLog()
     polygon = geometry.polygon_object("crack", [ring], width, height, "a:1", log)
     boxed = SourceObject("crack", box, None, "a:2")
-    moved = geometry.to_displayed_frame(SourceImage(rendered, "m.png", width, height, [polygon, boxed], "a"), orientation)
+    moved = geometry.to_displayed_frame(
+        SourceImage(rendered, "m.png", width, height, [polygon, boxed], "a"), orientation
+    )
     assert (moved.width, moved.height) == (shown_w, shown_h)
     np.testing.assert_array_equal(geometry.object_mask(moved.objects[0], shown_w, shown_h), expected)
     ys, xs = np.nonzero(expected)
     assert moved.objects[0].box_xyxy == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # the L's extent
     assert geometry.shape_origin(moved.objects[0].shape) == "polygon"
-    assert moved.objects[1].shape is None and moved.objects[1].box_xyxy == geometry.displayed_box(box, orientation, width, height)
+    assert moved.objects[1].shape is None and moved.objects[1].box_xyxy == geometry.displayed_box(
+        box, orientation, width, height
+    )
 
 
 def test_image_kinds_become_8_bit_rgb(tmp_path):
@@ -110,7 +122,9 @@ def test_image_kinds_become_8_bit_rgb(tmp_path):
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
     with Image.open(tmp_path / "cmyk.jpg") as cmyk:
         assert cmyk.mode == "CMYK"
-        np.testing.assert_array_equal(np.asarray(images.read_image(tmp_path / "cmyk.jpg")), np.asarray(cmyk.convert("RGB")))
+        np.testing.assert_array_equal(
+            np.asarray(images.read_image(tmp_path / "cmyk.jpg")), np.asarray(cmyk.convert("RGB"))
+        )
 
     palette = Image.new("P", (4, 2))
     palette.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0] + [0] * 759)
@@ -129,7 +143,7 @@ def test_image_kinds_become_8_bit_rgb(tmp_path):
     assert read[0, 0].tolist() == [255, 255, 255] and read[0, 2].tolist() == [0, 0, 0]
     assert abs(read[0, 1] - 127).max() <= 1  # half transparent black over white: mid grey
 
-    grey16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5957)  # 0 .. 65527: all above 255
+    grey16 = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5957  # 0 .. 65527: all above 255
     Image.fromarray(grey16).save(tmp_path / "grey16.png")
     with Image.open(tmp_path / "grey16.png") as opened:
         assert opened.mode == "I;16"
@@ -146,7 +160,9 @@ def test_image_kinds_become_8_bit_rgb(tmp_path):
     np.testing.assert_array_equal(np.asarray(images.read_image(tmp_path / "grey.png")), np.stack([grey] * 3, -1))
     assert np.asarray(images.read_image(tmp_path / "grey.png", "L")).shape == (12, 16)
     Image.fromarray(grey > 128).save(tmp_path / "bilevel.png")
-    np.testing.assert_array_equal(np.asarray(images.read_image(tmp_path / "bilevel.png"))[..., 0], np.where(grey > 128, 255, 0))
+    np.testing.assert_array_equal(
+        np.asarray(images.read_image(tmp_path / "bilevel.png"))[..., 0], np.where(grey > 128, 255, 0)
+    )
     Image.fromarray(np.stack([grey, np.zeros_like(grey)], -1), "LA").save(tmp_path / "la.png")
     assert (np.asarray(images.read_image(tmp_path / "la.png")) == 255).all()  # all transparent: white
 
@@ -169,7 +185,11 @@ def test_unreadable_files_are_named_with_the_reason(tmp_path):
     data = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(data[: len(data) * 3 // 4])
     (tmp_path / "notes.png").write_text("not an image at all")
-    for name, reason in (("truncated.jpg", "truncated"), ("notes.png", "cannot identify"), ("missing.png", "file not found")):
+    for name, reason in (
+        ("truncated.jpg", "truncated"),
+        ("notes.png", "cannot identify"),
+        ("missing.png", "file not found"),
+    ):
         path = tmp_path / name
         for read in (images.read_image, images.read_mask, lambda p: images.read_header(p, decode=True)):
             with pytest.raises(images.ImageReadError, match=reason) as caught:
@@ -180,10 +200,15 @@ def test_unreadable_files_are_named_with_the_reason(tmp_path):
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG that claims `width` x `height` and holds no pixels: a decompression bomb's calling card."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -191,12 +216,17 @@ def test_decompression_limit_is_clear_and_configurable(tmp_path, monkeypatch):
     bomb = png_header_only(tmp_path / "bomb.png", 30_000, 30_000)  # 900M pixels, 10x the default
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # never PIL's DecompressionBombWarning
-        with pytest.raises(images.ImageReadError, match=r"30000x30000 is 900,000,000 pixels, over the limit of 89,478,485"):
+        with pytest.raises(
+            images.ImageReadError, match=r"30000x30000 is 900,000,000 pixels, over the limit of 89,478,485"
+        ):
             images.read_header(bomb)
     small = tmp_path / "small.png"
     Image.fromarray(picture(20, 15)).save(small)
     monkeypatch.setenv(images.MAX_PIXELS_ENV, "299")
-    with pytest.raises(images.ImageReadError, match=f"{small}: cannot read image: 20x15 is 300 pixels, over the limit of 299 .*--max-image-pixels N` or PALISEG_MAX_IMAGE_PIXELS=N"):
+    with pytest.raises(
+        images.ImageReadError,
+        match=f"{small}: cannot read image: 20x15 is 300 pixels, over the limit of 299 .*--max-image-pixels N` or PALISEG_MAX_IMAGE_PIXELS=N",
+    ):
         images.read_image(small)
     with images.pixel_limit(300):
         assert images.read_image(small).size == (20, 15)
@@ -219,7 +249,9 @@ def test_score_and_canvas_read_masks_and_photos_in_the_displayed_frame(tmp_path,
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["summary"]["overall"]["miou"] == 1.0
     assert cli.main(["--max-image-pixels", "100", *argv]) == 1
-    assert "a.segment_crack.png: cannot read image: 40x24 is 960 pixels, over the limit of 100" in capsys.readouterr().err
+    assert (
+        "a.segment_crack.png: cannot read image: 40x24 is 960 pixels, over the limit of 100" in capsys.readouterr().err
+    )
     assert images.max_image_pixels() == images.DEFAULT_MAX_IMAGE_PIXELS  # the option lasts one command
 
     shown = np.zeros((40, 24, 3), np.uint8)
@@ -228,7 +260,9 @@ def test_score_and_canvas_read_masks_and_photos_in_the_displayed_frame(tmp_path,
     save_tagged(tmp_path / "photo.jpg", Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1))), 6, quality=95)
     files.write_mask(tmp_path / "masks" / "photo.png", truth)
     suffix = tokens.format_suffix([tokens.SegObject(tokens.box_to_locs((4, 5, 12, 30), 24, 40), None, "crack")])
-    record = records.Record("photo.jpg", "segment crack", suffix, "masks/photo.png", source=tmp_path / "data.jsonl", line=1)
+    record = records.Record(
+        "photo.jpg", "segment crack", suffix, "masks/photo.png", source=tmp_path / "data.jsonl", line=1
+    )
     drawn, score = canvas.canvas_for_record(record, canvas.CanvasPrediction(mask=truth, suffix=suffix), panel_height=80)
     assert score.iou == 1.0 and score.box_miou == 1.0
     original = np.asarray(drawn)[:, :20].astype(int)  # the first panel is 40 wide (24x40 at height 80)
@@ -255,8 +289,12 @@ def coco_export(root: Path) -> Path:
     for index, (name, w, h, polygon, bbox) in enumerate(entries):
         save_tagged(split / name, Image.fromarray(picture(width, height)), 6, quality=95)
         data["images"].append({"id": index, "file_name": name, "width": w, "height": h})
-        data["annotations"].append({"id": 2 * index, "image_id": index, "category_id": 2, "segmentation": [polygon], "bbox": [0, 0, 1, 1]})
-        data["annotations"].append({"id": 2 * index + 1, "image_id": index, "category_id": 2, "segmentation": [], "bbox": bbox})
+        data["annotations"].append(
+            {"id": 2 * index, "image_id": index, "category_id": 2, "segmentation": [polygon], "bbox": [0, 0, 1, 1]}
+        )
+        data["annotations"].append(
+            {"id": 2 * index + 1, "image_id": index, "category_id": 2, "segmentation": [], "bbox": bbox}
+        )
     (split / "_annotations.coco.json").write_text(json.dumps(data))
     return root
 
@@ -270,7 +308,9 @@ def test_convert_brings_coco_annotations_of_either_frame_to_the_displayed_frame(
     assert skipped["where"].endswith("_annotations.coco.json:images[2]")
     assert "neither.jpg is 24x40 (40x24 as stored, EXIF orientation 6), the annotation says 50x50" in skipped["message"]
 
-    converted = {r.extra["source_image"]: r for r in records.read_records(records.annotations_path(tmp_path / "out", "train"))}
+    converted = {
+        r.extra["source_image"]: r for r in records.read_records(records.annotations_path(tmp_path / "out", "train"))
+    }
     shown, stored = converted["shown.jpg"], converted["stored.jpg"]
     assert (stored.extra["width"], stored.extra["height"]) == (shown.extra["width"], shown.extra["height"]) == (24, 40)
     assert stored.suffix == shown.suffix and len(tokens.parse_suffix(stored.suffix).objects) == 2
@@ -295,10 +335,14 @@ def test_mask_folders_and_yolo_labels_are_read_in_the_displayed_frame(tmp_path, 
     yolo = tmp_path / "yolo"
     save_tagged(yolo / "train" / "images" / "a.jpg", Image.fromarray(picture(40, 24)), 6, quality=95)
     (yolo / "train" / "labels").mkdir()
-    (yolo / "train" / "labels" / "a.txt").write_text(f"0 {8 / 24} {17.5 / 40} {8 / 24} {25 / 40}\n")  # box (4, 5, 12, 30)
+    (yolo / "train" / "labels" / "a.txt").write_text(
+        f"0 {8 / 24} {17.5 / 40} {8 / 24} {25 / 40}\n"
+    )  # box (4, 5, 12, 30)
     (yolo / "data.yaml").write_text("names: [crack]\n")
     for export in ("masks", "yolo"):
-        summary = convert(ConvertConfig([tmp_path / export], tmp_path / f"out-{export}", vae=vae_path, box_masks="fill"))
+        summary = convert(
+            ConvertConfig([tmp_path / export], tmp_path / f"out-{export}", vae=vae_path, box_masks="fill")
+        )
         assert summary["skipped"] == {}
         (record,) = records.read_records(records.annotations_path(tmp_path / f"out-{export}", "train"))
         np.testing.assert_array_equal(images.read_mask(record.mask_path), shown)

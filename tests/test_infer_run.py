@@ -190,7 +190,9 @@ def test_report_files_best_json_and_scores(setup, swept):
     for item in items:
         predicted = sweep.prediction_of(item, texts[item.key], model_vae)
         gt = images.read_mask(item.record.mask_path)
-        boxes = [tokens.locs_to_box(o.locs, item.width, item.height) for o in tokens.parse_suffix(item.record.suffix).objects]
+        boxes = [
+            tokens.locs_to_box(o.locs, item.width, item.height) for o in tokens.parse_suffix(item.record.suffix).objects
+        ]
         expected.append(scoring.score_image(predicted.mask, gt, PROMPT, item.record.image, pred_boxes=predicted.boxes,
                                             gt_boxes=boxes).iou)  # fmt: skip
     assert report["steps"][2]["summary"]["overall"]["miou"] == pytest.approx(np.mean(expected))
@@ -349,16 +351,36 @@ def test_predict_and_eval_use_the_runs_vae_and_refuse_another(setup, elsewhere, 
         assert all(digest in err for digest in digests) and "--allow-vae-mismatch" in err
         assert not refused.exists()  # nothing written
 
-        assert main(argv + ["--out", str(tmp_path / f"{argv[0]}_allowed"), "--vae", str(elsewhere), "--allow-vae-mismatch"]) == 0
+        assert (
+            main(
+                argv + ["--out", str(tmp_path / f"{argv[0]}_allowed"), "--vae", str(elsewhere), "--allow-vae-mismatch"]
+            )
+            == 0
+        )
         assert loaded_vaes[-1] == str(elsewhere.absolute()) and "warning" in capsys.readouterr().err
 
 
-def test_eval_refuses_data_of_another_vae_and_legacy_runs_behave_as_before(setup, elsewhere, loaded_vaes, tmp_path, capsys):
+def test_eval_refuses_data_of_another_vae_and_legacy_runs_behave_as_before(
+    setup, elsewhere, loaded_vaes, tmp_path, capsys
+):
     data, run_dir, vae_path = setup
     other_data = tmp_path / "other_data"
     shutil.copytree(data, other_data)
-    files.write_json(other_data / records.CONVERSION_FILE, {"vae": identity.identify(elsewhere).to_json()}, overwrite=True)
-    argv = ["eval", str(run_dir), "--data", str(other_data), "--steps", "4", "--no-base", "--no-ceiling", "--canvases", "0"]
+    files.write_json(
+        other_data / records.CONVERSION_FILE, {"vae": identity.identify(elsewhere).to_json()}, overwrite=True
+    )
+    argv = [
+        "eval",
+        str(run_dir),
+        "--data",
+        str(other_data),
+        "--steps",
+        "4",
+        "--no-base",
+        "--no-ceiling",
+        "--canvases",
+        "0",
+    ]
     assert main(argv + ["--out", str(tmp_path / "refused")]) == 1
     err = capsys.readouterr().err
     assert identity.identify(vae_path).sha256 in err and identity.identify(elsewhere).sha256 in err

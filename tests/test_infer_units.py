@@ -94,8 +94,14 @@ def _records_set(folder: Path, vae_model) -> Path:
             seg = vae.mask_to_tokens(vae_model, union, box)
             objects.append(tokens.SegObject(tokens.box_to_locs(box, width, height), seg, "crack"))
         files.write_mask(folder / "masks" / f"im{index}.png", union)
-        out.append(records.Record(f"images/im{index}.png", "segment crack", tokens.format_suffix(objects), f"masks/im{index}.png"))
-    return records.write_records(records.annotations_path(folder, "valid"), out) and records.annotations_path(folder, "valid")
+        out.append(
+            records.Record(
+                f"images/im{index}.png", "segment crack", tokens.format_suffix(objects), f"masks/im{index}.png"
+            )
+        )
+    return records.write_records(records.annotations_path(folder, "valid"), out) and records.annotations_path(
+        folder, "valid"
+    )
 
 
 @pytest.mark.oracle
@@ -216,7 +222,13 @@ def test_best_step_skips_the_base_and_failures_and_breaks_ties():
         overall = dict.fromkeys(sweep.METRICS, 0.0) | {"miou": miou, "box_miou": box_miou}
         return sweep.StepResult(step, status, summary=None if status != "ok" else {"overall": overall})
 
-    results = [result(0, 0.9, 0.9), result(10, 0.2, 0.1), result(20, 0.2, 0.3), result(30, 0.2, 0.3), result(40, 0, 0, "failed")]
+    results = [
+        result(0, 0.9, 0.9),
+        result(10, 0.2, 0.1),
+        result(20, 0.2, 0.3),
+        result(30, 0.2, 0.3),
+        result(40, 0, 0, "failed"),
+    ]
     assert sweep.pick_best(results, "miou").step == 20  # base excluded; tie on mIoU -> box mIoU -> earlier step
     assert sweep.pick_best(results, "box_miou").step == 20
     assert sweep.pick_best(results[:1], "miou") is None

@@ -192,8 +192,10 @@ def test_low_rank_gradients_equal_autodiff():
     """`low_rank` writes its backward by hand (for XLA:CPU's sake); it must be the same math."""
     from paliseg.model.projection import low_rank
 
-    x, a, b, cotangent = (jax.random.normal(k, s) for k, s in zip(
-        jax.random.split(jax.random.key(0), 4), ((24, 12), (12, 3), (3, 10), (24, 10))))
+    x, a, b, cotangent = (
+        jax.random.normal(k, s)
+        for k, s in zip(jax.random.split(jax.random.key(0), 4), ((24, 12), (12, 3), (3, 10), (24, 10)))
+    )
     ours = jax.vjp(low_rank, x, a, b)
     plain = jax.vjp(lambda x, a, b: (x @ a) @ b, x, a, b)
     np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)

@@ -29,20 +29,62 @@ F32 = dict(param_dtype="float32", compute_dtype="float32", cache_dtype="float32"
 # (vision, text, vocab, image_token_index): head counts, head_dim, kv heads and image sizes all differ.
 CONFIGS = {
     "mqa": (
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14),
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=14,
+        ),
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
         300,
         299,
     ),
     "gqa": (
-        dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, image_size=42, patch_size=14),
-        dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+        dict(
+            hidden_size=24,
+            intermediate_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=42,
+            patch_size=14,
+        ),
+        dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        ),
         256,
         256,  # outside the vocabulary, as our exports write it
     ),
     "mha": (
-        dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3, image_size=32, patch_size=8),
-        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=32),
+        dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+        ),
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=32,
+        ),
         280,
         270,
     ),
@@ -111,11 +153,20 @@ def test_loaded_config_has_the_hf_sizes(pair):
     _name, hf, _, config, _ = pair
     text, vision = hf.config.text_config, hf.config.vision_config
     assert (config.llm.width, config.llm.depth, config.llm.num_heads) == (
-        text.hidden_size, text.num_hidden_layers, text.num_attention_heads)
+        text.hidden_size,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+    )
     assert (config.llm.num_kv_heads, config.llm.head_dim, config.llm.vocab_size) == (
-        text.num_key_value_heads, text.head_dim, text.vocab_size)
+        text.num_key_value_heads,
+        text.head_dim,
+        text.vocab_size,
+    )
     assert (config.img.width, config.img.patch_size, config.img.image_size) == (
-        vision.hidden_size, vision.patch_size, vision.image_size)
+        vision.hidden_size,
+        vision.patch_size,
+        vision.image_size,
+    )
 
 
 def test_logits_equal_transformers(pair):
@@ -153,7 +204,9 @@ def test_greedy_decoding_equals_generate(pair):
         decoding.generate(config, params, images, tokens, np.zeros_like(tokens), mask_input, max_new_tokens=10).tokens
     )
     for row, length in enumerate(lengths):
-        ids, token_types = _hf_inputs(config, image_token, tokens[row : row + 1, :length], np.zeros((1, length), np.int64))
+        ids, token_types = _hf_inputs(
+            config, image_token, tokens[row : row + 1, :length], np.zeros((1, length), np.int64)
+        )
         with torch.no_grad():
             generated = hf.generate(
                 input_ids=ids,
@@ -198,7 +251,11 @@ def _legacy(key: str) -> str:  # hub files / transformers <= 4.51
 
 LAYOUTS = {
     "hub (<=4.51)": (_legacy, None, 1),
-    "hub + language_model.lm_head": (_legacy, lambda t: {"language_model.lm_head.weight": t["language_model.model.embed_tokens.weight"]}, 1),
+    "hub + language_model.lm_head": (
+        _legacy,
+        lambda t: {"language_model.lm_head.weight": t["language_model.model.embed_tokens.weight"]},
+        1,
+    ),
     "4.52-5.5 in memory": (
         lambda k: "model." + _legacy(k).replace("language_model.model.", "language_model.", 1),
         lambda t: {"lm_head.weight": t["language_model.model.embed_tokens.weight"]},
@@ -231,7 +288,9 @@ def test_padded_embedding_is_trimmed_to_the_tokenizer(mqa, tmp_path):
     cfg_file.write_text(json.dumps(hf_config))
     trimmed_config, trimmed = checkpoints.load(other, vocab_size=config.llm.vocab_size, **F32)
     assert trimmed_config.llm.vocab_size == config.llm.vocab_size
-    np.testing.assert_array_equal(trimmed["llm"]["embedder"]["input_embedding"], params["llm"]["embedder"]["input_embedding"])
+    np.testing.assert_array_equal(
+        trimmed["llm"]["embedder"]["input_embedding"], params["llm"]["embedder"]["input_embedding"]
+    )
     _full_config, full = checkpoints.load(other, **F32)
     assert full["llm"]["embedder"]["input_embedding"].shape[0] == config.llm.vocab_size + 20
 
@@ -240,7 +299,9 @@ def test_bad_checkpoints_name_the_offending_keys(mqa, tmp_path):
     _name, _, folder, _config, _ = mqa
     missing = "language_model.model.layers.1.mlp.up_proj.weight"
     broken = _rewrite(
-        folder, tmp_path / "broken", lambda k: "vision_tower.bogus.weight" if k == missing else k,
+        folder,
+        tmp_path / "broken",
+        lambda k: "vision_tower.bogus.weight" if k == missing else k,
         lambda t: {"vision_tower.post_layernorm.bias": np.zeros(5, np.float32)},
     )
     with pytest.raises(ValueError) as error:
@@ -261,8 +322,10 @@ def test_exported_safetensors_load_in_transformers_with_equal_logits(pair, tmp_p
     ids, token_types = _hf_inputs(config, config.llm.vocab_size, tokens, mask_ar)
     with torch.no_grad():
         theirs = hf(
-            input_ids=ids, pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)),
-            token_type_ids=token_types, attention_mask=torch.ones_like(ids),
+            input_ids=ids,
+            pixel_values=torch.tensor(images.transpose(0, 3, 1, 2)),
+            token_type_ids=token_types,
+            attention_mask=torch.ones_like(ids),
         ).logits.numpy()[:, config.num_image_tokens :]
     ours = np.asarray(model.forward(config, params, images, tokens, mask_ar, np.ones_like(tokens)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

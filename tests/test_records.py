@@ -11,7 +11,13 @@ from paliseg.records import Record, RecordError
 def test_records_round_trip_and_resolve_paths_relative_to_the_jsonl(tmp_path):
     path = records.annotations_path(tmp_path, "train")
     original = [
-        Record("images/a.jpg", "segment crack", "<loc0001><loc0002><loc0003><loc0004> crack", "masks/a.png", {"source": "cracks"}),
+        Record(
+            "images/a.jpg",
+            "segment crack",
+            "<loc0001><loc0002><loc0003><loc0004> crack",
+            "masks/a.png",
+            {"source": "cracks"},
+        ),
         Record("images/b.jpg", "segment crack", ""),
     ]
     assert records.write_records(path, original) == 2

@@ -116,8 +116,11 @@ def test_a_checkpoint_of_another_config_is_refused_before_reading(lora_run, tmp_
     other = model_configs.preset("tiny").replace(lora={"rank": 3})
     adapters = param_sets.split(model.init_params(other, jax.random.key(0)), "lora")[1]
     _save(copy, 6, adapters)
-    with pytest.raises(ValueError, match=r"checkpoints/6/state: not a checkpoint of this run's model config; \d+ "
-                                         r"parameter\(s\) differ, e\.g\. .*lora"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints/6/state: not a checkpoint of this run's model config; \d+ "
+        r"parameter\(s\) differ, e\.g\. .*lora",
+    ):
         Run(copy).load(6)
 
 

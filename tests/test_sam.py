@@ -105,7 +105,9 @@ def test_clean_mask_clips_drops_specks_and_fills_holes():
 
 def box_only_export(tmp_path: Path) -> Path:
     root = tmp_path / "boxes"
-    synthetic.write_synthetic_coco(root, n_train=3, n_valid=0, seed=2, config=synthetic.ShapesConfig(64, ("rectangle", "ellipse"), (1, 3)))
+    synthetic.write_synthetic_coco(
+        root, n_train=3, n_valid=0, seed=2, config=synthetic.ShapesConfig(64, ("rectangle", "ellipse"), (1, 3))
+    )
     (root / "valid" / "_annotations.coco.json").unlink()
     path = root / "train" / "_annotations.coco.json"
     data = json.loads(path.read_text())
@@ -118,14 +120,31 @@ def box_only_export(tmp_path: Path) -> Path:
 def test_convert_with_tiny_sam_end_to_end(checkpoint, tmp_path, capsys):
     root = box_only_export(tmp_path)
     vae_path = vae.write_random_npz(tmp_path / "vae.npz")
-    code = cli.main(["convert", str(root), "--out", str(tmp_path / "out"), "--vae", str(vae_path),
-                     "--sam-checkpoint", str(checkpoint), "--sam-model", "tiny", "--sam-device", "cpu", "--json"])
+    code = cli.main(
+        [
+            "convert",
+            str(root),
+            "--out",
+            str(tmp_path / "out"),
+            "--vae",
+            str(vae_path),
+            "--sam-checkpoint",
+            str(checkpoint),
+            "--sam-model",
+            "tiny",
+            "--sam-device",
+            "cpu",
+            "--json",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0 and summary["settings"]["box_masks"] == "sam" and summary["settings"]["sam_model"] == "tiny"
     origins = []
     for record in records.read_records(records.annotations_path(tmp_path / "out", "train")):
         mask = images.read_mask(record.mask_path)
-        boxes = np.logical_or.reduce([box_mask(o["box"], 64, 64) for o in record.extra["objects"]] or [np.zeros((64, 64), bool)])
+        boxes = np.logical_or.reduce(
+            [box_mask(o["box"], 64, 64) for o in record.extra["objects"]] or [np.zeros((64, 64), bool)]
+        )
         assert not np.any(mask & ~boxes)
         origins += [o["mask_from"] for o in record.extra["objects"]]
     assert set(origins) <= {"box_sam", "box_fill"}

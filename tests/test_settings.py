@@ -51,8 +51,29 @@ def _parse(argv: list[str], cls=Example):
 
 
 def test_types_come_from_the_annotations():
-    config = _parse(["--count", "7", "--ratio", "0.25", "--label", "y", "--path", "p/q", "--mode", "slow",
-                     "--weights", "1,2.5", "--files", "a", "--files", "b", "--splits", "valid", "test"])
+    config = _parse(
+        [
+            "--count",
+            "7",
+            "--ratio",
+            "0.25",
+            "--label",
+            "y",
+            "--path",
+            "p/q",
+            "--mode",
+            "slow",
+            "--weights",
+            "1,2.5",
+            "--files",
+            "a",
+            "--files",
+            "b",
+            "--splits",
+            "valid",
+            "test",
+        ]
+    )
     assert (config.count, config.ratio, config.label, config.path, config.mode) == (7, 0.25, "y", Path("p/q"), "slow")
     assert (config.weights, config.files, config.splits) == ([1.0, 2.5], ["a", "b"], ["valid", "test"])
     assert _parse(["--size-px", "5"]).size == 5  # a declared flag name
@@ -67,8 +88,10 @@ def test_nested_fields_take_the_field_name_as_prefix_and_their_parent_default():
     assert "inner settings:" in help_text and "--inner-rank R" in help_text
 
 
-@pytest.mark.parametrize("argv", [["--mode", "medium"], ["--kind", "three"], ["--inner-names", "a,d"],
-                                  ["--count", "many"], ["--weights", "1,x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--mode", "medium"], ["--kind", "three"], ["--inner-names", "a,d"], ["--count", "many"], ["--weights", "1,x"]],
+)
 def test_bad_values_and_choices_are_rejected_by_argparse(argv):
     with pytest.raises((argparse.ArgumentError, SystemExit)):
         _parser().parse_args(argv)
@@ -95,29 +118,57 @@ def test_comma_lists_skip_empty_items():
 
 def test_help_shows_the_dataclass_defaults():
     help_text = " ".join(_parser().format_help().split())
-    for expected in ["how many (default: 3)", "a share (default: 0.5)", "cache results (default: on)",
-                     "names; one of: a, b, c (default: a,b)", "splits (default: train)"]:
+    for expected in [
+        "how many (default: 3)",
+        "a share (default: 0.5)",
+        "cache results (default: on)",
+        "names; one of: a, b, c (default: a,b)",
+        "splits (default: train)",
+    ]:
         assert expected in help_text
     assert "say more (default" not in help_text and "a path (default" not in help_text
 
 
 def test_merge_layers_nested_settings_and_skips_not_given():
     base = {"count": 1, "inner": {"rank": 2, "names": ["a"]}}
-    assert settings.merge(base, {"inner": {"rank": 5}, "count": None}) == {"count": 1, "inner": {"rank": 5, "names": ["a"]}}
+    assert settings.merge(base, {"inner": {"rank": 5}, "count": None}) == {
+        "count": 1,
+        "inner": {"rank": 5, "names": ["a"]},
+    }
 
 
 def test_unknown_keys_list_the_known_ones():
-    with pytest.raises(ValueError, match=r"f\.json: unknown setting\(s\) inner\.size, speed; known: cache, check, "
-                                         r"count, files, inner\.names, inner\.rank, kind"):
+    with pytest.raises(
+        ValueError,
+        match=r"f\.json: unknown setting\(s\) inner\.size, speed; known: cache, check, "
+        r"count, files, inner\.names, inner\.rank, kind",
+    ):
         settings.from_dict(Example, {"speed": 1, "inner": {"size": 2}}, "f.json")
 
 
-@pytest.mark.parametrize("config", [
-    Example(),
-    Example(count=0, ratio=1e-7, label="a b", path=Path("/x"), mode="slow", kind="two", verbose=True, check=False,
-            cache=False, weights=[0.1, 3.0], files=["p", "q"], splits=["a", "b"], inner=Inner(rank=0, names=()), size=2),
-    Example(cache=True, inner=Inner(rank=4, names=("b",))),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        Example(),
+        Example(
+            count=0,
+            ratio=1e-7,
+            label="a b",
+            path=Path("/x"),
+            mode="slow",
+            kind="two",
+            verbose=True,
+            check=False,
+            cache=False,
+            weights=[0.1, 3.0],
+            files=["p", "q"],
+            splits=["a", "b"],
+            inner=Inner(rank=0, names=()),
+            size=2,
+        ),
+        Example(cache=True, inner=Inner(rank=4, names=("b",))),
+    ],
+)
 def test_to_argv_round_trips(config):
     argv = settings.to_argv(config)
     assert _parse(argv) == config
@@ -158,7 +209,9 @@ def test_train_help_lists_every_setting_with_its_default(capsys, monkeypatch):
         else:
             flag = None
     defaults = train_config.TrainConfig()
-    fields = [(field.name, getattr(defaults, field.name)) for field in dataclasses.fields(defaults) if field.name != "lora"]
+    fields = [
+        (field.name, getattr(defaults, field.name)) for field in dataclasses.fields(defaults) if field.name != "lora"
+    ]
     fields += [(f"lora_{field.name}", getattr(defaults.lora, field.name)) for field in dataclasses.fields(LoraConfig)]
     assert len(fields) == len(dataclasses.fields(defaults)) - 1 + 4
     for name, default in fields:
@@ -187,8 +240,15 @@ def test_train_flags_fill_the_nested_lora_settings():
     assert config.lora == LoraConfig(rank=16, alpha=16.0, targets=("q", "v"))
 
 
-@pytest.mark.parametrize("argv", [["--lora-targets", "q,qq"], ["--trainable", "head"], ["--preset", "huge"],
-                                  ["--checkpoint", "b.npz", "--init", "random"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--lora-targets", "q,qq"],
+        ["--trainable", "head"],
+        ["--preset", "huge"],
+        ["--checkpoint", "b.npz", "--init", "random"],
+    ],
+)
 def test_train_rejects_bad_choices_at_parse_time(argv, capsys):
     with pytest.raises(SystemExit):
         _train_args(["--out", "r", *argv])
@@ -198,17 +258,28 @@ def test_train_rejects_bad_choices_at_parse_time(argv, capsys):
 def test_train_config_file_layers_under_flags(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"steps": 50, "lora": {"rank": 4, "dropout": 0.1}}')
-    requested = settings.given(_train_args(["--out", "r", "--lora-rank", "32", "--init", "random", "--data", "d"]),
-                               train_config.TrainConfig)
+    requested = settings.given(
+        _train_args(["--out", "r", "--lora-rank", "32", "--init", "random", "--data", "d"]), train_config.TrainConfig
+    )
     config = train_config.resolve(requested, path)
     assert (config.steps, config.lora.rank, config.lora.dropout, config.lora.alpha) == (50, 32, 0.1, 16.0)
 
 
 def test_train_to_argv_round_trips_through_the_command_line(tmp_path):
-    config = train_config.resolve({"data": [str(tmp_path / "a"), str(tmp_path / "b")], "out": str(tmp_path / "run"),
-                                   "init": "random", "preset": "tiny", "trainable": "all", "remat": False,
-                                   "augment": False, "data_weights": [1.0, 3.0], "b2": 0.95,
-                                   "lora": {"rank": 2, "targets": ["q", "img_fc1"]}})
+    config = train_config.resolve(
+        {
+            "data": [str(tmp_path / "a"), str(tmp_path / "b")],
+            "out": str(tmp_path / "run"),
+            "init": "random",
+            "preset": "tiny",
+            "trainable": "all",
+            "remat": False,
+            "augment": False,
+            "data_weights": [1.0, 3.0],
+            "b2": 0.95,
+            "lora": {"rank": 2, "targets": ["q", "img_fc1"]},
+        }
+    )
     argv = settings.to_argv(config)
     assert "--no-remat" in argv and "--no-augment" in argv and argv[argv.index("--lora-targets") + 1] == "q,img_fc1"
     assert train_config.resolve(settings.given(_train_args(argv), train_config.TrainConfig)) == config

@@ -106,7 +106,9 @@ def test_refuses_to_overwrite_and_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="objects_per_image"):
         synthetic.ShapesConfig(objects_per_image=(2, 1))
     with pytest.raises(ValueError, match="placeholder"):
-        synthetic.write_synthetic_coco(tmp_path / "y", 1, 1, synthetic.ShapesConfig(classes=("ellipse",)), project="ellipse")
+        synthetic.write_synthetic_coco(
+            tmp_path / "y", 1, 1, synthetic.ShapesConfig(classes=("ellipse",)), project="ellipse"
+        )
 
 
 def test_every_class_appears():

@@ -77,7 +77,10 @@ def test_prompt_is_prefix_and_newline_and_must_fit(tokenizer):
 
 
 def test_decode_keeps_loc_and_seg_and_stops_at_eos(tokenizer):
-    objects = [codec.SegObject((10, 20, 300, 400), tuple(range(16)), "crack"), codec.SegObject((1, 2, 3, 4), (127,) * 16, "taping area")]
+    objects = [
+        codec.SegObject((10, 20, 300, 400), tuple(range(16)), "crack"),
+        codec.SegObject((1, 2, 3, 4), (127,) * 16, "taping area"),
+    ]
     text = codec.format_suffix(objects)
     ids = tokenizer.encode(text, bos=True, eos=True) + [tokenizer.seg_id(3), tokenizer.pad_id]
     decoded = tokenizer.decode(ids)
@@ -91,8 +94,15 @@ def test_missing_file_and_non_paligemma_tokenizer_are_clear_errors(tmp_path):
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(["plain words only"] * 50), model_prefix=str(tmp_path / "plain"),
-        vocab_size=30, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2, hard_vocab_limit=False,
+        sentence_iterator=iter(["plain words only"] * 50),
+        model_prefix=str(tmp_path / "plain"),
+        vocab_size=30,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        minloglevel=2,
+        hard_vocab_limit=False,
     )
     with pytest.raises(ValueError, match="no piece for <loc0000>"):
         Tokenizer(tmp_path / "plain.model")

@@ -68,7 +68,9 @@ def test_box_only_objects_are_accepted_when_seg_is_not_required():
     assert obj.seg is None and obj.label == "drywall"
 
 
-_labels = st.text(alphabet=st.characters(blacklist_characters="<>;", blacklist_categories=("Cs",)), max_size=12).map(str.strip)
+_labels = st.text(alphabet=st.characters(blacklist_characters="<>;", blacklist_categories=("Cs",)), max_size=12).map(
+    str.strip
+)
 
 
 @st.composite
@@ -100,7 +102,22 @@ def test_box_round_trip_is_within_one_quantisation_step(width, height, data):
 
 _token_soup = st.lists(
     st.one_of(
-        st.sampled_from(["<loc0001>", "<loc1023>", "<loc9999>", "<seg000>", "<seg127>", "<seg999>", " ; ", ";", " ", "<", ">", "crack"]),
+        st.sampled_from(
+            [
+                "<loc0001>",
+                "<loc1023>",
+                "<loc9999>",
+                "<seg000>",
+                "<seg127>",
+                "<seg999>",
+                " ; ",
+                ";",
+                " ",
+                "<",
+                ">",
+                "crack",
+            ]
+        ),
         st.text(max_size=5),
     ),
     max_size=40,

@@ -56,13 +56,33 @@ def test_eight_device_data_fsdp_run_matches_one_device(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     data = make_dataset(tmp_path / "data")
-    args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "40",
-            "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]
+    args = [
+        "--data",
+        str(data),
+        "--init",
+        "random",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "48",
+        "--steps",
+        "40",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--lr",
+        "3e-3",
+        "--workers",
+        "2",
+    ]
     assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
 
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "paliseg.cli.main", "train", *args, "--out", str(run_dir)]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "checkpoints" / "4").is_dir():  # orbax renames a checkpoint in when complete
@@ -88,12 +108,42 @@ def test_two_processes_match_one_process(tmp_path):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "2",
-            "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2", "--out", str(tmp_path / "multi"),
-            "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    args = [
+        "--data",
+        str(data),
+        "--init",
+        "random",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "48",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--lr",
+        "3e-3",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "multi"),
+        "--coordinator",
+        f"localhost:{port}",
+        "--num-processes",
+        "2",
+    ]
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    processes = [subprocess.Popen([sys.executable, "-m", "paliseg.cli.main", "train", *args, "--process-id", str(i)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in (0, 1)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "paliseg.cli.main", "train", *args, "--process-id", str(i)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in (0, 1)
+    ]
     errors = [process.communicate(timeout=600)[1].decode() for process in processes]
     assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     multi = read_losses(tmp_path / "multi")

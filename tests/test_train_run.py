@@ -41,8 +41,11 @@ def make_dataset(folder: Path, count: int = 12, seed: int = 0, prompts=PROMPTS) 
         pixels[y1:y2, x1:x2] = rng.integers(150, 255, 3)
         Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
         prompt = prompts[i % len(prompts)]
-        obj = tokens.SegObject(tokens.box_to_locs((x1, y1, x2, y2), size, size),
-                               tuple(int(v) for v in rng.integers(0, 128, 16)), prompt.split(" ", 1)[1])
+        obj = tokens.SegObject(
+            tokens.box_to_locs((x1, y1, x2, y2), size, size),
+            tuple(int(v) for v in rng.integers(0, 128, 16)),
+            prompt.split(" ", 1)[1],
+        )
         out.append(records.Record(f"images/{i}.png", prompt, tokens.format_suffix([obj])))
     records.write_records(records.annotations_path(folder, "train"), out)
     return folder
@@ -54,8 +57,18 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def tiny_config(dataset: Path, out: Path, **changes) -> train_config.TrainConfig:
-    values = dict(data=[str(dataset)], out=str(out), init="random", preset="tiny", seq_len=48, steps=6,
-                  batch_size=4, save_every=3, lr=3e-3, workers=2)
+    values = dict(
+        data=[str(dataset)],
+        out=str(out),
+        init="random",
+        preset="tiny",
+        seq_len=48,
+        steps=6,
+        batch_size=4,
+        save_every=3,
+        lr=3e-3,
+        workers=2,
+    )
     values.update(changes)
     return train_config.resolve(values)
 
@@ -140,7 +153,11 @@ def test_trainable_sets_hold_only_their_parameters_in_float32(dataset):
         assert all(v.dtype == jnp.float32 for v in flat.values())
         assert not set(_flatten(frozen)) & set(_flatten(train))
     assert names["lora"] and all(n.endswith(("_lora_a", "_lora_b")) for n in names["lora"])
-    assert names["attn"] == {"llm/layers/attn/q_einsum/w", "llm/layers/attn/kv_einsum/w", "llm/layers/attn/attn_vec_einsum/w"}
+    assert names["attn"] == {
+        "llm/layers/attn/q_einsum/w",
+        "llm/layers/attn/kv_einsum/w",
+        "llm/layers/attn/attn_vec_einsum/w",
+    }
     assert len(names["all"]) > len(names["attn"]) and not any("lora" in n for n in names["all"])
 
 
@@ -183,14 +200,29 @@ def test_lora_step_updates_adapters_and_no_recompile(dataset):
     for _ in range(2):  # step 1 moves B away from zero; only then does A get a gradient
         state, metrics = step(state, frozen, batch)
     assert step._cache_size() == 1  # one compilation for every step
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
-               zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(state["params"]))]
+    changed = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(state["params"]))
+    ]
     assert all(changed) and int(state["step"]) == 2 and float(metrics["loss"]) > 0
 
 
 def test_examples_longer_than_seq_len_fail_before_compiling(dataset, tmp_path, capsys):
-    code = main(["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--seq-len", "12",
-                 "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--init",
+            "random",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "12",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "do not fit --seq-len 12" in err and "_annotations.train.jsonl:1:" in err
@@ -214,16 +246,42 @@ def test_unusable_records_and_a_missing_split_fail_before_compiling(tmp_path, ca
 def test_existing_run_is_not_overwritten(dataset, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
-    code = main(["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    code = main(
+        ["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--out", str(tmp_path / "run")]
+    )
     assert code == 1 and "already holds a run; pass --resume" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_trains_loss_falls_and_load_run_merges_lora(dataset, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = main(["train", "--data", str(dataset), "--init", "random", "--preset", "tiny", "--seq-len", "48",
-                 "--trainable", "lora", "--steps", "12", "--batch-size", "4", "--lr", "1e-2", "--save-every", "6",
-                 "--no-augment", "--out", str(run_dir), "--json"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--init",
+            "random",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "48",
+            "--trainable",
+            "lora",
+            "--steps",
+            "12",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--save-every",
+            "6",
+            "--no-augment",
+            "--out",
+            str(run_dir),
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint_steps"] == [6, 12] and result["last_loss"] < result["first_loss"]
@@ -234,12 +292,18 @@ def test_cli_trains_loss_falls_and_load_run_merges_lora(dataset, tmp_path, capsy
     lora_cfg, with_adapters = Run(run_dir).load(12, merge_lora=False)
     assert not merged_cfg.lora.enabled and lora_cfg.lora.enabled
     assert not any("lora" in "/".join(k) for k in _flatten(merged))
-    batch = train_data.TrainData(tiny_config(dataset, run_dir, augment=False),
-                                 __import__("paliseg.tokenizer").tokenizer.Tokenizer(merged_cfg.tokenizer_path),
-                                 merged_cfg.img.image_size).batch(0)
+    batch = train_data.TrainData(
+        tiny_config(dataset, run_dir, augment=False),
+        __import__("paliseg.tokenizer").tokenizer.Tokenizer(merged_cfg.tokenizer_path),
+        merged_cfg.img.image_size,
+    ).batch(0)
     inputs = [batch[k][0] for k in ("image", "tokens", "mask_ar", "mask_input")]
-    np.testing.assert_allclose(model.forward(merged_cfg, merged, *inputs), model.forward(lora_cfg, with_adapters, *inputs),
-                               rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+        model.forward(merged_cfg, merged, *inputs),
+        model.forward(lora_cfg, with_adapters, *inputs),
+        rtol=2e-4,
+        atol=2e-4,
+    )
 
 
 @pytest.mark.slow

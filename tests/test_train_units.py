@@ -26,8 +26,9 @@ def _config(**changes):
 def test_resolve_layers_defaults_file_and_flags(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"lr": 0.001, "steps": 7, "lora": {"rank": 4, "alpha": 2.0}}')
-    config = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None,
-                                   "lora": {"alpha": 8.0}}, path)
+    config = train_config.resolve(
+        {"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None, "lora": {"alpha": 8.0}}, path
+    )
     assert (config.lr, config.steps, config.batch_size) == (0.001, 9, 8)
     assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (4, 8.0, 0.0)  # nested settings merge
     assert config.data[0].startswith("/") and config.out.startswith("/")  # recorded as absolute paths
@@ -90,8 +91,9 @@ def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
     run = Run(tmp_path)
     assert run.train_config == config and run.model_config == model_cfg
     (tmp_path / "c.json").write_text('{"lora_rank": 2, "lora_targets": ["v"]}')
-    from_file = train_config.resolve({"data": ["d"], "out": "r", "init": "random", "lora": {"alpha": 4.0}},
-                                     tmp_path / "c.json")
+    from_file = train_config.resolve(
+        {"data": ["d"], "out": "r", "init": "random", "lora": {"alpha": 4.0}}, tmp_path / "c.json"
+    )
     assert from_file.lora == LoraConfig(rank=2, alpha=4.0, targets=("v",))
     (tmp_path / "both.json").write_text('{"lora_rank": 2, "lora": {"rank": 3}}')
     with pytest.raises(ValueError, match=r"both lora_rank and lora\.rank"):
@@ -129,7 +131,9 @@ def test_augmentation_is_seeded_and_bounded():
     c = train_data.augment(image, np.random.default_rng([0, 3, 5, 2]), config)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c) and a.min() >= -1 and a.max() <= 1 and a.dtype == np.float32
-    still = train_data.augment(image, np.random.default_rng(1), config.replace(brightness=0.0, contrast=0.0, saturation=0.0))
+    still = train_data.augment(
+        image, np.random.default_rng(1), config.replace(brightness=0.0, contrast=0.0, saturation=0.0)
+    )
     np.testing.assert_allclose(still, image, atol=1e-6)
 
 
@@ -149,7 +153,9 @@ def test_token_loss_matches_big_vision(ls):
     logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 3, jnp.float32)
     targets = jnp.asarray(rng.integers(0, 11, (3, 5)))
     mask = jnp.asarray([[0, 1, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
-    np.testing.assert_allclose(token_loss(logits, targets, mask, ls), _reference_loss(logits, targets, mask, ls), rtol=1e-5)
+    np.testing.assert_allclose(
+        token_loss(logits, targets, mask, ls), _reference_loss(logits, targets, mask, ls), rtol=1e-5
+    )
 
 
 def test_schedule_reproduces_big_vision_colab_values():
@@ -171,12 +177,18 @@ def test_sgd_and_clipping():
 
 
 def test_fsdp_rule_splits_the_largest_divisible_axis_never_the_layer_axis():
-    assert sharding.param_spec("llm/layers/attn/q_einsum/w", (18, 8, 2048, 256), 4) == jax.sharding.PartitionSpec(None, None, "fsdp", None)
+    assert sharding.param_spec("llm/layers/attn/q_einsum/w", (18, 8, 2048, 256), 4) == jax.sharding.PartitionSpec(
+        None, None, "fsdp", None
+    )
     assert sharding.param_spec("llm/layers/mlp/linear", (16, 3, 5), 4) == jax.sharding.PartitionSpec(None, None, None)
-    assert sharding.param_spec("llm/embedder/input_embedding", (257152, 2048), 8) == jax.sharding.PartitionSpec("fsdp", None)
+    assert sharding.param_spec("llm/embedder/input_embedding", (257152, 2048), 8) == jax.sharding.PartitionSpec(
+        "fsdp", None
+    )
     assert sharding.param_spec("opt/0/mu/img/head/kernel", (1152, 2048), 1) == jax.sharding.PartitionSpec(None, None)
     # Optimizer-state paths carry the parameter path, so the layer axis is recognised there too.
-    assert sharding.param_spec("1/0/mu/llm/layers/attn/q_einsum/w_lora_a", (4, 64, 8), 4) == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert sharding.param_spec("1/0/mu/llm/layers/attn/q_einsum/w_lora_a", (4, 64, 8), 4) == jax.sharding.PartitionSpec(
+        None, "fsdp", None
+    )
     assert math.prod(sharding.make_mesh(1).devices.shape) == len(jax.devices())
 
 
@@ -196,4 +208,6 @@ def test_event_files_read_back_with_tensorflow(tmp_path):
     assert read[0].file_version == "brain.Event:2" and read[0].step == 4
     assert read[1].session_log.status == tf.compat.v1.SessionLog.START and read[1].step == 4
     assert [(e.step, e.summary.value[0].tag, e.summary.value[0].simple_value) for e in read[2:]] == [
-        (4, "train/loss", 1.25), (5, "train/loss", 0.5)]
+        (4, "train/loss", 1.25),
+        (5, "train/loss", 0.5),
+    ]

@@ -271,7 +271,10 @@ def test_fast_conv_layers_equal_the_flax_layers_big_vision_uses(layer):
     params = ours.init(jax.random.key(1), x)
     np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
     loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))  # noqa: E731
-    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)), jax.tree.leaves(jax.grad(loss(reference), (0, 1))(params, x))):
+    for a, b in zip(
+        jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+        jax.tree.leaves(jax.grad(loss(reference), (0, 1))(params, x)),
+    ):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
@@ -308,7 +311,7 @@ def test_antialiased_resize_matches_tf_image_resize(shape):
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(sum(shape))
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-    crop = ((yy - shape[0] / 2) ** 2 / (shape[0] / 3) ** 2 + (xx - shape[1] / 2) ** 2 / (shape[1] / 3) ** 2 < 1)
+    crop = (yy - shape[0] / 2) ** 2 / (shape[0] / 3) ** 2 + (xx - shape[1] / 2) ** 2 / (shape[1] / 3) ** 2 < 1
     crop ^= rng.random(shape) < 0.05  # speckle: high frequencies are where antialiasing matters
     ours = vae_masks.resize_antialiased(crop.astype(np.float32), 64, 64)
     uint8 = (crop * 255).astype(np.uint8)[None, :, :, None]  # as big_vision: uint8 0/255 mask, then / 255
@@ -330,7 +333,9 @@ def test_crop_uses_the_rounded_box():
 def test_tokens_to_mask_pastes_into_the_truncated_loc_box_only(flax_vae):
     width, height = 640, 480
     locs = (100, 200, 700, 900)  # (y1, x1, y2, x2)
-    x1, y1, x2, y2 = (int(v) for v in (200 / 1023 * width, 100 / 1023 * height, 900 / 1023 * width, 700 / 1023 * height))
+    x1, y1, x2, y2 = (
+        int(v) for v in (200 / 1023 * width, 100 / 1023 * height, 900 / 1023 * width, 700 / 1023 * height)
+    )
     seg = flax_vae.encode(np.ones((1, 64, 64)))[0]
     logits = flax_vae.decode(seg[None])[0]
     mask = vae.tokens_to_mask(flax_vae, seg, locs, width, height)

@@ -153,7 +153,20 @@ def test_round_trip_unites_the_pasted_objects_and_scores_with_metrics(tmp_path, 
 
 def test_ceiling_cli_reports_json_per_prompt_and_writes_a_canvas(tmp_path, random_npz, capsys):
     dataset = write_coco(tmp_path / "export" / "valid").parent
-    code = cli(["vae", "ceiling", str(dataset), "--vae", str(random_npz), "--json", "--canvas", str(tmp_path / "canvas"), "--canvas-count", "2"])
+    code = cli(
+        [
+            "vae",
+            "ceiling",
+            str(dataset),
+            "--vae",
+            str(random_npz),
+            "--json",
+            "--canvas",
+            str(tmp_path / "canvas"),
+            "--canvas-count",
+            "2",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["prompts"]) == {"crack-real"} and result["overall"]["images"] == 2

@@ -18,7 +18,9 @@ from paliseg.cli import main as cli
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("validate")
-    synthetic.write_synthetic_coco(base / "shapes", n_train=4, n_valid=2, seed=1, config=synthetic.ShapesConfig(64, ("ellipse",), (1, 2)))
+    synthetic.write_synthetic_coco(
+        base / "shapes", n_train=4, n_valid=2, seed=1, config=synthetic.ShapesConfig(64, ("ellipse",), (1, 2))
+    )
     convert(ConvertConfig([base / "shapes"], base / "data", vae=vae.write_random_npz(base / "vae.npz")))
     return base / "data"
 
@@ -33,7 +35,10 @@ def test_converted_dataset_is_valid(dataset, capsys):
     code, out, _ = run(capsys, dataset, "--json")
     result = json.loads(out)
     assert code == 0 and result["ok"] and result["problems"] == []
-    assert {s: (v["records"], v["bad_records"]) for s, v in result["splits"].items()} == {"train": (4, 0), "valid": (2, 0)}
+    assert {s: (v["records"], v["bad_records"]) for s, v in result["splits"].items()} == {
+        "train": (4, 0),
+        "valid": (2, 0),
+    }
     assert result["splits"]["train"]["objects"] == sum(
         len(json.loads(line)["objects"]) for line in (dataset / "_annotations.train.jsonl").read_text().splitlines()
     )
@@ -94,7 +99,12 @@ def test_each_broken_record_is_reported_with_file_and_line(dataset, tmp_path, ca
     code, out, _ = run(capsys, broken, "--json")
     # Objects that parse: n on lines 1, 3, 6, 8, 9 and n - 1 on line 4; lines 7 and 10 are empty.
     assert code == 1 and json.loads(out)["splits"]["train"] == {
-        "file": str(path), "records": 10, "objects": 6 * n - 1, "empty": 2, "bad_records": 8, "problems": 8,
+        "file": str(path),
+        "records": 10,
+        "objects": 6 * n - 1,
+        "empty": 2,
+        "bad_records": 8,
+        "problems": 8,
     }
 
 

@@ -54,16 +54,28 @@ def restore_params(run_dir: str | os.PathLike, step: int, trainable_shapes: Any)
     with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         saved = traverse_util.flatten_dict(handler.metadata(path).tree.get("params", {}), sep="/")
     wanted = traverse_util.flatten_dict(trainable_shapes, sep="/")
-    differ = [f"{name} {tuple(saved[name].shape) if name in saved else 'missing'} (the run's model: {tuple(shape.shape)})"
-              for name, shape in wanted.items() if name not in saved or tuple(saved[name].shape) != tuple(shape.shape)]
+    differ = [
+        f"{name} {tuple(saved[name].shape) if name in saved else 'missing'} (the run's model: {tuple(shape.shape)})"
+        for name, shape in wanted.items()
+        if name not in saved or tuple(saved[name].shape) != tuple(shape.shape)
+    ]
     if differ:
-        raise ValueError(f"{path}: not a checkpoint of this run's model config; {len(differ)} parameter(s) differ, "
-                         f"e.g. {'; '.join(differ[:3])}")
+        raise ValueError(
+            f"{path}: not a checkpoint of this run's model config; {len(differ)} parameter(s) differ, "
+            f"e.g. {'; '.join(differ[:3])}"
+        )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract_state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                                            {"step": jax.ShapeDtypeStruct((), "int32"), "params": trainable_shapes})
+    abstract_state = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        {"step": jax.ShapeDtypeStruct((), "int32"), "params": trainable_shapes},
+    )
     with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=abstract_state, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)))
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=abstract_state,
+                partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            ),
+        )
     return restored["params"]

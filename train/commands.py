@@ -40,11 +40,13 @@ several hosts (TPU pod slice, GPU nodes): start the same command on every host w
 every host reads its own slice of each batch; --out must be a folder every host can write (GCS or NFS)."""
 
 
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="Fine-tune PaliGemma (LoRA, attention-only or full) on converted data; checkpoints every N steps, resumable.",
-        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "train",
+        help="Fine-tune PaliGemma (LoRA, attention-only or full) on converted data; checkpoints every N steps, resumable.",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # A flag per TrainConfig field (train/config.py declares them), all defaulting to None: "not given", so
     # the config file or the default applies, and --resume sees no conflict.
@@ -54,8 +56,11 @@ def register(subparsers) -> None:
     io.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     io.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     run = groups[EXECUTION]
-    run.add_argument("--distributed", action="store_true",
-                     help="multi-host: call jax.distributed.initialize() and let it find the peers")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() and let it find the peers",
+    )
     run.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
     run.add_argument("--num-processes", metavar="N", type=int, help="multi-host: number of processes")
     run.add_argument("--process-id", metavar="I", type=int, help="multi-host: this process's index")
@@ -69,8 +74,9 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
     if args.distributed or args.coordinator:
         import jax
 
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -89,12 +95,17 @@ def _train(args: argparse.Namespace) -> int:
         config = train_config.resolve(requested, args.config)
     result = trainer.run(config, resume=args.resume)
     if not result["losses"]:
-        console.report({k: v for k, v in result.items() if k != "losses"},
-                       f"nothing to train: {result['run_dir']} already has all {result['steps']} steps", args.json)
+        console.report(
+            {k: v for k, v in result.items() if k != "losses"},
+            f"nothing to train: {result['run_dir']} already has all {result['steps']} steps",
+            args.json,
+        )
         return 0
-    human = (f"trained steps {result['start_step']}..{result['end_step']} of {result['steps']}: loss "
-             f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} examples/s; "
-             f"checkpoints at steps {', '.join(map(str, result['checkpoint_steps']))} in {result['run_dir']}")
+    human = (
+        f"trained steps {result['start_step']}..{result['end_step']} of {result['steps']}: loss "
+        f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} examples/s; "
+        f"checkpoints at steps {', '.join(map(str, result['checkpoint_steps']))} in {result['run_dir']}"
+    )
     summary = {key: value for key, value in result.items() if key != "losses"}
     console.report(summary, human, args.json)
     return 0

@@ -42,63 +42,108 @@ class TrainConfig:
 
     data: list[str] = setting([], "converted data folder (repeatable)", metavar="DIR", items="repeated", group=INPUTS)
     data_weights: list[float] | None = setting(
-        None, "sampling weight of each --data folder (default: proportional to size)", metavar="W1,W2", group=INPUTS)
+        None, "sampling weight of each --data folder (default: proportional to size)", metavar="W1,W2", group=INPUTS
+    )
     balance_prompts: bool = setting(
-        False, "sample every prompt equally often (e.g. the small drywall set as often as cracks)", group=INPUTS)
+        False, "sample every prompt equally often (e.g. the small drywall set as often as cracks)", group=INPUTS
+    )
     split: str = setting("train", "annotation split to train on", metavar="SPLIT", group=INPUTS)
-    checkpoint: str | None = setting(None, "base PaliGemma checkpoint (big_vision npz, HF safetensors, or ours)",
-                                     metavar="BASE", group=INPUTS, exclusive="base")
-    init: str | None = setting(None, "start from a seeded random model instead (tiny demo runs)", choices=("random",),
-                               group=INPUTS, exclusive="base")
-    tokenizer: str | None = setting(None, "SentencePiece model (default: the preset's; the tiny presets bundle one, "
-                                    "the 3B presets need paligemma_tokenizer.model)", metavar="PATH", group=INPUTS)
+    checkpoint: str | None = setting(
+        None,
+        "base PaliGemma checkpoint (big_vision npz, HF safetensors, or ours)",
+        metavar="BASE",
+        group=INPUTS,
+        exclusive="base",
+    )
+    init: str | None = setting(
+        None,
+        "start from a seeded random model instead (tiny demo runs)",
+        choices=("random",),
+        group=INPUTS,
+        exclusive="base",
+    )
+    tokenizer: str | None = setting(
+        None,
+        "SentencePiece model (default: the preset's; the tiny presets bundle one, "
+        "the 3B presets need paligemma_tokenizer.model)",
+        metavar="PATH",
+        group=INPUTS,
+    )
     out: str = setting("", "run folder (config, checkpoints, metrics)", metavar="RUN_DIR", required=True, group=INPUTS)
 
     preset: str = setting("paligemma-3b-224", "model preset", metavar="NAME", choices=tuple(PRESETS), group=MODEL)
-    seq_len: int = setting(128, "text tokens per example: bos + prefix + newline + suffix + eos, padded; longer "
-                           "examples are an error", metavar="N", group=MODEL)
-    base_dtype: str | None = setting(None, "dtype of the frozen base (default: the preset's; trainable parameters "
-                                     "are float32)", choices=DTYPES, group=MODEL)
-    remat: bool = setting(True, "recompute activations in the backward pass, trading compute for memory", negatable=True,
-                          group=MODEL)
+    seq_len: int = setting(
+        128,
+        "text tokens per example: bos + prefix + newline + suffix + eos, padded; longer examples are an error",
+        metavar="N",
+        group=MODEL,
+    )
+    base_dtype: str | None = setting(
+        None,
+        "dtype of the frozen base (default: the preset's; trainable parameters are float32)",
+        choices=DTYPES,
+        group=MODEL,
+    )
+    remat: bool = setting(
+        True, "recompute activations in the backward pass, trading compute for memory", negatable=True, group=MODEL
+    )
 
-    trainable: str = setting("lora", "parameter set: LoRA adapters, the Gemma attention, or every parameter",
-                             choices=TRAINABLE_SETS, group=TRAINED)
+    trainable: str = setting(
+        "lora",
+        "parameter set: LoRA adapters, the Gemma attention, or every parameter",
+        choices=TRAINABLE_SETS,
+        group=TRAINED,
+    )
     lora: LoraConfig = setting(LoraConfig(rank=8), group=TRAINED)  # --lora-rank, --lora-alpha, ...
 
     steps: int = setting(200, "optimizer steps", metavar="N", group=OPTIMISATION)
-    batch_size: int = setting(8, "examples per optimizer step, over all devices and hosts", metavar="B",
-                              group=OPTIMISATION)
-    grad_accum: int = setting(1, "micro-batches per step; each holds batch_size / grad_accum examples", metavar="K",
-                              group=OPTIMISATION)
+    batch_size: int = setting(
+        8, "examples per optimizer step, over all devices and hosts", metavar="B", group=OPTIMISATION
+    )
+    grad_accum: int = setting(
+        1, "micro-batches per step; each holds batch_size / grad_accum examples", metavar="K", group=OPTIMISATION
+    )
     optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS, group=OPTIMISATION)
     lr: float = setting(3e-4, "peak learning rate", metavar="LR", group=OPTIMISATION)
-    warmup_fraction: float = setting(0.1, "share of the steps in linear warmup, then cosine to --min-lr-ratio * --lr",
-                                     metavar="F", group=OPTIMISATION)
+    warmup_fraction: float = setting(
+        0.1,
+        "share of the steps in linear warmup, then cosine to --min-lr-ratio * --lr",
+        metavar="F",
+        group=OPTIMISATION,
+    )
     min_lr_ratio: float = setting(0.0, "final lr of the cosine, relative to --lr", metavar="F", group=OPTIMISATION)
     b1: float = setting(0.9, "AdamW beta1", metavar="B1", group=OPTIMISATION)
     b2: float = setting(0.999, "AdamW beta2", metavar="B2", group=OPTIMISATION)
     momentum: float = setting(0.0, "SGD momentum", metavar="M", group=OPTIMISATION)
-    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW), on matrices only", metavar="WD",
-                                  group=OPTIMISATION)
+    weight_decay: float = setting(
+        0.0, "decoupled weight decay (AdamW), on matrices only", metavar="WD", group=OPTIMISATION
+    )
     grad_clip: float = setting(1.0, "global-norm clip; 0 disables it", metavar="NORM", group=OPTIMISATION)
-    label_smoothing: float = setting(0.0, "label smoothing (big_vision's refcoco_seg uses 0.3)", metavar="LS",
-                                     group=OPTIMISATION)
+    label_smoothing: float = setting(
+        0.0, "label smoothing (big_vision's refcoco_seg uses 0.3)", metavar="LS", group=OPTIMISATION
+    )
     seed: int = setting(0, "seeds data order, augmentation, adapters, dropout", metavar="S", group=OPTIMISATION)
-    augment: bool = setting(True, "turn off the photometric augmentation (brightness, contrast, saturation)",
-                            group=OPTIMISATION)
-    brightness: float = setting(0.2, "augmentation: largest brightness offset (on [0, 1] pixel values)", metavar="F",
-                                group=OPTIMISATION)
+    augment: bool = setting(
+        True, "turn off the photometric augmentation (brightness, contrast, saturation)", group=OPTIMISATION
+    )
+    brightness: float = setting(
+        0.2, "augmentation: largest brightness offset (on [0, 1] pixel values)", metavar="F", group=OPTIMISATION
+    )
     contrast: float = setting(0.2, "augmentation: contrast factors drawn from 1 +- F", metavar="F", group=OPTIMISATION)
-    saturation: float = setting(0.2, "augmentation: saturation factors drawn from 1 +- F", metavar="F",
-                                group=OPTIMISATION)
+    saturation: float = setting(
+        0.2, "augmentation: saturation factors drawn from 1 +- F", metavar="F", group=OPTIMISATION
+    )
 
     save_every: int = setting(25, "checkpoint every N steps, all kept", metavar="N", group=EXECUTION)
     log_every: int = setting(1, "write metrics every N steps", metavar="N", group=EXECUTION)
     workers: int = setting(4, "image-loading threads", metavar="N", group=EXECUTION)
     prefetch: int = setting(2, "batches loaded ahead", metavar="N", group=EXECUTION)
-    mesh_fsdp: int = setting(1, "devices that share one copy of the model (FSDP); the others replicate it (data "
-                             "parallel)", metavar="N", group=EXECUTION)
+    mesh_fsdp: int = setting(
+        1,
+        "devices that share one copy of the model (FSDP); the others replicate it (data parallel)",
+        metavar="N",
+        group=EXECUTION,
+    )
 
     @property
     def micro_batch_size(self) -> int:
@@ -169,8 +214,12 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     def absolute(path: str | None) -> str | None:
         return None if path is None else os.path.abspath(os.path.expanduser(path))
 
-    return config.replace(data=[absolute(d) for d in config.data], checkpoint=absolute(config.checkpoint),
-                          tokenizer=absolute(config.tokenizer), out=absolute(config.out) if config.out else "")
+    return config.replace(
+        data=[absolute(d) for d in config.data],
+        checkpoint=absolute(config.checkpoint),
+        tokenizer=absolute(config.tokenizer),
+        out=absolute(config.out) if config.out else "",
+    )
 
 
 def check_resume(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig:
@@ -190,8 +239,11 @@ def check_resume(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig:
         elif settings.lookup(asked, key) != settings.lookup(saved, key):
             conflicts.append(f"{key}={settings.lookup(asked, key)!r} (the run has {settings.lookup(saved, key)!r})")
     if conflicts:
-        raise ValueError("--resume: the run was started with other settings: " + "; ".join(conflicts)
-                         + ". Resume without them, or start a new run in another --out folder.")
+        raise ValueError(
+            "--resume: the run was started with other settings: "
+            + "; ".join(conflicts)
+            + ". Resume without them, or start a new run in another --out folder."
+        )
     config = saved.replace(**changes)
     validate(config)
     return config
@@ -207,15 +259,18 @@ def validate(config: TrainConfig) -> None:
 
     need(bool(config.data), "at least one --data folder is required")
     need(bool(config.out), "--out RUN_DIR is required")
-    need((config.checkpoint is None) != (config.init is None),
-         "give exactly one of --checkpoint BASE or --init random")
+    need((config.checkpoint is None) != (config.init is None), "give exactly one of --checkpoint BASE or --init random")
     need(config.init in (None, "random"), f"--init must be 'random', got {config.init!r}")
     if config.data_weights is not None:
-        need(len(config.data_weights) == len(config.data),
-             f"--data-weights has {len(config.data_weights)} values for {len(config.data)} --data folders")
+        need(
+            len(config.data_weights) == len(config.data),
+            f"--data-weights has {len(config.data_weights)} values for {len(config.data)} --data folders",
+        )
         need(all(w > 0 and math.isfinite(w) for w in config.data_weights), "--data-weights must be positive")
-    need(not (config.balance_prompts and config.data_weights is not None),
-         "--balance-prompts and --data-weights are exclusive (prompts or folders set the sampling weights)")
+    need(
+        not (config.balance_prompts and config.data_weights is not None),
+        "--balance-prompts and --data-weights are exclusive (prompts or folders set the sampling weights)",
+    )
     need(config.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
     need(config.trainable in TRAINABLE_SETS, f"--trainable must be one of {', '.join(TRAINABLE_SETS)}")
     need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
@@ -225,8 +280,10 @@ def validate(config: TrainConfig) -> None:
     need(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
     need(config.grad_accum >= 1, f"--grad-accum must be at least 1, got {config.grad_accum}")
     if config.batch_size >= 1 and config.grad_accum >= 1:
-        need(config.batch_size % config.grad_accum == 0,
-             f"--batch-size {config.batch_size} must be a multiple of --grad-accum {config.grad_accum}")
+        need(
+            config.batch_size % config.grad_accum == 0,
+            f"--batch-size {config.batch_size} must be a multiple of --grad-accum {config.grad_accum}",
+        )
     need(config.lr > 0 and math.isfinite(config.lr), f"--lr must be positive, got {config.lr}")
     need(0 <= config.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {config.warmup_fraction}")
     need(0 <= config.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {config.min_lr_ratio}")
@@ -238,8 +295,10 @@ def validate(config: TrainConfig) -> None:
     need(config.lora.rank >= 1, f"--lora-rank must be at least 1, got {config.lora.rank}")
     need(config.lora.alpha > 0, f"--lora-alpha must be positive, got {config.lora.alpha}")
     need(0 <= config.lora.dropout < 1, f"--lora-dropout must be in [0, 1), got {config.lora.dropout}")
-    need(bool(config.lora.targets),  # LoraConfig itself refuses unknown targets
-         f"--lora-targets must be a non-empty subset of {','.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}")
+    need(
+        bool(config.lora.targets),  # LoraConfig itself refuses unknown targets
+        f"--lora-targets must be a non-empty subset of {','.join(LLM_LORA_TARGETS + IMG_LORA_TARGETS)}",
+    )
     for name in ("brightness", "contrast", "saturation"):
         need(0 <= getattr(config, name) < 1, f"--{name} must be in [0, 1), got {getattr(config, name)}")
     need(config.workers >= 1, f"--workers must be at least 1, got {config.workers}")

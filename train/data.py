@@ -69,21 +69,27 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
         counts = ", ".join(f"{reason}: {count}" for reason, count in dataset.skip_counts(unusable).items())
         listed = "\n  ".join(f"{skip.where}: {skip.message}" for skip in unusable[:20])
         more = f"\n  ... and {len(unusable) - 20} more" if len(unusable) > 20 else ""
-        raise ValueError(f"{len(unusable)} record(s) cannot be trained on ({counts}; `paliseg validate` "
-                         f"lists every problem):\n  {listed}{more}")
+        raise ValueError(
+            f"{len(unusable)} record(s) cannot be trained on ({counts}; `paliseg validate` "
+            f"lists every problem):\n  {listed}{more}"
+        )
     if too_long:
         longest = max(length for _, length in too_long)
         listed = "\n  ".join(f"{where}: {length} tokens" for where, length in too_long[:20])
         more = f"\n  ... and {len(too_long) - 20} more" if len(too_long) > 20 else ""
-        raise ValueError(f"{len(too_long)} example(s) do not fit --seq-len {config.seq_len} "
-                         f"(the longest needs {longest}; raise --seq-len or drop them):\n  {listed}{more}")
+        raise ValueError(
+            f"{len(too_long)} example(s) do not fit --seq-len {config.seq_len} "
+            f"(the longest needs {longest}; raise --seq-len or drop them):\n  {listed}{more}"
+        )
     return per_folder
 
 
 def annotation_digests(config: TrainConfig) -> dict[str, str]:
     """SHA-256 of each --data folder's annotation file: a resumed run checks its data did not change."""
-    return {folder: hashlib.sha256(dataset.split_file(folder, config.split).read_bytes()).hexdigest()
-            for folder in config.data}
+    return {
+        folder: hashlib.sha256(dataset.split_file(folder, config.split).read_bytes()).hexdigest()
+        for folder in config.data
+    }
 
 
 def _length(tokenizer, record: records.Record) -> int:
@@ -114,7 +120,8 @@ class Sampler:
             if len(self._permutations) > 64:
                 self._permutations.clear()
             self._permutations[key] = np.random.default_rng([self.seed, 2, group, epoch]).permutation(
-                len(self.group_members[group]))
+                len(self.group_members[group])
+            )
         return self._permutations[key]
 
     def seek(self, step: int) -> None:
@@ -172,8 +179,10 @@ class TrainData:
 
     def __init__(self, config: TrainConfig, tokenizer, image_size: int, process_index: int = 0, process_count: int = 1):
         if config.micro_batch_size % process_count:
-            raise ValueError(f"the micro-batch ({config.batch_size} / --grad-accum {config.grad_accum}) must be "
-                             f"a multiple of the number of processes ({process_count})")
+            raise ValueError(
+                f"the micro-batch ({config.batch_size} / --grad-accum {config.grad_accum}) must be "
+                f"a multiple of the number of processes ({process_count})"
+            )
         self.config = config
         self.image_size = image_size
         self.per_folder = read_examples(config, tokenizer)
@@ -182,7 +191,7 @@ class TrainData:
         self.sampler = make_sampler(config, self.per_folder)
         local = config.micro_batch_size // process_count
         slots = np.arange(config.batch_size).reshape(config.grad_accum, config.micro_batch_size)
-        self.local_slots = slots[:, process_index * local:(process_index + 1) * local]  # [accum, local]
+        self.local_slots = slots[:, process_index * local : (process_index + 1) * local]  # [accum, local]
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -54,8 +54,15 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(wall_time: float, step: int, *, file_version: str | None = None, tag: str | None = None,
-           value: float | None = None, session_start: bool = False) -> bytes:
+def _event(
+    wall_time: float,
+    step: int,
+    *,
+    file_version: str | None = None,
+    tag: str | None = None,
+    value: float | None = None,
+    session_start: bool = False,
+) -> bytes:
     """An `Event` proto: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5,
     session_log = 7 (SessionLog{status = 1}, START = 1)."""
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
@@ -89,7 +96,9 @@ class ScalarWriter:
 
     def _write(self, record: bytes) -> None:
         length = struct.pack("<Q", len(record))
-        self.handle.write(length + struct.pack("<I", _masked_crc(length)) + record + struct.pack("<I", _masked_crc(record)))
+        self.handle.write(
+            length + struct.pack("<I", _masked_crc(length)) + record + struct.pack("<I", _masked_crc(record))
+        )
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._write(_event(time.time(), step, tag=tag, value=float(value)))

@@ -70,7 +70,9 @@ def _abstract(model_cfg: model_configs.ModelConfig, trainable: str) -> tuple[Par
     return jax.eval_shape(lambda key: split(model.init_params(model_cfg, key), trainable), jax.random.key(0))
 
 
-def random_init(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:
+def random_init(
+    config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None
+) -> tuple[Params, Params]:
     """(frozen, trainable) from the model's initialisers, seeded by `config.seed`, created already sharded."""
     init = jax.jit(lambda key: split(model.init_params(model_cfg, key), config.trainable), out_shardings=shardings)
     return init(jax.random.key(config.seed))
@@ -83,13 +85,19 @@ def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings
         return random_init(config, model_cfg, shardings)
     from paliseg import checkpoints
 
-    _, base = checkpoints.load(config.checkpoint, preset=config.preset, vocab_size=model_cfg.llm.vocab_size,
-                               param_dtype=model_cfg.param_dtype, lora={"rank": 0})
+    _, base = checkpoints.load(
+        config.checkpoint,
+        preset=config.preset,
+        vocab_size=model_cfg.llm.vocab_size,
+        param_dtype=model_cfg.param_dtype,
+        lora={"rank": 0},
+    )
     if config.trainable != "lora":
         frozen, trainable = split(base, config.trainable)
         return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)
     # Only the adapters are initialised: jit drops the base's initialisers, whose results are unused.
-    adapters = jax.jit(lambda key: split(model.init_params(model_cfg, key), "lora")[1],
-                       out_shardings=None if shardings is None else shardings[1])(jax.random.key(config.seed))
+    adapters = jax.jit(
+        lambda key: split(model.init_params(model_cfg, key), "lora")[1],
+        out_shardings=None if shardings is None else shardings[1],
+    )(jax.random.key(config.seed))
     return (jax.device_put(base, shardings[0]) if shardings is not None else base), adapters
-

@@ -39,8 +39,13 @@ def is_run(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / CONFIG_FILE).is_file()
 
 
-def write_config(run_dir: str | os.PathLike, config: train_config.TrainConfig, model_cfg: ModelConfig,
-                 data_digests: dict[str, str], vae: identity.VaeIdentity | None) -> None:
+def write_config(
+    run_dir: str | os.PathLike,
+    config: train_config.TrainConfig,
+    model_cfg: ModelConfig,
+    data_digests: dict[str, str],
+    vae: identity.VaeIdentity | None,
+) -> None:
     """RUN_DIR/config.json at the start of a run (see the module docstring); a resumed run keeps it."""
     files.write_json(Path(run_dir) / CONFIG_FILE, {
         "train": config.to_json(), "model": model_cfg.to_dict(), "data_sha256": data_digests,
@@ -55,14 +60,21 @@ def data_vae(folders: list[str]) -> identity.VaeIdentity | None:
     digests = {vae.sha256 for vae in known.values()}
     if len(digests) > 1:
         listed = "; ".join(f"{folder}: {vae.sha256}" for folder, vae in known.items())
-        raise ValueError(f"the --data folders were converted with different VAEs ({listed}); their seg tokens "
-                         "do not mean the same masks. Convert them with one VAE (paliseg convert --vae PATH)")
+        raise ValueError(
+            f"the --data folders were converted with different VAEs ({listed}); their seg tokens "
+            "do not mean the same masks. Convert them with one VAE (paliseg convert --vae PATH)"
+        )
     unknown = [folder for folder, vae in recorded.items() if vae is None]
     if unknown:
-        console.info(f"note: no VAE is recorded in the conversion.json of {', '.join(unknown)} (converted by an "
-                     "older paliseg, or not by `paliseg convert`); "
-                     + ("the run records the VAE of the others" if known else "the run records none, so "
-                        "eval and predict use --vae or the default VAE"))
+        console.info(
+            f"note: no VAE is recorded in the conversion.json of {', '.join(unknown)} (converted by an "
+            "older paliseg, or not by `paliseg convert`); "
+            + (
+                "the run records the VAE of the others"
+                if known
+                else "the run records none, so eval and predict use --vae or the default VAE"
+            )
+        )
     return next(iter(known.values()), None)
 
 
@@ -103,8 +115,10 @@ class Run:
         """Refuse to resume on changed annotations: the sampler would draw other examples than the run did."""
         changed = sorted(folder for folder, digest in self.data_sha256.items() if digests.get(folder) != digest)
         if changed:
-            raise ValueError(f"--resume: the annotations of {', '.join(changed)} changed since the run started; "
-                             "resuming would not continue the same run. Start a new run in another --out folder.")
+            raise ValueError(
+                f"--resume: the annotations of {', '.join(changed)} changed since the run started; "
+                "resuming would not continue the same run. Start a new run in another --out folder."
+            )
 
     # --- the best step ----------------------------------------------------------------------------------
 
@@ -122,12 +136,14 @@ class Run:
         files.write_json(self.best_path, best)
 
     def resolve_step(self, step: int | str | None) -> int:
-        """"best" (recorded by `paliseg eval`), "latest"/None, or an int (0 = the base)."""
+        """ "best" (recorded by `paliseg eval`), "latest"/None, or an int (0 = the base)."""
         if step == "best":
             best = self.best
             if best is None:
-                raise FileNotFoundError(f"{self.best_path}: no best step recorded yet; run `paliseg eval {self.dir} ...` "
-                                        "first, or pass --step N")
+                raise FileNotFoundError(
+                    f"{self.best_path}: no best step recorded yet; run `paliseg eval {self.dir} ...` "
+                    "first, or pass --step N"
+                )
             return int(best["step"])
         if step is None or step == "latest":
             steps = self.steps
@@ -152,7 +168,9 @@ class Run:
             self._frozen = {} if all_trainable else param_sets.initial(self.train_config, self.model_config)[0]
         return self._frozen
 
-    def load(self, step: int | None = None, merge_lora: bool = True, frozen: dict | None = None) -> tuple[ModelConfig, dict]:
+    def load(
+        self, step: int | None = None, merge_lora: bool = True, frozen: dict | None = None
+    ) -> tuple[ModelConfig, dict]:
         """(model config, full params) of checkpoint `step` (default: the latest; 0: the base).
 
         With `merge_lora` (default) the adapters are folded into the base and the returned config has LoRA
@@ -170,8 +188,9 @@ class Run:
         else:
             steps = self.steps
             if step not in steps:
-                raise ValueError(f"{self.dir}: no checkpoint at step {step}; saved steps: "
-                                 + (", ".join(map(str, steps)) or "none"))
+                raise ValueError(
+                    f"{self.dir}: no checkpoint at step {step}; saved steps: " + (", ".join(map(str, steps)) or "none")
+                )
             _, trainable_shapes = param_sets.abstract(self.train_config, self.model_config)
             trainable = checkpoints.restore_params(self.dir, step, trainable_shapes)
             base = self.frozen_params() if frozen is None else frozen

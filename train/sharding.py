@@ -74,8 +74,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
     devices = mesh.devices.size
     if (batch_size // grad_accum) % devices:
-        raise ValueError(f"the micro-batch ({batch_size} / --grad-accum {grad_accum} = {batch_size // grad_accum}) "
-                         f"must be a multiple of the number of devices ({devices})")
+        raise ValueError(
+            f"the micro-batch ({batch_size} / --grad-accum {grad_accum} = {batch_size // grad_accum}) "
+            f"must be a multiple of the number of devices ({devices})"
+        )
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

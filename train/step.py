@@ -55,12 +55,19 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask_loss: jax.Array, labe
     return jnp.mean(per_example)
 
 
-def example_loss(model_cfg: ModelConfig, full_params, batch: dict[str, jax.Array], rng: jax.Array,
-                 label_smoothing: float) -> jax.Array:
+def example_loss(
+    model_cfg: ModelConfig, full_params, batch: dict[str, jax.Array], rng: jax.Array, label_smoothing: float
+) -> jax.Array:
     """The training loss of one micro-batch ([B, ...] arrays) under the full parameter tree."""
     logits = model.forward(
-        model_cfg, full_params, batch["image"], batch["tokens"][:, :-1], batch["mask_ar"][:, :-1],
-        batch["mask_input"][:, :-1], train=True, rng=rng,
+        model_cfg,
+        full_params,
+        batch["image"],
+        batch["tokens"][:, :-1],
+        batch["mask_ar"][:, :-1],
+        batch["mask_input"][:, :-1],
+        train=True,
+        rng=rng,
     )
     return token_loss(logits, batch["tokens"][:, 1:], batch["mask_loss"][:, 1:], label_smoothing)
 
@@ -69,8 +76,9 @@ def init_state(trainable, tx: optax.GradientTransformation) -> State:
     return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable)}
 
 
-def make_train_step(config: TrainConfig, model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule) -> Callable[[State, Any, dict[str, jax.Array]], tuple[State, dict]]:
+def make_train_step(
+    config: TrainConfig, model_cfg: ModelConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule
+) -> Callable[[State, Any, dict[str, jax.Array]], tuple[State, dict]]:
     """step(state, frozen, batch) -> (new state, metrics {loss, grad_norm, lr}); not yet jit-compiled."""
     base_key = jax.random.key(config.seed)
 
@@ -90,8 +98,9 @@ def make_train_step(config: TrainConfig, model_cfg: ModelConfig, tx: optax.Gradi
 
         accum = config.grad_accum
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                               (batch, jnp.arange(accum)))
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), (batch, jnp.arange(accum))
+        )
         grads = jax.tree_util.tree_map(lambda g: g / accum, grad_sum)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
@@ -105,9 +114,18 @@ def make_train_step(config: TrainConfig, model_cfg: ModelConfig, tx: optax.Gradi
     return step
 
 
-def jit_train_step(config: TrainConfig, model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                   lr_schedule: optax.Schedule, **jit_kwargs) -> Callable:
+def jit_train_step(
+    config: TrainConfig,
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    **jit_kwargs,
+) -> Callable:
     """`make_train_step` compiled as `paliseg train` runs it (the state donated, this backend's compiler
     options), so the benchmarks measure that very step; `jit_kwargs` (e.g. shardings) go to `jax.jit`."""
-    return jax.jit(make_train_step(config, model_cfg, tx, lr_schedule), donate_argnums=(0,),
-                   compiler_options=_compiler_options(), **jit_kwargs)
+    return jax.jit(
+        make_train_step(config, model_cfg, tx, lr_schedule),
+        donate_argnums=(0,),
+        compiler_options=_compiler_options(),
+        **jit_kwargs,
+    )

@@ -54,8 +54,10 @@ def load_tokenizer(config: TrainConfig, model_cfg) -> Tokenizer:
     path = config.tokenizer
     tokenizer = Tokenizer(path)
     if tokenizer.vocab_size > model_cfg.llm.vocab_size:
-        raise ValueError(f"{path}: {tokenizer.vocab_size} pieces, more than the model's vocabulary "
-                         f"({model_cfg.llm.vocab_size}) of preset {config.preset}")
+        raise ValueError(
+            f"{path}: {tokenizer.vocab_size} pieces, more than the model's vocabulary "
+            f"({model_cfg.llm.vocab_size}) of preset {config.preset}"
+        )
     return tokenizer
 
 
@@ -123,9 +125,11 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
     is_main = jax.process_index() == 0
     if is_main:
-        console.info(f"train: {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, "
-                     f"trainable {config.trainable}, {mesh.devices.size} device(s) "
-                     f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), {jax.process_count()} process(es)")
+        console.info(
+            f"train: {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, "
+            f"trainable {config.trainable}, {mesh.devices.size} device(s) "
+            f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), {jax.process_count()} process(es)"
+        )
 
     tx = optim.optimizer(config)
     lr_schedule = optim.schedule(config)
@@ -137,8 +141,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     checkpoints = run_checkpoints.manager(out)
     frozen, trainable = param_sets.initial(config, model_cfg, (frozen_shardings, state_shardings["params"]))
     if start_step:
-        abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                          state_shapes, state_shardings)
+        abstract = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings
+        )
         state = run_checkpoints.restore_state(checkpoints, start_step, abstract)
         del trainable
     else:
@@ -148,12 +153,21 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
             run_folder.write_config(out, config, model_cfg, data.digests, data_vae)
 
     step_fn = train_step.jit_train_step(
-        config, model_cfg, tx, lr_schedule,
+        config,
+        model_cfg,
+        tx,
+        lr_schedule,
         in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
     )
-    meta = {"base_checkpoint": config.checkpoint, "init": config.init, "preset": config.preset,
-            "trainable": config.trainable, "train_config": config.to_json(), "model_config": model_cfg.to_dict()}
+    meta = {
+        "base_checkpoint": config.checkpoint,
+        "init": config.init,
+        "preset": config.preset,
+        "trainable": config.trainable,
+        "train_config": config.to_json(),
+        "model_config": model_cfg.to_dict(),
+    }
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
     log = MetricsLog(out, start_step, is_main)
     bar = console.progress_bar("train", total=config.steps, unit="step") if is_main else None
@@ -169,16 +183,19 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"step {done_step}: the loss is {values['loss']}; lower --lr or check the data")
         now = time.perf_counter()
-        row = {"step": done_step, **values, "elapsed_s": now - started,
-               "examples_per_s": (done_step - last_step) * config.batch_size / max(now - last_time, 1e-9)}
+        row = {
+            "step": done_step,
+            **values,
+            "elapsed_s": now - started,
+            "examples_per_s": (done_step - last_step) * config.batch_size / max(now - last_time, 1e-9),
+        }
         last_time, last_step = now, done_step
         history.append(row)
         if done_step % config.log_every == 0 or done_step == end_step:
             log.write(row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                            ex_s=f"{row['examples_per_s']:.1f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
 
     try:
         for step, local_batch in data.iterate(start_step, end_step):
@@ -189,8 +206,16 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 record(*pending)
                 pending = None
-                run_checkpoints.save(checkpoints, step + 1, state, {**meta, "step": step + 1,
-                                     "data_position": {"step": step + 1, "examples_seen": (step + 1) * config.batch_size}})
+                run_checkpoints.save(
+                    checkpoints,
+                    step + 1,
+                    state,
+                    {
+                        **meta,
+                        "step": step + 1,
+                        "data_position": {"step": step + 1, "examples_seen": (step + 1) * config.batch_size},
+                    },
+                )
         if pending is not None:
             record(*pending)
         checkpoints.wait_until_finished()
@@ -202,7 +227,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     return _summary(out, config, start_step, end_step, history)
 
 
-def _summary(out: Path, config: TrainConfig, start_step: int, end_step: int, history: list[dict[str, float]]) -> dict[str, Any]:
+def _summary(
+    out: Path, config: TrainConfig, start_step: int, end_step: int, history: list[dict[str, float]]
+) -> dict[str, Any]:
     losses = [row["loss"] for row in history]
     timed = history[1:] or history  # the first step includes the compilation
     return {

@@ -37,7 +37,9 @@ class RoundTrip:
     objects: int
 
 
-def round_trip(model: MaskVAE, sample: Sample, objects: str = "instance", counts: collections.Counter | None = None) -> RoundTrip:
+def round_trip(
+    model: MaskVAE, sample: Sample, objects: str = "instance", counts: collections.Counter | None = None
+) -> RoundTrip:
     """Encode the sample's objects, decode them at their loc-token boxes, unite, score."""
     if objects not in OBJECT_MODES:
         raise ValueError(f"objects must be one of {OBJECT_MODES}, got {objects!r}")
@@ -67,8 +69,10 @@ def summarize(results: Iterable[RoundTrip], counts: collections.Counter) -> dict
 
     return {
         "overall": stats(summary["overall"], results),
-        "prompts": {prompt: stats(aggregated, [r for r in results if r.sample.prompt == prompt])
-                    for prompt, aggregated in summary["per_prompt"].items()},
+        "prompts": {
+            prompt: stats(aggregated, [r for r in results if r.sample.prompt == prompt])
+            for prompt, aggregated in summary["per_prompt"].items()
+        },
         "degenerate_boxes": dict(counts),
     }
 
@@ -88,13 +92,21 @@ def write_canvas(directory: Path, results: list[RoundTrip], count: int) -> Path:
     panels = []
     for result in worst + spread:
         sample = result.sample
-        image = images.read_image(sample.image_path) if sample.image_path is not None and sample.image_path.is_file() else None
+        image = (
+            images.read_image(sample.image_path)
+            if sample.image_path is not None and sample.image_path.is_file()
+            else None
+        )
         if image is None or image.size != (sample.width, sample.height):
             # No image, or one whose displayed frame is not the annotation's (a COCO file describing the
             # stored frame of a photo with an EXIF orientation tag): the masks are drawn on grey.
             image = Image.new("RGB", (sample.width, sample.height), (40, 40, 40))
-        caption = f"{Path(sample.name).name}  [{sample.prompt}]  round-trip IoU {result.iou:.3f}, {result.objects} objects"
-        panels.append(canvas.make_canvas(image, sample.mask, result.prediction, caption, gt_boxes=sample.boxes, panel_height=320))
+        caption = (
+            f"{Path(sample.name).name}  [{sample.prompt}]  round-trip IoU {result.iou:.3f}, {result.objects} objects"
+        )
+        panels.append(
+            canvas.make_canvas(image, sample.mask, result.prediction, caption, gt_boxes=sample.boxes, panel_height=320)
+        )
     out = Path(directory) / "round_trip.png"
     files.write_image(out, canvas.make_grid(panels, columns=2))
     return out

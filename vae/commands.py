@@ -70,7 +70,11 @@ def register(subparsers) -> None:
     )
     train.add_argument("sources", nargs="+", metavar="MASK_SOURCES", help="see below")
     train.add_argument("--out", type=Path, required=True, help="output npz")
-    train.add_argument("--split", default="train", help="split of converted datasets / COCO exports with split folders (default: train)")
+    train.add_argument(
+        "--split",
+        default="train",
+        help="split of converted datasets / COCO exports with split folders (default: train)",
+    )
     settings.add_arguments(train, VaeTrainConfig)  # a flag per field: --steps, --batch-size, ...
     train.add_argument("--float16", action="store_true", help="store the weights as float16 (half the size)")
     train.add_argument("--resume", action="store_true", help="continue from OUT.state")
@@ -87,17 +91,26 @@ def register(subparsers) -> None:
         epilog=_CEILING_EPILOG,
     )
     ceiling.add_argument("dataset", type=Path, metavar="DATASET")
-    ceiling.add_argument("--vae", type=Path, default=None,
-                         help="the VAE npz (vae-oid layout); default: a converted dataset's own (see below), else "
-                         "models/vae-oid.npz if present, else the bundled VAE")
-    ceiling.add_argument("--allow-vae-mismatch", action="store_true",
-                         help="use --vae even though its SHA-256 differs from the dataset's recorded VAE (a warning, not an error)")
+    ceiling.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="the VAE npz (vae-oid layout); default: a converted dataset's own (see below), else "
+        "models/vae-oid.npz if present, else the bundled VAE",
+    )
+    ceiling.add_argument(
+        "--allow-vae-mismatch",
+        action="store_true",
+        help="use --vae even though its SHA-256 differs from the dataset's recorded VAE (a warning, not an error)",
+    )
     ceiling.add_argument("--split", default=None, help="split to score (default: valid if present, else the first)")
     ceiling.add_argument("--objects", choices=("instance", "merged"), default="instance",
                          help="one token group per object (default) or one per image for the union")  # fmt: skip
     ceiling.add_argument("--limit", type=int, default=None, help="score only the first N images")
     ceiling.add_argument("--canvas", type=Path, default=None, help="write ground truth | round-trip canvases here")
-    ceiling.add_argument("--canvas-count", type=int, default=8, help="images on the canvas (default: 8, the worst half and a spread)")
+    ceiling.add_argument(
+        "--canvas-count", type=int, default=8, help="images on the canvas (default: 8, the worst half and a spread)"
+    )
     ceiling.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ceiling.set_defaults(run=_run_ceiling)
 
@@ -172,7 +185,9 @@ def _run_ceiling(args: argparse.Namespace) -> int:
     for skip in skipped:
         console.info(f"skipped {skip.where}: {skip.message}")
     if not results:
-        raise ValueError(f"{args.dataset}: no images to score" + (f" ({len(skipped)} record(s) skipped)" if skipped else ""))
+        raise ValueError(
+            f"{args.dataset}: no images to score" + (f" ({len(skipped)} record(s) skipped)" if skipped else "")
+        )
     summary = ceiling.summarize(results, counts)
     if skipped:
         summary["skipped_by_reason"] = dataset.skip_counts(skipped)
@@ -231,6 +246,12 @@ def _run_encode(args: argparse.Namespace) -> int:
     x1, y1, x2, y2 = codec.locs_to_pixel_box(locs, width, height)
     inside = np.zeros_like(mask)
     inside[y1:y2, x1:x2] = True
-    result = {"tokens": text, "locs": list(locs), "seg": list(seg), "box": list(box), "round_trip_iou": mask_metrics.iou(pasted, mask & inside)}
+    result = {
+        "tokens": text,
+        "locs": list(locs),
+        "seg": list(seg),
+        "box": list(box),
+        "round_trip_iou": mask_metrics.iou(pasted, mask & inside),
+    }
     console.report(result, f"{text}\nround-trip IoU inside the box: {result['round_trip_iou']:.4f}", args.json)
     return 0

@@ -91,7 +91,11 @@ def _down2_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     padded input is phase p of 2x2 block s."""
     n, h, w, c = x.shape
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    x = x.reshape(n, h // 2 + 1, 2, w // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2 + 1, w // 2 + 1, 4 * c)
+    x = (
+        x.reshape(n, h // 2 + 1, 2, w // 2 + 1, 2, c)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, h // 2 + 1, w // 2 + 1, 4 * c)
+    )
     # kernel[2 sy + py, 2 sx + px, c, o] -> [sy, sx, (py, px, c), o]
     blocks = kernel.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, -1)
     return _conv2x2_matmul(x, blocks)
@@ -238,7 +242,9 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], source: str = "<state 
     want = expected_shapes()
     missing = sorted(set(want) - set(state))
     if missing:
-        raise ValueError(f"{source}: not a mask VAE in the vae-oid layout; missing {len(missing)} keys, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{source}: not a mask VAE in the vae-oid layout; missing {len(missing)} keys, e.g. {missing[:3]}"
+        )
     params: dict = {"encoder": {}, "decoder": {}}
     for key, shape in want.items():
         value = np.asarray(state[key], dtype=np.float32)

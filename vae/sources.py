@@ -72,7 +72,10 @@ def kind_of(path: Path) -> str:
 
 
 def samples(
-    path: str | os.PathLike, split: str | None = None, limit: int | None = None, skipped: list[dataset.Skip] | None = None
+    path: str | os.PathLike,
+    split: str | None = None,
+    limit: int | None = None,
+    skipped: list[dataset.Skip] | None = None,
 ) -> Iterator[Sample]:
     """Every sample of a source. `split` picks the split of a converted dataset or of a COCO export with
     split folders (default: valid if present, else the first available). A converted dataset's records that
@@ -142,7 +145,11 @@ def _coco_samples(folder: Path) -> Iterator[Sample]:
                     rles = coco_mask.frPyObjects(segmentation, height, width)
                     instance = coco_mask.decode(coco_mask.merge(rles)).astype(bool)
                 elif isinstance(segmentation, dict):  # RLE
-                    rle = coco_mask.frPyObjects(segmentation, height, width) if isinstance(segmentation.get("counts"), list) else segmentation
+                    rle = (
+                        coco_mask.frPyObjects(segmentation, height, width)
+                        if isinstance(segmentation.get("counts"), list)
+                        else segmentation
+                    )
                     instance = coco_mask.decode(rle).astype(bool)
                 else:  # box-only annotation: the box is the mask
                     instance[int(round(y)) : int(round(y + h)), int(round(x)) : int(round(x + w))] = True

@@ -59,7 +59,9 @@ class VaeTrainConfig:
 
     steps: int = setting(4000, "optimizer steps", metavar="N")
     batch_size: int = setting(64, "crops per step", metavar="B")
-    learning_rate: float = setting(1e-3, "peak learning rate (Adam; linear warmup, then cosine to 5% of it)", metavar="LR")
+    learning_rate: float = setting(
+        1e-3, "peak learning rate (Adam; linear warmup, then cosine to 5% of it)", metavar="LR"
+    )
     warmup_steps: int = setting(200, "steps of linear learning-rate warmup", metavar="N")
     commitment: float = setting(0.25, "weight of the commitment term (encoder outputs to their codes)", metavar="W")
     dice_weight: float = setting(1.0, "weight of the soft Dice term that keeps thin objects", metavar="W")
@@ -67,9 +69,12 @@ class VaeTrainConfig:
     restart_every: int = setting(100, "steps between dead-code restarts", metavar="N")
     dead_usage: float = setting(0.05, "EMA of assignments per step below which a code is restarted", metavar="U")
     synthetic_count: int = setting(6000, "synthetic crops drawn by the shape generator", metavar="N")
-    min_box_pixels: int = setting(4, "skip real objects whose box is thinner than this on either side", metavar="PIXELS")
-    holdout_fraction: float = setting(0.05, "share of the crops kept out of training to report the round-trip IoU",
-                                      metavar="F")
+    min_box_pixels: int = setting(
+        4, "skip real objects whose box is thinner than this on either side", metavar="PIXELS"
+    )
+    holdout_fraction: float = setting(
+        0.05, "share of the crops kept out of training to report the round-trip IoU", metavar="F"
+    )
     save_every: int = setting(250, "steps between resume states", metavar="N")
     seed: int = setting(0, "seeds the synthetic shapes, the holdout, batches and initialisation", metavar="S")
 
@@ -82,7 +87,9 @@ def real_crops(path: str | os.PathLike, split: str | None, min_box_pixels: int) 
     """64x64 encoder inputs of every object of a converted dataset, COCO export or mask folder."""
     crops = []
     skipped: list[dataset.Skip] = []
-    for sample in console.progress(sources.samples(path, split, skipped=skipped), desc=f"crops {Path(path).name}", unit="img"):
+    for sample in console.progress(
+        sources.samples(path, split, skipped=skipped), desc=f"crops {Path(path).name}", unit="img"
+    ):
         for mask, box in zip(sample.object_masks(), sample.boxes):
             x1, y1, x2, y2 = box
             if x2 - x1 >= min_box_pixels and y2 - y1 >= min_box_pixels:
@@ -92,7 +99,9 @@ def real_crops(path: str | os.PathLike, split: str | None, min_box_pixels: int) 
     return np.asarray(crops, np.float32).reshape(-1, MASK_SIZE, MASK_SIZE)
 
 
-def build_pool(mask_sources: Sequence[str], config: VaeTrainConfig, split: str | None = "train") -> dict[str, np.ndarray]:
+def build_pool(
+    mask_sources: Sequence[str], config: VaeTrainConfig, split: str | None = "train"
+) -> dict[str, np.ndarray]:
     """All training crops as uint8 (value * 255), by source name, deterministic for a given config."""
     pool = {}
     for source in mask_sources:
@@ -157,7 +166,11 @@ def init_state(config: VaeTrainConfig, first_batch: np.ndarray) -> dict:
 
 def make_optimizer(config: VaeTrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1), config.learning_rate * 0.05
+        0.0,
+        config.learning_rate,
+        config.warmup_steps,
+        max(config.steps, config.warmup_steps + 1),
+        config.learning_rate * 0.05,
     )
     return optax.adam(schedule)
 
@@ -189,9 +202,9 @@ def make_train_step(config: VaeTrainConfig):
 
     @jax.jit
     def train_step(state, batch):
-        (loss, (reconstruction, dice, commitment, flat, codes, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["codebook"], batch
-        )
+        (loss, (reconstruction, dice, commitment, flat, codes, logits)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state["params"], state["codebook"], batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
 
@@ -249,16 +262,26 @@ def state_path(out: Path) -> Path:
 
 
 def save_state(path: Path, state: dict, config: VaeTrainConfig, sources_used: Sequence[str]) -> None:
-    payload = {"state": jax.tree.map(np.asarray, state), "config": json.dumps(dataclasses.asdict(config)), "sources": list(sources_used)}
+    payload = {
+        "state": jax.tree.map(np.asarray, state),
+        "config": json.dumps(dataclasses.asdict(config)),
+        "sources": list(sources_used),
+    }
     files.write_bytes(path, serialization.msgpack_serialize(serialization.to_state_dict(payload)))
 
 
 def load_state(path: Path, template: dict, config: VaeTrainConfig, sources_used: Sequence[str]) -> dict:
     payload = serialization.msgpack_restore(path.read_bytes())
     saved = json.loads(payload["config"])
-    if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}:
-        raise ValueError(f"{path}: saved with a different training config {saved}; resume with the same options (only --steps may change)")
-    if list(payload["sources"].values() if isinstance(payload["sources"], dict) else payload["sources"]) != list(sources_used):
+    if {k: v for k, v in saved.items() if k != "steps"} != {
+        k: v for k, v in dataclasses.asdict(config).items() if k != "steps"
+    }:
+        raise ValueError(
+            f"{path}: saved with a different training config {saved}; resume with the same options (only --steps may change)"
+        )
+    if list(payload["sources"].values() if isinstance(payload["sources"], dict) else payload["sources"]) != list(
+        sources_used
+    ):
         raise ValueError(f"{path}: saved with other MASK_SOURCES; resume with the same ones")
     return serialization.from_state_dict(template, payload["state"])
 
@@ -299,7 +322,10 @@ def train(
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             save_state(checkpoint, state, config, mask_sources)
             if bar.disable:  # no bar off a terminal: logs get one line per save instead
-                console.info(f"vae train: step {step + 1}/{config.steps} " + " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
+                console.info(
+                    f"vae train: step {step + 1}/{config.steps} "
+                    + " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items())
+                )
     bar.close()
     params = {**jax.tree.map(np.asarray, state["params"]), "codebook": np.asarray(state["codebook"])}
     save_npz(out, params, dtype=dtype, overwrite=overwrite or resuming)
@@ -310,4 +336,3 @@ def train(
         **{k: float(v) for k, v in metrics.items()},
         **holdout_scores(MaskVAE.from_npz(out), holdout),  # the written file, in its stored dtype
     }
-

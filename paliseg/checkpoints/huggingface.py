@@ -53,12 +53,24 @@ def _rules(config: ModelConfig) -> list[_Rule]:
     img, llm = config.img, config.llm
     d, n, h = img.width, img.num_heads, img.width // img.num_heads
     rules = [
-        _Rule("img/embedding/kernel", ("vision.embeddings.patch_embedding.weight",),
-              lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),), False),
+        _Rule(
+            "img/embedding/kernel",
+            ("vision.embeddings.patch_embedding.weight",),
+            lambda w: w.transpose(2, 3, 1, 0),
+            lambda k: (k.transpose(3, 2, 0, 1),),
+            False,
+        ),
         _Rule("img/embedding/bias", ("vision.embeddings.patch_embedding.bias",), lambda b: b, lambda b: (b,), False),
-        _Rule("img/pos_embedding", ("vision.embeddings.position_embedding.weight",),
-              lambda w: w[None], lambda p: (p[0],), False),
-        _Rule("img/Transformer/encoder_norm/scale", ("vision.post_layernorm.weight",), lambda w: w, lambda w: (w,), False),
+        _Rule(
+            "img/pos_embedding",
+            ("vision.embeddings.position_embedding.weight",),
+            lambda w: w[None],
+            lambda p: (p[0],),
+            False,
+        ),
+        _Rule(
+            "img/Transformer/encoder_norm/scale", ("vision.post_layernorm.weight",), lambda w: w, lambda w: (w,), False
+        ),
         _Rule("img/Transformer/encoder_norm/bias", ("vision.post_layernorm.bias",), lambda w: w, lambda w: (w,), False),
         _Rule("img/head/kernel", ("projector.linear.weight",), lambda w: w.T, lambda k: (k.T,), False),
         _Rule("img/head/bias", ("projector.linear.bias",), lambda b: b, lambda b: (b,), False),
@@ -68,23 +80,46 @@ def _rules(config: ModelConfig) -> list[_Rule]:
     block, layer = "img/Transformer/encoderblock/", "vision.encoder.layers.{i}."
     for ours, theirs in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
         for leaf, hf_leaf in (("scale", "weight"), ("bias", "bias")):
-            rules.append(_Rule(f"{block}{ours}/{leaf}", (f"{layer}{theirs}.{hf_leaf}",), lambda w: w, lambda w: (w,), True))
+            rules.append(
+                _Rule(f"{block}{ours}/{leaf}", (f"{layer}{theirs}.{hf_leaf}",), lambda w: w, lambda w: (w,), True)
+            )
     attn = block + "MultiHeadDotProductAttention_0/"
     for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
         rules += [
-            _Rule(f"{attn}{ours}/kernel", (f"{layer}self_attn.{theirs}.weight",),
-                  lambda w: w.T.reshape(d, n, h), lambda k: (k.reshape(d, n * h).T,), True),
-            _Rule(f"{attn}{ours}/bias", (f"{layer}self_attn.{theirs}.bias",),
-                  lambda b: b.reshape(n, h), lambda b: (b.reshape(n * h),), True),
+            _Rule(
+                f"{attn}{ours}/kernel",
+                (f"{layer}self_attn.{theirs}.weight",),
+                lambda w: w.T.reshape(d, n, h),
+                lambda k: (k.reshape(d, n * h).T,),
+                True,
+            ),
+            _Rule(
+                f"{attn}{ours}/bias",
+                (f"{layer}self_attn.{theirs}.bias",),
+                lambda b: b.reshape(n, h),
+                lambda b: (b.reshape(n * h),),
+                True,
+            ),
         ]
     rules += [
-        _Rule(f"{attn}out/kernel", (f"{layer}self_attn.out_proj.weight",),
-              lambda w: w.T.reshape(n, h, d), lambda k: (k.reshape(n * h, d).T,), True),
+        _Rule(
+            f"{attn}out/kernel",
+            (f"{layer}self_attn.out_proj.weight",),
+            lambda w: w.T.reshape(n, h, d),
+            lambda k: (k.reshape(n * h, d).T,),
+            True,
+        ),
         _Rule(f"{attn}out/bias", (f"{layer}self_attn.out_proj.bias",), lambda b: b, lambda b: (b,), True),
     ]
     for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
         rules += [
-            _Rule(f"{block}MlpBlock_0/{ours}/kernel", (f"{layer}mlp.{theirs}.weight",), lambda w: w.T, lambda k: (k.T,), True),
+            _Rule(
+                f"{block}MlpBlock_0/{ours}/kernel",
+                (f"{layer}mlp.{theirs}.weight",),
+                lambda w: w.T,
+                lambda k: (k.T,),
+                True,
+            ),
             _Rule(f"{block}MlpBlock_0/{ours}/bias", (f"{layer}mlp.{theirs}.bias",), lambda b: b, lambda b: (b,), True),
         ]
 
@@ -94,24 +129,58 @@ def _rules(config: ModelConfig) -> list[_Rule]:
     heads_out = lambda x, heads: x.transpose(0, 2, 1).reshape(heads * H, D)  # noqa: E731
     proj = lambda name: f"{layer}self_attn.{name}.weight"  # noqa: E731
     if N == K:
-        rules.append(_Rule(f"{layers}attn/qkv_einsum/w", (proj("q_proj"), proj("k_proj"), proj("v_proj")),
-                           lambda q, k, v: np.stack([heads_in(q, N), heads_in(k, N), heads_in(v, N)]),
-                           lambda x: tuple(heads_out(x[j], N) for j in range(3)), True))
+        rules.append(
+            _Rule(
+                f"{layers}attn/qkv_einsum/w",
+                (proj("q_proj"), proj("k_proj"), proj("v_proj")),
+                lambda q, k, v: np.stack([heads_in(q, N), heads_in(k, N), heads_in(v, N)]),
+                lambda x: tuple(heads_out(x[j], N) for j in range(3)),
+                True,
+            )
+        )
     else:
         rules += [
-            _Rule(f"{layers}attn/q_einsum/w", (proj("q_proj"),), lambda q: heads_in(q, N), lambda x: (heads_out(x, N),), True),
-            _Rule(f"{layers}attn/kv_einsum/w", (proj("k_proj"), proj("v_proj")),
-                  lambda k, v: np.stack([heads_in(k, K), heads_in(v, K)]),
-                  lambda x: (heads_out(x[0], K), heads_out(x[1], K)), True),
+            _Rule(
+                f"{layers}attn/q_einsum/w",
+                (proj("q_proj"),),
+                lambda q: heads_in(q, N),
+                lambda x: (heads_out(x, N),),
+                True,
+            ),
+            _Rule(
+                f"{layers}attn/kv_einsum/w",
+                (proj("k_proj"), proj("v_proj")),
+                lambda k, v: np.stack([heads_in(k, K), heads_in(v, K)]),
+                lambda x: (heads_out(x[0], K), heads_out(x[1], K)),
+                True,
+            ),
         ]
     rules += [
-        _Rule(f"{layers}attn/attn_vec_einsum/w", (proj("o_proj"),),
-              lambda w: w.T.reshape(N, H, D), lambda x: (x.reshape(N * H, D).T,), True),
-        _Rule(f"{layers}mlp/gating_einsum", (f"{layer}mlp.gate_proj.weight", f"{layer}mlp.up_proj.weight"),
-              lambda g, u: np.stack([g.T, u.T]), lambda x: (x[0].T, x[1].T), True),
+        _Rule(
+            f"{layers}attn/attn_vec_einsum/w",
+            (proj("o_proj"),),
+            lambda w: w.T.reshape(N, H, D),
+            lambda x: (x.reshape(N * H, D).T,),
+            True,
+        ),
+        _Rule(
+            f"{layers}mlp/gating_einsum",
+            (f"{layer}mlp.gate_proj.weight", f"{layer}mlp.up_proj.weight"),
+            lambda g, u: np.stack([g.T, u.T]),
+            lambda x: (x[0].T, x[1].T),
+            True,
+        ),
         _Rule(f"{layers}mlp/linear", (f"{layer}mlp.down_proj.weight",), lambda w: w.T, lambda x: (x.T,), True),
-        _Rule(f"{layers}pre_attention_norm/scale", (f"{layer}input_layernorm.weight",), lambda w: w, lambda w: (w,), True),
-        _Rule(f"{layers}pre_ffw_norm/scale", (f"{layer}post_attention_layernorm.weight",), lambda w: w, lambda w: (w,), True),
+        _Rule(
+            f"{layers}pre_attention_norm/scale", (f"{layer}input_layernorm.weight",), lambda w: w, lambda w: (w,), True
+        ),
+        _Rule(
+            f"{layers}pre_ffw_norm/scale",
+            (f"{layer}post_attention_layernorm.weight",),
+            lambda w: w,
+            lambda w: (w,),
+            True,
+        ),
     ]
     return rules
 
@@ -133,7 +202,11 @@ def canonical_name(key: str) -> str | None:
     return None
 
 
-_EXPORT_PREFIX = {"vision.": "vision_tower.vision_model.", "projector.": "multi_modal_projector.", "lm.": "language_model.model."}
+_EXPORT_PREFIX = {
+    "vision.": "vision_tower.vision_model.",
+    "projector.": "multi_modal_projector.",
+    "lm.": "language_model.model.",
+}
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -143,7 +216,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, not 'paligemma'")
     text, vision = dict(hf.get("text_config") or {}), dict(hf.get("vision_config") or {})
     if text.get("model_type", "gemma") != "gemma":
-        raise ValueError(f"{source}: text model {text.get('model_type')!r} is not Gemma-1 (PaliGemma 2 is not supported)")
+        raise ValueError(
+            f"{source}: text model {text.get('model_type')!r} is not Gemma-1 (PaliGemma 2 is not supported)"
+        )
     act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in _TANH_GELUS or vision.get("hidden_act", "gelu_pytorch_tanh") not in _TANH_GELUS:
         raise ValueError(f"{source}: only tanh-GELU activations are supported, got {act!r}")
@@ -267,8 +342,11 @@ def read_hf(folder: str | os.PathLike, vocab_size: int | None = None, dtype: Any
                     raise ValueError(f"{folder}: {key} and {where[name][1]} are the same weight in two layouts")
                 else:
                     where[name] = (handle, key)
-        rows = where["lm.embed_tokens.weight"][0].get_slice(where["lm.embed_tokens.weight"][1]).get_shape()[0] \
-            if "lm.embed_tokens.weight" in where else config.llm.vocab_size
+        rows = (
+            where["lm.embed_tokens.weight"][0].get_slice(where["lm.embed_tokens.weight"][1]).get_shape()[0]
+            if "lm.embed_tokens.weight" in where
+            else config.llm.vocab_size
+        )
         vocab = vocab_size or rows
         if vocab > rows:
             raise ValueError(f"{folder}: the embedding has {rows} rows, fewer than the tokenizer's {vocab} pieces")
@@ -289,7 +367,9 @@ def read_hf(folder: str | os.PathLike, vocab_size: int | None = None, dtype: Any
             parts = [f"{folder} is not a PaliGemma checkpoint of the shape its config.json describes:"]
             for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", errors)):
                 if items:
-                    parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+                    parts.append(
+                        f"  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
+                    )
             raise ValueError("\n".join(parts))
         embedding = flat["llm/embedder/input_embedding"]
         if "lm_head" in where:

@@ -150,8 +150,13 @@ class Demo:
         from paliseg import console
 
         plan, export = self.plan, self.paths.export
-        shapes = synthetic.ShapesConfig(image_size=plan.image_size, classes=plan.classes, objects_per_image=(1, 1),
-                                        object_scale=plan.object_scale, grid=plan.grid)
+        shapes = synthetic.ShapesConfig(
+            image_size=plan.image_size,
+            classes=plan.classes,
+            objects_per_image=(1, 1),
+            object_scale=plan.object_scale,
+            grid=plan.grid,
+        )
         started = self._stage("synthetic shapes", [command_line("python -m converters.synthetic", {
             "out": export, "--train": plan.train_images, "--valid": plan.valid_images, "--size": shapes.image_size,
             "--classes": ",".join(shapes.classes), "--objects": shapes.objects_per_image,
@@ -159,10 +164,20 @@ class Demo:
         kept = self.resume and all((export / s / synthetic.ANNOTATION_FILE).is_file() for s in ("train", "valid"))
         if not kept:
             with console.progress_bar("shapes", total=plan.train_images + plan.valid_images, unit="img") as bar:
-                synthetic.write_synthetic_coco(export, n_train=plan.train_images, n_valid=plan.valid_images,
-                                               config=shapes, seed=plan.seed, overwrite=self.resume,
-                                               on_image=lambda: bar.update(1))
-        done = "kept from the earlier run" if kept else f"wrote {plan.train_images} train and {plan.valid_images} valid images"
+                synthetic.write_synthetic_coco(
+                    export,
+                    n_train=plan.train_images,
+                    n_valid=plan.valid_images,
+                    config=shapes,
+                    seed=plan.seed,
+                    overwrite=self.resume,
+                    on_image=lambda: bar.update(1),
+                )
+        done = (
+            "kept from the earlier run"
+            if kept
+            else f"wrote {plan.train_images} train and {plan.valid_images} valid images"
+        )
         self._done("synthetic shapes", started, done, images={"train": plan.train_images, "valid": plan.valid_images})
 
     def convert(self) -> None:
@@ -187,10 +202,14 @@ class Demo:
         records = {}
         for config in configs:
             done = Path(config.out) / CONVERSION_FILE  # written last: the conversion finished
-            summary = json.loads(done.read_text()) if self.resume and done.is_file() else convert(
-                dataclasses.replace(config, overwrite=self.resume))
-            records[Path(config.out).name] = {split: sum(c["records"] for c in info["prompts"].values())
-                                              for split, info in summary["splits"].items()}
+            summary = (
+                json.loads(done.read_text())
+                if self.resume and done.is_file()
+                else convert(dataclasses.replace(config, overwrite=self.resume))
+            )
+            records[Path(config.out).name] = {
+                split: sum(c["records"] for c in info["prompts"].values()) for split, info in summary["splits"].items()
+            }
         checks = validate(directory=self.paths.shapes)
         if not result_json(checks)["ok"]:
             raise ValueError(f"the converted demo data is not valid:\n{result_text(checks)}")
@@ -213,10 +232,21 @@ class Demo:
             config = train_config.check_resume(Run(self.paths.run).train_config, {"out": config.out})
         result = trainer.run(config, resume=resume)
         steps = ", ".join(map(str, result["checkpoint_steps"]))
-        done = (f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} "
-                f"examples/s; checkpoints at steps {steps}" if result["losses"] else f"already trained: checkpoints at steps {steps}")
-        self._done("train", started, done, checkpoints=result["checkpoint_steps"], first_loss=result["first_loss"],
-                   last_loss=result["last_loss"], examples_per_s=result["examples_per_s"])
+        done = (
+            f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} "
+            f"examples/s; checkpoints at steps {steps}"
+            if result["losses"]
+            else f"already trained: checkpoints at steps {steps}"
+        )
+        self._done(
+            "train",
+            started,
+            done,
+            checkpoints=result["checkpoint_steps"],
+            first_loss=result["first_loss"],
+            last_loss=result["last_loss"],
+            examples_per_s=result["examples_per_s"],
+        )
 
     def evaluate(self) -> dict[str, Any]:
         from infer import sweep
@@ -226,8 +256,13 @@ class Demo:
             "run_dir": run, "--data": data, "--split": split, "--out": out, "--vae": self.vae})])  # fmt: skip
         report = sweep.evaluate_run(run_dir=run, data_dir=data, out_dir=out, split=split, vae_path=self.vae)
         best = report["best"]
-        self._done("eval", started, f"best: step {best['step']} ({report['metric']} {best['value']:.4f})" if best
-                   else "no checkpoint could be scored")
+        self._done(
+            "eval",
+            started,
+            f"best: step {best['step']} ({report['metric']} {best['value']:.4f})"
+            if best
+            else "no checkpoint could be scored",
+        )
         return report
 
     def predict(self) -> None:
@@ -243,8 +278,13 @@ class Demo:
         jobs = outputs.jobs_for(source=image, prompts=[])
         predictor = Predictor.from_run(run_dir=self.paths.run, step="best", vae_model=vae.load(self.vae))
         result = outputs.predict_set(predictor=predictor, jobs=jobs, out=self.paths.predict, overwrite=self.resume)
-        self._done("predict", started, f"{result['predicted']} predicted with {predictor.source}, "
-                   f"{result['invalid_predictions']} invalid; files in {result['out']}/", predicted=result["predicted"])
+        self._done(
+            "predict",
+            started,
+            f"{result['predicted']} predicted with {predictor.source}, "
+            f"{result['invalid_predictions']} invalid; files in {result['out']}/",
+            predicted=result["predicted"],
+        )
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -256,12 +296,16 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         is_demo = (out / DEMO_MARKER).is_file()
         if overwrite:
             if not is_demo:
-                raise FileExistsError(f"{out} is not an earlier demo's folder (no {DEMO_MARKER}); "
-                                      "--overwrite deletes only those: choose another --out")
+                raise FileExistsError(
+                    f"{out} is not an earlier demo's folder (no {DEMO_MARKER}); "
+                    "--overwrite deletes only those: choose another --out"
+                )
             shutil.rmtree(out)
         elif not resume:
-            raise FileExistsError(f"{out} is not empty: pass --resume to continue the demo in it, "
-                                  "--overwrite to start again, or choose another --out")
+            raise FileExistsError(
+                f"{out} is not empty: pass --resume to continue the demo in it, "
+                "--overwrite to start again, or choose another --out"
+            )
         elif not is_demo:
             raise FileExistsError(f"{out} is not a demo folder (no {DEMO_MARKER}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -283,10 +327,16 @@ def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str) -> 
         "seconds": round(seconds, 1),
         "metric": report["metric"],
         "step0": None if base is None else {key: base[key] for key in ("miou", "box_miou", "invalid")},
-        "best": None if best is None else {"step": best["step"], **{
-            key: _step_overall(report, best["step"])[key] for key in ("miou", "box_miou", "invalid")}},
+        "best": None
+        if best is None
+        else {
+            "step": best["step"],
+            **{key: _step_overall(report, best["step"])[key] for key in ("miou", "box_miou", "invalid")},
+        },
         "ceiling_miou": ceiling["miou"] if ceiling else None,
-        "steps": [{"step": s["step"], "miou": s["summary"]["overall"]["miou"]} for s in report["steps"] if s["summary"]],
+        "steps": [
+            {"step": s["step"], "miou": s["summary"]["overall"]["miou"]} for s in report["steps"] if s["summary"]
+        ],
         "stages": demo.stages,
         "files": {
             "report": str(report_dir / sweep_report.REPORT_MD),
@@ -317,8 +367,10 @@ def summary_text(summary: dict[str, Any]) -> str:
     ]
     if best is not None and step0 is not None:
         lines.append(f"  untrained (step 0): mIoU {fmt(step0['miou'])}, box mIoU {fmt(step0['box_miou'])}")
-        lines.append(f"  best (step {best['step']}): mIoU {fmt(best['miou'])}, box mIoU {fmt(best['box_miou'])}"
-                     f"  (token round-trip ceiling: mIoU {fmt(summary['ceiling_miou'])})")
+        lines.append(
+            f"  best (step {best['step']}): mIoU {fmt(best['miou'])}, box mIoU {fmt(best['box_miou'])}"
+            f"  (token round-trip ceiling: mIoU {fmt(summary['ceiling_miou'])})"
+        )
     else:
         lines.append("  no checkpoint was scored (see the eval output above)")
     lines.append("stages: " + ", ".join(f"{name} {info['seconds']:.0f} s" for name, info in summary["stages"].items()))
@@ -359,8 +411,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     help_text = "Run the whole pipeline offline on bundled data: make data, convert, train a tiny model, eval, predict."
-    parser = subparsers.add_parser("demo", help=help_text, description=_DESCRIPTION, epilog=_EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "demo",
+        help=help_text,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     parser.add_argument("--quick", action="store_true", help="a smaller run: about 3 minutes on 2 CPU cores")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")

@@ -56,9 +56,12 @@ def merge_lora(params: Params, lora: LoraConfig) -> Params:
         if site is None or weight_path not in flat:
             raise ValueError(f"LoRA param {path} has no known base weight")
         weight = flat[weight_path]
-        delta = site.lora_delta_weight(
-            jnp.asarray(flat[path], jnp.float32), jnp.asarray(flat[weight_path + LORA_B], jnp.float32)
-        ) * lora.scale
+        delta = (
+            site.lora_delta_weight(
+                jnp.asarray(flat[path], jnp.float32), jnp.asarray(flat[weight_path + LORA_B], jnp.float32)
+            )
+            * lora.scale
+        )
         if site.fused:
             lead = weight.ndim - len(site.layout)  # scanned layer axes before the parts axis
             parts = site.adapted_parts(lora)

@@ -146,8 +146,9 @@ def project(
         in_axes = tuple(range(len(shape_a) - 1 - len(site.inputs), len(shape_a) - 1))
         a = module.param(
             name + LORA_A,
-            nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1,
-                                             batch_axis=(0,) if site.fused else ()),
+            nn.initializers.variance_scaling(
+                1.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1, batch_axis=(0,) if site.fused else ()
+            ),
             shape_a,
             jnp.float32,
         )
@@ -158,8 +159,9 @@ def project(
         rows = x.reshape(-1, math.prod(sizes[c] for c in site.inputs))
         for index, part in enumerate(parts):
             part_a, part_b = (a[index], b[index]) if site.fused else (a, b)
-            delta = low_rank(rows, part_a.reshape(rows.shape[1], -1).astype(dtype),
-                             part_b.reshape(lora.rank, -1).astype(dtype))
+            delta = low_rank(
+                rows, part_a.reshape(rows.shape[1], -1).astype(dtype), part_b.reshape(lora.rank, -1).astype(dtype)
+            )
             outputs[part] = outputs[part] + (delta * lora.scale).astype(dtype).reshape(outputs[part].shape)
     return tuple(outputs) if site.fused else outputs[0]
 

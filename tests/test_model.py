@@ -12,7 +12,7 @@ from paliseg import model
 from paliseg.checkpoints.tree import flatten
 from paliseg.model import lora
 
-# big_vision_reference.md §1.4: the released PaliGemma 1 (3B, 224) tree.
+# The released PaliGemma 1 (3B, 224) tree, as big_vision stores it.
 REFERENCE_TREE_224 = {
     "img/embedding/kernel": (14, 14, 3, 1152),
     "img/embedding/bias": (1152,),

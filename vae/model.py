@@ -1,6 +1,6 @@
 """The mask VQ-VAE of PaliGemma (big_vision's `vae-oid.npz`) in Flax: 64x64 mask <-> 16 codes of 128.
 
-Architecture (big_vision reference §3, upstream AiT `VQVAE` with hidden 16, 2 res blocks, D = 512):
+Architecture (big_vision's `proj/paligemma` segmentation VAE, the AiT `VQVAE` with hidden 16, 2 res blocks, D = 512):
 
     encoder: 2*(x-0.5) -> [conv4x4 s2 p1 + ReLU] x4 (16, 32, 64, 128) -> 2 ResBlocks -> conv1x1 to 512
     quantize: nearest of 128 codebook rows, raster order over the 4x4 grid -> int32 [N, 16]

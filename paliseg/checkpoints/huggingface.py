@@ -1,7 +1,7 @@
 """Hugging Face PaliGemma (1) checkpoints: a folder with `config.json` and safetensors (one file, or shards
 listed in `model.safetensors.index.json`).
 
-Every key layout transformers has written is accepted (see transformers_reference.md §2.2):
+Every key layout transformers has written is accepted (its PaliGemma modeling and conversion code across versions):
 `vision_tower.vision_model.*` (hub files, <=4.51), `model.vision_tower.vision_model.*` (4.52-5.5),
 `model.vision_tower.*` / on-disk `vision_tower.*` (>=5.6), `language_model.model.*` or
 `model.language_model.*`, `multi_modal_projector.*` with or without `model.`; `lm_head` is optional and

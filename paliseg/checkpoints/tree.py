@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -60,7 +59,3 @@ def to_device(flat: Flat, config: ModelConfig) -> dict:
         out[key] = jnp.asarray(np.asarray(value).astype(dtype, copy=False))
         del value
     return unflatten(out)
-
-
-def to_host(params: dict) -> Flat:
-    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(params).items()}

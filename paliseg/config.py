@@ -5,8 +5,11 @@ the numerics (dtype policy, remat, LoRA). Presets:
 
 - `paligemma-3b-224`, `-448`, `-896`: the released PaliGemma 1 sizes (So400m/14 + Gemma 2B, vocab 257152 =
   256000 + 1024 loc + 128 seg). They need the real `paligemma_tokenizer.model` (`--tokenizer`).
+- `paligemma2-{3b,10b,28b}-{224,448,896}`: the released PaliGemma 2 sizes (So400m/14 + Gemma 2 2B / 9B /
+  27B), same vocab and tokenizer.
 - `tiny`, `tiny-112`: a few-layer model over the bundled tiny tokenizer (`paliseg/assets/`), small enough to
-  train from scratch on two CPU cores; the demo and the tests use them.
+  train from scratch on two CPU cores; the demo and the tests use them. `tiny-pg2`: the same with Gemma 2's
+  features (post-norms, soft-cap, grouped kv heads, heads * head_dim != width).
 - `mid`: the benchmark's mid-size config (4 layers, width 512, vision width 384, 224 px).
 
 Configs are frozen dataclasses, so they hash: a config can be a static argument of `jax.jit`.
@@ -67,7 +70,14 @@ class SiglipConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
-    """The Gemma-1 decoder (no soft-capping, no post-norms)."""
+    """The Gemma decoder of both PaliGemma generations: Gemma 1 (PaliGemma 1) with the defaults, Gemma 2
+    (PaliGemma 2) with `post_norms`, the soft-caps, grouped-query attention and, optionally, a sliding window.
+
+    `query_pre_attn_scalar`: queries are scaled by its inverse square root (None: `head_dim`; Gemma 2 27B
+    uses width / num_heads). `attn_logits_softcap` / `final_logits_softcap`: `c * tanh(x / c)` on the
+    attention logits / output logits, 0.0 for none (big_vision fine-tunes PaliGemma 2 with no final cap;
+    Hugging Face checkpoints carry 30.0). `sliding_window`: the even layers (0, 2, ...) attend only to the
+    last `sliding_window` positions, as Hugging Face's Gemma 2 (None: every layer is global, as big_vision)."""
 
     width: int = 2048
     depth: int = 18
@@ -78,10 +88,26 @@ class GemmaConfig:
     vocab_size: int = PALIGEMMA_VOCAB_SIZE
     norm_eps: float = 1e-6
     rope_max_wavelength: float = 10_000.0
+    post_norms: bool = False
+    attn_logits_softcap: float = 0.0
+    final_logits_softcap: float = 0.0
+    query_pre_attn_scalar: float | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+
+    @property
+    def generation(self) -> int:
+        """1 for Gemma 1 (PaliGemma 1), 2 for Gemma 2 (post-norms): what checkpoint key names mean."""
+        return 2 if self.post_norms else 1
+
+    @property
+    def query_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +214,21 @@ def _paligemma(image_size: int) -> ModelConfig:
     return ModelConfig(img=SiglipConfig(image_size=image_size), llm=GemmaConfig())
 
 
+# PaliGemma 2's decoders (Gemma 2 2B / 9B / 27B), with big_vision's fine-tuning choices: no final soft-cap,
+# every layer global. Hugging Face checkpoints bring their own values (`checkpoints.huggingface`).
+GEMMA2_SIZES = {
+    "3b": dict(width=2304, depth=26, mlp_dim=9216, num_heads=8, num_kv_heads=4, head_dim=256),
+    "10b": dict(width=3584, depth=42, mlp_dim=14336, num_heads=16, num_kv_heads=8, head_dim=256),
+    "28b": dict(width=4608, depth=46, mlp_dim=36864, num_heads=32, num_kv_heads=16, head_dim=128,
+                query_pre_attn_scalar=4608 // 32),
+}  # fmt: skip
+
+
+def _paligemma2(size: str, image_size: int) -> ModelConfig:
+    llm = GemmaConfig(**GEMMA2_SIZES[size], post_norms=True, attn_logits_softcap=50.0)
+    return ModelConfig(img=SiglipConfig(image_size=image_size), llm=llm)
+
+
 def _tiny(image_size: int) -> ModelConfig:
     return ModelConfig(
         img=SiglipConfig(
@@ -203,12 +244,22 @@ def _tiny(image_size: int) -> ModelConfig:
     )
 
 
+def _tiny_pg2(image_size: int) -> ModelConfig:
+    """The tiny preset with every Gemma 2 feature: post-norms, soft-cap, grouped kv heads, and heads * head_dim
+    (192) != width (128) with a query scalar other than head_dim."""
+    llm = dict(depth=4, num_heads=4, num_kv_heads=2, head_dim=48, post_norms=True, attn_logits_softcap=50.0,
+               query_pre_attn_scalar=32)  # fmt: skip
+    return _tiny(image_size).replace(llm=llm)
+
+
 PRESETS: dict[str, ModelConfig] = {
     "paligemma-3b-224": _paligemma(224),
     "paligemma-3b-448": _paligemma(448),
     "paligemma-3b-896": _paligemma(896),
+    **{f"paligemma2-{size}-{res}": _paligemma2(size, res) for size in GEMMA2_SIZES for res in (224, 448, 896)},
     "tiny": _tiny(64),
     "tiny-112": _tiny(112),
+    "tiny-pg2": _tiny_pg2(64),
     "mid": ModelConfig(
         img=SiglipConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch_size=14, image_size=224),
         llm=GemmaConfig(

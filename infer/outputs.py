@@ -202,7 +202,7 @@ def _canvas(job: Job, image, prediction: Prediction):
     from metrics import canvas
 
     if job.record is not None:
-        predicted = canvas.Prediction(prediction.mask, prediction.text, prediction.confidences)
+        predicted = canvas.CanvasPrediction(prediction.mask, prediction.text, prediction.confidences)
         return canvas.canvas_for_record(job.record, predicted, panel_height=320)[0]
     caption = (
         f"prompt: {job.prompt}    image: {job.image_path.name}\n"

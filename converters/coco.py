@@ -20,8 +20,7 @@ from pathlib import Path
 
 from converters import geometry
 from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
-
-ANNOTATION_FILE = "_annotations.coco.json"
+from paliseg import records
 
 
 def load_json(path: Path) -> dict:
@@ -46,7 +45,7 @@ def placeholder_ids(categories: list[dict]) -> set:
 
 def read_coco_split(export: Path, split: str, folder: Path) -> SourceSplit:
     """A COCO split folder: its `_annotations.coco.json` and the images beside it."""
-    annotation_file = folder / ANNOTATION_FILE
+    annotation_file = folder / records.COCO_ANNOTATIONS_FILE
     data = load_json(annotation_file)
     categories = {c.get("id"): c for c in data["categories"] if isinstance(c, dict)}
     placeholders = placeholder_ids(list(categories.values()))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from converters import coco, mask_folder, paligemma_jsonl, yolo
 from converters.sources import FORMATS, ConversionError, SourceSplit
-from paliseg.records import SPLITS, TRAIN_SPLIT, split_order
+from paliseg.records import COCO_ANNOTATIONS_FILE, SPLITS, TRAIN_SPLIT, split_order
 
 DEFAULT_MASK_CLASS = "object"
 
@@ -42,14 +42,14 @@ def read_export(path: str | Path, fmt: str | None = None, mask_class: str | None
     if not splits:
         raise ConversionError(
             f"{export}: no {fmt or 'Roboflow'} export found (looked for data.yaml, _annotations.<split>.jsonl, "
-            f"<split>/{coco.ANNOTATION_FILE} and <stem>{mask_folder.MASK_SUFFIX} files)"
+            f"<split>/{COCO_ANNOTATIONS_FILE} and <stem>{mask_folder.MASK_SUFFIX} files)"
         )
     return sorted(splits, key=_split_order)
 
 
 def _read_folders(export: Path, fmt: str | None, mask_class: str | None) -> list[SourceSplit]:
     """COCO and mask-folder splits: the export itself if it is one split folder, else its sub-folders."""
-    if (export / coco.ANNOTATION_FILE).is_file() or (fmt != "coco" and mask_folder.find_layout(export)):
+    if (export / COCO_ANNOTATIONS_FILE).is_file() or (fmt != "coco" and mask_folder.find_layout(export)):
         # One split folder: named by its folder when that is a split name (cracks/valid), else "train".
         candidates, root = [export], export.parent
         names = {export: export.name if export.name in SPLITS else TRAIN_SPLIT}
@@ -59,7 +59,7 @@ def _read_folders(export: Path, fmt: str | None, mask_class: str | None) -> list
     coco_splits = [
         coco.read_coco_split(root, names[f], f)
         for f in candidates
-        if fmt != "masks" and (f / coco.ANNOTATION_FILE).is_file()
+        if fmt != "masks" and (f / COCO_ANNOTATIONS_FILE).is_file()
     ]
     if mask_class is None:
         classes = {n for s in coco_splits for n in s.class_names}

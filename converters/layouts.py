@@ -24,15 +24,15 @@ MASK_LAYOUTS = ("sibling", "beside", "subfolders")
 def _coco_splits(coco_root: Path) -> dict[str, dict]:
     """{split: COCO dict} of the splits of a COCO export, real classes only (the placeholder dropped)."""
     splits = {}
-    for folder in sorted(p for p in Path(coco_root).iterdir() if (p / coco.ANNOTATION_FILE).is_file()):
-        data = coco.load_json(folder / coco.ANNOTATION_FILE)
+    for folder in sorted(p for p in Path(coco_root).iterdir() if (p / records.COCO_ANNOTATIONS_FILE).is_file()):
+        data = coco.load_json(folder / records.COCO_ANNOTATIONS_FILE)
         placeholders = coco.placeholder_ids(data["categories"])
         data["categories"] = sorted(
             (c for c in data["categories"] if c["id"] not in placeholders), key=lambda c: c["id"]
         )
         splits[folder.name] = data
     if not splits:
-        raise FileNotFoundError(f"{coco_root}: no <split>/{coco.ANNOTATION_FILE}")
+        raise FileNotFoundError(f"{coco_root}: no <split>/{records.COCO_ANNOTATIONS_FILE}")
     return splits
 
 

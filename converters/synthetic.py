@@ -37,7 +37,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from converters.coco import ANNOTATION_FILE  # what it writes is what the COCO reader reads
 from paliseg import files, records
 
 # A shape is darker than the background around it by at least this much luminance (0-255): the shapes are
@@ -303,7 +302,7 @@ def coco_split(
         "images": images,
         "annotations": annotations,
     }
-    files.write_json(folder / ANNOTATION_FILE, coco, overwrite=overwrite)
+    files.write_json(folder / records.COCO_ANNOTATIONS_FILE, coco, overwrite=overwrite)
     return coco
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from paliseg import files
 
 SPLITS = TRAIN_SPLIT, VALID_SPLIT, TEST_SPLIT = ("train", "valid", "test")  # the known splits, in their order
+COCO_ANNOTATIONS_FILE = "_annotations.coco.json"  # a Roboflow COCO split folder's annotations
 CONVERSION_FILE = "conversion.json"  # a converted folder's summary: counts, skips, settings, the VAE's identity
 _ANNOTATIONS_PREFIX, _ANNOTATIONS_SUFFIX = "_annotations.", ".jsonl"
 ANNOTATIONS_GLOB = f"{_ANNOTATIONS_PREFIX}*{_ANNOTATIONS_SUFFIX}"  # every split's annotation file in a folder

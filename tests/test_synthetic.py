@@ -14,6 +14,7 @@ from scipy import ndimage
 from converters import coco as coco_reader
 from converters import synthetic
 from converters.sources import IssueLog, Polygons
+from paliseg import records
 
 CROWDED = synthetic.ShapesConfig(objects_per_image=(1, 3))
 
@@ -31,7 +32,7 @@ def _luminance(pixels: np.ndarray) -> np.ndarray:
 
 def test_layout_is_roboflow_coco(export):
     for split, count in (("train", 12), ("valid", 4)):
-        path = export / split / synthetic.ANNOTATION_FILE
+        path = export / split / records.COCO_ANNOTATIONS_FILE
         data = json.loads(path.read_text())
         assert data["categories"][0] == {"id": 0, "name": "shapes", "supercategory": "none"}
         assert [c["name"] for c in data["categories"][1:]] == list(synthetic.SHAPES)
@@ -52,7 +53,7 @@ def test_layout_is_roboflow_coco(export):
 
 def test_polygons_are_what_was_drawn(export):
     """pycocotools' rasterisation of each JSON polygon covers exactly the pixels painted in the shape's colour."""
-    data = json.loads((export / "train" / synthetic.ANNOTATION_FILE).read_text())
+    data = json.loads((export / "train" / records.COCO_ANNOTATIONS_FILE).read_text())
     for image in data["images"]:
         sample = synthetic.make_image(synthetic.image_rng(3, "train", image["id"]), CROWDED)
         written = np.asarray(Image.open(export / "train" / image["file_name"]).convert("RGB"))

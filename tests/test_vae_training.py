@@ -67,7 +67,7 @@ def write_coco(folder, with_image=True):
             {"id": 1, "image_id": 0, "category_id": 1, "bbox": [50, 30, 10, 20], "segmentation": [], "area": 200, "iscrowd": 0},
         ],
     }  # fmt: skip
-    (folder / sources.COCO_FILE).write_text(json.dumps(data))
+    (folder / records.COCO_ANNOTATIONS_FILE).write_text(json.dumps(data))
     if with_image:
         for name in ("a.jpg", "b.jpg"):
             Image.new("RGB", (80, 60), (90, 90, 90)).save(folder / name)

@@ -23,7 +23,6 @@ import numpy as np
 from paliseg import dataset, images, records
 from paliseg import tokens as codec
 
-COCO_FILE = "_annotations.coco.json"
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 
@@ -59,14 +58,14 @@ def kind_of(path: Path) -> str:
         raise ValueError(f"{path}: expected a folder (converted dataset, COCO export or mask PNGs)")
     if records.available_splits(path):
         return "records"
-    if (path / COCO_FILE).is_file():
+    if (path / records.COCO_ANNOTATIONS_FILE).is_file():
         return "coco"
-    if any((path / split / COCO_FILE).is_file() for split in records.SPLITS):
+    if any((path / split / records.COCO_ANNOTATIONS_FILE).is_file() for split in records.SPLITS):
         return "coco-splits"
     if any(p.suffix.lower() in MASK_SUFFIXES for p in path.iterdir()):
         return "masks"
     raise ValueError(
-        f"{path}: not a converted dataset (_annotations.<split>.jsonl), a COCO export ({COCO_FILE}, "
+        f"{path}: not a converted dataset (_annotations.<split>.jsonl), a COCO export ({records.COCO_ANNOTATIONS_FILE}, "
         "or split folders holding one) nor a folder of mask PNGs"
     )
 
@@ -85,7 +84,7 @@ def samples(
     if kind == "records":
         iterator = _record_samples(path, _pick_split(path, split, dataset.find_splits(path)), skipped)
     elif kind == "coco-splits":
-        available = [s for s in records.SPLITS if (path / s / COCO_FILE).is_file()]
+        available = [s for s in records.SPLITS if (path / s / records.COCO_ANNOTATIONS_FILE).is_file()]
         iterator = _coco_samples(path / _pick_split(path, split, available))
     elif kind == "coco":
         iterator = _coco_samples(path)
@@ -120,7 +119,7 @@ def _record_samples(directory: Path, split: str, skipped: list[dataset.Skip] | N
 def _coco_samples(folder: Path) -> Iterator[Sample]:
     from pycocotools import mask as coco_mask
 
-    annotation_file = folder / COCO_FILE
+    annotation_file = folder / records.COCO_ANNOTATIONS_FILE
     try:
         data = json.loads(annotation_file.read_text())
     except json.JSONDecodeError as error:

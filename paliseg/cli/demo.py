@@ -147,7 +147,7 @@ class Demo:
 
     def synthetic_data(self) -> None:
         from converters import synthetic
-        from paliseg import console
+        from paliseg import console, records
 
         plan, export = self.plan, self.paths.export
         shapes = synthetic.ShapesConfig(
@@ -161,7 +161,7 @@ class Demo:
             "out": export, "--train": plan.train_images, "--valid": plan.valid_images, "--size": shapes.image_size,
             "--classes": ",".join(shapes.classes), "--objects": shapes.objects_per_image,
             "--scale": shapes.object_scale, "--grid": shapes.grid, "--seed": plan.seed})])  # fmt: skip
-        kept = self.resume and all((export / s / synthetic.ANNOTATION_FILE).is_file() for s in ("train", "valid"))
+        kept = self.resume and all((export / s / records.COCO_ANNOTATIONS_FILE).is_file() for s in ("train", "valid"))
         if not kept:
             with console.progress_bar("shapes", total=plan.train_images + plan.valid_images, unit="img") as bar:
                 synthetic.write_synthetic_coco(

@@ -1,6 +1,6 @@
 """Load and save PaliGemma parameters in three formats, always as big_vision's tree.
 
-    config, params = checkpoints.load(path, preset=None, vocab_size=None, **config_changes)
+    config, params = checkpoints.load(path, preset=None, vocab_size=None, dtype=None, **config_changes)
 
 `path` is one of:
 - a big_vision `.npz`, PaliGemma 1 or 2, or its `.part*` pieces (sizes from `preset`; without one, from the
@@ -9,7 +9,9 @@
   layout; `vocab_size`, the tokenizer's size, trims HF's padded embedding);
 - one of ours (`paliseg.json` + orbax `params/`, written by `save`).
 
-`config_changes` adjust the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`); params
+`dtype` ("float32" or "bfloat16") sets the weights', matmuls' and cache's dtypes (`ModelConfig.with_dtype`;
+default: the preset's, bfloat16 for Hugging Face folders, the recorded ones for ours); `config_changes` adjust
+the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`); params
 come back as jax arrays in `config.param_dtype` and are checked against the config: a mismatch raises one
 ValueError naming every missing key, unexpected key and wrong shape.
 
@@ -65,7 +67,11 @@ def kind_of(path: str | os.PathLike) -> str:
 
 
 def load(
-    path: str | os.PathLike, preset: str | None = None, vocab_size: int | None = None, **config_changes: Any
+    path: str | os.PathLike,
+    preset: str | None = None,
+    vocab_size: int | None = None,
+    dtype: str | None = None,
+    **config_changes: Any,
 ) -> tuple[ModelConfig, dict]:
     kind = kind_of(path)
     if kind == "big_vision":
@@ -73,12 +79,13 @@ def load(
         config = get_preset(preset or _npz_preset(path, flat))
     elif kind == "hf":
         # cast tensor by tensor while reading: an f32 3B checkpoint never sits in memory as f32
-        dtype = config_changes.get("param_dtype", ModelConfig.param_dtype)
-        config, flat = read_hf(path, vocab_size=vocab_size, dtype=np.dtype(dtype))
+        stored = dtype or config_changes.get("param_dtype", ModelConfig.param_dtype)
+        config, flat = read_hf(path, vocab_size=vocab_size, dtype=np.dtype(stored))
     else:
         config, flat = read_native(path)
     if config_changes:
         config = config.replace(**config_changes)
+    config = config.with_dtype(dtype)
     try:
         check_tree(flat, config, str(path))
     except ValueError as error:

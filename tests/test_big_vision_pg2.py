@@ -146,3 +146,9 @@ def test_a_pg2_npz_loads_with_its_preset_or_without_one(flat, tmp_path):
         config, params = checkpoints.load(path, preset=preset, param_dtype="bfloat16")
         assert config.llm == PG2.llm
         _assert_same({k: np.asarray(v) for k, v in flatten(params).items()}, flat)
+
+
+def test_every_preset_is_told_apart_by_its_shapes():
+    """So a file never fits two presets: loading without --preset is unambiguous for every released size."""
+    signatures = [tuple(big_vision.describe_config(config).values()) for config in cfgs.PRESETS.values()]
+    assert len(set(signatures)) == len(signatures)

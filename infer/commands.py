@@ -15,8 +15,9 @@ _PREDICT_EPILOG = """\
 model (one of):
   --run RUN_DIR [--step N|best|latest]   a `paliseg train` run; best = the step `paliseg eval` chose
                                          (default best, else latest); 0 = the base before fine-tuning
-  --checkpoint PATH [--preset NAME] [--tokenizer TOK]   a big_vision .npz (needs --preset), a Hugging
-                                         Face folder, or a paliseg checkpoint folder
+  --checkpoint PATH [--preset NAME] [--tokenizer TOK]   a big_vision .npz (PaliGemma 1 or 2; or its
+                                         first .part0 piece; --preset, else the preset whose sizes it has),
+                                         a Hugging Face folder, or a paliseg checkpoint folder
 
 inputs:
   --image IMG|DIR|JSONL   one image, a folder of images (recursive), or annotation records (each record's
@@ -42,6 +43,8 @@ examples:
   paliseg predict --checkpoint paligemma.npz --preset paligemma-3b-224 --tokenizer tok.model \\
       --image photos/ --prompt "segment crack" --prompt "segment taping area" --out pred
   paliseg predict --checkpoint hf_paligemma/ --image wall.jpg --prompt "caption en" --raw --no-constrain
+  paliseg predict --checkpoint models/paligemma2-3b-mix-224-hf --tokenizer models/paligemma_tokenizer.model \
+      --image wall.jpg --prompt "segment crack" --dtype float32 --out pred
 """
 
 _EVAL_HELP = "Score every checkpoint of a run on a split, pick the best, write a report with plots and canvases."
@@ -86,7 +89,11 @@ def register(subparsers) -> None:
     predict.add_argument(
         "--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)"
     )
-    predict.add_argument("--preset", metavar="NAME", help="model sizes of a big_vision .npz (e.g. paligemma-3b-224)")
+    predict.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="model sizes of a big_vision .npz (e.g. paligemma2-3b-224; default: the one preset they fit)",
+    )
     predict.add_argument(
         "--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)"
     )
@@ -146,6 +153,12 @@ def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="weights and matmuls (default: the run's or preset's; bfloat16 for a Hugging Face folder); "
+        "float32 decodes token for token as transformers does on a float32 checkpoint",
+    )
 
 
 def _vae_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,14 +204,15 @@ def run_predict(args: argparse.Namespace) -> int:
         vae_file = identity.resolve(run.vae, args.vae, args.allow_vae_mismatch, f"run {args.run_dir}")
         step = args.step or ("best" if run.best is not None else "latest")
         predictor = Predictor.from_run(
-            run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), **options
+            run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), dtype=args.dtype, **options
         )
     else:
         if args.step:
             raise ValueError("--step goes with --run")
         predictor = Predictor.from_checkpoint(
-            args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, vae_model=vae.load(args.vae), **options
-        )
+            args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, vae_model=vae.load(args.vae),
+            dtype=args.dtype, **options,
+        )  # fmt: skip
     console.info(f"predict: {len(jobs)} image/prompt pair(s) with {predictor.source}")
     if args.out is None:
         predictions = predictor.predict([job.image_path for job in jobs], [job.prompt for job in jobs])
@@ -256,7 +270,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.run_dir, args.data, args.out, split=args.split, steps=parse_steps(args.steps), limit=args.limit,
         metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=not args.no_base, ceiling=not args.no_ceiling, vae_path=args.vae, canvases=args.canvases,
-        overwrite=args.overwrite, allow_vae_mismatch=args.allow_vae_mismatch,
+        overwrite=args.overwrite, allow_vae_mismatch=args.allow_vae_mismatch, dtype=args.dtype,
     )  # fmt: skip
     console.report(report, _eval_text(report, args.out), args.json)
     return 0

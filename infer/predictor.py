@@ -3,6 +3,7 @@
     from infer import Predictor
     predictor = Predictor.from_run("runs/r1", step="best")           # or an int, or "latest"; the run's VAE
     predictor = Predictor.from_checkpoint("ckpt.npz", preset="paligemma-3b-224", tokenizer="tok.model")
+    predictor = Predictor.from_checkpoint("hf_folder/", dtype="float32")   # weights and matmuls in float32
     [prediction] = predictor.predict("wall.jpg", "segment crack")    # or lists of images and prompts
     prediction.mask, prediction.boxes, prediction.labels, prediction.text, prediction.objects
 
@@ -81,13 +82,15 @@ class Predictor:
         step: int | str | None = "best",
         tokenizer=None,
         frozen: dict | None = None,
+        dtype: str | None = None,
         **options: Any,
     ) -> Predictor:
         """A run's checkpoint (`run_dir`: a folder or an open `train.run.Run`): `step` is "best" (recorded by
         `paliseg eval`), "latest", or a number (0 = the base). `max_new_tokens` defaults to the run's
         --seq-len: no suffix it trained on was longer. Without `vae_model`, the VAE of the run's data
         (`vae.identity.resolve`). `frozen`: the run's parameters that training never changes, when
-        already loaded elsewhere (an open Run keeps its own)."""
+        already loaded elsewhere (an open Run keeps its own). `dtype`: "float32" or "bfloat16" for the
+        weights and matmuls (default: the run's model config)."""
         from train.run import Run
 
         run = Run.open(run_dir)
@@ -101,17 +104,30 @@ class Predictor:
 
             options["vae_model"] = vae.load(identity.resolve(run.vae, recorded_by=f"run {run.dir}").path)
         config, params = run.load(number, frozen=frozen)
+        if dtype is not None and config.with_dtype(dtype) != config:
+            import jax
+            import jax.numpy as jnp
+
+            config = config.with_dtype(dtype)
+            params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
         options.setdefault("max_new_tokens", run.train_config.seq_len)
         return cls(config, params, tokenizer, source=f"{run.dir} step {number}", step=number, **options)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, preset: str | None = None, tokenizer=None, **options: Any
+        cls,
+        path: str | os.PathLike,
+        preset: str | None = None,
+        tokenizer=None,
+        dtype: str | None = None,
+        **options: Any,
     ) -> Predictor:
-        """A checkpoint file or folder (big_vision npz with `preset`, Hugging Face, or ours)."""
+        """A checkpoint file or folder (big_vision npz with `preset`, Hugging Face, or ours). `dtype`:
+        "float32" or "bfloat16" for the weights and matmuls (default: the preset's, bfloat16 for Hugging Face
+        folders, the recorded one for ours)."""
         from paliseg import checkpoints
 
-        config, params = checkpoints.load(path, preset=preset)
+        config, params = checkpoints.load(path, preset=preset, dtype=dtype)
         tokenizer = _tokenizer(tokenizer or checkpoints.default_tokenizer(path, config), config)
         return cls(config, params, tokenizer, source=str(path), **options)
 

@@ -83,14 +83,16 @@ class StepResult:
         return dataclasses.asdict(self) | {"kind": self.kind}
 
 
-def _fingerprint(run: Run, step: int, max_new_tokens: int | None) -> dict[str, Any]:
-    """What a cached text depends on: the run's settings (config.json), the step and the decoding."""
-    return {
+def _fingerprint(run: Run, step: int, max_new_tokens: int | None, dtype: str | None = None) -> dict[str, Any]:
+    """What a cached text depends on: the run's settings (config.json), the step, the decoding and --dtype when
+    given (absent otherwise, so caches written before --dtype existed stay valid)."""
+    fingerprint = {
         "run_config_sha256": run.config_sha256,
         "step": step,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy; segmentation grammar for 'segment' prompts",
     }
+    return fingerprint if dtype is None else {**fingerprint, "dtype": dtype}
 
 
 def _claim(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
@@ -196,6 +198,7 @@ def evaluate_run(
     overwrite: bool = False,
     on_step_done: Callable[[int], None] | None = None,
     allow_vae_mismatch: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Score the checkpoints of `run_dir` on `data_dir`'s `split` and write the report into `out_dir`.
 
@@ -203,7 +206,8 @@ def evaluate_run(
     first K records only; `max_new_tokens`: decoding budget (default: the run's --seq-len);
     `canvases`: how many best and worst images of the best checkpoint to draw; `on_step_done(step)` is
     called after each step's texts are cached (the demo's progress, the tests' crash). `vae_path`: the VAE
-    (default: the run's, see `vae_for`), `allow_vae_mismatch` lets it differ. Returns the report's content
+    (default: the run's, see `vae_for`), `allow_vae_mismatch` lets it differ. `dtype`: the weights' and
+    matmuls' dtype (default: the run's). Returns the report's content
     (see `infer.sweep_report.build`).
     """
     import vae
@@ -239,7 +243,7 @@ def evaluate_run(
     for step in wanted:
         started = time.perf_counter()
         cache = prediction_cache.PredictionCache(
-            prediction_cache.step_path(out_dir, step), _fingerprint(run, step, max_new_tokens)
+            prediction_cache.step_path(out_dir, step), _fingerprint(run, step, max_new_tokens, dtype)
         )
         cached = sum(item.key in cache for item in items)
         factory = lambda step=step: Predictor.from_run(  # noqa: E731 - the run keeps the frozen base for every step
@@ -248,6 +252,7 @@ def evaluate_run(
             vae_model=vae_model,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
+            dtype=dtype,
         )
         try:
             decoded = decode_step(factory, items, cache, batch_size, f"step {step}")

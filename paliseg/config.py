@@ -32,6 +32,9 @@ TINY_TOKENIZER = ASSETS / "tiny_tokenizer.model"
 TINY_VOCAB_SIZE = 1792
 PALIGEMMA_VOCAB_SIZE = 256_000 + 1024 + 128
 
+# What `--dtype` offers (`ModelConfig.with_dtype`): the weights' and the matmuls' dtype.
+DTYPES = ("float32", "bfloat16")
+
 # Short LoRA target names: the Gemma projections, and (prefixed `img_`) the SigLIP ones.
 LLM_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 IMG_LORA_TARGETS = ("img_q", "img_k", "img_v", "img_o", "img_fc1", "img_fc2")
@@ -189,6 +192,15 @@ class ModelConfig:
             if isinstance(changes.get(name), dict):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)
+
+    def with_dtype(self, dtype: str | None) -> ModelConfig:
+        """Weights, matmuls and the KV cache in `dtype` (None: unchanged). float32 reproduces a float32
+        reference (transformers) token for token; bfloat16 halves the memory and drifts after a few tokens."""
+        if dtype is None:
+            return self
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return self.replace(param_dtype=dtype, compute_dtype=dtype, cache_dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -34,3 +34,10 @@ def test_console_script_is_installed_and_runs():
         [sys.executable, "-m", "paliseg.cli.main", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("paliseg ")
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "train"])
+def test_predict_eval_and_train_take_a_dtype(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert "--dtype {float32,bfloat16}" in capsys.readouterr().out.replace("\n", " ")

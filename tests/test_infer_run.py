@@ -404,3 +404,16 @@ def test_eval_refuses_data_of_another_vae_and_legacy_runs_behave_as_before(
     assert main(["eval", str(legacy), "--data", str(other_data), "--steps", "4", "--no-base", "--no-ceiling",
                  "--canvases", "0", "--out", str(tmp_path / "legacy_eval")]) == 0  # fmt: skip
     assert Path(loaded_vaes[-1]) == elsewhere.absolute()
+
+
+def test_a_run_predicts_in_the_dtype_asked_for(setup):
+    """--dtype bfloat16 on a float32 (tiny) run: the weights, matmuls and cache follow, and the texts decode."""
+    data, run_dir, vae_path = setup
+    predictor = Predictor.from_run(run_dir, 4, vae_model=vae.MaskVAE.from_npz(vae_path), batch_size=2, dtype="bfloat16")
+    config = predictor.config
+    assert (config.param_dtype, config.compute_dtype, config.cache_dtype) == ("bfloat16",) * 3
+    assert {leaf.dtype for leaf in jax.tree.leaves(predictor.params)} == {jnp.dtype(jnp.bfloat16)}
+    [prediction] = predictor.predict(data / "images" / "valid_0.png", PROMPT)
+    assert isinstance(prediction.text, str)
+    run = Run(run_dir)
+    assert sweep._fingerprint(run, 4, 8, "bfloat16") != sweep._fingerprint(run, 4, 8)

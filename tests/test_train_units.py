@@ -70,6 +70,20 @@ def test_resume_refuses_changed_semantics_but_takes_execution_settings():
         train_config.check_resume(saved, {"lr": 0.01})
 
 
+def test_dtype_sets_the_base_weights_and_the_matmuls_and_old_base_dtype_files_still_load(tmp_path):
+    from train import params
+
+    tiny = params.model_config(_config())
+    assert (tiny.param_dtype, tiny.compute_dtype) == ("float32", "float32")  # the preset's (default unchanged)
+    bf16 = params.model_config(_config(dtype="bfloat16"))
+    assert (bf16.param_dtype, bf16.compute_dtype, bf16.cache_dtype) == ("bfloat16",) * 3
+    assert bf16.lora == tiny.lora and bf16.llm == tiny.llm
+    (tmp_path / "old.json").write_text('{"base_dtype": "bfloat16"}')
+    assert train_config.load_file(tmp_path / "old.json") == {"dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="dtype"):
+        train_config.validate(_config(dtype="float16"))
+
+
 def test_resume_compares_nested_settings():
     saved = _config(lora={"rank": 4})
     assert train_config.check_resume(saved, {"lora": {"rank": 4}, "workers": 2}).lora.rank == 4

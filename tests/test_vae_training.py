@@ -4,6 +4,7 @@ and the round-trip ceiling (library and `paliseg vae` CLI), on tiny configs and 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import jax
@@ -256,6 +257,13 @@ def test_download_fetches_checks_the_layout_and_records_the_digest(tmp_path, ran
         target.write_bytes(random_npz.read_bytes())
 
     monkeypatch.setattr(downloads, "_http_download", fake_download)
+    assert cli(["vae", "download", "--dir", str(tmp_path / "models"), "--json"]) == 1  # not the published bytes
+    assert "!= expected 8479556" in capsys.readouterr().err
+    (tmp_path / "models" / "vae-oid.npz").unlink()
+    unpublished = [
+        dataclasses.replace(a, size=None, sha256=None) if a.name == "vae-oid.npz" else a for a in downloads.ASSETS
+    ]
+    monkeypatch.setattr(downloads, "ASSETS", tuple(unpublished))
     assert cli(["vae", "download", "--dir", str(tmp_path / "models"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["sha256"] == downloads.sha256_of(random_npz)

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from paliseg import settings
-from paliseg.config import IMG_LORA_TARGETS, LLM_LORA_TARGETS, PRESETS, LoraConfig
+from paliseg.config import DTYPES, IMG_LORA_TARGETS, LLM_LORA_TARGETS, PRESETS, LoraConfig
 from paliseg.settings import setting
 
 TRAINABLE_SETS = ("lora", "attn", "all")
 OPTIMIZERS = ("adamw", "sgd")
-DTYPES = ("bfloat16", "float16", "float32")
 
 # Settings that change how a run executes but not what it computes: a resumed run may change them.
 # (`out` too: a run folder may be moved.)
@@ -78,9 +77,10 @@ class TrainConfig:
         metavar="N",
         group=MODEL,
     )
-    base_dtype: str | None = setting(
+    dtype: str | None = setting(
         None,
-        "dtype of the frozen base (default: the preset's; trainable parameters are float32)",
+        "dtype of the frozen base's weights and of the matmuls (default: the preset's; trainable parameters "
+        "are float32)",
         choices=DTYPES,
         group=MODEL,
     )
@@ -165,7 +165,12 @@ _LEGACY_KEYS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dro
 
 
 def _upgrade_legacy(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """`values` with the flat LoRA keys of older config files moved into `lora`."""
+    """`values` with the flat LoRA keys of older config files moved into `lora`, and `base_dtype` (before
+    --dtype also set the matmuls') renamed `dtype` (a run's model config records what it computed in)."""
+    if "base_dtype" in values:
+        if "dtype" in values:
+            raise ValueError(f"{where}: both base_dtype and dtype are given")
+        values = {("dtype" if key == "base_dtype" else key): value for key, value in values.items()}
     flat = {key: values[key] for key in _LEGACY_KEYS if key in values}
     if not flat:
         return values
@@ -274,7 +279,7 @@ def validate(config: TrainConfig) -> None:
     need(config.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
     need(config.trainable in TRAINABLE_SETS, f"--trainable must be one of {', '.join(TRAINABLE_SETS)}")
     need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
-    need(config.base_dtype in (None, *DTYPES), f"--base-dtype must be one of {', '.join(DTYPES)}")
+    need(config.dtype in (None, *DTYPES), f"--dtype must be one of {', '.join(DTYPES)}")
     need(config.seq_len >= 8, f"--seq-len must be at least 8, got {config.seq_len}")
     need(config.steps >= 1, f"--steps must be at least 1, got {config.steps}")
     need(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")

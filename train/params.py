@@ -28,13 +28,11 @@ Params = dict[str, Any]
 
 
 def model_config(config: TrainConfig) -> model_configs.ModelConfig:
-    """The model a run trains: the preset, with LoRA on for `--trainable lora`, the run's remat and base dtype."""
-    base = model_configs.preset(config.preset)
+    """The model a run trains: the preset in the run's --dtype, with LoRA on for `--trainable lora`, the run's
+    remat."""
+    base = model_configs.preset(config.preset).with_dtype(config.dtype)
     lora_config = config.lora if config.trainable == "lora" else dataclasses.replace(config.lora, rank=0)
-    changes: dict[str, Any] = {"lora": lora_config, "remat": config.remat}
-    if config.base_dtype is not None:
-        changes["param_dtype"] = config.base_dtype
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base, lora=lora_config, remat=config.remat)
 
 
 def is_trainable(trainable: str, name: str) -> bool:

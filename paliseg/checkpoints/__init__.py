@@ -1,14 +1,17 @@
 """Load and save PaliGemma parameters in three formats, always as big_vision's tree.
 
-    config, params = checkpoints.load(path, preset=None, vocab_size=None, **config_changes)
+    config, params = checkpoints.load(path, preset=None, vocab_size=None, dtype=None, **config_changes)
 
 `path` is one of:
-- a big_vision `.npz` (sizes from `preset`, which is then required; keys optionally under `params/`);
+- a big_vision `.npz`, PaliGemma 1 or 2, or its `.part*` pieces (sizes from `preset`; without one, from the
+  one preset whose sizes the file has; see `checkpoints.big_vision`);
 - a Hugging Face folder (`config.json` + safetensors; sizes from config.json; every transformers key
   layout; `vocab_size`, the tokenizer's size, trims HF's padded embedding);
 - one of ours (`paliseg.json` + orbax `params/`, written by `save`).
 
-`config_changes` adjust the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`); params
+`dtype` ("float32" or "bfloat16") sets the weights', matmuls' and cache's dtypes (`ModelConfig.with_dtype`;
+default: the preset's, bfloat16 for Hugging Face folders, the recorded ones for ours); `config_changes` adjust
+the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`); params
 come back as jax arrays in `config.param_dtype` and are checked against the config: a mismatch raises one
 ValueError naming every missing key, unexpected key and wrong shape.
 
@@ -25,6 +28,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from paliseg.checkpoints import big_vision
 from paliseg.checkpoints.big_vision import read_npz, write_npz
 from paliseg.checkpoints.huggingface import config_from_hf, read_hf, write_hf
 from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, save
@@ -46,38 +50,70 @@ __all__ = [
 def kind_of(path: str | os.PathLike) -> str:
     """'big_vision', 'hf' or 'paliseg'; raises for anything else."""
     path = Path(path)
+    if path.name.endswith(".npz") or ".npz.part" in path.name:
+        if not big_vision.pieces(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return "big_vision"
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_file() and path.suffix == ".npz":
-        return "big_vision"
     if path.is_dir() and is_native(path):
         return "paliseg"
     if path.is_dir() and (path / "config.json").is_file():
         return "hf"
     raise ValueError(
-        f"{path}: not a checkpoint (expected a big_vision .npz, a Hugging Face folder with config.json, "
+        f"{path}: not a checkpoint (expected a big_vision .npz or its .npz.part* pieces, a Hugging Face folder with config.json, "
         f"or a paliseg folder with paliseg.json)"
     )
 
 
 def load(
-    path: str | os.PathLike, preset: str | None = None, vocab_size: int | None = None, **config_changes: Any
+    path: str | os.PathLike,
+    preset: str | None = None,
+    vocab_size: int | None = None,
+    dtype: str | None = None,
+    **config_changes: Any,
 ) -> tuple[ModelConfig, dict]:
     kind = kind_of(path)
     if kind == "big_vision":
-        if preset is None:
-            raise ValueError(f"{path}: a big_vision npz does not record the model sizes; pass a preset (--preset)")
-        config, flat = get_preset(preset), read_npz(path)
+        flat = read_npz(path)
+        config = get_preset(preset or _npz_preset(path, flat))
     elif kind == "hf":
         # cast tensor by tensor while reading: an f32 3B checkpoint never sits in memory as f32
-        dtype = config_changes.get("param_dtype", ModelConfig.param_dtype)
-        config, flat = read_hf(path, vocab_size=vocab_size, dtype=np.dtype(dtype))
+        stored = dtype or config_changes.get("param_dtype", ModelConfig.param_dtype)
+        config, flat = read_hf(path, vocab_size=vocab_size, dtype=np.dtype(stored))
     else:
         config, flat = read_native(path)
     if config_changes:
         config = config.replace(**config_changes)
-    check_tree(flat, config, str(path))
+    config = config.with_dtype(dtype)
+    try:
+        check_tree(flat, config, str(path))
+    except ValueError as error:
+        if kind != "big_vision":
+            raise
+        raise ValueError(f"{error}\n{_npz_hint(path, flat, config, preset)}") from None
     return config, to_device(flat, config)
+
+
+def _npz_preset(path: str | os.PathLike, flat: dict) -> str:
+    """The one preset whose sizes a big_vision npz has (the file does not record them)."""
+    names = big_vision.matching_presets(flat)
+    if len(names) != 1:
+        found = f"it matches the presets {', '.join(names)}" if names else "no preset has its sizes"
+        raise ValueError(f"{path}: {big_vision.summary(flat)}; {found}: pass a preset (--preset)")
+    return names[0]
+
+
+def _npz_hint(path: str | os.PathLike, flat: dict, config: ModelConfig, preset: str | None) -> str:
+    """What the file is, how it differs from the preset's sizes, and the presets it does fit."""
+    found, wanted = big_vision.describe(flat), big_vision.describe_config(config)
+    differ = ", ".join(f"{key} {found[key]} (preset: {wanted[key]})" for key in wanted if found[key] != wanted[key])
+    names = big_vision.matching_presets(flat)
+    advice = f"use --preset {' or '.join(names)}" if names else "no preset has these sizes"
+    lines = [f"{path} is {big_vision.summary(flat)}"]
+    if differ:
+        lines.append(f"  it differs from preset {preset or '(given)'} in: {differ}")
+    return "\n".join([*lines, f"  {advice}"])
 
 
 def default_tokenizer(path: str | os.PathLike, config: ModelConfig) -> Path | None:

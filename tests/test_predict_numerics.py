@@ -1,0 +1,101 @@
+"""Oracle: `paliseg predict --dtype float32` on a float32 Hugging Face checkpoint prints the text of
+transformers' greedy `generate` (eager attention), token for token.
+
+The checkpoint is a tiny random PaliGemma saved by transformers over the bundled tiny tokenizer's vocabulary;
+its weights are re-drawn with a large std so greedy decoding does not settle into repeats (and, at this std,
+bfloat16 drifts from transformers' float32 text after about ten tokens). Each entry of
+CONFIGS builds one transformers config: a generation is one more entry.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from paliseg import images as image_ops  # noqa: E402
+from paliseg.cli import main as cli  # noqa: E402
+from paliseg.config import TINY_TOKENIZER, TINY_VOCAB_SIZE  # noqa: E402
+from paliseg.tokenizer import Tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.oracle
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+NEW_TOKENS = 20
+PROMPT = "caption en"
+
+
+def _paligemma1():
+    return transformers.PaliGemmaConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model", vision_use_head=False, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14,
+        ),
+        text_config=dict(
+            model_type="gemma", vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        ),
+        image_token_index=TINY_VOCAB_SIZE,  # outside the vocabulary, as our exports write it
+        projection_dim=64,
+    )  # fmt: skip
+
+
+CONFIGS = {"paligemma1": _paligemma1}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    """(transformers model, its float32 save_pretrained folder)."""
+    torch.manual_seed(0)
+    hf = transformers.PaliGemmaForConditionalGeneration(CONFIGS[request.param]()).eval()
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            param.normal_(0, 0.1 if "norm" in name or param.ndim == 1 else 0.6)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def _generate(hf, tokenizer: Tokenizer, image_path) -> str:
+    """transformers' greedy text for the prompt as paliseg encodes it: image tokens, bos, prompt, newline."""
+    size = hf.config.vision_config.image_size
+    pixels = image_ops.preprocess(image_ops.read_image(image_path), size)
+    prompt = tokenizer.encode(PROMPT, bos=True) + tokenizer.encode("\n")
+    ids = torch.tensor([[hf.config.image_token_index] * (size // hf.config.vision_config.patch_size) ** 2 + prompt])
+    with torch.no_grad():
+        generated = hf.generate(
+            input_ids=ids,
+            pixel_values=torch.tensor(pixels.transpose(2, 0, 1)[None]),
+            token_type_ids=torch.zeros_like(ids),
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+        )[0, ids.shape[1] :].tolist()
+    assert len(set(generated)) > 5, generated  # not a degenerate model
+    return tokenizer.decode(generated)
+
+
+def _predict(folder, image_path, dtype: str, capsys) -> str:
+    argv = ["predict", "--checkpoint", str(folder), "--tokenizer", str(TINY_TOKENIZER), "--image", str(image_path),
+            "--prompt", PROMPT, "--raw", "--no-constrain", "--max-new-tokens", str(NEW_TOKENS), "--batch-size", "1",
+            "--dtype", dtype]  # fmt: skip
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out.rstrip("\n")
+
+
+def test_predict_in_float32_prints_the_text_of_transformers_generate(checkpoint, tmp_path, capsys):
+    hf, folder = checkpoint
+    image_path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), np.uint8)).save(image_path)
+    expected = _generate(hf, Tokenizer(TINY_TOKENIZER), image_path)
+    assert _predict(folder, image_path, "float32", capsys) == expected
+    # bfloat16 runs too (its text may drift from float32 after a few tokens: nothing to assert about it)
+    assert isinstance(_predict(folder, image_path, "bfloat16", capsys), str)

@@ -72,7 +72,7 @@ class PaliGemma(nn.Module):
         return x, mask_ar, mask_input
 
     def _run_sequence(self, x, mask_ar, mask_input):
-        """The decoder over a whole [image | text] sequence: (hidden [B,T,D], (k, v) [L,B,K,T,H], positions)."""
+        """The decoder over a whole [image | text] sequence: hidden [B,T,D] and (k, v) [L,B,K,T,H]."""
         positions = jnp.cumsum(mask_input, axis=1) - 1
         mask = make_attn_mask(mask_input, mask_ar)
         local_mask = None
@@ -80,13 +80,12 @@ class PaliGemma(nn.Module):
             prefix = mask_ar == 0
             exempt = prefix[:, :, None] & prefix[:, None, :]
             local_mask = sliding_window_mask(mask, positions, positions, exempt, self.config.llm.sliding_window)
-        hidden, kv = self.llm(x, positions, mask, local_mask=local_mask)
-        return hidden, kv, positions
+        return self.llm(x, positions, mask, local_mask=local_mask)
 
     def __call__(self, images, tokens, mask_ar, mask_input) -> jax.Array:
         """Text logits [B,T,V] (float32) for images [B,H,W,3] and tokens/mask_ar/mask_input [B,T]."""
         x, mask_ar, mask_input = self._embed(images, tokens, mask_ar, mask_input)
-        hidden, _, _ = self._run_sequence(x, mask_ar, mask_input)
+        hidden, _ = self._run_sequence(x, mask_ar, mask_input)
         return self.llm.compute_logits(hidden[:, -tokens.shape[1] :])
 
     def prefill(self, images, tokens, mask_ar, mask_input, cache_size: int):
@@ -100,7 +99,7 @@ class PaliGemma(nn.Module):
         length = mask_input.shape[1]
         if cache_size < length:
             raise ValueError(f"cache_size {cache_size} < prompt length {length}")
-        hidden, (k, v), _ = self._run_sequence(x, mask_ar, mask_input)
+        hidden, (k, v) = self._run_sequence(x, mask_ar, mask_input)
         dtype = jnp.dtype(self.config.cache_dtype)
         pad = ((0, 0), (0, 0), (0, 0), (0, cache_size - length), (0, 0))  # k, v: [L,B,K,S,H]
         cache = (jnp.pad(k.astype(dtype), pad), jnp.pad(v.astype(dtype), pad))

@@ -133,3 +133,22 @@ def test_lora_step_on_paligemma2_3b_shapes_lowers():
     new_state, metrics = jax.eval_shape(step, state, frozen, batch)
     assert metrics["loss"].shape == ()
     assert jax.tree.map(lambda x: x.shape, new_state["params"]) == jax.tree.map(lambda x: x.shape, trainable)
+
+
+def test_tiny_pg2_round_trips_through_every_checkpoint_format(tmp_path):
+    from paliseg import checkpoints
+
+    config = cfgs.preset("tiny-pg2")
+    params = model.init_params(config, jax.random.key(3))
+    reference = flatten(params)
+    exported = {
+        "big_vision": checkpoints.export_big_vision(tmp_path / "bv.npz", params),
+        "paliseg": checkpoints.save(tmp_path / "native", params, config),
+        "hf": checkpoints.export_hf(tmp_path / "hf", params, config),
+    }
+    for kind, path in exported.items():
+        loaded_config, loaded = checkpoints.load(path, preset="tiny-pg2", param_dtype="float32")
+        assert loaded_config.llm == config.llm, kind
+        assert flatten(loaded).keys() == reference.keys(), kind
+        for key, value in flatten(loaded).items():
+            np.testing.assert_array_equal(value, reference[key], err_msg=f"{kind}: {key}")

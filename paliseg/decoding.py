@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paliseg.config import ModelConfig
-from paliseg.model.paligemma import PaliGemma
+from paliseg.model.paligemma import PaliGemma, cache_positions
 from paliseg.model.projection import storage_view
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
@@ -206,6 +206,8 @@ def _generate(
         "rng": rng,
         "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
     }
+    if config.llm.sliding_window is not None:  # the window is over positions: track each slot's
+        state["key_positions"] = cache_positions(config.num_image_tokens, mask_input, cache[0].shape[3])
     if return_logits:
         state["all_logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), jnp.float32)
 
@@ -239,9 +241,12 @@ def _generate(
             s["key_valid"],
             s["cache"],
             slot,
+            s.get("key_positions"),
             method=PaliGemma.extend,
         )
         s["key_valid"] = s["key_valid"].at[:, slot].set(True)
+        if "key_positions" in s:
+            s["key_positions"] = s["key_positions"].at[:, slot].set(seq_len + step)
         s["step"] = step + 1
         return s
 

@@ -17,6 +17,12 @@ SMALL = cfgs.preset("tiny").replace(
     img={"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "image_size": 16},
     llm={"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16},
 )
+# Gemma 2: post-norms, both soft-caps, heads * head_dim != width, a query scalar != head_dim, and a window
+# (6) far shorter than the sequence (4 image + 16 prompt + 8 decoded tokens) on layers 0 and 2.
+SMALL_PG2 = SMALL.replace(
+    llm={"depth": 3, "head_dim": 24, "post_norms": True, "attn_logits_softcap": 50.0,
+         "final_logits_softcap": 30.0, "query_pre_attn_scalar": 20, "sliding_window": 6}
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +32,13 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def params():
+    return _random_params(SMALL)
+
+
+def _random_params(config):
     """Weights re-drawn with a large std (as in the transformers oracle) so that greedy decoding of a
     random model does not repeat one token."""
-    flat = flatten(model.init_params(SMALL, jax.random.key(0)))
+    flat = flatten(model.init_params(config, jax.random.key(0)))
     keys = jax.random.split(jax.random.key(1), len(flat))
     return unflatten(
         {
@@ -47,12 +57,15 @@ def _images(batch, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (batch, 16, 16, 3)).astype(np.float32)
 
 
-def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params):
+@pytest.mark.parametrize("generation", [1, 2])
+def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params, generation):
+    config = SMALL if generation == 1 else SMALL_PG2
+    params = params if generation == 1 else _random_params(SMALL_PG2)
     prompts = _prompts(tokenizer, ["segment crack", "detect drywall ; taping area ; joint", "caption en"])
     images = _images(3)
     steps = 8
     out = decoding.generate(
-        SMALL,
+        config,
         params,
         images,
         prompts["tokens"],
@@ -68,7 +81,7 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params):
     full_tokens = np.concatenate([prompts["tokens"], tokens], axis=1)
     full_ar = np.concatenate([prompts["mask_ar"], np.ones_like(tokens)], axis=1)
     full_input = np.concatenate([prompts["mask_input"], np.ones_like(tokens)], axis=1)
-    full = np.asarray(model.forward(SMALL, params, images, full_tokens, full_ar, full_input))
+    full = np.asarray(model.forward(config, params, images, full_tokens, full_ar, full_input))
     length = prompts["tokens"].shape[1]
     for row in range(3):
         last_prompt = prompts["mask_input"][row].sum() - 1

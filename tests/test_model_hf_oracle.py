@@ -1,4 +1,6 @@
-"""Oracle: transformers' PaliGemmaForConditionalGeneration on tiny random configs.
+"""Oracle: transformers' PaliGemmaForConditionalGeneration on tiny random configs, PaliGemma 1 (Gemma) and
+PaliGemma 2 (Gemma 2: post-norms, soft-caps, query scalars != head_dim, heads * head_dim != width, 1/2/4 kv
+heads, and sliding windows shorter than the sequence).
 
 Each config is built in transformers, its weights re-drawn with a large std (so greedy decoding is not
 degenerate and the (1+w) norm offsets are exercised), saved with `save_pretrained`, and loaded through our
@@ -88,14 +90,43 @@ CONFIGS = {
         280,
         270,
     ),
-}
+    # Gemma 2. Sequences: 4 image tokens + 7 text tokens (logits), up to 10 + 10 decoded (generate).
+    "g2-mqa": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+             patch_size=14),
+        dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=20,
+             attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
+        300,
+        300,
+    ),
+    "g2-gqa-window": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+             patch_size=14),
+        dict(model_type="gemma2", hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+             attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4),
+        290,
+        290,
+    ),
+    "g2-mha-window": (
+        dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+             patch_size=14),
+        dict(model_type="gemma2", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=4, head_dim=8, query_pre_attn_scalar=12,
+             attn_logit_softcapping=20.0, final_logit_softcapping=None, sliding_window=6),
+        280,
+        280,
+    ),
+}  # fmt: skip
+GEMMA2 = [name for name in CONFIGS if name.startswith("g2-")]
 
 
 def _hf_model(name: str, seed: int = 1):
     vision, text, vocab, image_token = CONFIGS[name]
     config = transformers.PaliGemmaConfig(
         vision_config=dict(model_type="siglip_vision_model", vision_use_head=False, **vision),
-        text_config=dict(model_type="gemma", vocab_size=vocab, **text),
+        text_config={"model_type": "gemma", **text, "vocab_size": vocab},
         image_token_index=image_token,
         projection_dim=text["hidden_size"],
     )
@@ -104,7 +135,12 @@ def _hf_model(name: str, seed: int = 1):
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         for param_name, param in hf.named_parameters():
-            if "norm" in param_name:
+            if name in GEMMA2 and param_name.endswith(("embed_tokens.weight", "language_model.norm.weight")):
+                # Gemma 2's post-norms keep each block's output near unit scale: with large embeddings the
+                # residual stream stays the last token's embedding, and greedy decoding repeats it. Small
+                # embeddings, then, and a final norm of (1 + 4) to bring the logits back to a useful range.
+                param.normal_(*((4.0, 0.1) if "norm" in param_name else (0, 0.02)))
+            elif "norm" in param_name:
                 param.normal_(0, 0.1)
             else:
                 param.normal_(0, 0.3 if param.ndim > 1 else 0.1)
@@ -187,11 +223,19 @@ def test_logits_equal_transformers(pair):
     ours = np.asarray(model.forward(config, params, images, tokens, mask_ar, np.ones_like(tokens)))
     assert np.abs(theirs).max() > 1.0  # not a degenerate model
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    if config.llm.sliding_window is not None and config.llm.sliding_window < ids.shape[1]:
+        # the window changes the result: a model attending globally does not pass
+        unwindowed = config.replace(llm={"sliding_window": None})
+        everywhere = np.asarray(model.forward(unwindowed, params, images, tokens, mask_ar, np.ones_like(tokens)))
+        assert np.abs(everywhere - theirs).max() > 1e-2
 
 
 def test_greedy_decoding_equals_generate(pair):
     name, hf, _, config, params = pair
-    image_token = CONFIGS[name][3]
+    _assert_greedy_decoding_equals_generate(hf, config, params, CONFIGS[name][3])
+
+
+def _assert_greedy_decoding_equals_generate(hf, config, params, image_token: int):
     rng = np.random.default_rng(2)
     lengths = [3, 6, 4]
     tokens = np.zeros((3, 8), np.int64)
@@ -312,6 +356,32 @@ def test_bad_checkpoints_name_the_offending_keys(mqa, tmp_path):
     assert "post_layernorm.bias (5,), expected (32,)" in message
 
 
+def test_loaded_gemma2_config_has_the_hf_features(pair):
+    name, hf, _, config, _ = pair
+    text = hf.config.text_config
+    if name not in GEMMA2:
+        assert not config.llm.post_norms and config.llm.attn_logits_softcap == config.llm.final_logits_softcap == 0
+        return
+    assert config.llm.post_norms
+    assert config.llm.attn_logits_softcap == text.attn_logit_softcapping
+    assert config.llm.final_logits_softcap == (text.final_logit_softcapping or 0.0)
+    assert config.llm.query_scale == text.query_pre_attn_scalar**-0.5
+    assert config.llm.sliding_window == text.sliding_window
+
+
+def test_gemma1_names_on_gemma2_weights_are_refused(tmp_path, tmp_path_factory):
+    """`post_attention_layernorm` means the pre-FFW norm in Gemma 1: Gemma 2 weights under a Gemma 1 config
+    must not load (their post-norms would be dropped or misread), and the error names the keys."""
+    _name, _, folder, _config, _ = _saved("g2-mqa", tmp_path_factory)
+    other = _rewrite(folder, tmp_path / "relabelled", lambda k: k)
+    hf_config = json.loads((other / "config.json").read_text())
+    hf_config["text_config"]["model_type"] = "gemma"
+    (other / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(ValueError, match=r"unexpected keys.*post_feedforward_layernorm") as error:
+        checkpoints.load(other, **F32)
+    assert "pre_feedforward_layernorm" in str(error.value)
+
+
 def test_exported_safetensors_load_in_transformers_with_equal_logits(pair, tmp_path):
     _name, _, _, config, params = pair
     folder = checkpoints.export_hf(tmp_path / "export", params, config)
@@ -329,7 +399,10 @@ def test_exported_safetensors_load_in_transformers_with_equal_logits(pair, tmp_p
         ).logits.numpy()[:, config.num_image_tokens :]
     ours = np.asarray(model.forward(config, params, images, tokens, mask_ar, np.ones_like(tokens)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    if config.llm.post_norms:
+        _assert_greedy_decoding_equals_generate(hf, config, params, config.llm.vocab_size)
     # and our loader reads our export back bit for bit
-    _, again = checkpoints.load(folder, **F32)
+    again_config, again = checkpoints.load(folder, **F32)
+    assert again_config.llm == config.llm
     for key, value in flatten(again).items():
         np.testing.assert_array_equal(value, flatten(params)[key], err_msg=key)

@@ -1,5 +1,13 @@
-"""Hugging Face PaliGemma (1) checkpoints: a folder with `config.json` and safetensors (one file, or shards
-listed in `model.safetensors.index.json`).
+"""Hugging Face PaliGemma checkpoints (PaliGemma 1 and 2): a folder with `config.json` and safetensors (one
+file, or shards listed in `model.safetensors.index.json`).
+
+The generation comes from `text_config.model_type` (`gemma` or `gemma2`), and it decides what the layer norm
+names mean: `post_attention_layernorm` is the pre-FFW norm in Gemma 1 but a real post-attention norm in
+Gemma 2 (whose pre-FFW norm is `pre_feedforward_layernorm`), so a wrong guess would load "successfully" and
+compute something else. Gemma 2's soft-caps, query scalar and sliding window are read from the file
+(`final_logit_softcapping`, `query_pre_attn_scalar`, `sliding_window` with `layer_types`; transformers'
+Gemma2Config defaults where absent); only the alternating pattern (even layers sliding) or all-global
+layers are supported. Attention reshapes use heads * head_dim, which differs from the width in Gemma 2.
 
 Every key layout transformers has written is accepted (its PaliGemma modeling and conversion code across versions):
 `vision_tower.vision_model.*` (hub files, <=4.51), `model.vision_tower.vision_model.*` (4.52-5.5),
@@ -31,7 +39,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from paliseg.checkpoints.tree import Flat, flatten
-from paliseg.config import GemmaConfig, ModelConfig, SiglipConfig
+from paliseg.config import GEMMA2_SIZES, GemmaConfig, ModelConfig, SiglipConfig
 from paliseg.files import write_json
 
 Array = Any
@@ -174,14 +182,16 @@ def _rules(config: ModelConfig) -> list[_Rule]:
         _Rule(
             f"{layers}pre_attention_norm/scale", (f"{layer}input_layernorm.weight",), lambda w: w, lambda w: (w,), True
         ),
-        _Rule(
-            f"{layers}pre_ffw_norm/scale",
-            (f"{layer}post_attention_layernorm.weight",),
-            lambda w: w,
-            lambda w: (w,),
-            True,
-        ),
     ]
+    norms = {"pre_ffw_norm": "post_attention_layernorm"}  # Gemma 1's name for it
+    if llm.post_norms:
+        norms = {
+            "post_attention_norm": "post_attention_layernorm",
+            "pre_ffw_norm": "pre_feedforward_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        }
+    for ours, theirs in norms.items():
+        rules.append(_Rule(f"{layers}{ours}/scale", (f"{layer}{theirs}.weight",), lambda w: w, lambda w: (w,), True))
     return rules
 
 
@@ -215,15 +225,16 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     if hf.get("model_type") != "paligemma":
         raise ValueError(f"{source}: model_type is {hf.get('model_type')!r}, not 'paligemma'")
     text, vision = dict(hf.get("text_config") or {}), dict(hf.get("vision_config") or {})
-    if text.get("model_type", "gemma") != "gemma":
-        raise ValueError(
-            f"{source}: text model {text.get('model_type')!r} is not Gemma-1 (PaliGemma 2 is not supported)"
-        )
+    text_type = text.get("model_type", "gemma")
+    if text_type not in ("gemma", "gemma2"):
+        raise ValueError(f"{source}: text model {text_type!r} is neither Gemma ('gemma') nor Gemma 2 ('gemma2')")
     act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in _TANH_GELUS or vision.get("hidden_act", "gelu_pytorch_tanh") not in _TANH_GELUS:
         raise ValueError(f"{source}: only tanh-GELU activations are supported, got {act!r}")
     rope = (text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta", 10_000.0))
-    llm_defaults, img_defaults = GemmaConfig(), SiglipConfig()
+    # transformers' defaults for absent fields: Gemma2Config's are Gemma 2 2B's (PaliGemma 2 3B)
+    llm_defaults = GemmaConfig(**GEMMA2_SIZES["3b"]) if text_type == "gemma2" else GemmaConfig()
+    img_defaults = SiglipConfig()
     patch = vision.get("patch_size", img_defaults.patch_size)
     image_size = vision.get("image_size")
     if image_size is None:
@@ -239,6 +250,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         vocab_size=text.get("vocab_size", 257_216),
         norm_eps=text.get("rms_norm_eps", llm_defaults.norm_eps),
         rope_max_wavelength=float(rope),
+        **(_gemma2_fields(text, source) if text_type == "gemma2" else {}),
     )
     img = SiglipConfig(
         width=vision.get("hidden_size", img_defaults.width),
@@ -253,6 +265,54 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     if projection != llm.width:
         raise ValueError(f"{source}: projection_dim {projection} != text hidden_size {llm.width}")
     return ModelConfig(img=img, llm=llm)
+
+
+def _gemma2_fields(text: dict[str, Any], source: str) -> dict[str, Any]:
+    """Our GemmaConfig fields for a Gemma 2 text config (Gemma2Config's defaults where absent)."""
+    depth = text.get("num_hidden_layers", GEMMA2_SIZES["3b"]["depth"])
+    window = text.get("sliding_window", 4096)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(depth)]
+    layer_types = text.get("layer_types") or alternating
+    if window is None or layer_types == ["full_attention"] * depth:
+        window = None
+    elif layer_types != alternating:
+        raise ValueError(
+            f"{source}: layer_types {layer_types} are not supported (only even layers sliding, or all full)"
+        )
+    head_dim = text.get("head_dim") or GEMMA2_SIZES["3b"]["head_dim"]
+    scalar = text.get("query_pre_attn_scalar", 256)
+    return dict(
+        post_norms=True,
+        attn_logits_softcap=float(text.get("attn_logit_softcapping", 50.0) or 0.0),
+        final_logits_softcap=float(text.get("final_logit_softcapping", 30.0) or 0.0),
+        query_pre_attn_scalar=None if scalar == head_dim else scalar,
+        sliding_window=window,
+    )
+
+
+def _gemma2_to_hf(llm: GemmaConfig) -> dict[str, Any]:
+    """The Gemma2Config fields that say what our config says. Without a window every layer is
+    `full_attention`; `sliding_window` then only has to be set (transformers builds the unused sliding mask)."""
+    return {
+        "model_type": "gemma2",
+        "query_pre_attn_scalar": _number(llm.query_pre_attn_scalar or llm.head_dim),
+        "attn_logit_softcapping": llm.attn_logits_softcap or None,
+        "final_logit_softcapping": llm.final_logits_softcap or None,
+        "sliding_window": llm.sliding_window or _MAX_POSITIONS,
+        "layer_types": [
+            "sliding_attention" if llm.sliding_window is not None and i % 2 == 0 else "full_attention"
+            for i in range(llm.depth)
+        ],
+        "max_position_embeddings": _MAX_POSITIONS,
+    }
+
+
+_MAX_POSITIONS = 8192  # Gemma 2's; RoPE itself has no limit
+
+
+def _number(value: float) -> int | float:
+    """An int where the value is whole (Gemma2Config types `query_pre_attn_scalar` as int)."""
+    return int(value) if float(value).is_integer() else value
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -286,6 +346,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             "bos_token_id": 2,
             "eos_token_id": 1,
             "pad_token_id": 0,
+            **(_gemma2_to_hf(llm) if llm.post_norms else {}),
         },
         "vision_config": {
             "model_type": "siglip_vision_model",

@@ -1,9 +1,14 @@
-"""Gemma-1 decoder as big_vision's `ppp/gemma.py` (the PaliGemma 1 LLM).
+"""The Gemma decoder of both PaliGemma generations, as big_vision's `models/ppp/gemma.py`.
 
 Param tree (under `llm/`): `embedder/input_embedding` [V,D] (tied output projection), `layers/...` scanned
 over depth (`pre_attention_norm/scale`, `attn/{q_einsum,kv_einsum|qkv_einsum,attn_vec_einsum}/w`,
-`pre_ffw_norm/scale`, `mlp/{gating_einsum,linear}`), `final_norm/scale`. RMSNorm with (1+scale), split-half
-RoPE, q scaled by head_dim**-0.5 after RoPE, GeGLU with tanh-GELU, no soft-capping, no biases.
+`pre_ffw_norm/scale`, `mlp/{gating_einsum,linear}`, and for Gemma 2 `post_attention_norm/scale`,
+`post_ffw_norm/scale`), `final_norm/scale`. RMSNorm with (1+scale), split-half RoPE, GeGLU with tanh-GELU,
+no biases. Queries are scaled by `query_scale` after RoPE (head_dim**-0.5, or (width/heads)**-0.5 for
+Gemma 2 27B). Gemma 2 adds (all chosen by `GemmaConfig`): the post-attention and post-FFW norms, applied to
+each branch before its residual add; `c * tanh(x / c)` soft-caps on the attention logits (in float32,
+after query scaling, before masking) and on the output logits; and an optional sliding window on the even
+layers (Hugging Face's Gemma 2 `layer_types`; big_vision attends globally everywhere).
 
 Attention takes an explicit boolean mask and an optional, read-only KV cache (k, v: [B,K,S,H]); it returns
 the new tokens' keys and values, which the caller writes into the cache in one update for all layers. One
@@ -24,6 +29,11 @@ from paliseg.model.projection import Numerics, Projection, project, stored
 _MASKED = -2.3819763e38
 
 KVCache = tuple[jax.Array, jax.Array]
+
+
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """Gemma 2's `cap * tanh(x / cap)`; `cap == 0` means none."""
+    return cap * jnp.tanh(x / cap) if cap else x
 
 
 class RMSNorm(nn.Module):
@@ -69,7 +79,7 @@ class Attention(nn.Module):
         else:
             q = Projection("attn/q_einsum/w", sizes, self.numerics, name="q_einsum")(x)
             k, v = Projection("attn/kv_einsum/w", sizes, self.numerics, name="kv_einsum")(x)
-        q = apply_rope(q, positions, cfg.rope_max_wavelength) * h**-0.5
+        q = apply_rope(q, positions, cfg.rope_max_wavelength) * cfg.query_scale
         k = apply_rope(k, positions, cfg.rope_max_wavelength)
         # head-major operands ([B,K,...,H]): plain batched matmuls for XLA, and the cache layout
         batch, length = q.shape[:2]
@@ -80,6 +90,7 @@ class Attention(nn.Module):
             jnp.concatenate([cache[1].astype(v.dtype), v], axis=2),
         )  # fmt: skip
         logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, keys, preferred_element_type=jnp.float32)
+        logits = soft_cap(logits, cfg.attn_logits_softcap)
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
         weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         encoded = jnp.einsum("BKGTS,BKSH->BKGTH", weights, values)
@@ -107,16 +118,26 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cache: KVCache | None, positions: jax.Array, mask: jax.Array
+        self,
+        x: jax.Array,
+        cache: KVCache | None,
+        sliding: jax.Array | None,
+        positions: jax.Array,
+        mask: jax.Array,
+        local_mask: jax.Array | None,
     ) -> tuple[jax.Array, KVCache]:
+        """`sliding` (this layer's flag, a traced bool; None without a window) picks `local_mask` over `mask`."""
         norm = lambda name: RMSNorm(self.config.llm.norm_eps, self.config.param_dtype, name=name)  # noqa: E731
+        post_norm = norm if self.config.llm.post_norms else lambda name: lambda h: h
         drop = nn.Dropout(self.config.dropout, deterministic=self.numerics.deterministic)
+        if sliding is not None:
+            mask = jnp.where(sliding, local_mask, mask)
         h, new_kv = Attention(self.config, self.numerics, name="attn")(
             norm("pre_attention_norm")(x), positions, mask, cache
         )
-        x = x + drop(h).astype(jnp.float32)
+        x = x + drop(post_norm("post_attention_norm")(h)).astype(jnp.float32)
         h = FeedForward(self.config, self.numerics, name="mlp")(norm("pre_ffw_norm")(x))
-        return x + drop(h).astype(jnp.float32), new_kv
+        return x + drop(post_norm("post_ffw_norm")(h)).astype(jnp.float32), new_kv
 
 
 class Gemma(nn.Module):
@@ -135,7 +156,7 @@ class Gemma(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.depth,
         )(self.config, self.numerics)
         self.final_norm = RMSNorm(cfg.norm_eps, self.config.param_dtype)
@@ -144,16 +165,30 @@ class Gemma(nn.Module):
         return self.embedder.encode(tokens)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+        local_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Embeddings [B,T,D] -> final-normed hidden states [B,T,D] (f32), and each layer's keys and values
         of these tokens (k, v: [L,B,K,T,H]). With a cache (k, v: [L,B,K,S,H], read only) the tokens also
-        attend to its slots; `mask` is then [B,T,S+T]."""
-        x, new_kv = self.layers(x, cache, positions, mask)
+        attend to its slots; `mask` is then [B,T,S+T]. With a sliding window, the even layers use
+        `local_mask` (same shape) instead (see `paligemma.sliding_window_mask`)."""
+        cfg = self.config.llm
+        sliding = None
+        if cfg.sliding_window is not None:
+            if local_mask is None:
+                raise ValueError(f"sliding_window {cfg.sliding_window} needs a local_mask")
+            sliding = jnp.arange(cfg.depth) % 2 == 0  # Hugging Face's layer_types: even layers slide
+        x, new_kv = self.layers(x, cache, sliding, positions, mask, local_mask)
         return self.final_norm(x), new_kv
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
-        return self.embedder.decode(hidden)
+        """Float32 logits, soft-capped by `final_logits_softcap` when it is nonzero (as Hugging Face, also in
+        the training loss; big_vision fine-tunes PaliGemma 2 with it 0)."""
+        return soft_cap(self.embedder.decode(hidden), self.config.llm.final_logits_softcap)
 
 
 class Embedder(nn.Module):

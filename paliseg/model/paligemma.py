@@ -2,7 +2,9 @@
 
 The sequence is [image patches | text]; positions are `cumsum(mask_input) - 1` over all of it (0-based,
 as big_vision), and query i may attend key j iff `cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]` and both are
-real tokens (`mask_input`). Image tokens have mask_ar 0 and mask_input 1.
+real tokens (`mask_input`). Image tokens have mask_ar 0 and mask_input 1. With a sliding window (Gemma 2
+as Hugging Face runs it) the even layers also drop keys `window` or more positions behind the query, except
+that the prefix stays fully bidirectional (`sliding_window_mask`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ def make_attn_mask(mask_input: jax.Array, mask_ar: jax.Array) -> jax.Array:
     causal = cumsum[:, None, :] <= cumsum[:, :, None]
     valid = mask_input[:, None, :].astype(bool) & mask_input[:, :, None].astype(bool)
     return causal & valid
+
+
+def sliding_window_mask(
+    mask: jax.Array, query_positions: jax.Array, key_positions: jax.Array, exempt: jax.Array, window: int
+) -> jax.Array:
+    """`mask` [B,T,S] restricted to keys less than `window` positions behind their query, except where
+    `exempt` [B,T,S] (prefix query and prefix key). This is transformers' `create_sliding_window_causal_mask`
+    with PaliGemma's block overlay: `or_masks(sliding_window_overlay & causal, blockwise_overlay(prefix))`,
+    there over sequence indices, here over positions, which equal them on every real token (prompts are
+    right-padded; decoded tokens continue each example's positions)."""
+    near = key_positions[:, None, :] > query_positions[:, :, None] - window
+    return mask & (near | exempt)
 
 
 class PaliGemma(nn.Module):
@@ -57,11 +71,21 @@ class PaliGemma(nn.Module):
         mask_ar = jnp.concatenate([0 * ones, mask_ar.astype(jnp.int32)], axis=1)
         return x, mask_ar, mask_input
 
+    def _run_sequence(self, x, mask_ar, mask_input):
+        """The decoder over a whole [image | text] sequence: hidden [B,T,D] and (k, v) [L,B,K,T,H]."""
+        positions = jnp.cumsum(mask_input, axis=1) - 1
+        mask = make_attn_mask(mask_input, mask_ar)
+        local_mask = None
+        if self.config.llm.sliding_window is not None:
+            prefix = mask_ar == 0
+            exempt = prefix[:, :, None] & prefix[:, None, :]
+            local_mask = sliding_window_mask(mask, positions, positions, exempt, self.config.llm.sliding_window)
+        return self.llm(x, positions, mask, local_mask=local_mask)
+
     def __call__(self, images, tokens, mask_ar, mask_input) -> jax.Array:
         """Text logits [B,T,V] (float32) for images [B,H,W,3] and tokens/mask_ar/mask_input [B,T]."""
         x, mask_ar, mask_input = self._embed(images, tokens, mask_ar, mask_input)
-        positions = jnp.cumsum(mask_input, axis=1) - 1
-        hidden, _ = self.llm(x, positions, make_attn_mask(mask_input, mask_ar))
+        hidden, _ = self._run_sequence(x, mask_ar, mask_input)
         return self.llm.compute_logits(hidden[:, -tokens.shape[1] :])
 
     def prefill(self, images, tokens, mask_ar, mask_input, cache_size: int):
@@ -75,8 +99,7 @@ class PaliGemma(nn.Module):
         length = mask_input.shape[1]
         if cache_size < length:
             raise ValueError(f"cache_size {cache_size} < prompt length {length}")
-        positions = jnp.cumsum(mask_input, axis=1) - 1
-        hidden, (k, v) = self.llm(x, positions, make_attn_mask(mask_input, mask_ar))
+        hidden, (k, v) = self._run_sequence(x, mask_ar, mask_input)
         dtype = jnp.dtype(self.config.cache_dtype)
         pad = ((0, 0), (0, 0), (0, 0), (0, cache_size - length), (0, 0))  # k, v: [L,B,K,S,H]
         cache = (jnp.pad(k.astype(dtype), pad), jnp.pad(v.astype(dtype), pad))
@@ -85,12 +108,28 @@ class PaliGemma(nn.Module):
         key_valid = jnp.pad(mask_input.astype(bool), ((0, 0), (0, cache_size - length)))
         return self.llm.compute_logits(last), cache, key_valid, seq_len
 
-    def extend(self, tokens, positions, key_valid, cache: KVCache, cache_index):
+    def extend(self, tokens, positions, key_valid, cache: KVCache, cache_index, key_positions=None):
         """One decoding step: tokens/positions [B,1] attend to the cache slots marked in key_valid [B,S]
-        and to themselves, and are written at slot `cache_index`. Returns (logits [B,V], cache)."""
+        and to themselves, and are written at slot `cache_index`. Returns (logits [B,V], cache).
+        With a sliding window, `key_positions` [B,S] gives each slot's position (see `cache_positions`)."""
         x = self.llm.embed_tokens(tokens)
         mask = jnp.concatenate([key_valid, jnp.ones_like(key_valid[:, :1])], axis=1)[:, None, :]
-        hidden, (k, v) = self.llm(x, positions, mask, cache)
+        local_mask = None
+        window = self.config.llm.sliding_window
+        if window is not None:
+            if key_positions is None:
+                raise ValueError(f"sliding_window {window}: extend needs the cache's key_positions")
+            keys = jnp.concatenate([key_positions, positions], axis=1)
+            local_mask = sliding_window_mask(mask, positions, keys, jnp.zeros_like(mask), window)
+        hidden, (k, v) = self.llm(x, positions, mask, cache, local_mask=local_mask)
         start = (0, 0, 0, cache_index, 0)
         cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
         return self.llm.compute_logits(hidden[:, 0]), cache
+
+
+def cache_positions(num_image_tokens: int, mask_input: jax.Array, cache_size: int) -> jax.Array:
+    """[B, cache_size]: the position of each prompt slot after `prefill` (image tokens, then the text's
+    `mask_input` [B,T]); decoding sets slot `N + t` to `seq_len + t` as it writes it."""
+    ones = jnp.ones((mask_input.shape[0], num_image_tokens), jnp.int32)
+    positions = jnp.cumsum(jnp.concatenate([ones, mask_input.astype(jnp.int32)], axis=1), axis=1) - 1
+    return jnp.pad(positions, ((0, 0), (0, cache_size - positions.shape[1])))

@@ -4,7 +4,7 @@ transformers' greedy `generate` (eager attention), token for token.
 The checkpoint is a tiny random PaliGemma saved by transformers over the bundled tiny tokenizer's vocabulary;
 its weights are re-drawn with a large std so greedy decoding does not settle into repeats (and, at this std,
 bfloat16 drifts from transformers' float32 text after about ten tokens). Each entry of
-CONFIGS builds one transformers config: a generation is one more entry.
+CONFIGS builds one transformers config: PaliGemma 1 and 2.
 """
 
 from __future__ import annotations
@@ -45,18 +45,35 @@ def _paligemma1():
     )  # fmt: skip
 
 
-CONFIGS = {"paligemma1": _paligemma1}
+def _paligemma2():
+    """Gemma 2 with every feature on: post-norms, both soft-caps, grouped kv heads, heads * head_dim != width,
+    a query scalar other than head_dim, and a sliding window shorter than the sequence on the even layers."""
+    config = _paligemma1()
+    config.text_config = transformers.Gemma2Config(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=8,
+        hidden_activation="gelu_pytorch_tanh",
+    )  # fmt: skip
+    return config
+
+
+# name -> (config builder, std of the norm scales, std of the weights): Gemma 2's post-norms shrink each layer's
+# update next to the scaled input embedding, so a random Gemma 2 repeats one token unless its norm scales are
+# large (and its weights moderate: large logits saturate the final soft-cap into ties).
+CONFIGS = {"paligemma1": (_paligemma1, 0.1, 0.6), "paligemma2": (_paligemma2, 3.0, 0.3)}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def checkpoint(request, tmp_path_factory):
     """(transformers model, its float32 save_pretrained folder)."""
     torch.manual_seed(0)
-    hf = transformers.PaliGemmaForConditionalGeneration(CONFIGS[request.param]()).eval()
+    build, norm_std, weight_std = CONFIGS[request.param]
+    hf = transformers.PaliGemmaForConditionalGeneration(build()).eval()
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            param.normal_(0, 0.1 if "norm" in name or param.ndim == 1 else 0.6)
+            param.normal_(0, norm_std if "norm" in name else 0.1 if param.ndim == 1 else weight_std)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     return hf, folder

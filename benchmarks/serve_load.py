@@ -1,7 +1,7 @@
 """`paliseg serve` under load: requests/s one at a time vs many at once (dynamic batching), tiny preset.
 
-    .venv/bin/python benchmarks/serve_load.py [--preset tiny] [--requests 64] [--clients 16] [--max-batch 16]
-        [--max-wait-ms 10] [--max-new-tokens 48] [--sequential 16]
+    .venv/bin/python benchmarks/serve_load.py [--preset tiny] [--requests 256] [--clients 16] [--max-batch 16]
+        [--max-wait-ms 10] [--max-new-tokens 48] [--sequential 32] [--image-size 0]
 
 One server process (`paliseg serve --checkpoint ... --port 0`, the real command) on 127.0.0.1, then, side by
 side against it:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import io
 import os
 import re
 import signal
@@ -37,12 +38,16 @@ PROMPT = "segment crack"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--requests", type=int, default=64, help="concurrent round: requests in all")
+    parser.add_argument("--requests", type=int, default=256, help="concurrent round: requests in all")
     parser.add_argument("--clients", type=int, default=16, help="concurrent round: client threads")
-    parser.add_argument("--sequential", type=int, default=16, help="one-at-a-time round: requests")
+    parser.add_argument("--sequential", type=int, default=32, help="one-at-a-time round: requests")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--image-size", type=int, default=0,
+        help="send the photos resized to this square size (e.g. 64, the tiny preset's input); 0: as they are",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -77,11 +82,21 @@ def start(checkpoint: Path, vae_path: Path, args: argparse.Namespace, log: Path)
     sys.exit(f"paliseg serve did not start:\n{log.read_text()}")
 
 
+def _photo(path: Path, size: int) -> bytes:
+    if not size:
+        return path.read_bytes()
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def main() -> None:
     args = parse_args()
     import requests
 
-    photos = [path.read_bytes() for path in sorted(IMAGES.glob("*.jpg"))]
+    photos = [_photo(path, args.image_size) for path in sorted(IMAGES.glob("*.jpg"))]
 
     def ask(index: int) -> None:
         files = [("image", (f"{index}.jpg", photos[index % len(photos)], "image/jpeg")), ("prompt", (None, PROMPT))]
@@ -106,7 +121,8 @@ def main() -> None:
         process, url = start(checkpoint, vae_path, args, tmp / "serve.log")
         try:
             health = f"{url}v1/health"
-            print(f"{args.preset} preset (random init), {len(photos)} real 640x640 crack photos, {PROMPT!r}, up to "
+            shown = f"{args.image_size}x{args.image_size}" if args.image_size else "640x640"
+            print(f"{args.preset} preset (random init), {len(photos)} real crack photos at {shown}, {PROMPT!r}, up to "
                   f"{args.max_new_tokens} new tokens; server --max-batch {args.max_batch} --max-wait-ms "
                   f"{args.max_wait_ms:g} on {url}")  # fmt: skip
             one_at_a_time(2), concurrent_round(2 * args.clients)  # warm-up

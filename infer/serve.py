@@ -73,11 +73,14 @@ class ServeConfig:
     max_prompt_chars: int = 128  # characters per prompt (long prompts would compile programs of their own)
 
     def __post_init__(self):
-        for name in ("max_batch", "max_prompts", "max_prompt_chars"):
+        for name in ("max_batch", "max_prompts", "max_prompt_chars"):  # as the flags of `paliseg serve` say it
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.max_image_mb <= 0:
-            raise ValueError("--max-wait-ms must be at least 0 and --max-image-mb more than 0")
+            raise ValueError(
+                f"max-wait-ms must be at least 0 (got {self.max_wait_ms:g}) and max-image-mb more than 0 "
+                f"(got {self.max_image_mb:g})"
+            )
 
     @property
     def max_image_bytes(self) -> int:

@@ -79,7 +79,8 @@ _SERVE_HELP = "Serve a checkpoint: a web page to try it and a JSON API, with con
 _SERVE_EPILOG = """\
 model: as `paliseg predict` (--run RUN_DIR [--step N|best|latest] or --checkpoint PATH [--preset NAME]
   [--tokenizer TOK]; the run's VAE unless --vae, refused if another unless --allow-vae-mismatch). It loads
-  once; every batch size (1, 2, 4, ... --max-batch) is compiled before the port opens.
+  once; every batch size (1, 2, 4, ... --max-batch) is compiled before the port opens (for prompts as long
+  as the first suggested one; other prompt lengths compile on first use, in buckets of 16 tokens).
 
   http://HOST:PORT/          a page: drop an image, type a prompt (the run's prompts are suggested), see each
                              object's mask, box, label and confidence; toggle them, download the mask PNG and JSON

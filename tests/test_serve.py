@@ -406,8 +406,8 @@ def test_the_page_in_a_real_browser(server, trained, tmp_path, record_property):
 @pytest.mark.slow
 def test_sigterm_finishes_the_requests_in_flight_then_exits_0(trained, tmp_path):
     data, run_dir, _ = trained
-    # A lone request waits 3 s for a companion (--max-wait-ms) before it is decoded: SIGTERM comes meanwhile.
-    slow = start_server(run_dir, tmp_path / "cwd", "--max-batch", "2", "--max-wait-ms", "3000")
+    # A lone request waits 6 s for a companion (--max-wait-ms) before it is decoded: SIGTERM comes meanwhile.
+    slow = start_server(run_dir, tmp_path / "cwd", "--max-batch", "2", "--max-wait-ms", "6000")
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(slow.post, _png(data / "images" / "valid_0.png"))

@@ -13,7 +13,8 @@
     report["best"]   # also written to runs/r1/best.json
 
 Modules: `predictor` (loading, batched decoding), `prediction` (text -> objects, boxes, masks),
-`outputs` (`paliseg predict`'s files and COCO results), `sweep` + `cache` + `sweep_report` (`paliseg eval`).
+`outputs` (`paliseg predict`'s files and COCO results), `sweep` + `cache` + `sweep_report` (`paliseg eval`),
+`serve` (`paliseg serve`: the web page, the HTTP API and its batching worker; `web/` holds the page).
 Names are imported lazily, so `import infer.commands` (the CLI's --help) stays free of jax.
 """
 

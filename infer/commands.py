@@ -1,4 +1,4 @@
-"""`paliseg predict` and `paliseg eval` (registered by paliseg.cli.main).
+"""`paliseg predict`, `paliseg eval` and `paliseg serve` (registered by paliseg.cli.main).
 
 Only argparse and the standard library at the top: the handlers import jax, the model and the metrics.
 """
@@ -78,25 +78,36 @@ examples:
 """
 
 
+_SERVE_HELP = "Serve a checkpoint: a web page to try it and a JSON API, with concurrent requests batched."
+_SERVE_EPILOG = """\
+model: as `paliseg predict` (--run RUN_DIR [--step N|best|latest] or --checkpoint PATH [--preset NAME]
+  [--tokenizer TOK]; the run's VAE unless --vae, refused if another unless --allow-vae-mismatch). It loads
+  once; every batch size (1, 2, 4, ... --max-batch) is compiled before the port opens (for prompts as long
+  as the first suggested one; other prompt lengths compile on first use, in buckets of 16 tokens).
+
+  http://HOST:PORT/          a page: drop an image, type a prompt (the run's prompts are suggested), see each
+                             object's mask, box, label and confidence; toggle them, download the mask PNG and JSON
+  POST /v1/segment           multipart form: image=@FILE, prompt=TEXT (repeatable) ->
+                             {"image": {"width", "height"}, "results": [{"prompt", "text", "objects": [{"label",
+                             "confidence", "box": [x1, y1, x2, y2], "mask": COCO RLE, ...}], "invalid": N}]}
+  GET /v1/health, /v1/info   liveness and batching counters; the model, step, prompts, VAE and limits
+
+batching: requests that arrive within --max-wait-ms of each other are decoded together, up to --max-batch.
+bad input is a 4xx JSON {"error": ...} (413 for an upload over --max-image-mb or an image over
+--max-image-pixels); the server goes on. SIGINT or SIGTERM: the requests in flight finish, then exit 0.
+
+examples:
+  paliseg serve --run runs/r1 --step best
+  curl -F image=@wall.jpg -F prompt="segment crack" http://127.0.0.1:8000/v1/segment
+"""
+
+
 def register(subparsers) -> None:
     predict = subparsers.add_parser(
         "predict", help=_PREDICT_HELP, description=_PREDICT_HELP, epilog=_PREDICT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    model = predict.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", dest="run_dir", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
-    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint file or folder")
-    predict.add_argument(
-        "--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)"
-    )
-    predict.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="model sizes of a big_vision .npz (e.g. paligemma2-3b-224; default: the one preset they fit)",
-    )
-    predict.add_argument(
-        "--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)"
-    )
+    _model_arguments(predict)
     predict.add_argument("--image", required=True, type=Path, metavar="IMG|DIR|JSONL", help="what to predict on")
     predict.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="prompt (repeatable)")
     predict.add_argument("--out", type=Path, metavar="DIR", help="output folder (required unless --raw)")
@@ -111,6 +122,7 @@ def register(subparsers) -> None:
         help="decode freely (default: the segmentation grammar for prompts that start with 'segment')",
     )
     _decoding_arguments(predict)
+    _dtype_argument(predict)
     _vae_arguments(predict)
     predict.add_argument("--no-canvas", action="store_true", help="do not draw canvases")
     predict.add_argument("--overwrite", action="store_true", help="replace an earlier prediction set in --out")
@@ -134,6 +146,7 @@ def register(subparsers) -> None:
         "also mdice, ciou, box_miou, box_acc50, box_acc75, p10, p50, p90)",
     )
     _decoding_arguments(evaluate)
+    _dtype_argument(evaluate)
     evaluate.add_argument("--no-base", action="store_true", help="do not score step 0 (the base)")
     evaluate.add_argument("--no-ceiling", action="store_true", help="do not score the token round-trip ceiling")
     _vae_arguments(evaluate)
@@ -144,6 +157,63 @@ def register(subparsers) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     evaluate.set_defaults(run=run_eval)
 
+    serve = subparsers.add_parser(
+        "serve", help=_SERVE_HELP, description=_SERVE_HELP, epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _model_arguments(serve)
+    _dtype_argument(serve)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    serve.add_argument(
+        "--max-batch", type=int, default=8, metavar="B", help="requests decoded together at most (default 8)"
+    )
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=10.0, metavar="T",
+        help="how long a request waits for others to share its batch (default 10)",
+    )  # fmt: skip
+    serve.add_argument("--max-image-mb", type=float, default=20.0, metavar="MB", help="largest upload (default 20)")
+    serve.add_argument("--max-prompts", type=int, default=8, metavar="N", help="prompts per request (default 8)")
+    serve.add_argument(
+        "--prompt", action="append", default=[], metavar="TEXT",
+        help="a prompt the page suggests (repeatable; a run's data prompts are suggested too)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-new-tokens", type=int, metavar="T",
+        help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)",
+    )  # fmt: skip
+    _vae_arguments(serve)
+    serve.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    serve.set_defaults(run=run_serve)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", dest="run_dir", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
+    model.add_argument("--checkpoint", type=Path, metavar="PATH", help="a checkpoint file or folder")
+    parser.add_argument(
+        "--step", metavar="N|best|latest", help="the run's step (default: best if recorded, else latest)"
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="model sizes of a big_vision .npz (e.g. paligemma2-3b-224; default: the one preset they fit)",
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, metavar="TOK", help="SentencePiece model (default: the run's or checkpoint's)"
+    )
+
+
+def _dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="weights and matmuls (default: the run's or preset's; bfloat16 for a Hugging Face folder); "
+        "float32 decodes token for token as transformers does on a float32 checkpoint",
+    )
+
 
 def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per decoding batch (default 8)")
@@ -152,12 +222,6 @@ def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="T",
         help="decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        help="weights and matmuls (default: the run's or preset's; bfloat16 for a Hugging Face folder); "
-        "float32 decodes token for token as transformers does on a float32 checkpoint",
     )
 
 
@@ -181,20 +245,14 @@ def _positive(value: int | None, flag: str) -> None:
         raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def load_predictor(args: argparse.Namespace, **options):
+    """(the Predictor, the run or None) of --run/--step or --checkpoint/--preset, --tokenizer, and the VAE:
+    a run's recorded one unless --vae (refused if another, unless --allow-vae-mismatch; `vae.identity`)."""
     import vae
-    from infer import outputs
     from infer.predictor import Predictor
-    from paliseg import console
     from train.run import Run
     from vae import identity
 
-    _positive(args.batch_size, "--batch-size")
-    _positive(args.max_new_tokens, "--max-new-tokens")
-    if args.out is None and not args.raw:
-        raise ValueError("--out DIR is required (or --raw alone: print the decoded texts, write nothing)")
-    jobs = outputs.jobs_for(args.image, args.prompt)  # bad input fails before the model loads
-    options = {"batch_size": args.batch_size, "constrain": False if args.no_constrain else None}
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
     if args.run_dir is not None:
@@ -206,13 +264,30 @@ def run_predict(args: argparse.Namespace) -> int:
         predictor = Predictor.from_run(
             run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), dtype=args.dtype, **options
         )
-    else:
-        if args.step:
-            raise ValueError("--step goes with --run")
-        predictor = Predictor.from_checkpoint(
-            args.checkpoint, preset=args.preset, tokenizer=args.tokenizer, vae_model=vae.load(args.vae),
-            dtype=args.dtype, **options,
-        )  # fmt: skip
+        return predictor, run
+    if args.step:
+        raise ValueError("--step goes with --run")
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        preset=args.preset,
+        tokenizer=args.tokenizer,
+        vae_model=vae.load(args.vae),
+        dtype=args.dtype,
+        **options,
+    )
+    return predictor, None
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from infer import outputs
+    from paliseg import console
+
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    if args.out is None and not args.raw:
+        raise ValueError("--out DIR is required (or --raw alone: print the decoded texts, write nothing)")
+    jobs = outputs.jobs_for(args.image, args.prompt)  # bad input fails before the model loads
+    predictor, _ = load_predictor(args, batch_size=args.batch_size, constrain=False if args.no_constrain else None)
     console.info(f"predict: {len(jobs)} image/prompt pair(s) with {predictor.source}")
     if args.out is None:
         predictions = predictor.predict([job.image_path for job in jobs], [job.prompt for job in jobs])
@@ -300,3 +375,22 @@ def _eval_text(report: dict, out: Path) -> str:
         lines.append(f"{len(report['skipped'])} record(s) skipped: {report['skipped_by_reason']}")
     lines.append(f"report: {out}/report.md")
     return "\n".join(lines)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from infer import serve
+    from paliseg import console
+    from vae import identity
+
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    config = serve.ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                               max_image_mb=args.max_image_mb, max_prompts=args.max_prompts)  # fmt: skip
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    predictor, run = load_predictor(args, batch_size=config.max_batch)
+    prompts = list(dict.fromkeys([*args.prompt, *(serve.run_prompts(run) if run is not None else [])]))
+    vae = identity.identify(predictor.vae.source).to_json()
+    console.info(f"serve: {predictor.source}, VAE {vae['sha256'][:12]}, prompts: {', '.join(prompts) or '(none)'}")
+    app = serve.create_app(predictor, config, {"prompts": prompts, "vae": vae})
+    serve.serve(app, args.host, args.port, access_log=not args.no_access_log)
+    return 0

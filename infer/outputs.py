@@ -135,11 +135,12 @@ def prediction_record(out: Path, job: Job, prediction: Prediction) -> records.Re
     return records.Record(image, job.prompt, prediction.text, f"masks/{job.name}.png", {"valid": prediction.valid})
 
 
-def _rle(mask: np.ndarray) -> dict[str, Any]:
+def rle(mask: np.ndarray) -> dict[str, Any]:
+    """A bool HxW mask as COCO's compressed RLE ({"size": [H, W], "counts": str}), JSON-ready."""
     from pycocotools import mask as coco_mask
 
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def _xywh(box: Sequence[float]) -> list[float]:
@@ -170,7 +171,7 @@ class CocoCollector:
             score = 1.0 if obj.confidence is None else round(obj.confidence, 4)
             result = {"image_id": image_id, "category_id": category_id, "bbox": _xywh(obj.box), "score": score}
             if obj.mask is not None:
-                result["segmentation"] = _rle(obj.mask)
+                result["segmentation"] = rle(obj.mask)
             self.results.append(result)
 
     def dataset(self) -> dict[str, Any]:
@@ -191,7 +192,7 @@ def _gt_annotations(record: records.Record, image_id: int, category_id: int, wid
         inside[y1:y2, x1:x2] = union[y1:y2, x1:x2]
         annotations.append({
             "id": first_id + len(annotations), "image_id": image_id, "category_id": category_id,
-            "bbox": _xywh(codec.locs_to_box(obj.locs, width, height)), "segmentation": _rle(inside),
+            "bbox": _xywh(codec.locs_to_box(obj.locs, width, height)), "segmentation": rle(inside),
             "area": int(np.count_nonzero(inside)), "iscrowd": 0,
         })  # fmt: skip
     return annotations

@@ -131,21 +131,24 @@ class Predictor:
         tokenizer = _tokenizer(tokenizer or checkpoints.default_tokenizer(path, config), config)
         return cls(config, params, tokenizer, source=str(path), **options)
 
-    def decode_texts(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[decoding.Decoded]:
+    def decode_texts(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], batch_size: int | None = None
+    ) -> list[decoding.Decoded]:
         """Preprocessed images ([S, S, 3] in [-1, 1], S = the config's image size) and prompts -> decoded
-        texts with their objects' confidences, in batches of `batch_size` (a short last batch is padded
-        with copies of its first item)."""
+        texts with their objects' confidences, in batches of `batch_size` (default: the predictor's; a short
+        last batch is padded with copies of its first item)."""
         from paliseg import decoding
 
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        size = batch_size or self.batch_size
         texts: list[decoding.Decoded] = []
-        for start in range(0, len(images), self.batch_size):
-            batch_images = list(images[start : start + self.batch_size])
-            batch_prompts = list(prompts[start : start + self.batch_size])
+        for start in range(0, len(images), size):
+            batch_images = list(images[start : start + size])
+            batch_prompts = list(prompts[start : start + size])
             real = len(batch_images)
-            batch_images += [batch_images[0]] * (self.batch_size - real)
-            batch_prompts += [batch_prompts[0]] * (self.batch_size - real)
+            batch_images += [batch_images[0]] * (size - real)
+            batch_prompts += [batch_prompts[0]] * (size - real)
             decoded = decoding.predict_texts(
                 self.config, self.params, self.tokenizer, np.stack(batch_images), batch_prompts,
                 max_new_tokens=self.max_new_tokens, constrain=self.constrain,

@@ -19,8 +19,10 @@ tools) goes through `read_image` / `read_mask` here, so they all agree on the fr
   `set_max_image_pixels`. This check replaces PIL's own global one (turned off on import), which would warn
   (DecompressionBombWarning) or fail at twice the figure without naming the file.
 - Errors: a file that cannot be read raises `ImageReadError` (a ValueError), `PATH: cannot read image:
-  REASON`, after a full decode (a truncated file is caught here, not later). Stages that skip unreadable
-  inputs catch it and count the skip.
+  REASON`, after a full decode (a truncated file is caught here, not later); over the size limit, its
+  subclass `ImageTooLargeError`. Stages that skip unreadable inputs catch it and count the skip.
+- Bytes: `decode_image` reads an image file's content held in memory (an upload) the same way, naming it
+  as its caller says, and can restrict the decoders tried.
 
 Preprocessing for the model, as big_vision's fine-tuning colab: the aspect ratio is not kept (boxes are
 normalised per axis, so the loc tokens stay exact), bilinear resampling with antialiasing (PIL filters
@@ -32,13 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 # What turns the stored pixels into the displayed ones, per orientation value (ImageOps.exif_transpose's table).
@@ -71,6 +74,10 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: cannot read image: {reason}")
         self.path = Path(path)
         self.reason = reason
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image of more pixels than `max_image_pixels()`, refused before it is decoded."""
 
 
 def _positive(value: int | str, source: str) -> int:
@@ -112,7 +119,7 @@ def max_image_pixels() -> int:
 def _check_pixels(path: str | os.PathLike, size: tuple[int, int]) -> None:
     limit = max_image_pixels()
     if size[0] * size[1] > limit:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             path,
             f"{size[0]}x{size[1]} is {size[0] * size[1]:,} pixels, over the limit of {limit:,} (a guard against "
             f"decompression bombs); raise it with `paliseg --max-image-pixels N` or {MAX_PIXELS_ENV}=N",
@@ -155,18 +162,27 @@ def read_header(path: str | os.PathLike, decode: bool = False) -> ImageHeader:
     return _with_open(path, header)
 
 
-def _with_open(path: str | os.PathLike, use: Callable[[Image.Image], object]):
-    """`use(image)` on the opened file, with every failure turned into an ImageReadError naming it."""
+def _with_open(
+    path: str | os.PathLike | io.BytesIO,
+    use: Callable[[Image.Image], object],
+    name: str | os.PathLike | None = None,
+    formats: Sequence[str] | None = None,
+):
+    """`use(image)` on the opened file (or bytes), with every failure turned into an ImageReadError naming
+    it (`name`, default `path`); `formats`: the PIL decoders to try (None: all)."""
+    name = path if name is None else name
     try:
-        with Image.open(path) as image:
-            _check_pixels(path, image.size)
+        with Image.open(path, formats=None if formats is None else tuple(formats)) as image:
+            _check_pixels(name, image.size)
             return use(image)
     except ImageReadError:
         raise
     except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        raise ImageReadError(name, "file not found") from None
+    except UnidentifiedImageError:  # PIL's message names a BytesIO by its repr; the name is in front already
+        raise ImageReadError(name, "cannot identify image file") from None
     except _DECODE_ERRORS as error:
-        raise ImageReadError(path, str(error) or type(error).__name__) from error
+        raise ImageReadError(name, str(error) or type(error).__name__) from error
 
 
 def _displayed(image: Image.Image) -> Image.Image:
@@ -193,6 +209,14 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     if mode not in ("RGB", "L"):
         raise ValueError(f"read_image mode must be 'RGB' or 'L', got {mode!r}")
     return _with_open(path, lambda image: _eight_bit(_displayed(image), mode, _WHITE))
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB", formats: Sequence[str] | None = None) -> Image.Image:
+    """An image file's content (e.g. an upload) read as `read_image` reads a file; errors name `name`.
+    `formats` restricts the PIL decoders tried (e.g. ("JPEG", "PNG")), None tries every one."""
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"decode_image mode must be 'RGB' or 'L', got {mode!r}")
+    return _with_open(io.BytesIO(data), lambda image: _eight_bit(_displayed(image), mode, _WHITE), name, formats)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

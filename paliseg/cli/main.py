@@ -17,7 +17,7 @@ _STAGE_COMMAND_MODULES = (
     "converters.commands",  # convert, validate
     "vae.commands",  # vae {train,ceiling,encode,download}
     "train.commands",  # train
-    "infer.commands",  # predict, eval
+    "infer.commands",  # predict, eval, serve
     "metrics.commands",  # score, visualize
     "paliseg.cli.demo",  # demo
 )
@@ -29,6 +29,7 @@ the pipeline:
   paliseg train --data DATA --out RUN ...         LoRA (or full) fine-tuning, checkpoints every N steps
   paliseg eval RUN --data DATA --out REPORT       score every checkpoint, pick the best, plots and canvases
   paliseg predict --run RUN --image IMG ...       boxes and full-resolution masks for new images
+  paliseg serve --run RUN                         a web page to try the model, an HTTP API (batched)
   paliseg demo                                    all of the above, offline, on bundled data
 
 Every command that reports results accepts --json (result on stdout, messages on stderr).

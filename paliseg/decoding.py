@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from paliseg.config import ModelConfig
+from paliseg.model.backend import storage_view
 from paliseg.model.paligemma import PaliGemma, cache_positions
-from paliseg.model.projection import storage_view
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
 

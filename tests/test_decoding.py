@@ -37,15 +37,20 @@ def params():
 
 def _random_params(config):
     """Weights re-drawn with a large std (as in the transformers oracle) so that greedy decoding of a
-    random model does not repeat one token."""
+    random model does not repeat one token. With Gemma 2's post-norms, as there: small embeddings (else the
+    residual stream stays the last token's embedding) and a final norm of (1 + 4)."""
     flat = flatten(model.init_params(config, jax.random.key(0)))
     keys = jax.random.split(jax.random.key(1), len(flat))
-    return unflatten(
-        {
-            name: jax.random.normal(key, value.shape) * (0.1 if value.ndim == 1 or "norm" in name else 0.3)
-            for key, (name, value) in zip(keys, flat.items())
-        }
-    )
+
+    def draw(key, name, value):
+        mean, std = 0.0, (0.1 if value.ndim == 1 or "norm" in name else 0.3)
+        if config.llm.post_norms and name == "llm/embedder/input_embedding":
+            std = 0.02
+        if config.llm.post_norms and name == "llm/final_norm/scale":
+            mean = 4.0
+        return mean + jax.random.normal(key, value.shape) * std
+
+    return unflatten({name: draw(key, name, value) for key, (name, value) in zip(keys, flat.items())})
 
 
 def _prompts(tokenizer, texts, length=16):

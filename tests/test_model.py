@@ -190,7 +190,7 @@ def test_lora_starts_as_identity_and_merges_exactly(tiny, targets):
 
 def test_low_rank_gradients_equal_autodiff():
     """`low_rank` writes its backward by hand (for XLA:CPU's sake); it must be the same math."""
-    from paliseg.model.projection import low_rank
+    from paliseg.model.backend import low_rank
 
     x, a, b, cotangent = (
         jax.random.normal(k, s)

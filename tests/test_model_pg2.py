@@ -152,3 +152,20 @@ def test_tiny_pg2_round_trips_through_every_checkpoint_format(tmp_path):
         assert flatten(loaded).keys() == reference.keys(), kind
         for key, value in flatten(loaded).items():
             np.testing.assert_array_equal(value, reference[key], err_msg=f"{kind}: {key}")
+
+
+def test_hf_gemma2_config_takes_transformers_defaults_where_absent():
+    """A hub-style config.json that omits Gemma2Config's defaults reads as PaliGemma 2 3B with Hugging Face's
+    soft-cap and window, the checkpoint's (not big_vision's) choices."""
+    from paliseg.checkpoints import config_from_hf
+
+    hf = {"model_type": "paligemma", "text_config": {"model_type": "gemma2", "vocab_size": 257216}}
+    llm = config_from_hf(hf).llm
+    preset = cfgs.preset("paligemma2-3b-224").llm
+    assert llm == preset.__class__(**{**preset.__dict__, "vocab_size": 257216, "final_logits_softcap": 30.0,
+                                      "sliding_window": 4096})  # fmt: skip
+    hf["text_config"]["layer_types"] = ["full_attention", "sliding_attention"] * 13
+    with pytest.raises(ValueError, match="layer_types"):
+        config_from_hf(hf)
+    hf["text_config"]["layer_types"] = ["full_attention"] * 26
+    assert config_from_hf(hf).llm.sliding_window is None

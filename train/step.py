@@ -22,21 +22,11 @@ import optax
 
 from paliseg import model
 from paliseg.config import ModelConfig
+from paliseg.model import backend
 from train import params as param_sets
 from train.config import TrainConfig
 
 State = dict[str, Any]  # {"step": int32 [], "params": trainable tree, "opt_state": optax state}
-
-# XLA:CPU has no bf16 matmul: it converts each layer's bf16 weights to f32, and loop-invariant code motion
-# hoists those converts out of the layer scan, materialising an f32 copy of every layer at once (+10 GB for
-# the 3B model's LoRA step; measured with `compiled.memory_analysis()`). Left in the loop, each layer's copy
-# lives for one iteration, at no measurable cost in step time (f32 `mid` model: within noise).
-_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
-def _compiler_options() -> dict[str, str] | None:
-    """Options for `jax.jit(..., compiler_options=...)` of the train step on this backend."""
-    return dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, mask_loss: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -126,6 +116,6 @@ def jit_train_step(
     return jax.jit(
         make_train_step(config, model_cfg, tx, lr_schedule),
         donate_argnums=(0,),
-        compiler_options=_compiler_options(),
+        compiler_options=backend.train_compiler_options(),
         **jit_kwargs,
     )

@@ -19,7 +19,9 @@ Public API:
 - `param_shapes(cfg)`: the expected tree of `jax.ShapeDtypeStruct`, without allocating.
 - `inference_view(params)`: for inference on CPU with bfloat16 weights, the same tree with bf16 leaves
   reinterpreted (in place) as uint16, which `forward` and `paliseg.decoding` accept: XLA:CPU otherwise
-  materialises float32 copies of the stacked layer weights (~2x the model in extra memory).
+  materialises float32 copies of the stacked layer weights (~2x the model in extra memory). It consumes
+  `params` and cannot be differentiated. This and the model's other CPU workarounds live in
+  `paliseg.model.backend`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
+from paliseg.model.backend import inference_view
 from paliseg.model.lora import join_params, merge_lora, split_params
 from paliseg.model.paligemma import PaliGemma, make_attn_mask
 
@@ -62,17 +65,6 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
     init = jax.jit(lambda key: model.init(key, *_dummy_inputs(config))["params"])
     with jax.threefry_partitionable(False):
         return init(rng)
-
-
-def inference_view(params: dict) -> dict:
-    """Consumes `params` (bf16 buffers are donated and reused in place): the tree with bfloat16 leaves
-    viewed as uint16 (`projection.storage_view`). Only for inference: it cannot be differentiated."""
-    return jax.tree.map(lambda x: _as_uint16(x) if x.dtype == jnp.bfloat16 else x, params)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _as_uint16(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
 
 @functools.lru_cache(maxsize=16)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
-from paliseg.model.projection import Numerics, Projection, project, stored
+from paliseg.model import backend
+from paliseg.model.projection import Numerics, Projection, project
 
 # big_vision's mask value: finite, so fully masked rows (padding queries) give no NaN.
 _MASKED = -2.3819763e38
@@ -44,7 +45,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = stored(self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.dtype(self.param_dtype)))
+        scale = backend.stored(self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.dtype(self.param_dtype)))
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return x * (1.0 + scale.astype(jnp.float32))
@@ -205,7 +206,7 @@ class Embedder(nn.Module):
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings scaled by sqrt(width) (the scale rounded to the table's dtype, as Gemma does)."""
-        rows = stored(self.input_embedding[tokens])
+        rows = backend.stored(self.input_embedding[tokens])
         return (rows * jnp.asarray(self.width**0.5, rows.dtype)).astype(jnp.float32)
 
     def decode(self, hidden: jax.Array) -> jax.Array:
@@ -215,6 +216,6 @@ class Embedder(nn.Module):
         return jnp.einsum(
             "...D,VD->...V",
             hidden.astype(dtype),
-            stored(self.input_embedding).astype(dtype),
+            backend.stored(self.input_embedding).astype(dtype),
             preferred_element_type=jnp.float32,
         )

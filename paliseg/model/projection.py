@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import LoraConfig
+from paliseg.model import backend
 
 LORA_A = "_lora_a"
 LORA_B = "_lora_b"
@@ -82,23 +83,6 @@ def site_of(path: str) -> Site | None:
     return None
 
 
-def storage_view(params):
-    """bfloat16 leaves reinterpreted as uint16 (same bits), for inference.
-
-    XLA:CPU slices and gathers bfloat16 arrays by first converting the *whole* array to float32, which for
-    the scanned (stacked) layer weights is a float32 copy of the model, hoisted out of every loop; integer
-    slices are plain. Modules read every param through `stored`, which turns the slice they get back into
-    bfloat16. Inside jit XLA materialises this bitcast as a copy, so large models should be converted
-    once, outside jit and in place (`paliseg.model.inference_view`). Not differentiable.
-    """
-    return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x, params)
-
-
-def stored(x: jax.Array) -> jax.Array:
-    """A param as read from a tree that may be a `storage_view`."""
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
-
-
 @dataclasses.dataclass(frozen=True)
 class Numerics:
     """What a projection needs to know besides its shape."""
@@ -115,9 +99,7 @@ def project(
     """x @ W (+ LoRA) for the weight `name` of `module`, described by `SITES[site_key]`.
 
     x's trailing axes are `site.inputs`; the result is `x.leading + site.outputs` in compute dtype, one
-    array per part for a fused weight (a tuple). Fused weights are used part by part (each part is
-    contiguous, so no transposed copy of the weight) and never stacked: a stacked [P, ...] result costs a
-    padded, transposed copy of its gradient in every layer of the backward pass.
+    array per part for a fused weight (a tuple).
     Must be called from inside `module`'s compact method (it creates the params).
     """
     site = SITES[site_key]
@@ -134,10 +116,9 @@ def project(
     weight = module.param(name, init, shape, jnp.dtype(numerics.param_dtype))
     dtype = jnp.dtype(numerics.compute_dtype)
     x = x.astype(dtype)
-    weight = stored(weight).astype(dtype)
-    part_layout = site.layout.replace("P", "")
-    weights = [weight[i] for i in range(len(site.targets))] if site.fused else [weight]
-    outputs = [jnp.einsum(f"...{site.inputs},{part_layout}->...{site.outputs}", x, w) for w in weights]
+    weight = backend.stored(weight).astype(dtype)
+    equation = f"...{site.inputs},{site.layout.replace('P', '')}->...{site.outputs}"
+    outputs = list(backend.einsum_per_part(equation, x, weight) if site.fused else [jnp.einsum(equation, x, weight)])
 
     parts = site.adapted_parts(numerics.lora)
     if parts:
@@ -159,39 +140,11 @@ def project(
         rows = x.reshape(-1, math.prod(sizes[c] for c in site.inputs))
         for index, part in enumerate(parts):
             part_a, part_b = (a[index], b[index]) if site.fused else (a, b)
-            delta = low_rank(
+            delta = backend.low_rank(
                 rows, part_a.reshape(rows.shape[1], -1).astype(dtype), part_b.reshape(lora.rank, -1).astype(dtype)
             )
             outputs[part] = outputs[part] + (delta * lora.scale).astype(dtype).reshape(outputs[part].shape)
     return tuple(outputs) if site.fused else outputs[0]
-
-
-@jax.custom_vjp
-def low_rank(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """(x @ a) @ b for x [M, I], a [I, R], b [R, O]: a LoRA update.
-
-    Its gradients are written out so that the large operands (x, the output gradient) are contracted over
-    their leading axis as the *left* operand of each weight-gradient matmul ('MR,MO->RO'). Autodiff's own
-    order ('MO,MR->OR', then a transpose) makes XLA:CPU write a transposed copy of the output gradient in
-    every layer and run ~5x slower on that matmul.
-    """
-    return (x @ a) @ b
-
-
-def _low_rank_forward(x, a, b):
-    h = x @ a
-    return h @ b, (x, a, b, h)
-
-
-def _low_rank_backward(residuals, grad):
-    x, a, b, h = residuals
-    grad_h = grad @ b.T
-    grad_b = jnp.einsum("MR,MO->RO", h, grad)
-    grad_a = jnp.einsum("MR,MI->RI", grad_h, x).T
-    return grad_h @ a.T, grad_a, grad_b
-
-
-low_rank.defvjp(_low_rank_forward, _low_rank_backward)
 
 
 class Projection(nn.Module):
@@ -209,6 +162,8 @@ class Projection(nn.Module):
         y = project(self, self.weight_name, self.site_key, x, sizes, self.numerics)
         if self.bias_axes:
             shape = tuple(sizes[c] for c in self.bias_axes)
-            bias = stored(self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.numerics.param_dtype)))
+            bias = backend.stored(
+                self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.numerics.param_dtype))
+            )
             y = y + bias.astype(y.dtype)
         return y

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
-from paliseg.model.projection import Numerics, Projection, stored
+from paliseg.model import backend
+from paliseg.model.projection import Numerics, Projection
 
 
 class LayerNorm(nn.Module):
@@ -26,8 +27,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        scale = stored(self.param("scale", nn.initializers.ones, (width,), jnp.dtype(self.param_dtype)))
-        bias = stored(self.param("bias", nn.initializers.zeros, (width,), jnp.dtype(self.param_dtype)))
+        scale = backend.stored(self.param("scale", nn.initializers.ones, (width,), jnp.dtype(self.param_dtype)))
+        bias = backend.stored(self.param("bias", nn.initializers.zeros, (width,), jnp.dtype(self.param_dtype)))
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
@@ -126,8 +127,8 @@ class PatchEmbedding(nn.Module):
         cfg = self.config.img
         p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
         param_dtype, dtype = jnp.dtype(self.config.param_dtype), jnp.dtype(self.config.compute_dtype)
-        kernel = stored(self.param("kernel", nn.initializers.lecun_normal(), (p, p, 3, cfg.width), param_dtype))
-        bias = stored(self.param("bias", nn.initializers.zeros, (cfg.width,), param_dtype))
+        kernel = backend.stored(self.param("kernel", nn.initializers.lecun_normal(), (p, p, 3, cfg.width), param_dtype))
+        bias = backend.stored(self.param("bias", nn.initializers.zeros, (cfg.width,), param_dtype))
         batch = images.shape[0]
         patches = images.reshape(batch, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid * grid, p * p * 3).astype(dtype)
@@ -146,7 +147,7 @@ class Siglip(nn.Module):
         x = PatchEmbedding(self.config, name="embedding")(images)
         init = sincos2d_init if cfg.posemb_init == "sincos2d" else nn.initializers.normal(stddev=cfg.width**-0.5)
         pos = self.param("pos_embedding", init, (1, cfg.num_patches, cfg.width), jnp.dtype(self.config.param_dtype))
-        x = x.astype(jnp.float32) + stored(pos).astype(jnp.float32)
+        x = x.astype(jnp.float32) + backend.stored(pos).astype(jnp.float32)
         x = Encoder(self.config, self.numerics, name="Transformer")(x)
         sizes = (("D", cfg.width), ("F", self.config.llm.width))
         head = Projection("head/kernel", sizes, self.numerics, "kernel", "F", name="head")

@@ -15,7 +15,8 @@ Each side runs in its own subprocess, one after the other (3B bf16 weights are ~
 real, all prefix): one forward pass (transformers: logits at every position; ours: at the text positions)
 and a 20-token greedy decode with the KV cache, no EOS stop. Each is called once to warm up (our
 compilation) and then timed `--repeats` times (the best counts). Prints per side the times, the first
-call and the peak resident memory, then the speed ratios ours / transformers (> 1: we are faster), the
+call and the peak resident memory while running them (the setup's, building resp. loading the weights, is
+printed apart: the peak is reset after it), then the speed ratios ours / transformers (> 1: we are faster), the
 decode ratio last.
 """
 
@@ -41,6 +42,11 @@ RESULT = "RESULT "  # prefix of the line a side prints its measurements on
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def reset_peak_rss() -> None:
+    """Start the peak over from the current resident size (Linux: proc(5), /proc/pid/clear_refs, value 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def hf_config_dict(config) -> dict:
@@ -105,7 +111,8 @@ def side_transformers(preset_name: str, folder: str | None, new_tokens: int, rep
     ).eval()
     if folder is not None:
         model.save_pretrained(folder)
-    setup = time.perf_counter() - start
+    setup = time.perf_counter() - start, peak_rss_gb()
+    reset_peak_rss()
 
     images, tokens = inputs(config)
     n_img = config.num_image_tokens
@@ -152,7 +159,8 @@ def side_paliseg(preset_name: str, folder: str | None, new_tokens: int, repeats:
     else:
         params = model.init_params(config, jax.random.key(0, impl="rbg"))  # rbg: threefry takes minutes for 3B
     params = model.inference_view(jax.block_until_ready(params))
-    setup = time.perf_counter() - start
+    setup = time.perf_counter() - start, peak_rss_gb()
+    reset_peak_rss()
 
     images, tokens = inputs(config)
     zeros, ones = np.zeros_like(tokens), np.ones_like(tokens)
@@ -236,8 +244,8 @@ def main() -> None:
             (forward_first, forward), (decode_first, decode) = result["forward"], result["decode"]
             print(
                 f"{side:>13}: forward {forward:6.2f} s (first {forward_first:6.1f} s), {args.new_tokens}-token "
-                f"decode {decode:6.2f} s (first {decode_first:6.1f} s); setup {result['setup']:5.1f} s, "
-                f"peak RSS {result['peak_gb']:.2f} GB"
+                f"decode {decode:6.2f} s (first {decode_first:6.1f} s); peak RSS {result['peak_gb']:.2f} GB; "
+                f"setup {result['setup'][0]:5.1f} s, peak RSS {result['setup'][1]:.2f} GB"
             )
         if folder:
             agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"]))

@@ -1,9 +1,10 @@
-"""One-off: the real `paligemma-3b-224` shapes on CPU with random bf16 weights.
+"""One-off: the real 3B shapes (`--preset paligemma-3b-224`, the default, or `paligemma2-3b-224`) on CPU with
+random bf16 weights.
 
-    .venv/bin/python benchmarks/full_size_memory.py [--new-tokens 20] [--batch 1]
-    .venv/bin/python benchmarks/full_size_memory.py --train [--batch 1] [--seq-len 128]
+    .venv/bin/python benchmarks/full_size_memory.py [--preset P] [--new-tokens 20] [--batch 1]
+    .venv/bin/python benchmarks/full_size_memory.py --train [--preset P] [--batch 1] [--seq-len 128]
 
-Initialises the 2.92 B-parameter model in bfloat16 (5.4 GiB; the fast `rbg` PRNG, as threefry takes
+Initialises the model in bfloat16 (PaliGemma 1: 2.92 B parameters, 5.4 GiB; the fast `rbg` PRNG, as threefry takes
 minutes for 2.9 B numbers on CPU) and prints each time (first call, which includes compilation, and a
 second, compiled call) and the process's peak resident memory.
 
@@ -67,6 +68,7 @@ def timed_twice(name: str, fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paligemma-3b-224", choices=("paligemma-3b-224", "paligemma2-3b-224"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--train", action="store_true", help="measure a LoRA training step instead of inference")
@@ -74,14 +76,14 @@ def main() -> None:
     args = parser.parse_args()
     allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
     if args.train:
-        train(args.batch, args.seq_len)
+        train(args.preset, args.batch, args.seq_len)
         return
 
-    config = preset("paligemma-3b-224")  # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
+    config = preset(args.preset)  # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
     start = time.perf_counter()
     params = jax.block_until_ready(model.init_params(config, jax.random.key(0, impl="rbg")))
     print(
-        f"{jax.devices()[0].device_kind}: init {count_params(params) / 1e9:.3f} B params "
+        f"{args.preset} on {jax.devices()[0].device_kind}: init {count_params(params) / 1e9:.3f} B params "
         f"({sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; "
         f"peak RSS {peak_rss_gb():.2f} GB",
         flush=True,
@@ -109,10 +111,10 @@ def main() -> None:
     print(f"peak RSS: {peak_rss_gb():.2f} GB (goal < 12 GB)")
 
 
-def train(batch: int, seq_len: int) -> None:
+def train(preset_name: str, batch: int, seq_len: int) -> None:
     """One compiled LoRA step of the 3B model as `paliseg train` builds it; its peak memory and speed."""
     config = TrainConfig(
-        data=["-"], out="-", preset="paligemma-3b-224", trainable="lora", batch_size=batch, seq_len=seq_len, steps=1000
+        data=["-"], out="-", preset=preset_name, trainable="lora", batch_size=batch, seq_len=seq_len, steps=1000
     )
     model_cfg = param_sets.model_config(config)
     start = time.perf_counter()
@@ -121,7 +123,7 @@ def train(batch: int, seq_len: int) -> None:
     tx = optim.optimizer(config)
     state = train_step.init_state(trainable, tx)
     print(
-        f"{jax.devices()[0].device_kind}: frozen {count_params(frozen) / 1e9:.3f} B params "
+        f"{preset_name} on {jax.devices()[0].device_kind}: frozen {count_params(frozen) / 1e9:.3f} B params "
         f"({sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**30:.2f} GiB bf16), LoRA {count_params(trainable):,} "
         f"(f32) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_gb():.2f} GB",
         flush=True,

@@ -60,10 +60,8 @@ def make_dataset(folder: Path, vae_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(data dir, run dir with checkpoints at steps 2 and 4, VAE path)."""
-    root = tmp_path_factory.mktemp("infer_run")
+def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
+    """(data dir, run dir with checkpoints at steps 2 and 4, VAE path): a tiny run trained in seconds."""
     vae_path = vae.write_random_npz(root / "vae.npz", seed=0)
     data = make_dataset(root / "data", vae_path)
     config = train_config.resolve(dict(
@@ -71,6 +69,14 @@ def setup(tmp_path_factory):
         steps=4, batch_size=2, save_every=2, lr=3e-3, workers=1,
     ))  # fmt: skip
     trainer.run(config)
+    return data, root / "run", vae_path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(data dir, run dir with checkpoints at steps 2 and 4, VAE path)."""
+    data, run_dir, vae_path = train_tiny_run(tmp_path_factory.mktemp("infer_run"))
+    root = run_dir.parent
     assert run_checkpoints.list_steps(root / "run") == [2, 4]
     assert Run(root / "run").vae == identity.identify(vae_path)  # the data's VAE, recorded by the run
     return data, root / "run", vae_path

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from test_infer_run import PROMPT, make_dataset
+from test_infer_run import PROMPT, train_tiny_run
 
 from infer import serve
 from paliseg import decoding, images
@@ -172,19 +172,7 @@ def start_server(run_dir: Path, cwd: Path, *flags: str) -> Server:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(data dir, a tiny run with checkpoints at steps 2 and 4, its VAE path), as tests/test_infer_run.py."""
-    import vae
-    from train import config as train_config
-    from train import trainer
-
-    root = tmp_path_factory.mktemp("serve_run")
-    vae_path = vae.write_random_npz(root / "vae.npz", seed=0)
-    data = make_dataset(root / "data", vae_path)
-    config = train_config.resolve(dict(
-        data=[str(data)], out=str(root / "run"), init="random", preset="tiny", trainable="all", seq_len=48,
-        steps=4, batch_size=2, save_every=2, lr=3e-3, workers=1,
-    ))  # fmt: skip
-    trainer.run(config)
-    return data, root / "run", vae_path
+    return train_tiny_run(tmp_path_factory.mktemp("serve_run"))
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,9 @@ def project(
     x = x.astype(dtype)
     weight = backend.stored(weight).astype(dtype)
     equation = f"...{site.inputs},{site.layout.replace('P', '')}->...{site.outputs}"
-    outputs = list(backend.einsum_per_part(equation, x, weight) if site.fused else [jnp.einsum(equation, x, weight)])
+    outputs = list(
+        backend.einsum_per_part(equation, x, weight) if site.fused else [backend.weight_einsum(equation, x, weight)]
+    )
 
     parts = site.adapted_parts(numerics.lora)
     if parts:

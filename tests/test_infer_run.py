@@ -76,10 +76,9 @@ def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
 def setup(tmp_path_factory):
     """(data dir, run dir with checkpoints at steps 2 and 4, VAE path)."""
     data, run_dir, vae_path = train_tiny_run(tmp_path_factory.mktemp("infer_run"))
-    root = run_dir.parent
-    assert run_checkpoints.list_steps(root / "run") == [2, 4]
-    assert Run(root / "run").vae == identity.identify(vae_path)  # the data's VAE, recorded by the run
-    return data, root / "run", vae_path
+    assert run_checkpoints.list_steps(run_dir) == [2, 4]
+    assert Run(run_dir).vae == identity.identify(vae_path)  # the data's VAE, recorded by the run
+    return data, run_dir, vae_path
 
 
 def _count_decodes(monkeypatch) -> list[int]:

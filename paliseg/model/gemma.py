@@ -213,9 +213,5 @@ class Embedder(nn.Module):
         """Tied output projection in compute dtype, accumulated into float32 logits (no f32 copy of the
         table, which would be 2 GB for the real vocabulary)."""
         dtype = jnp.dtype(self.compute_dtype)
-        return jnp.einsum(
-            "...D,VD->...V",
-            hidden.astype(dtype),
-            backend.stored(self.input_embedding).astype(dtype),
-            preferred_element_type=jnp.float32,
-        )
+        table = backend.stored(self.input_embedding).astype(dtype)
+        return backend.weight_einsum("...D,VD->...V", hidden.astype(dtype), table, result_dtype=jnp.float32)

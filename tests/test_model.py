@@ -203,6 +203,24 @@ def test_low_rank_gradients_equal_autodiff():
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 24), (2, 1, 24)])
+def test_weight_einsum_single_row_equals_plain_einsum(shape):
+    """A single bfloat16 row takes a detour through a padded dot (see `backend.weight_einsum`); the result is
+    the same numbers in the same shape as the plain einsum's, for one row or several."""
+    from paliseg.model.backend import weight_einsum
+
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+    weight = jax.random.normal(kw, (3, 24, 5)).astype(jnp.bfloat16)
+    plain = jnp.einsum("...D,NDH->...NH", x, weight, preferred_element_type=jnp.float32)
+    ours = weight_einsum("...D,NDH->...NH", x, weight)
+    assert ours.shape == plain.shape and ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(plain.astype(jnp.bfloat16), np.float32))
+    logits = weight_einsum("...D,NDH->...NH", x, weight, result_dtype=jnp.float32)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, plain, rtol=1e-6)
+
+
 def test_split_and_join_are_inverse(tiny):
     config = tiny[0].replace(lora={"rank": 2})
     params = model.init_params(config, jax.random.key(0))

@@ -8,7 +8,7 @@ Initialises the model in bfloat16 (PaliGemma 1: 2.92 B parameters, 5.4 GiB; the 
 minutes for 2.9 B numbers on CPU) and prints each time (first call, which includes compilation, and a
 second, compiled call) and the process's peak resident memory.
 
-Inference (default): turns the params into the inference view (`model.inference_view`, in place), runs a
+Inference (default): lays the params out for decoding (`model.for_inference`, in place), runs a
 batch-`--batch` forward pass (text logits for 256 image + 16 text tokens) and a `--new-tokens` greedy
 decode with the KV cache (goal: peak < 12 GB). On a GPU run it with `--batch 32` and read the decode
 images/s.
@@ -88,7 +88,7 @@ def main() -> None:
         f"peak RSS {peak_rss_gb():.2f} GB",
         flush=True,
     )
-    params = model.inference_view(params)
+    config, params = model.for_inference(config, params, consume=True)
 
     rng = np.random.default_rng(0)
     size = config.img.image_size

@@ -158,7 +158,7 @@ def side_paliseg(preset_name: str, folder: str | None, new_tokens: int, repeats:
         config, params = checkpoints.load(folder)
     else:
         params = model.init_params(config, jax.random.key(0, impl="rbg"))  # rbg: threefry takes minutes for 3B
-    params = model.inference_view(jax.block_until_ready(params))
+    config, params = model.for_inference(config, jax.block_until_ready(params), consume=True)
     setup = time.perf_counter() - start, peak_rss_gb()
     reset_peak_rss()
 

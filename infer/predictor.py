@@ -63,10 +63,13 @@ class Predictor:
             )
         import jax
 
+        from paliseg.model import backend
+
         # One program serves every checkpoint: no recompute-in-backward (there is no backward), and the
-        # params on one device whatever sharding they were restored with (a new sharding would retrace).
-        self.config = config.replace(remat=False)
-        self.params = jax.device_put(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        # params on one device whatever sharding they were restored with (a new sharding would retrace),
+        # laid out as decoding on this backend wants them (the caller's params are left intact).
+        params = jax.device_put(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        self.config, self.params = backend.for_inference(config.replace(remat=False), params)
         self.tokenizer = tokenizer
         self.vae = vae_model if vae_model is not None else vae.load()
         self.batch_size = batch_size

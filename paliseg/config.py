@@ -158,7 +158,10 @@ class ModelConfig:
 
     dtype policy: parameters are stored in `param_dtype` and matmuls run in `compute_dtype`; norms, softmax
     and logits always run in float32. `remat` recomputes each layer in the backward pass
-    (`nothing_saveable`), trading compute for activation memory when training. `tokenizer` is the default
+    (`nothing_saveable`), trading compute for activation memory when training. `scan_layers` runs the
+    layers as one scanned module whose params are stacked over depth (`layers/...` [L, ...], the checkpoint's
+    tree); False gives one module per layer (`layers_0/...`, ...), big_vision's `scan=False`, which
+    `backend.for_inference` picks for decoding on CPU. `tokenizer` is the default
     tokenizer: a path, or the name of a file in `paliseg/assets/` (the tiny presets use the bundled one);
     None means it must be given.
     """
@@ -171,6 +174,7 @@ class ModelConfig:
     cache_dtype: str = "bfloat16"
     dropout: float = 0.0
     remat: bool = False
+    scan_layers: bool = True
     tokenizer: str | None = None
 
     @property

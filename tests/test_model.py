@@ -299,6 +299,34 @@ def test_inference_view_computes_the_same_logits(tiny):
     np.testing.assert_array_equal(model.forward(bf16, view, *batch), expected)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-pg2"])
+def test_unscanned_layers_compute_what_the_scan_computes(preset):
+    """`for_inference` on CPU: one module per layer, fed per-layer buffers split from the stacked ones; the
+    same logits and the same greedy tokens (KV cache, sliding window for tiny-pg2) as the scanned model, and
+    the caller's params untouched."""
+    from paliseg import decoding
+    from paliseg.model.backend import stored
+
+    config = cfgs.preset(preset).with_dtype("bfloat16")
+    params = model.init_params(config, jax.random.key(0))
+    unscanned, view = model.for_inference(config, params)
+    assert not unscanned.scan_layers
+    flat = flatten(view)
+    assert f"llm/layers_{config.llm.depth - 1}/attn/attn_vec_einsum/w" in flat and "llm/layers" not in flat
+    assert f"img/Transformer/encoderblock_{config.img.depth - 1}/LayerNorm_0/scale" in flat
+    stacked = flatten(params)["llm/layers/attn/attn_vec_einsum/w"]
+    np.testing.assert_array_equal(stored(flat["llm/layers_1/attn/attn_vec_einsum/w"]), stacked[1])
+    batch = _batch(config)
+    np.testing.assert_allclose(
+        model.forward(unscanned, view, *batch), model.forward(config, params, *batch), atol=2e-2, rtol=2e-2
+    )
+    greedy = [
+        np.asarray(decoding.generate(c, p, *batch, max_new_tokens=6, eos_id=-1).tokens)
+        for c, p in ((config, params), (unscanned, view))
+    ]
+    np.testing.assert_array_equal(greedy[1], greedy[0])
+
+
 def test_sincos2d_position_embedding_init():
     """The tiny presets start `pos_embedding` as big_vision's 2-D sin-cos table (then learn it); SigLIP presets
     draw it at random."""

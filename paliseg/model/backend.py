@@ -4,6 +4,7 @@ Each function here computes exactly what its plain counterpart computes; only th
 differs, for reasons measured on CPU (see each docstring). Nothing else in the model works around a backend.
 
 - `stored` / `storage_view` / `inference_view`: bfloat16 params read through a uint16 view at inference;
+- `for_inference`: on CPU, also one module per layer instead of the layer scan, for decoding;
 - `weight_einsum`: x @ weight, accumulated and returned in float32 before the cast back to x's dtype;
 - `einsum_per_part`: a fused weight ([P, ...]) contracted one part at a time;
 - `low_rank`: LoRA's (x @ a) @ b with its backward written out;
@@ -55,6 +56,51 @@ def inference_view(params: dict) -> dict:
 @functools.partial(jax.jit, donate_argnums=0)
 def _as_uint16(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+# The scanned (depth-stacked) subtrees of the param tree, and the prefix of each one's unscanned layers.
+_SCANNED = {("llm", "layers"): "layers_", ("img", "Transformer", "encoderblock"): "encoderblock_"}
+
+
+def for_inference(config, params: dict, *, consume: bool = False):
+    """`(config, params)` to decode with: the `inference_view` of `params` (copied, or in place with
+    `consume`: then `params` must not be used again).
+
+    On CPU the layers are also unscanned (`config.scan_layers=False`, each layer's params in buffers of their
+    own). Inside the layer scan XLA:CPU copies every layer's weights out of the stacked arrays before each
+    matmul (a dynamic slice feeding the dot), which at one token per step is most of the work: twice the
+    memory traffic of the matmul itself. Separate buffers feed the matmuls directly. Other backends fuse
+    that slice into the matmul and keep the scan (and its compile time).
+    """
+    params = inference_view(params) if consume else jax.tree.map(_uint16_copy, params)
+    if jax.default_backend() != "cpu" or not config.scan_layers:
+        return config, params
+    return config.replace(scan_layers=False), unstack_layers(params)
+
+
+@jax.jit
+def _uint16_copy(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else jnp.copy(x)
+
+
+def unstack_layers(params: dict) -> dict:
+    """The tree of `scan_layers=False`: each stacked subtree [L, ...] split into L subtrees, one leaf at a
+    time. Consumes `params`: each stacked leaf is deleted once split, so memory grows by one leaf at most."""
+    params = dict(params)
+    for path, prefix in _SCANNED.items():
+        parent = params
+        for key in path[:-1]:
+            parent[key] = dict(parent[key])
+            parent = parent[key]
+        leaves, treedef = jax.tree.flatten(parent.pop(path[-1]))
+        per_leaf = []
+        for leaf in leaves:
+            per_leaf.append([leaf[i] for i in range(leaf.shape[0])])
+            if isinstance(leaf, jax.Array):
+                leaf.delete()
+        for i, layer_leaves in enumerate(zip(*per_leaf)):
+            parent[f"{prefix}{i}"] = jax.tree.unflatten(treedef, layer_leaves)
+    return params
 
 
 def weight_einsum(equation: str, x: jax.Array, weight: jax.Array, result_dtype=None) -> jax.Array:

@@ -153,13 +153,16 @@ class Gemma(nn.Module):
         block = Block
         if self.config.remat:
             block = nn.remat(block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.depth,
-        )(self.config, self.numerics)
+        if self.config.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.depth,
+            )(self.config, self.numerics)
+        else:  # named layers_0, layers_1, ...
+            self.layers = [block(self.config, self.numerics) for _ in range(cfg.depth)]
         self.final_norm = RMSNorm(cfg.norm_eps, self.config.param_dtype)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -183,8 +186,15 @@ class Gemma(nn.Module):
             if local_mask is None:
                 raise ValueError(f"sliding_window {cfg.sliding_window} needs a local_mask")
             sliding = jnp.arange(cfg.depth) % 2 == 0  # Hugging Face's layer_types: even layers slide
-        x, new_kv = self.layers(x, cache, sliding, positions, mask, local_mask)
-        return self.final_norm(x), new_kv
+        if self.config.scan_layers:
+            x, new_kv = self.layers(x, cache, sliding, positions, mask, local_mask)
+            return self.final_norm(x), new_kv
+        new_kvs = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+            x, kv = layer(x, layer_cache, None if sliding is None else sliding[i], positions, mask, local_mask)
+            new_kvs.append(kv)
+        return self.final_norm(x), tuple(jnp.stack(parts) for parts in zip(*new_kvs))
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits, soft-capped by `final_logits_softcap` when it is nonzero (as Hugging Face, also in

@@ -93,13 +93,17 @@ class Encoder(nn.Module):
         block = EncoderBlock
         if self.config.remat:
             block = nn.remat(block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            length=self.config.img.depth,
-        )(self.config, self.numerics, name="encoderblock")
-        x, _ = blocks(x, None)
+        if self.config.scan_layers:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.config.img.depth,
+            )(self.config, self.numerics, name="encoderblock")
+            x, _ = blocks(x, None)
+        else:
+            for i in range(self.config.img.depth):
+                x, _ = block(self.config, self.numerics, name=f"encoderblock_{i}")(x, None)
         return LayerNorm(self.config.img.norm_eps, self.config.param_dtype, name="encoder_norm")(x)
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paliseg.config import ModelConfig
-from paliseg.model.backend import storage_view
+from paliseg.model.backend import decoding_view
 from paliseg.model.paligemma import PaliGemma, cache_positions
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
@@ -180,7 +180,7 @@ def _generate(
     return_logits,
 ):
     model = PaliGemma(config)
-    params = storage_view(params)
+    params = decoding_view(config, params)
     batch = tokens.shape[0]
     prompt_len = config.num_image_tokens + tokens.shape[1]
     logits, cache, key_valid, seq_len = model.apply(  # the last token is never written: max_new - 1 slots

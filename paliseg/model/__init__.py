@@ -17,13 +17,9 @@ Public API:
   in `paliseg.decoding`.
 - LoRA: `paliseg.model.lora` (`split_params`, `join_params`, `merge_lora`); see its docstring for names.
 - `param_shapes(cfg)`: the expected tree of `jax.ShapeDtypeStruct`, without allocating.
-- `inference_view(params)`: for inference on CPU with bfloat16 weights, the same tree with bf16 leaves
-  reinterpreted (in place) as uint16, which `forward` and `paliseg.decoding` accept: XLA:CPU otherwise
-  materialises float32 copies of the stacked layer weights (~2x the model in extra memory). It consumes
-  `params` and cannot be differentiated. `for_inference(cfg, params)` gives the config and params to
-  decode with: that view and, on CPU, the layers unscanned (`scan_layers=False`: `llm/layers_0/...`, which
-  XLA:CPU runs ~2x faster at one token per step). This and the model's other CPU workarounds live in
-  `paliseg.model.backend`.
+- `for_inference(cfg, params)`: the config and params to decode with. On CPU the layers unscanned
+  (`scan_layers=False`: `llm/layers_0/...`, each layer in buffers of its own), which XLA:CPU decodes
+  faster (see there). This and the model's other CPU workarounds live in `paliseg.model.backend`.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
-from paliseg.model.backend import for_inference, inference_view
+from paliseg.model.backend import for_inference
 from paliseg.model.lora import join_params, merge_lora, split_params
 from paliseg.model.paligemma import PaliGemma, make_attn_mask
 
@@ -42,7 +38,6 @@ __all__ = [
     "PaliGemma",
     "for_inference",
     "forward",
-    "inference_view",
     "init_params",
     "join_params",
     "make_attn_mask",

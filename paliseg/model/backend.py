@@ -3,8 +3,8 @@
 Each function here computes exactly what its plain counterpart computes; only the way XLA is asked to do it
 differs, for reasons measured on CPU (see each docstring). Nothing else in the model works around a backend.
 
-- `stored` / `storage_view` / `inference_view`: bfloat16 params read through a uint16 view at inference;
-- `for_inference`: on CPU, also one module per layer instead of the layer scan, for decoding;
+- `for_inference`: on CPU, one module per layer instead of the layer scan, for decoding;
+- `stored` / `storage_view` / `decoding_view`: bfloat16 params read through a uint16 view under the scan;
 - `weight_einsum`: x @ weight, accumulated and returned in float32 before the cast back to x's dtype;
 - `einsum_per_part`: a fused weight ([P, ...]) contracted one part at a time;
 - `low_rank`: LoRA's (x @ a) @ b with its backward written out;
@@ -13,11 +13,11 @@ differs, for reasons measured on CPU (see each docstring). Nothing else in the m
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # XLA:CPU has no bf16 matmul: it converts each layer's bf16 weights to f32, and loop-invariant code motion
 # hoists those converts out of the layer scan, materialising an f32 copy of every layer at once (+10 GB for
@@ -32,13 +32,12 @@ def train_compiler_options() -> dict[str, str] | None:
 
 
 def storage_view(params):
-    """bfloat16 leaves reinterpreted as uint16 (same bits), for inference.
+    """bfloat16 leaves reinterpreted as uint16 (same bits), for decoding with the layer scan (`decoding_view`).
 
-    XLA:CPU slices and gathers bfloat16 arrays by first converting the *whole* array to float32, which for
-    the scanned (stacked) layer weights is a float32 copy of the model, hoisted out of every loop; integer
-    slices are plain. Modules read every param through `stored`, which turns the slice they get back into
-    bfloat16. Inside jit XLA materialises this bitcast as a copy, so large models should be converted
-    once, outside jit and in place (`inference_view`). Not differentiable.
+    Inside a loop, XLA:CPU slices bfloat16 arrays by first converting the *whole* array to float32, which
+    for the scanned (stacked) layer weights is a float32 copy of the model, hoisted out of every loop;
+    integer slices are plain. Modules read every param through `stored`, which turns the slice they get back
+    into bfloat16. Inside jit XLA materialises this bitcast as a copy. Not differentiable.
     """
     return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x, params)
 
@@ -48,14 +47,10 @@ def stored(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
-def inference_view(params: dict) -> dict:
-    """Consumes `params` (bf16 buffers are donated and reused in place): `storage_view` without a copy."""
-    return jax.tree.map(lambda x: _as_uint16(x) if x.dtype == jnp.bfloat16 else x, params)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _as_uint16(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+def decoding_view(config, params: dict) -> dict:
+    """The params as the jitted decoder reads them: the `storage_view` under the layer scan (unscanned
+    layers, as `for_inference` gives on CPU, have nothing to slice)."""
+    return storage_view(params) if config.scan_layers else params
 
 
 # The scanned (depth-stacked) subtrees of the param tree, and the prefix of each one's unscanned layers.
@@ -63,29 +58,23 @@ _SCANNED = {("llm", "layers"): "layers_", ("img", "Transformer", "encoderblock")
 
 
 def for_inference(config, params: dict, *, consume: bool = False):
-    """`(config, params)` to decode with: the `inference_view` of `params` (copied, or in place with
-    `consume`: then `params` must not be used again).
+    """`(config, params)` to decode with. On CPU the layers are unscanned (`config.scan_layers=False`), each
+    layer's params in buffers of their own; other backends keep the scan (and its shorter compile).
 
-    On CPU the layers are also unscanned (`config.scan_layers=False`, each layer's params in buffers of their
-    own). Inside the layer scan XLA:CPU copies every layer's weights out of the stacked arrays before each
-    matmul (a dynamic slice feeding the dot), which at one token per step is most of the work: twice the
-    memory traffic of the matmul itself. Separate buffers feed the matmuls directly. Other backends fuse
-    that slice into the matmul and keep the scan (and its compile time).
+    Inside the layer scan XLA:CPU copies every layer's weights out of the stacked arrays before each matmul
+    (a dynamic slice feeding the dot; with the `storage_view`, a bitcast too), which at one token per step
+    is most of the work: the matmul itself reads each weight once. Separate bfloat16 buffers feed the
+    matmuls directly. With `consume`, each stacked leaf is deleted once split (memory grows by one leaf at
+    most) and `params` must not be used again; otherwise they are left intact.
     """
-    params = inference_view(params) if consume else jax.tree.map(_uint16_copy, params)
     if jax.default_backend() != "cpu" or not config.scan_layers:
         return config, params
-    return config.replace(scan_layers=False), unstack_layers(params)
+    return config.replace(scan_layers=False), unstack_layers(params, consume=consume)
 
 
-@jax.jit
-def _uint16_copy(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else jnp.copy(x)
-
-
-def unstack_layers(params: dict) -> dict:
-    """The tree of `scan_layers=False`: each stacked subtree [L, ...] split into L subtrees, one leaf at a
-    time. Consumes `params`: each stacked leaf is deleted once split, so memory grows by one leaf at most."""
+def unstack_layers(params: dict, *, consume: bool = False) -> dict:
+    """The tree of `scan_layers=False`: each stacked subtree [L, ...] split into L subtrees (`layers_0`, ...),
+    one leaf at a time, through host views of the stacked buffers (no whole-leaf copy)."""
     params = dict(params)
     for path, prefix in _SCANNED.items():
         parent = params
@@ -95,8 +84,10 @@ def unstack_layers(params: dict) -> dict:
         leaves, treedef = jax.tree.flatten(parent.pop(path[-1]))
         per_leaf = []
         for leaf in leaves:
-            per_leaf.append([leaf[i] for i in range(leaf.shape[0])])
-            if isinstance(leaf, jax.Array):
+            host = np.asarray(leaf)  # a view of the buffer on CPU
+            per_leaf.append([jnp.asarray(host[i]) for i in range(host.shape[0])])
+            del host
+            if consume and isinstance(leaf, jax.Array):
                 leaf.delete()
         for i, layer_leaves in enumerate(zip(*per_leaf)):
             parent[f"{prefix}{i}"] = jax.tree.unflatten(treedef, layer_leaves)
@@ -104,7 +95,7 @@ def unstack_layers(params: dict) -> dict:
 
 
 def weight_einsum(equation: str, x: jax.Array, weight: jax.Array, result_dtype=None) -> jax.Array:
-    """`einsum(equation, x, weight)` in `result_dtype` (default: x's); `equation` starts with `...` (x's rows).
+    """`einsum(equation, x, weight)` in `result_dtype` (default: x's). x's `...` axes are its rows.
 
     Two XLA:CPU bfloat16 dot paths are slow. A dot whose result is bfloat16 runs 2-3x slower than one whose
     result is float32 (2048x16384 weight, 272 rows: 111 vs 320 ms), so the dot is asked for a float32 result
@@ -112,24 +103,35 @@ def weight_einsum(equation: str, x: jax.Array, weight: jax.Array, result_dtype=N
     is ~8x slower than the same dot with two rows (58 vs 7.5 ms), so a single row is contracted beside a
     zero row that is dropped again. For float32 inputs both are the plain einsum.
     """
-    if x.dtype == jnp.bfloat16 and math.prod(x.shape[: x.ndim - _contracted_axes(equation)]) == 1:
-        rows = jnp.concatenate([x[None], jnp.zeros_like(x)[None]])
-        return jnp.einsum(equation, rows, weight, preferred_element_type=jnp.float32)[0].astype(result_dtype or x.dtype)
-    return jnp.einsum(equation, x, weight, preferred_element_type=jnp.float32).astype(result_dtype or x.dtype)
+    dtype = result_dtype or x.dtype
+    lhs, out = equation.split(",")[0], equation.split("->")[1]
+    rows_at = lhs.index("...")
+    if x.dtype == jnp.bfloat16 and math.prod(x.shape[rows_at : x.ndim + rows_at + 3 - len(lhs)]) == 1:
+        padded = jnp.concatenate([x, jnp.zeros_like(x)], axis=rows_at)
+        result = jnp.einsum(equation, padded, weight, preferred_element_type=jnp.float32)
+        return jax.lax.index_in_dim(result, 0, out.index("..."), keepdims=True).astype(dtype)
+    return jnp.einsum(equation, x, weight, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _contracted_axes(equation: str) -> int:
-    """How many trailing axes of x `equation` ('...IJ,<weight>->...') names: x's other axes are its rows."""
-    return len(equation.split(",")[0].removeprefix("..."))
+# Up to this many rows, a fused weight is contracted in one batched dot (see `einsum_per_part`).
+_FEW_ROWS = 64
 
 
 def einsum_per_part(equation: str, x: jax.Array, fused: jax.Array) -> tuple[jax.Array, ...]:
     """`weight_einsum(equation, x, fused[p])` for each part p of a fused weight (parts on axis 0).
 
-    Each part is contiguous, so no transposed copy of the weight, and the results are never stacked: a
-    stacked [P, ...] result costs a padded, transposed copy of its gradient in every layer of the backward
-    pass on XLA:CPU."""
-    return tuple(weight_einsum(equation, x, fused[p]) for p in range(fused.shape[0]))
+    With many rows (training, prefill) each part is contracted on its own: each part is contiguous, so no
+    transposed copy of the weight, and the results are never stacked (a stacked [P, ...] result costs a
+    padded, transposed copy of its gradient in every layer of the backward pass on XLA:CPU). With few rows
+    (decoding), slicing a part out costs XLA:CPU a copy of it that outweighs the matmul, so all parts are
+    contracted at once as a batch over P ('P...D,PDF->P...F') and the small results split."""
+    rows = math.prod(x.shape[: x.ndim + 3 - len(equation.split(",")[0])])
+    if rows > _FEW_ROWS:
+        return tuple(weight_einsum(equation, x, fused[p]) for p in range(fused.shape[0]))
+    lhs, rest = equation.split(",")
+    weight_axes, out = rest.split("->")
+    batched = weight_einsum(f"P{lhs},P{weight_axes}->P{out}", jnp.broadcast_to(x, fused.shape[:1] + x.shape), fused)
+    return tuple(batched)
 
 
 @jax.custom_vjp

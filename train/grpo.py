@@ -266,10 +266,11 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     vae_model = vae.load(identity.resolve(recorded_vae, recorded_by="the --data folders").path)
     rollouts = Rollouts(config, tokenizer, data, vae_model)
     grpo, group = config.grpo, config.grpo.group_size
+    start = f"{config.init_run} step {config.init_step}" if config.init_run else (config.checkpoint or config.init)
     console.info(
         f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
-        f"{config.trainable}, start {config.init_run or config.checkpoint or config.init} step {config.init_step}; "
-        f"{config.batch_size} prompts x {group} samples of up to {rollouts.max_new_tokens} tokens per step"
+        f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
+        f"{rollouts.max_new_tokens} tokens per step"
     )
 
     tx = optim.optimizer(config, grpo.updates_per_batch)

@@ -332,7 +332,7 @@ def validate(config: TrainConfig) -> None:
     need(bool(config.out), "--out RUN_DIR is required")
     need(
         sum(source is not None for source in (config.checkpoint, config.init, config.init_run)) == 1,
-        "give exactly one of --checkpoint BASE, --init random or --init-run RUN",
+        "give exactly one of --checkpoint BASE or --init random (or --init-run RUN)",
     )
     need(config.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}")
     need(

@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--demo", required=True, help="a finished `paliseg demo` folder (run/ with best.json)")
     parser.add_argument("--out", help="where the GRPO run and report go (default: DEMO/grpo_gain)")
     parser.add_argument("--init-step", default="best")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -65,16 +65,22 @@ def main() -> None:
     if out.exists() and args.overwrite:
         shutil.rmtree(out)
     data = demo / "data" / "shapes"
-    config = train_config.resolve({
+    requested = {
         "data": [str(data)], "out": str(out / "run"), "objective": "grpo", "init_run": str(demo / "run"),
         "init_step": args.init_step, "trainable": args.trainable, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "warmup_fraction": args.warmup_fraction, "save_every": args.save_every, "remat": False,
         "grpo": {"group_size": args.group_size, "temperature": args.temperature, "kl_coef": args.kl_coef,
-                 "updates_per_batch": args.updates}})  # fmt: skip
+                 "updates_per_batch": args.updates}}  # fmt: skip
+    resume = (out / "run" / "config.json").exists()  # continue an interrupted benchmark with the same settings
+    config = (
+        train_config.check_resume(Run(out / "run").train_config, requested)
+        if resume
+        else train_config.resolve(requested)
+    )
     print(f"GRPO from {demo / 'run'} step {config.init_step}: {args.steps} steps of {args.batch_size} prompts x "
           f"{args.group_size} samples, lr {args.lr}, kl {args.kl_coef}, trainable {args.trainable}", flush=True)  # fmt: skip
     started = time.perf_counter()
-    result = trainer.run(config, resume=(out / "run" / "config.json").exists())
+    result = trainer.run(config, resume=resume)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     report = sweep.evaluate_run(

@@ -114,7 +114,7 @@ class RlPlan:
     warmup_fraction: float = 0.0
 
 
-FULL_RL = RlPlan(steps=400, save_every=50)
+FULL_RL = RlPlan(steps=300, save_every=25)
 QUICK_RL = RlPlan(steps=40, save_every=20)
 
 

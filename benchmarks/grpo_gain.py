@@ -72,11 +72,11 @@ def main() -> None:
         "grpo": {"group_size": args.group_size, "temperature": args.temperature, "kl_coef": args.kl_coef,
                  "updates_per_batch": args.updates}}  # fmt: skip
     resume = (out / "run" / "config.json").exists()  # continue an interrupted benchmark with the same settings
-    config = (
-        train_config.check_resume(Run(out / "run").train_config, requested)
-        if resume
-        else train_config.resolve(requested)
-    )
+    if resume:  # --init-step was recorded as a number
+        saved = Run(out / "run").train_config
+        config = train_config.check_resume(saved, {k: v for k, v in requested.items() if k != "init_step"})
+    else:
+        config = train_config.resolve(requested)
     print(f"GRPO from {demo / 'run'} step {config.init_step}: {args.steps} steps of {args.batch_size} prompts x "
           f"{args.group_size} samples, lr {args.lr}, kl {args.kl_coef}, trainable {args.trainable}", flush=True)  # fmt: skip
     started = time.perf_counter()

@@ -251,11 +251,11 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     """`train.trainer.run` for --objective grpo: the same run folder, checkpoints and resumption."""
     if jax.process_count() > 1:
         raise ValueError("--objective grpo runs in one process (multi-host GRPO is not implemented)")
-    out = trainer._check_out(config, resume)
+    out = trainer.check_out_folder(config, resume)
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0
     if start_step >= config.steps:
-        return trainer._summary(out, config, start_step, start_step, [])
+        return trainer.run_summary(out, config, start_step, start_step, [])
     model_cfg = param_sets.model_config(config)
     config = config.replace(tokenizer=trainer.tokenizer_path(config, model_cfg))
     tokenizer = trainer.load_tokenizer(config, model_cfg)
@@ -360,7 +360,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         checkpoints.close()
         log.close()
         bar.close()
-    summary = trainer._summary(out, config, start_step, end_step, history)
+    summary = trainer.run_summary(out, config, start_step, end_step, history)
     rewards = [row["reward_mean"] for row in history]
     summary.update(
         objective="grpo",

@@ -61,7 +61,7 @@ def load_tokenizer(config: TrainConfig, model_cfg) -> Tokenizer:
     return tokenizer
 
 
-def _check_out(config: TrainConfig, resume: bool) -> Path:
+def check_out_folder(config: TrainConfig, resume: bool) -> Path:
     out = Path(config.out)
     has_run = (out / run_folder.CONFIG_FILE).exists() or (out / run_checkpoints.CHECKPOINTS).exists()
     if resume and not (out / run_folder.CONFIG_FILE).exists():
@@ -114,11 +114,11 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         from train import grpo
 
         return grpo.run(config, resume, stop_after)
-    out = _check_out(config, resume)
+    out = check_out_folder(config, resume)
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0  # a run killed before its first save starts over
     if start_step >= config.steps:
-        return _summary(out, config, start_step, start_step, [])
+        return run_summary(out, config, start_step, start_step, [])
     model_cfg = param_sets.model_config(config)
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
@@ -229,10 +229,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         log.close()
         if bar is not None:
             bar.close()
-    return _summary(out, config, start_step, end_step, history)
+    return run_summary(out, config, start_step, end_step, history)
 
 
-def _summary(
+def run_summary(
     out: Path, config: TrainConfig, start_step: int, end_step: int, history: list[dict[str, float]]
 ) -> dict[str, Any]:
     losses = [row["loss"] for row in history]

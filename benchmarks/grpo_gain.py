@@ -42,6 +42,17 @@ def figures(report: dict, step: int) -> dict:
     }
 
 
+def trained_seconds(run_dir: Path, step: int) -> float:
+    """The run's wall-clock training time up to `step`, from its metrics.csv (elapsed_s restarts on resume)."""
+    import csv
+
+    with open(run_dir / trainer.METRICS_FILE, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
+    restarts = [i for i in range(1, len(rows)) if float(rows[i]["elapsed_s"]) < float(rows[i - 1]["elapsed_s"])]
+    ends = [i - 1 for i in restarts] + [len(rows) - 1]
+    return round(sum(float(rows[i]["elapsed_s"]) for i in ends), 1) if rows else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True, help="a finished `paliseg demo` folder (run/ with best.json)")
@@ -58,6 +69,9 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=1, help="--grpo-updates-per-batch")
     parser.add_argument("--trainable", default="all", choices=train_config.TRAINABLE_SETS)
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier --out first")
+    parser.add_argument(
+        "--eval-only", action="store_true", help="score the checkpoints an interrupted run saved, without training on"
+    )
     args = parser.parse_args()
 
     demo = Path(args.demo)
@@ -80,7 +94,8 @@ def main() -> None:
     print(f"GRPO from {demo / 'run'} step {config.init_step}: {args.steps} steps of {args.batch_size} prompts x "
           f"{args.group_size} samples, lr {args.lr}, kl {args.kl_coef}, trainable {args.trainable}", flush=True)  # fmt: skip
     started = time.perf_counter()
-    result = trainer.run(config, resume=resume)
+    if not args.eval_only:
+        trainer.run(config, resume=resume)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     report = sweep.evaluate_run(
@@ -94,12 +109,13 @@ def main() -> None:
     results = {
         "init_step": int(config.init_step), "best_step": report["best"]["step"], "last_step": last,
         "before": before, "after": after, "last": final, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-        "rewards_first_10": result.get("rewards", [])[:10], "rewards_last_10": result.get("rewards", [])[-10:],
+        "trained_s": trained_seconds(out / "run", last),
         "settings": vars(args), "plot": str(plot),
     }  # fmt: skip
     files.write_json(out / "grpo_gain.json", results)
     print(json.dumps({k: v for k, v in results.items() if k not in ("before", "after", "last")}))
-    print(f"training {train_s / 60:.1f} min, eval {eval_s / 60:.1f} min; reward plot {plot}")
+    print(f"training {results['trained_s'] / 60:.1f} min to step {last} (this session {train_s / 60:.1f} min), eval "
+          f"{eval_s / 60:.1f} min; reward plot {plot}")  # fmt: skip
     print(f"{'class':<12} {'before':>8} {'after':>8} {'last':>8}")
     for name in before["per_class"]:
         print(

@@ -1,5 +1,6 @@
 """Decoded text -> what a user needs: objects with labels, pixel boxes and full-resolution masks.
 
+The parsing and the masks are `vae.text.text_masks` (shared with the reinforcement fine-tuning reward).
 Model output is untrusted: `paliseg.tokens.parse_suffix` never raises and counts the chunks it rejects.
 Conventions (the sweep scores with them, the README quotes them):
 - An empty text is a valid answer: "no object of this prompt here" (an empty mask).
@@ -14,16 +15,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-import vae
 from metrics import scoring
-from paliseg import dataset, records
-from paliseg import tokens as codec
+from paliseg import records
+from paliseg.dataset import ground_truth  # noqa: F401 (part of this module's API: the sweep uses it)
+from vae import text_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,36 +116,21 @@ def from_text(
     """Parse decoded text and paste each object's mask back at `width` x `height`. `degenerate` counts,
     by reason, the boxes that cover no pixel (their mask is empty); `chunk_scores` (per ";"-chunk of the
     text, from `paliseg.decoding.Decoded`) gives each object its confidence."""
-    parsed = codec.parse_suffix(text, require_seg=False)
-    if parsed.invalid_count and not parsed.objects:
-        return Prediction(prompt, text, width, height, (), parsed.invalid, None)
-    with_seg = [o for o in parsed.objects if o.seg is not None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", vae.DegenerateBoxWarning)  # counted in `degenerate` instead
-        masks = vae.tokens_to_masks(
-            vae_model, [o.seg for o in with_seg], [o.locs for o in with_seg], width, height, degenerate
-        )
-    mask_of = {id(o): m for o, m in zip(with_seg, masks)}
+    decoded = text_masks(text, width, height, vae_model, degenerate)
+    if decoded.union is None:
+        return Prediction(prompt, text, width, height, (), decoded.invalid, None)
     objects = tuple(
         PredictedObject(
             label=o.label,
-            box=codec.locs_to_box(o.locs, width, height),
+            box=box,
             locs=o.locs,
             seg=o.seg,
-            mask=mask_of.get(id(o)),
+            mask=mask,
             confidence=None if chunk_scores is None else chunk_scores[chunk],
         )
-        for o, chunk in zip(parsed.objects, parsed.chunks)
+        for o, chunk, mask, box in zip(decoded.objects, decoded.chunks, decoded.masks, decoded.boxes(width, height))
     )
-    union = np.logical_or.reduce(masks, axis=0) if len(masks) else np.zeros((height, width), bool)
-    return Prediction(prompt, text, width, height, objects, parsed.invalid, union)
-
-
-def ground_truth(record: records.Record, width: int, height: int) -> tuple[np.ndarray, list[tuple[float, ...]]]:
-    """A record's GT union mask (all-zero when it has no mask file: no object) and its objects' pixel boxes."""
-    mask = dataset.read_mask(record, width, height)
-    parsed = codec.parse_suffix(record.suffix, require_seg=False)
-    return mask, [codec.locs_to_box(o.locs, width, height) for o in parsed.objects]
+    return Prediction(prompt, text, width, height, objects, decoded.invalid, decoded.union)
 
 
 def score(prediction: Prediction, record: records.Record, gt_mask: np.ndarray, gt_boxes) -> scoring.ImageScore:

@@ -156,6 +156,13 @@ def read_mask(record: records.Record, width: int, height: int) -> np.ndarray:
     return images.read_mask(record.mask_path)
 
 
+def ground_truth(record: records.Record, width: int, height: int) -> tuple[np.ndarray, list[tuple[float, ...]]]:
+    """A record's GT union mask (all-zero when it has no mask file: no object) and its objects' pixel boxes."""
+    mask = read_mask(record, width, height)
+    parsed = codec.parse_suffix(record.suffix, require_seg=False)
+    return mask, [codec.locs_to_box(o.locs, width, height) for o in parsed.objects]
+
+
 @dataclasses.dataclass(frozen=True)
 class Skip:
     """A record that cannot be used: where it is, why (a reason constant) and the details."""

@@ -124,6 +124,11 @@ def _allowed(phase, y1, x1, remaining, token_class, loc_value):
     return allowed & room
 
 
+def _constrain(logits, phase, y1, x1, remaining, grammar):
+    """The logits [B,V] with the tokens the grammar forbids next set to -inf."""
+    return jnp.where(_allowed(phase, y1, x1, remaining, *grammar), logits, -jnp.inf)
+
+
 def _advance(phase, y1, x1, token, token_class, loc_value):
     cls, value = token_class[token], loc_value[token]
     starts = ((phase == BEGIN) | (phase == AFTER_SEP)) & (cls == LOC)
@@ -218,8 +223,7 @@ def _generate(
         if return_logits:
             s["all_logits"] = s["all_logits"].at[:, step].set(logits)
         if grammar is not None:
-            mask = _allowed(s["phase"], s["y1"], s["x1"], max_new_tokens - step, *grammar)
-            logits = jnp.where(mask, logits, -jnp.inf)
+            logits = _constrain(logits, s["phase"], s["y1"], s["x1"], max_new_tokens - step, grammar)
         s["rng"], key = jax.random.split(s["rng"])
         token = jnp.where(s["done"], pad_id, _sample(logits, temperature, top_p, key))
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None], axis=-1)
@@ -264,6 +268,33 @@ class Generation(NamedTuple):
     tokens: jax.Array  # int32 [B, max_new_tokens], pad after EOS
     logprobs: jax.Array  # float32 [B, max_new_tokens]
     logits: jax.Array | None  # float32 [B, max_new_tokens, V]
+
+
+def token_logprobs(
+    logits: jax.Array, tokens: jax.Array, grammar: SegmentGrammar | None = None, eos_id: int = 1
+) -> jax.Array:
+    """float32 [B,T]: the log-probability of each of `tokens` [B,T] (a `generate` output, pad after EOS)
+    under the logits [B,T,V] that chose it, restricted to the grammar's allowed tokens as `generate`
+    restricts them (the grammar state is replayed over the tokens; T is the decoding budget), 0 after
+    EOS: what `Generation.logprobs` holds, here differentiable, for a teacher-forced forward pass."""
+    batch, length, _ = logits.shape
+    arrays = None if grammar is None else grammar.arrays()
+    zeros = jnp.zeros((batch,), jnp.int32)
+
+    def one(carry, inputs):
+        phase, y1, x1, done = carry
+        step_logits, token, step = inputs
+        if arrays is not None:
+            step_logits = _constrain(step_logits, phase, y1, x1, length - step, arrays)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1), token[:, None], -1)
+        if arrays is not None:
+            phase, y1, x1 = _advance(phase, y1, x1, token, *arrays)
+        return (phase, y1, x1, done | (token == eos_id)), jnp.where(done, 0.0, logprob[:, 0])
+
+    carry = (zeros, zeros, zeros, jnp.zeros((batch,), bool))
+    inputs = (jnp.swapaxes(logits, 0, 1), jnp.swapaxes(tokens, 0, 1), jnp.arange(length))
+    _, logprobs = jax.lax.scan(one, carry, inputs)
+    return jnp.swapaxes(logprobs, 0, 1)
 
 
 def generate(

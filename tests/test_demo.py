@@ -12,13 +12,14 @@ import pytest
 
 from paliseg.cli import demo
 from paliseg.cli.main import build_parser, main
+from train.run import Run
 
 
 @pytest.mark.slow
 def test_quick_demo_learns(tmp_path, capsys):
     out = tmp_path / "demo"
     started = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out), "--json"]) == 0
+    assert main(["demo", "--quick", "--rl", "--out", str(out), "--json"]) == 0
     seconds = time.perf_counter() - started
     printed = capsys.readouterr()
     summary = json.loads(printed.out.strip().splitlines()[-1])
@@ -40,9 +41,16 @@ def test_quick_demo_learns(tmp_path, capsys):
     predictions = [json.loads(line) for line in (out / "predict" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16  # every committed real image, with its own prompt
     assert len(list((out / "predict" / "canvases").glob("*.png"))) == 16
+    # --rl: GRPO from the best step; its step 0 is that very checkpoint, so eval scores it the same
+    rl = summary["rl"]
+    assert rl["init_step"] == summary["best"]["step"]
+    assert rl["start"]["miou"] == pytest.approx(summary["best"]["miou"])
+    assert rl["best"]["step"] > 0 and set(rl["start"]["per_class"]) == set(rl["best"]["per_class"])
+    assert (out / "report_rl" / "report.md").is_file() and Run(out / "rl").train_config.objective == "grpo"
     print(
         f"demo --quick: {seconds:.0f} s, mIoU step 0 {summary['step0']['miou']:.3f} -> "
-        f"best (step {summary['best']['step']}) {summary['best']['miou']:.3f}"
+        f"best (step {summary['best']['step']}) {summary['best']['miou']:.3f} -> grpo (step {rl['best']['step']}) "
+        f"{rl['best']['miou']:.3f}"
     )
 
 
@@ -56,10 +64,8 @@ def _check_printed_commands(summary, stderr, out):
     stages = summary["stages"]
     assert {name: [c.split()[1] for c in stage["commands"]] for name, stage in stages.items()} == {
         "synthetic shapes": ["-m"], "convert": ["convert", "convert", "validate"], "train": ["train"],
-        "eval": ["eval"], "predict": ["predict"]}  # fmt: skip
-    commands = [
-        c for name in ("synthetic shapes", "convert", "train", "eval", "predict") for c in stages[name]["commands"]
-    ]
+        "eval": ["eval"], "grpo": ["train"], "eval (grpo)": ["eval"], "predict": ["predict"]}  # fmt: skip
+    commands = [c for stage in stages.values() for c in stage["commands"]]
     for command in commands:
         assert f"  $ {command}\n" in stderr
         if command.startswith("paliseg "):
@@ -69,6 +75,9 @@ def _check_printed_commands(summary, stderr, out):
     typed = train_config.resolve(settings.given(args, train_config.TrainConfig))
     trained = Run(out / "run").train_config
     assert typed == dataclasses.replace(trained, tokenizer=None)  # the tokenizer: the preset's, filled in by training
+    args = build_parser().parse_args(shlex.split(stages["grpo"]["commands"][0])[1:])
+    typed = train_config.resolve(settings.given(args, train_config.TrainConfig))
+    assert typed == Run(out / "rl").train_config
 
 
 def test_command_line_is_copy_pasteable():
@@ -116,5 +125,5 @@ def test_help_teaches_the_stages(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    for words in ("--quick", "--resume", "report.md", "step 0", "example"):
+    for words in ("--quick", "--resume", "--rl", "report.md", "step 0", "example"):
         assert words in text

@@ -209,11 +209,15 @@ def test_train_help_lists_every_setting_with_its_default(capsys, monkeypatch):
         else:
             flag = None
     defaults = train_config.TrainConfig()
+    nested = {"lora": LoraConfig, "grpo": train_config.GrpoConfig}
     fields = [
-        (field.name, getattr(defaults, field.name)) for field in dataclasses.fields(defaults) if field.name != "lora"
+        (field.name, getattr(defaults, field.name))
+        for field in dataclasses.fields(defaults)
+        if field.name not in nested
     ]
-    fields += [(f"lora_{field.name}", getattr(defaults.lora, field.name)) for field in dataclasses.fields(LoraConfig)]
-    assert len(fields) == len(dataclasses.fields(defaults)) - 1 + 4
+    for prefix, cls in nested.items():
+        fields += [(f"{prefix}_{f.name}", getattr(getattr(defaults, prefix), f.name)) for f in dataclasses.fields(cls)]
+    assert len(fields) == len(dataclasses.fields(defaults)) - 2 + 4 + 8
     for name, default in fields:
         flag = "--" + name.replace("_", "-")
         if default is True and name != "remat":

@@ -15,5 +15,6 @@ To export a merged model: `paliseg.checkpoints.save(path, params, model_cfg)` on
 
 Modules: `config` (TrainConfig, resolution and checks), `data` (deterministic input pipeline), `params`
 (trainable sets and initial params), `optim` (optax), `step` (loss and compiled step), `sharding` (mesh),
-`checkpoints` (orbax checkpoints), `run` (a run folder), `trainer` (the run loop), `commands` (the CLI).
+`checkpoints` (orbax checkpoints), `run` (a run folder), `trainer` (the run loop), `grpo` (reinforcement
+fine-tuning with the mask-IoU reward, `--objective grpo`), `commands` (the CLI).
 """

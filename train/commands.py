@@ -17,7 +17,8 @@ inputs:
   --data DIR          a converted folder (`paliseg convert`): DIR/_annotations.train.jsonl + images;
                       repeat --data to mix several (--data-weights or --balance-prompts set the mix)
   --checkpoint BASE   the base model (big_vision .npz, HF safetensors, or a paliseg checkpoint), or
-  --init random       a seeded random model (the tiny presets, trained from scratch with --trainable all)
+  --init random       a seeded random model (the tiny presets, trained from scratch with --trainable all), or
+  --init-run RUN      a checkpoint of another run (--init-step best|latest|N; its LoRA merged in)
   --config FILE       JSON of settings (keys as the flags, with _; --lora-* nested:
                       {"lr": 1e-4, "lora": {"rank": 16}}); flags given on the command line win
 
@@ -25,7 +26,14 @@ outputs in RUN_DIR (--out):
   config.json         the resolved settings, base checkpoint and model config of the run, and the
                       SHA-256 of the VAE that wrote the data's seg tokens (from DIR/conversion.json)
   checkpoints/<step>/ trainable params + optimizer state (orbax), every --save-every steps, all kept
-  metrics.csv, tb/    loss, lr, grad norm, examples/s per step (CSV and TensorBoard)
+  metrics.csv, tb/    loss, lr, grad norm, examples/s per step (CSV and TensorBoard); with --objective
+                      grpo also mean/std reward, KL, clip fraction, zero-variance groups, tokens/s
+
+--objective grpo (reinforcement fine-tuning, train/grpo.py): per step, --grpo-group-size completions of
+each image/prompt are sampled under the segmentation grammar, decoded to masks at the ground truth's
+resolution and rewarded with the per-image mask IoU `paliseg eval` reports (+ --grpo-box-weight x box
+mIoU); group-normalised advantages, the clipped policy-gradient loss, a KL penalty (--grpo-kl-coef) to the
+starting policy. Start it from a trained run: --init-run RUN --init-step best.
 
 examples:
   paliseg train --data data/cracks --data data/drywall --balance-prompts \\
@@ -33,6 +41,8 @@ examples:
       --out runs/lora --steps 500 --batch-size 16 --grad-accum 2
   paliseg train --data data/cracks --init random --preset tiny --trainable all --lr 1e-3 --out runs/tiny
   paliseg train --out runs/lora --resume          # continue an interrupted run
+  paliseg train --objective grpo --init-run runs/lora --init-step best --data data/cracks \
+      --out runs/grpo --steps 200 --batch-size 4 --grpo-group-size 8 --lr 1e-5
 
 several hosts (TPU pod slice, GPU nodes): start the same command on every host with
   --distributed                      (TPU pods, SLURM: jax.distributed.initialize() finds the peers), or
@@ -101,11 +111,12 @@ def _train(args: argparse.Namespace) -> int:
             args.json,
         )
         return 0
+    reward = f"mean reward {result['first_reward']:.4f} -> {result['last_reward']:.4f}, " if "rewards" in result else ""
     human = (
-        f"trained steps {result['start_step']}..{result['end_step']} of {result['steps']}: loss "
+        f"trained steps {result['start_step']}..{result['end_step']} of {result['steps']}: {reward}loss "
         f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} examples/s; "
         f"checkpoints at steps {', '.join(map(str, result['checkpoint_steps']))} in {result['run_dir']}"
     )
-    summary = {key: value for key, value in result.items() if key != "losses"}
+    summary = {key: value for key, value in result.items() if key not in ("losses", "rewards")}
     console.report(summary, human, args.json)
     return 0

@@ -21,6 +21,9 @@ from paliseg.settings import setting
 
 TRAINABLE_SETS = ("lora", "attn", "all")
 OPTIMIZERS = ("adamw", "sgd")
+OBJECTIVES = ("supervised", "grpo")
+# Settings a run started from another run's checkpoint (--init-run) takes from that run unless given.
+INHERITED_FROM_INIT_RUN = ("preset", "dtype", "tokenizer", "seq_len")
 
 # Settings that change how a run executes but not what it computes: a resumed run may change them.
 # (`out` too: a run folder may be moved.)
@@ -32,7 +35,29 @@ INPUTS = "data, model and run folder"
 MODEL = "model"
 TRAINED = "what is trained"
 OPTIMISATION = "optimisation"
+GRPO = "reinforcement fine-tuning (--objective grpo)"
 EXECUTION = "execution"
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+    """Group-relative policy optimisation with the mask-IoU reward (`train.grpo`): flags --grpo-*."""
+
+    group_size: int = setting(4, "completions sampled per image and prompt (G); advantages are relative to them",
+                              metavar="G")  # fmt: skip
+    temperature: float = setting(1.0, "sampling temperature of the completions", metavar="T")
+    top_p: float = setting(1.0, "sampling nucleus of the completions (1 keeps every token)", metavar="P")
+    max_new_tokens: int | None = setting(
+        None, "decoding budget of each completion (default: --seq-len, as paliseg eval decodes)", metavar="N"
+    )
+    clip_epsilon: float = setting(0.2, "PPO clip range of the probability ratio", metavar="EPS")
+    kl_coef: float = setting(
+        0.04, "weight of the KL penalty (k3 estimator) to the frozen starting policy; 0 skips it", metavar="BETA"
+    )
+    updates_per_batch: int = setting(
+        1, "optimizer updates on each batch of completions (ratios against the policy that sampled them)",
+        metavar="K")  # fmt: skip
+    box_weight: float = setting(0.0, "reward = mask IoU + this weight x the Hungarian-matched box mIoU", metavar="W")
 
 
 @dataclasses.dataclass
@@ -47,6 +72,13 @@ class TrainConfig:
         False, "sample every prompt equally often (e.g. the small drywall set as often as cracks)", group=INPUTS
     )
     split: str = setting("train", "annotation split to train on", metavar="SPLIT", group=INPUTS)
+    objective: str = setting(
+        "supervised",
+        "supervised: cross-entropy on the data's suffixes; grpo: reinforcement fine-tuning with the "
+        "per-image mask IoU `paliseg eval` reports as the reward (start from a trained run: --init-run)",
+        choices=OBJECTIVES,
+        group=INPUTS,
+    )
     checkpoint: str | None = setting(
         None,
         "base PaliGemma checkpoint (big_vision npz, HF safetensors, or ours)",
@@ -60,6 +92,20 @@ class TrainConfig:
         choices=("random",),
         group=INPUTS,
         exclusive="base",
+    )
+    init_run: str | None = setting(
+        None,
+        "start from a checkpoint of this `paliseg train` run (LoRA merged in); its preset, dtype, tokenizer "
+        "and seq-len apply unless given",
+        metavar="RUN",
+        group=INPUTS,
+        exclusive="base",
+    )
+    init_step: str = setting(
+        "best",
+        "the --init-run step: best (recorded by paliseg eval), latest or a number; recorded as a number",
+        metavar="STEP",
+        group=INPUTS,
     )
     tokenizer: str | None = setting(
         None,
@@ -133,6 +179,8 @@ class TrainConfig:
     saturation: float = setting(
         0.2, "augmentation: saturation factors drawn from 1 +- F", metavar="F", group=OPTIMISATION
     )
+
+    grpo: GrpoConfig = setting(GrpoConfig(), group=GRPO)  # --grpo-group-size, --grpo-kl-coef, ...
 
     save_every: int = setting(25, "checkpoint every N steps, all kept", metavar="N", group=EXECUTION)
     log_every: int = setting(1, "write metrics every N steps", metavar="N", group=EXECUTION)
@@ -208,9 +256,26 @@ def resolve(overrides: dict[str, Any], config_file: str | os.PathLike | None = N
     """Defaults, then the config file, then the explicitly given overrides (nested like the config, as
     `settings.given` returns them; None means 'not given')."""
     values = load_file(config_file) if config_file is not None else {}
-    config = absolute_paths(from_dict(settings.merge(values, overrides)))
+    merged = settings.merge(values, overrides)
+    if merged.get("init_run"):
+        merged = _inherit_from_init_run(merged)
+    config = absolute_paths(from_dict(merged))
     validate(config)
     return config
+
+
+def _inherit_from_init_run(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with the settings of INHERITED_FROM_INIT_RUN that are not given taken from the --init-run,
+    and --init-step resolved to a number: the run's config.json then names the exact starting point even
+    if the other run's best step changes later."""
+    from train.run import Run
+
+    run = Run(values["init_run"])
+    inherited = {key: getattr(run.train_config, key) for key in INHERITED_FROM_INIT_RUN if values.get(key) is None}
+    step = run.resolve_step(values.get("init_step", "best"))
+    if step and step not in run.steps:
+        raise ValueError(f"--init-step {step}: {run.dir} has no checkpoint at that step (saved: {run.steps})")
+    return {**values, **inherited, "init_step": str(step)}
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -222,6 +287,7 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     return config.replace(
         data=[absolute(d) for d in config.data],
         checkpoint=absolute(config.checkpoint),
+        init_run=absolute(config.init_run),
         tokenizer=absolute(config.tokenizer),
         out=absolute(config.out) if config.out else "",
     )
@@ -264,7 +330,33 @@ def validate(config: TrainConfig) -> None:
 
     need(bool(config.data), "at least one --data folder is required")
     need(bool(config.out), "--out RUN_DIR is required")
-    need((config.checkpoint is None) != (config.init is None), "give exactly one of --checkpoint BASE or --init random")
+    need(
+        sum(source is not None for source in (config.checkpoint, config.init, config.init_run)) == 1,
+        "give exactly one of --checkpoint BASE or --init random (or --init-run RUN)",
+    )
+    need(config.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}")
+    need(
+        config.init_step in ("best", "latest") or config.init_step.isdigit(),
+        f"--init-step must be best, latest or a step number, got {config.init_step!r}",
+    )
+    if config.objective == "grpo":
+        grpo = config.grpo
+        need(
+            grpo.group_size >= 2,
+            f"--grpo-group-size must be at least 2 (advantages compare samples), got {grpo.group_size}",
+        )
+        need(grpo.temperature > 0, f"--grpo-temperature must be positive (sampling), got {grpo.temperature}")
+        need(0 < grpo.top_p <= 1, f"--grpo-top-p must be in (0, 1], got {grpo.top_p}")
+        need(
+            grpo.max_new_tokens is None or grpo.max_new_tokens >= 2,
+            f"--grpo-max-new-tokens must be at least 2, got {grpo.max_new_tokens}",
+        )
+        need(grpo.clip_epsilon > 0, f"--grpo-clip-epsilon must be positive, got {grpo.clip_epsilon}")
+        need(grpo.kl_coef >= 0, f"--grpo-kl-coef must be >= 0, got {grpo.kl_coef}")
+        need(grpo.updates_per_batch >= 1, f"--grpo-updates-per-batch must be at least 1, got {grpo.updates_per_batch}")
+        need(grpo.box_weight >= 0, f"--grpo-box-weight must be >= 0, got {grpo.box_weight}")
+        need(config.grad_accum == 1, "--objective grpo takes --grad-accum 1 (lower --batch-size or --grpo-group-size)")
+        need(config.mesh_fsdp == 1, "--objective grpo runs on one device: --mesh-fsdp 1")
     need(config.init in (None, "random"), f"--init must be 'random', got {config.init!r}")
     if config.data_weights is not None:
         need(

@@ -37,6 +37,8 @@ TEXT_FIELDS = ("tokens", "mask_ar", "mask_loss", "mask_input")
 class Example:
     record: records.Record
     text: dict[str, np.ndarray]  # TEXT_FIELDS, each int32 [seq_len]
+    width: int = 0  # the image's size (the ground truth's resolution)
+    height: int = 0
 
 
 def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
@@ -61,7 +63,8 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
             if text["mask_input"][-1]:
                 too_long.append((record.where, _length(tokenizer, record)))
                 continue
-            examples.append(Example(record, {key: np.asarray(text[key][:-1], np.int32) for key in TEXT_FIELDS}))
+            fields = {key: np.asarray(text[key][:-1], np.int32) for key in TEXT_FIELDS}
+            examples.append(Example(record, fields, checked.width, checked.height))
         if not examples and not too_long and not unusable:
             raise ValueError(f"{dataset.split_file(folder, config.split)}: no training examples")
         per_folder.append(examples)
@@ -213,8 +216,13 @@ class TrainData:
             batch[key] = np.stack([self.examples[int(e)].text[key] for e in example_ids.ravel()]).reshape(*shape, -1)
         return batch
 
+    def example_ids(self, step: int) -> np.ndarray:
+        """int [grad_accum, local_micro_batch]: which examples (indices into `examples`) this process's batch
+        of `step` holds."""
+        return self.sampler.indices(step)[self.local_slots]
+
     def _jobs(self, step: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        example_ids = self.sampler.indices(step)[self.local_slots]
+        example_ids = self.example_ids(step)
         return example_ids, [(int(e), step, int(s)) for e, s in zip(example_ids.ravel(), self.local_slots.ravel())]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:

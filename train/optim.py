@@ -14,8 +14,9 @@ import optax
 from train.config import TrainConfig
 
 
-def schedule(config: TrainConfig) -> optax.Schedule:
-    """The learning rate of the update made at 0-based step `count`.
+def schedule(config: TrainConfig, updates_per_step: int = 1) -> optax.Schedule:
+    """The learning rate of the update made at 0-based step `count` (with `updates_per_step` > 1, as GRPO's
+    updates per batch, a step's updates share its learning rate).
 
     As the colab, the schedule spans steps + 1 points and update k (1-based) uses its value at k: no update
     is wasted at lr 0 (the first gets lr/warmup), and the last one still moves (min_lr_ratio 0 is reached
@@ -28,15 +29,15 @@ def schedule(config: TrainConfig) -> optax.Schedule:
         decay_steps=max(total, config.warmup_steps + 1),
         end_value=config.lr * config.min_lr_ratio,
     )
-    return lambda count: base(count + 1)
+    return lambda count: base(count // updates_per_step + 1)
 
 
 def _is_matrix(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    lr = schedule(config)
+def optimizer(config: TrainConfig, updates_per_step: int = 1) -> optax.GradientTransformation:
+    lr = schedule(config, updates_per_step)
     if config.optimizer == "adamw":
         update = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=_is_matrix)
     else:

@@ -28,9 +28,14 @@ Params = dict[str, Any]
 
 
 def model_config(config: TrainConfig) -> model_configs.ModelConfig:
-    """The model a run trains: the preset in the run's --dtype, with LoRA on for `--trainable lora`, the run's
-    remat."""
-    base = model_configs.preset(config.preset).with_dtype(config.dtype)
+    """The model a run trains: the preset (or the --init-run's model) in the run's --dtype, with LoRA on for
+    `--trainable lora`, the run's remat."""
+    if config.init_run:  # the model that run trained (an HF folder's config, say), not only its preset
+        from train.run import Run
+
+        base = Run(config.init_run).model_config.with_dtype(config.dtype)
+    else:
+        base = model_configs.preset(config.preset).with_dtype(config.dtype)
     lora_config = config.lora if config.trainable == "lora" else dataclasses.replace(config.lora, rank=0)
     return dataclasses.replace(base, lora=lora_config, remat=config.remat)
 
@@ -77,19 +82,11 @@ def random_init(
 
 
 def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:
-    """(frozen, trainable) at step 0: the base checkpoint with fresh LoRA adapters (seeded), or a seeded
-    random model for `--init random`. `shardings` is a (frozen, trainable) pair of NamedSharding trees."""
+    """(frozen, trainable) at step 0: the base checkpoint (or the --init-run's checkpoint, its LoRA merged)
+    with fresh LoRA adapters (seeded), or a seeded random model for `--init random`. `shardings` is a (frozen, trainable) pair of NamedSharding trees."""
     if config.init == "random":
         return random_init(config, model_cfg, shardings)
-    from paliseg import checkpoints
-
-    _, base = checkpoints.load(
-        config.checkpoint,
-        preset=config.preset,
-        vocab_size=model_cfg.llm.vocab_size,
-        param_dtype=model_cfg.param_dtype,
-        lora={"rank": 0},
-    )
+    base = _base_params(config, model_cfg)
     if config.trainable != "lora":
         frozen, trainable = split(base, config.trainable)
         return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)
@@ -99,3 +96,23 @@ def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings
         out_shardings=None if shardings is None else shardings[1],
     )(jax.random.key(config.seed))
     return (jax.device_put(base, shardings[0]) if shardings is not None else base), adapters
+
+
+def _base_params(config: TrainConfig, model_cfg: model_configs.ModelConfig) -> Params:
+    """The full tree a run starts from, without adapters: --checkpoint, or --init-run at --init-step."""
+    if config.init_run:
+        from train.run import Run
+
+        run = Run(config.init_run)
+        _, base = run.load(run.resolve_step(config.init_step))  # LoRA merged: the policy that run reached
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, model_cfg.param_dtype), base)
+    from paliseg import checkpoints
+
+    _, base = checkpoints.load(
+        config.checkpoint,
+        preset=config.preset,
+        vocab_size=model_cfg.llm.vocab_size,
+        param_dtype=model_cfg.param_dtype,
+        lora={"rank": 0},
+    )
+    return base

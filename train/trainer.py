@@ -61,7 +61,7 @@ def load_tokenizer(config: TrainConfig, model_cfg) -> Tokenizer:
     return tokenizer
 
 
-def _check_out(config: TrainConfig, resume: bool) -> Path:
+def check_out_folder(config: TrainConfig, resume: bool) -> Path:
     out = Path(config.out)
     has_run = (out / run_folder.CONFIG_FILE).exists() or (out / run_checkpoints.CHECKPOINTS).exists()
     if resume and not (out / run_folder.CONFIG_FILE).exists():
@@ -74,8 +74,8 @@ def _check_out(config: TrainConfig, resume: bool) -> Path:
 class MetricsLog:
     """metrics.csv and TensorBoard events; on resume both drop whatever was logged after the checkpoint."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, fields: tuple[str, ...] = METRIC_FIELDS):
+        self.enabled, self.fields = enabled, fields
         if not enabled:
             return
         self.path = run_dir / METRICS_FILE
@@ -84,11 +84,11 @@ class MetricsLog:
             with open(self.path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= start_step]
         with files.atomic_open(self.path, "w") as handle:
-            writer = csv.DictWriter(handle, METRIC_FIELDS)
+            writer = csv.DictWriter(handle, fields)
             writer.writeheader()
             writer.writerows(kept)
         self.handle = open(self.path, "a", newline="")  # noqa: SIM115 (open for the run; close())
-        self.csv = csv.DictWriter(self.handle, METRIC_FIELDS)
+        self.csv = csv.DictWriter(self.handle, fields)
         self.tb = events.ScalarWriter(run_dir / "tb", purge_step=start_step + 1 if start_step else None)
 
     def write(self, row: dict[str, float]) -> None:
@@ -96,8 +96,9 @@ class MetricsLog:
             return
         self.csv.writerow(row)
         self.handle.flush()
-        for key in ("loss", "lr", "grad_norm", "examples_per_s"):
-            self.tb.scalar(f"train/{key}", row[key], int(row["step"]))
+        for key in self.fields:
+            if key not in ("step", "elapsed_s"):
+                self.tb.scalar(f"train/{key}", row[key], int(row["step"]))
         self.tb.flush()
 
     def close(self) -> None:
@@ -109,11 +110,15 @@ class MetricsLog:
 def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or continue) the run described by `config`; returns a summary. `stop_after` ends this session
     after that many steps in total, as an interruption would (tests use it to check resumption)."""
-    out = _check_out(config, resume)
+    if config.objective == "grpo":
+        from train import grpo
+
+        return grpo.run(config, resume, stop_after)
+    out = check_out_folder(config, resume)
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0  # a run killed before its first save starts over
     if start_step >= config.steps:
-        return _summary(out, config, start_step, start_step, [])
+        return run_summary(out, config, start_step, start_step, [])
     model_cfg = param_sets.model_config(config)
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
@@ -224,10 +229,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         log.close()
         if bar is not None:
             bar.close()
-    return _summary(out, config, start_step, end_step, history)
+    return run_summary(out, config, start_step, end_step, history)
 
 
-def _summary(
+def run_summary(
     out: Path, config: TrainConfig, start_step: int, end_step: int, history: list[dict[str, float]]
 ) -> dict[str, Any]:
     losses = [row["loss"] for row in history]

@@ -4,6 +4,7 @@
     model = vae.load()                        # models/vae-oid.npz if present, else the bundled VAE
     seg = vae.mask_to_tokens(model, mask, box_xyxy)           # 16 ints in [0, 128)
     mask = vae.tokens_to_mask(model, seg, locs, width, height)  # bool [height, width]
+    decoded = vae.text_masks(text, width, height, model)        # model text -> objects, masks, union
 
 Tokens belong to the VAE that wrote them: `vae.identity` records a VAE by its SHA-256 and picks the VAE a
 dataset's or run's tokens need (`vae.identity.resolve`).
@@ -19,13 +20,16 @@ from vae.masks import (
     tokens_to_masks,
 )
 from vae.model import MaskVAE, load, write_random_npz
+from vae.text import TextMasks, text_masks
 
 __all__ = [
     "DegenerateBoxWarning",
     "MaskVAE",
+    "TextMasks",
     "load",
     "mask_to_tokens",
     "masks_to_tokens",
+    "text_masks",
     "tokens_to_mask",
     "tokens_to_masks",
     "write_random_npz",

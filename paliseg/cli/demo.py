@@ -10,6 +10,10 @@ The demo calls each stage's Python API in this process and first prints the comm
     4. eval              paliseg eval OUT/run --data OUT/data/shapes --out OUT/report
     5. predict           paliseg predict --run OUT/run --step best --image OUT/data/real/... --out OUT/predict
 
+With --rl, two stages come between eval and predict: `paliseg train --objective grpo --init-run OUT/run
+--init-step <best> ... --out OUT/rl` (reinforcement fine-tuning with the mask IoU as the reward, see
+train.grpo) and `paliseg eval OUT/rl ... --out OUT/report_rl` (its step 0 is the supervised best step).
+
 The model is the `tiny` preset (1M parameters, 64-pixel images) trained from a seeded random init, every
 parameter trainable, on dark ellipses, rectangles and triangles on light walls, with box edges on an
 8-pixel grid: a task it learns within minutes on two CPU cores. Step 0 of the report is the untrained
@@ -54,12 +58,14 @@ outputs in OUT:
   run/                            the training run (config.json, checkpoints/, metrics.csv, best.json)
   report/                         report.md, report.json, metrics.csv, plots/, canvases/
   predict/                        masks/, canvases/, json/ for the real photos
+  rl/, report_rl/                 with --rl: the GRPO run from the best step, and its report
   demo.json                       the summary: mIoU at step 0 and at the best step, timings, file paths
 
 examples:
   paliseg demo --quick                 a 3-minute run into demo_out/
   paliseg demo --out /tmp/demo         the full run (about 15 minutes)
-  paliseg demo --out /tmp/demo --resume   continue it after an interruption"""
+  paliseg demo --out /tmp/demo --resume   continue it after an interruption
+  paliseg demo --rl                    then GRPO from the best step (mask-IoU reward), evaluated too"""
 
 DEMO_MARKER = ".paliseg-demo"  # marks OUT as a demo folder: only such a folder is deleted by --overwrite
 SUMMARY_FILE = "demo.json"
@@ -93,6 +99,25 @@ FULL = DemoPlan(train_images=3000, valid_images=48, steps=2000, save_every=250)
 QUICK = DemoPlan(train_images=600, valid_images=24, steps=300, save_every=75)
 
 
+@dataclasses.dataclass(frozen=True)
+class RlPlan:
+    """The optional `--rl` stage: GRPO (`paliseg train --objective grpo`) from the supervised best step,
+    every parameter trainable, the reward the per-image mask IoU eval reports."""
+
+    steps: int
+    save_every: int
+    batch_size: int = 8  # prompts per step, each sampled group_size times
+    group_size: int = 8
+    lr: float = 3e-4
+    temperature: float = 1.0
+    kl_coef: float = 0.0
+    warmup_fraction: float = 0.0
+
+
+FULL_RL = RlPlan(steps=300, save_every=25)
+QUICK_RL = RlPlan(steps=40, save_every=20)
+
+
 class Layout:
     """The demo's folders in OUT (listed in the epilog)."""
 
@@ -100,6 +125,7 @@ class Layout:
         self.out, self.export, self.run = out, out / "exports" / "shapes", out / "run"
         self.shapes, self.real = out / "data" / "shapes", out / "data" / "real"
         self.report, self.predict = out / "report", out / "predict"
+        self.rl, self.rl_report = out / "rl", out / "report_rl"  # --rl: the GRPO run and its report
 
 
 def command_line(command: str, flags: dict[str, Any], argv: Sequence[str] = ()) -> str:
@@ -248,16 +274,44 @@ class Demo:
             examples_per_s=result["examples_per_s"],
         )
 
-    def evaluate(self) -> dict[str, Any]:
+    def rl_train(self, rl: RlPlan) -> None:
+        from train import config as train_config
+        from train import trainer
+        from train.run import Run, is_run
+
+        config = train_config.resolve({
+            "data": [str(self.paths.shapes)], "out": str(self.paths.rl), "objective": "grpo",
+            "init_run": str(self.paths.run), "init_step": "best", "trainable": "all", "steps": rl.steps,
+            "batch_size": rl.batch_size, "lr": rl.lr, "warmup_fraction": rl.warmup_fraction,
+            "save_every": rl.save_every, "seed": self.plan.seed, "remat": False,
+            "grpo": {"group_size": rl.group_size, "temperature": rl.temperature, "kl_coef": rl.kl_coef}})  # fmt: skip
+        started = self._stage("grpo", [command_line("paliseg train", {}, settings.to_argv(config))])
+        resume = self.resume and is_run(self.paths.rl)
+        if resume:
+            config = train_config.check_resume(Run(self.paths.rl).train_config, {"out": config.out})
+        result = trainer.run(config, resume=resume)
+        steps = ", ".join(map(str, result["checkpoint_steps"]))
+        done = (
+            f"from step {config.init_step} of {self.paths.run}: mean reward {result['first_reward']:.3f} -> "
+            f"{result['last_reward']:.3f}; checkpoints at steps {steps}"
+            if result.get("rewards")
+            else f"already trained: checkpoints at steps {steps}"
+        )
+        self._done("grpo", started, done, checkpoints=result["checkpoint_steps"], init_step=int(config.init_step),
+                   first_reward=result.get("first_reward"), last_reward=result.get("last_reward"))  # fmt: skip
+
+    def evaluate(self, rl: bool = False) -> dict[str, Any]:
         from infer import sweep
 
-        run, data, split, out = self.paths.run, self.paths.shapes, "valid", self.paths.report
-        started = self._stage("eval", [command_line("paliseg eval", {
+        name = "eval (grpo)" if rl else "eval"
+        run, out = (self.paths.rl, self.paths.rl_report) if rl else (self.paths.run, self.paths.report)
+        data, split = self.paths.shapes, "valid"
+        started = self._stage(name, [command_line("paliseg eval", {
             "run_dir": run, "--data": data, "--split": split, "--out": out, "--vae": self.vae})])  # fmt: skip
         report = sweep.evaluate_run(run_dir=run, data_dir=data, out_dir=out, split=split, vae_path=self.vae)
         best = report["best"]
         self._done(
-            "eval",
+            name,
             started,
             f"best: step {best['step']} ({report['metric']} {best['value']:.4f})"
             if best
@@ -350,6 +404,30 @@ def summarize(demo: Demo, report: dict[str, Any], seconds: float, mode: str) -> 
     }
 
 
+def rl_summary(demo: Demo, report: dict[str, Any]) -> dict[str, Any]:
+    """The --rl stage's result: the GRPO run's step 0 (the supervised best step it started from) and its best
+    step, overall and per class, with where its report is."""
+
+    def figures(step: int) -> dict[str, Any]:
+        summary = next(s["summary"] for s in report["steps"] if s["step"] == step and s["summary"])
+        return {
+            **{key: summary["overall"][key] for key in ("miou", "box_miou", "invalid")},
+            "per_class": {prompt: stats["miou"] for prompt, stats in summary["per_prompt"].items()},
+        }
+
+    best = report.get("best")
+    return {
+        "init_step": demo.stages["grpo"]["init_step"],
+        "start": figures(0),
+        "best": None if best is None else {"step": best["step"], **figures(best["step"])},
+        "steps": [
+            {"step": s["step"], "miou": s["summary"]["overall"]["miou"]} for s in report["steps"] if s["summary"]
+        ],
+        "report": str(demo.paths.rl_report / "report.md"),
+        "run": str(demo.paths.rl),
+    }
+
+
 def _step_overall(report: dict[str, Any], step: int) -> dict[str, Any]:
     return next(s["summary"]["overall"] for s in report["steps"] if s["step"] == step and s["summary"])
 
@@ -373,11 +451,25 @@ def summary_text(summary: dict[str, Any]) -> str:
         )
     else:
         lines.append("  no checkpoint was scored (see the eval output above)")
+    rl = summary.get("rl")
+    if rl is not None and rl["best"] is not None:
+        lines.append(
+            f"  grpo from step {rl['init_step']}: mIoU {fmt(rl['start']['miou'])} -> {fmt(rl['best']['miou'])} at "
+            f"GRPO step {rl['best']['step']} (box mIoU {fmt(rl['start']['box_miou'])} -> {fmt(rl['best']['box_miou'])})"
+        )
+        lines.append(
+            "  per class: "
+            + ", ".join(
+                f"{prompt.removeprefix('segment ')} {fmt(before)} -> {fmt(rl['best']['per_class'].get(prompt))}"
+                for prompt, before in rl["start"]["per_class"].items()
+            )
+        )
     lines.append("stages: " + ", ".join(f"{name} {info['seconds']:.0f} s" for name, info in summary["stages"].items()))
     files = summary["files"]
     lines += [
         "files:",
         f"  report      {files['report']}  (+ report.json, metrics.csv)",
+        *([f"  grpo report {rl['report']}"] if rl is not None else []),
         *(f"  plot        {path}" for path in files["plots"] if Path(path).stem in ("miou_vs_step", "iou_histogram")),
         *(f"  canvas      {path}" for path in files["canvases"] if Path(path).name in ("best.png", "worst.png")),
         f"  predictions {files['predictions']}/canvases/  (real photos: the tiny model is not expected to find "
@@ -392,7 +484,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite are exclusive")
-    mode = "quick" if args.quick else "full"
+    mode = ("quick" if args.quick else "full") + (" + rl" if args.rl else "")
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     out = Path(args.out)
@@ -400,10 +492,18 @@ def run_demo(args: argparse.Namespace) -> int:
     demo = Demo(out, plan, args.resume)
     demo.synthetic_data()
     demo.convert()
+    if args.rl:
+        demo.count += 2
     demo.train()
     report = demo.evaluate()
+    rl_report = None
+    if args.rl:
+        demo.rl_train(QUICK_RL if args.quick else FULL_RL)
+        rl_report = demo.evaluate(rl=True)
     demo.predict()
     summary = summarize(demo, report, time.perf_counter() - started, mode)
+    if rl_report is not None:
+        summary["rl"] = rl_summary(demo, rl_report)
     files.write_json(out / SUMMARY_FILE, summary)
     console.report(summary, summary_text(summary), args.json)
     return 0
@@ -420,6 +520,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     parser.add_argument("--quick", action="store_true", help="a smaller run: about 3 minutes on 2 CPU cores")
+    parser.add_argument(
+        "--rl",
+        action="store_true",
+        help="then continue from the supervised best step with reinforcement fine-tuning (GRPO, the mask IoU "
+        "as the reward) and evaluate that run too",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier demo's --out and start again")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

@@ -1,0 +1,402 @@
+"""Reinforcement fine-tuning (`paliseg train --objective grpo`): group-relative policy optimisation with
+the per-image mask IoU that `paliseg eval` reports as the reward.
+
+Cross-entropy treats every wrong seg code as equally wrong and never sees the mask the tokens draw; here
+the model is rewarded by the mask itself (Seg-Zero, arXiv:2503.06520, did this with an IoU reward; GRPO is
+DeepSeekMath's, arXiv:2402.03300). Each step:
+
+1. for each of the batch's B image/prompt pairs, sample G completions (`paliseg.decoding.generate`: the
+   KV-cached decoder under the segmentation grammar, so every sample parses; one compiled program, no
+   host round trip per token);
+2. decode each sample's objects through the VAE into masks at the ground truth's resolution
+   (`vae.text_masks`, the path predict and eval use) and reward it with `metrics.scoring.score_image(...)
+   .iou` (invalid = 0, empty/empty = 1, as eval scores), plus `--grpo-box-weight` x the Hungarian-matched
+   box mIoU;
+3. advantages: each reward minus its group's mean, over the group's standard deviation (all zero when the
+   group ties: nothing to learn from it);
+4. one compiled update step (`--grpo-updates-per-batch` optimizer updates): the clipped policy-gradient
+   objective over the sampled tokens (mean per sequence, then over sequences), minus `--grpo-kl-coef` x
+   the k3 estimate of KL(policy || reference), the reference being the frozen starting policy. Token
+   log-probabilities come from a teacher-forced forward pass under the grammar's mask
+   (`paliseg.decoding.token_logprobs`), i.e. the distribution the samples were drawn from at temperature 1.
+
+The forward passes are deterministic (no dropout): the ratio must compare the policy with itself. With one
+update per batch the ratio is exactly 1 and the gradient is the plain policy gradient; more updates
+compare against the log-probabilities of the policy that sampled (computed at the step's start).
+
+The run folder is a supervised run's (`train.trainer`): config.json, checkpoints every --save-every steps
+(the same state: step, trainable params, optimizer state), exact --resume (the batch, the sampling key and
+so the completions are functions of the step), metrics.csv and TensorBoard with the GRPO_FIELDS. Step 0 is
+the starting policy (--init-run's checkpoint), so `paliseg eval` sweeps the run unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import vae
+from metrics import scoring
+from paliseg import console, dataset, decoding, model
+from paliseg.config import ModelConfig
+from paliseg.model import backend
+from train import checkpoints as run_checkpoints
+from train import data as train_data
+from train import optim, trainer
+from train import params as param_sets
+from train import run as run_folder
+from train import step as train_step
+from train.config import TrainConfig
+from vae import identity
+
+GRPO_FIELDS = (
+    "step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction", "zero_variance_groups",
+    "tokens_per_s", "examples_per_s", "lr", "grad_norm", "elapsed_s",
+)  # fmt: skip
+
+
+# --- reward and advantages (host) ---------------------------------------------------------------------
+
+
+def reward(
+    text: str,
+    width: int,
+    height: int,
+    gt_mask: np.ndarray,
+    gt_boxes,
+    vae_model,
+    box_weight: float = 0.0,
+) -> float:
+    """One sample's reward: `score_image(...).iou` of its union mask at the ground truth's resolution (what
+    `paliseg eval` scores), plus `box_weight` x the matched box mIoU."""
+    decoded = vae.text_masks(text, width, height, vae_model)
+    score = scoring.score_image(
+        decoded.union, gt_mask, "", "", pred_boxes=decoded.boxes(width, height), gt_boxes=gt_boxes,
+        invalid_objects=sum(decoded.invalid.values()),
+    )  # fmt: skip
+    return score.iou + (box_weight * (score.box_miou or 0.0) if box_weight else 0.0)
+
+
+def group_advantages(rewards: np.ndarray) -> np.ndarray:
+    """float32 [B, G]: each reward minus its group's (row's) mean, over the group's standard deviation;
+    exactly 0 for a group whose rewards all tie."""
+    rewards = np.asarray(rewards, np.float64)
+    centered = rewards - rewards.mean(axis=1, keepdims=True)
+    tied = np.ptp(rewards, axis=1, keepdims=True) == 0
+    std = rewards.std(axis=1, keepdims=True)
+    return np.where(tied, 0.0, centered / np.where(tied, 1.0, std + 1e-6)).astype(np.float32)
+
+
+# --- sequences ------------------------------------------------------------------------------------------
+
+
+def rollout_batch(prompt: dict[str, np.ndarray], samples: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+    """The teacher-forced inputs of sampled completions: each prompt (right-padded [N, P], as decoded)
+    followed directly by its sample [N, T] (pad after EOS), padded to P + T; `positions` [N, T] says
+    which output row predicts each sampled token, `mask` [N, T] which tokens were sampled (up to EOS)."""
+    count, prompt_len = prompt["tokens"].shape
+    length = samples.shape[1]
+    lengths = prompt["mask_input"].sum(axis=1).astype(np.int64)
+    after_eos = np.cumsum(samples == eos_id, axis=1) - (samples == eos_id) > 0
+    sampled = ~after_eos
+    tokens = np.zeros((count, prompt_len + length), np.int32)
+    mask_ar = np.zeros_like(tokens)
+    mask_input = np.zeros_like(tokens)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = prompt["tokens"][row, :n]
+        tokens[row, n : n + length] = samples[row]
+        mask_input[row, : n + length] = np.concatenate([np.ones(n, np.int32), sampled[row]])
+        mask_ar[row, n : n + length] = 1
+    positions = (lengths[:, None] - 1 + np.arange(length)[None, :]).astype(np.int32)
+    return {
+        "tokens": tokens,
+        "mask_ar": mask_ar,
+        "mask_input": mask_input,
+        "positions": positions,
+        "samples": samples.astype(np.int32),
+        "mask": sampled.astype(np.float32),
+    }
+
+
+# --- the compiled step ----------------------------------------------------------------------------------
+
+
+def policy_logprobs(
+    model_cfg: ModelConfig, params, batch: dict[str, jax.Array], grammar: decoding.SegmentGrammar, eos_id: int
+) -> jax.Array:
+    """float32 [N, T]: the log-probability of each sampled token under `params` and the grammar (0 after
+    EOS), from one teacher-forced forward pass."""
+    logits = model.forward(
+        model_cfg, params, batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"]
+    )  # [N, P + T, V]
+    chosen = logits[jnp.arange(logits.shape[0])[:, None], batch["positions"]]  # [N, T, V]
+    return decoding.token_logprobs(chosen, batch["samples"], grammar, eos_id)
+
+
+def clipped_objective(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array | None,
+    advantages: jax.Array,
+    mask: jax.Array,
+    clip_epsilon: float,
+    kl_coef: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GRPO's loss (to minimise) and its metrics: per token min(r A, clip(r, 1 +- eps) A) - beta KL, where
+    r = pi / pi_old and KL is the k3 estimate exp(ref - logp) - (ref - logp) - 1 (unbiased, positive);
+    averaged over each sequence's sampled tokens, then over sequences."""
+    ratio = jnp.exp(logp - old_logp)
+    advantage = advantages[:, None]
+    objective = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - clip_epsilon, 1 + clip_epsilon) * advantage)
+    if ref_logp is None:
+        kl = jnp.zeros_like(logp)
+    else:
+        delta = ref_logp - logp
+        kl = jnp.exp(delta) - delta - 1
+    weights = mask / jnp.clip(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+    loss = -jnp.mean(jnp.sum((objective - kl_coef * kl) * weights, axis=1))
+    tokens = jnp.clip(jnp.sum(mask), 1.0)
+    clipped = (jnp.abs(ratio - 1) > clip_epsilon).astype(jnp.float32)
+    return loss, {"kl": jnp.sum(kl * mask) / tokens, "clip_fraction": jnp.sum(clipped * mask) / tokens}
+
+
+def make_grpo_step(
+    config: TrainConfig,
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    grammar: decoding.SegmentGrammar,
+    eos_id: int,
+):
+    """step(state, frozen, reference, batch) -> (new state, metrics); `reference` is the starting trainable
+    set (the KL's frozen policy). Not yet jit-compiled."""
+    grpo = config.grpo
+    updates = grpo.updates_per_batch
+
+    def logprobs(trainable, frozen, batch):
+        return policy_logprobs(model_cfg, param_sets.join(frozen, trainable), batch, grammar, eos_id)
+
+    def loss_fn(trainable, frozen, batch, old, ref):
+        logp = logprobs(trainable, frozen, batch)
+        old = jax.lax.stop_gradient(logp) if old is None else old
+        return clipped_objective(logp, old, ref, batch["advantages"], batch["mask"], grpo.clip_epsilon, grpo.kl_coef)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, frozen, reference, batch):
+        no_grad = jax.lax.stop_gradient
+        ref = no_grad(logprobs(reference, frozen, batch)) if grpo.kl_coef > 0 else None
+        old = no_grad(logprobs(state["params"], frozen, batch)) if updates > 1 else None
+
+        def update(carry, _):
+            params, opt_state = carry
+            (loss, metrics), grads = grad_fn(params, frozen, batch, old, ref)
+            changes, opt_state = tx.update(grads, opt_state, params)
+            metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+            return (optax.apply_updates(params, changes), opt_state), metrics
+
+        (params, opt_state), history = jax.lax.scan(update, (state["params"], state["opt_state"]), length=updates)
+        metrics = {key: jnp.mean(value) for key, value in history.items()}
+        metrics["lr"] = lr_schedule(state["step"] * updates)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return step
+
+
+def jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id):
+    """`make_grpo_step` compiled as `paliseg train --objective grpo` runs it (the state donated)."""
+    return jax.jit(
+        make_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id),
+        donate_argnums=(0,),
+        compiler_options=backend.train_compiler_options(),
+    )
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
+class Rollouts:
+    """What a step needs from its examples: prompts of one shared length (one compiled sampler), the
+    completions, their rewards (each ground truth read once per process, then kept)."""
+
+    def __init__(self, config: TrainConfig, tokenizer, data: train_data.TrainData, vae_model):
+        self.config, self.tokenizer, self.data, self.vae = config, tokenizer, data, vae_model
+        longest = max(len(tokenizer.encode(e.record.prefix, bos=True) + tokenizer.encode("\n")) for e in data.examples)
+        self.prompt_len = decoding.prompt_length_bucket(longest)
+        self.max_new_tokens = config.grpo.max_new_tokens or config.seq_len
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Rollouts per run; bounded)
+    def prompt(self, example_id: int) -> dict[str, np.ndarray]:
+        return self.tokenizer.encode_prompt(self.data.examples[example_id].record.prefix, self.prompt_len)
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 (one Rollouts per run; bounded)
+    def ground_truth(self, example_id: int) -> tuple[np.ndarray, list]:
+        example = self.data.examples[example_id]
+        return dataset.ground_truth(example.record, example.width, example.height)
+
+    def reward(self, example_id: int, text: str) -> float:
+        example = self.data.examples[example_id]
+        mask, boxes = self.ground_truth(example_id)
+        return reward(text, example.width, example.height, mask, boxes, self.vae, self.config.grpo.box_weight)
+
+
+def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """`train.trainer.run` for --objective grpo: the same run folder, checkpoints and resumption."""
+    if jax.process_count() > 1:
+        raise ValueError("--objective grpo runs in one process (multi-host GRPO is not implemented)")
+    out = trainer.check_out_folder(config, resume)
+    saved_steps = run_checkpoints.list_steps(out) if resume else []
+    start_step = saved_steps[-1] if saved_steps else 0
+    if start_step >= config.steps:
+        return trainer.run_summary(out, config, start_step, start_step, [])
+    model_cfg = param_sets.model_config(config)
+    config = config.replace(tokenizer=trainer.tokenizer_path(config, model_cfg))
+    tokenizer = trainer.load_tokenizer(config, model_cfg)
+    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size)
+    if resume:
+        run_folder.Run(out).check_same_data(data.digests)
+    recorded_vae = run_folder.Run(out).vae if resume else run_folder.data_vae(config.data)
+    vae_model = vae.load(identity.resolve(recorded_vae, recorded_by="the --data folders").path)
+    rollouts = Rollouts(config, tokenizer, data, vae_model)
+    grpo, group = config.grpo, config.grpo.group_size
+    start = f"{config.init_run} step {config.init_step}" if config.init_run else (config.checkpoint or config.init)
+    console.info(
+        f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
+        f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
+        f"{rollouts.max_new_tokens} tokens per step"
+    )
+
+    tx = optim.optimizer(config, grpo.updates_per_batch)
+    lr_schedule = optim.schedule(config, grpo.updates_per_batch)
+    frozen, reference = param_sets.initial(config, model_cfg)
+    checkpoints = run_checkpoints.manager(out)
+    if start_step:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state_shapes = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            jax.eval_shape(lambda p: train_step.init_state(p, tx), reference),
+        )
+        state = run_checkpoints.restore_state(checkpoints, start_step, state_shapes)
+    else:
+        state = jax.jit(lambda p: train_step.init_state(p, tx))(reference)
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            run_folder.write_config(out, config, model_cfg, data.digests, recorded_vae)
+
+    grammar = decoding.segment_grammar(tokenizer, model_cfg.llm.vocab_size)
+    step_fn = jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, tokenizer.eos_id)
+    sampler_cfg = model_cfg.replace(remat=False)
+    sampling = decoding.Sampling(grpo.temperature, grpo.top_p)
+    base_key = jax.random.fold_in(jax.random.key(config.seed), 7)  # apart from the other seeded streams
+    meta = {
+        "base_checkpoint": config.checkpoint, "init": config.init, "init_run": config.init_run,
+        "init_step": config.init_step, "preset": config.preset, "trainable": config.trainable,
+        "objective": config.objective, "train_config": config.to_json(), "model_config": model_cfg.to_dict(),
+    }  # fmt: skip
+    end_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    log = trainer.MetricsLog(out, start_step, True, GRPO_FIELDS)
+    bar = console.progress_bar("grpo", total=config.steps, unit="step")
+    bar.update(start_step)
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    try:
+        for step in range(start_step, end_step):
+            step_started = time.perf_counter()
+            ids = data.example_ids(step)[0]
+            images = np.repeat(data.batch(step)["image"][0], group, axis=0)
+            prompts = {
+                key: np.repeat(np.stack([rollouts.prompt(int(i))[key] for i in ids]), group, axis=0)
+                for key in ("tokens", "mask_ar", "mask_input")
+            }
+            generated = decoding.generate(
+                sampler_cfg, param_sets.join(frozen, state["params"]), images, prompts["tokens"],
+                prompts["mask_ar"], prompts["mask_input"], max_new_tokens=rollouts.max_new_tokens,
+                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling,
+                rng=jax.random.fold_in(base_key, step),
+            )  # fmt: skip
+            samples = np.asarray(generated.tokens)
+            rewards = np.asarray(
+                [
+                    rollouts.reward(int(ids[row // group]), tokenizer.decode(sample))
+                    for row, sample in enumerate(samples)
+                ]
+            ).reshape(len(ids), group)
+            batch = rollout_batch(prompts, samples, tokenizer.eos_id)
+            batch.update(image=images, advantages=group_advantages(rewards).reshape(-1))
+            state, metrics = step_fn(state, frozen, reference, batch)
+            values = {key: float(value) for key, value in jax.device_get(metrics).items()}
+            if not np.isfinite(values["loss"]):
+                raise FloatingPointError(f"step {step + 1}: the loss is {values['loss']}; lower --lr")
+            now = time.perf_counter()
+            row = {
+                "step": step + 1,
+                **values,
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std()),
+                "zero_variance_groups": float(np.mean(np.ptp(rewards, axis=1) == 0)),
+                "tokens_per_s": float(batch["mask"].sum()) / max(now - step_started, 1e-9),
+                "examples_per_s": len(ids) / max(now - step_started, 1e-9),
+                "elapsed_s": now - started,
+            }
+            history.append(row)
+            if (step + 1) % config.log_every == 0 or step + 1 == end_step:
+                log.write(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                position = {"step": step + 1, "examples_seen": (step + 1) * config.batch_size}
+                run_checkpoints.save(
+                    checkpoints, step + 1, state, {**meta, "step": step + 1, "data_position": position}
+                )
+        checkpoints.wait_until_finished()
+    finally:
+        checkpoints.close()
+        log.close()
+        bar.close()
+    summary = trainer.run_summary(out, config, start_step, end_step, history)
+    rewards = [row["reward_mean"] for row in history]
+    summary.update(
+        objective="grpo",
+        rewards=rewards,
+        first_reward=rewards[0] if rewards else None,
+        last_reward=rewards[-1] if rewards else None,
+    )
+    return summary
+
+
+def reward_plot(run_dir: str | Path, out: str | Path) -> Path:
+    """reward_mean vs step of a GRPO run's metrics.csv, drawn to `out` (PNG)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(Path(run_dir) / trainer.METRICS_FILE, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(r["step"]) for r in rows]
+    means = np.asarray([float(r["reward_mean"]) for r in rows])
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(steps, means, lw=0.8, alpha=0.5, label="mean reward per step")
+    if len(means) >= 10:
+        window = max(len(means) // 20, 5)
+        smooth = np.convolve(means, np.ones(window) / window, mode="valid")
+        axis.plot(steps[window - 1 :], smooth, lw=2, label=f"moving mean ({window} steps)")
+    axis.set_xlabel("GRPO step")
+    axis.set_ylabel("reward (mask IoU)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out

@@ -181,7 +181,7 @@ def test_lora_starts_as_identity_and_merges_exactly(tiny, targets):
     trained = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape), adapters)
     adapted = model.forward(config, lora.join_params(base_params, trained), images, tokens, mask_ar, mask_input)
     assert np.abs(adapted - reference).max() > 0.1
-    merged = lora.merge_lora(lora.join_params(base_params, trained), config.lora)
+    merged = lora.merge_lora(lora.join_params(base_params, trained), config)
     assert not any(lora.is_lora_path(k) for k in flatten(merged))
     np.testing.assert_allclose(
         model.forward(base_config, merged, images, tokens, mask_ar, mask_input), adapted, atol=2e-4, rtol=1e-4

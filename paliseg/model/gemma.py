@@ -1,14 +1,25 @@
 """The Gemma decoder of both PaliGemma generations, as big_vision's `models/ppp/gemma.py`.
 
-Param tree (under `llm/`): `embedder/input_embedding` [V,D] (tied output projection), `layers/...` scanned
-over depth (`pre_attention_norm/scale`, `attn/{q_einsum,kv_einsum|qkv_einsum,attn_vec_einsum}/w`,
-`pre_ffw_norm/scale`, `mlp/{gating_einsum,linear}`, and for Gemma 2 `post_attention_norm/scale`,
-`post_ffw_norm/scale`), `final_norm/scale`. RMSNorm with (1+scale), split-half RoPE, GeGLU with tanh-GELU,
-no biases. Queries are scaled by `query_scale` after RoPE (head_dim**-0.5, or (width/heads)**-0.5 for
-Gemma 2 27B). Gemma 2 adds (all chosen by `GemmaConfig`): the post-attention and post-FFW norms, applied to
-each branch before its residual add; `c * tanh(x / c)` soft-caps on the attention logits (in float32,
-after query scaling, before masking) and on the output logits; and an optional sliding window on the even
-layers (Hugging Face's Gemma 2 `layer_types`; big_vision attends globally everywhere).
+One layer (`Block`, scanned over depth; [Gemma 2 only], each chosen by `GemmaConfig`):
+
+    h = pre_attention_norm(x)                      RMSNorm: h / rms(h) * (1 + scale), in float32
+    q, k, v = h @ q_einsum, h @ kv_einsum          (one qkv_einsum when num_kv_heads == num_heads)
+    q, k = rope(q) * query_scale, rope(k)          split-half RoPE; head_dim**-0.5 or (width/heads)**-0.5
+    logits = [soft_cap(q . k, c)]                  c * tanh(x / c), in float32, before masking
+    h = softmax(masked logits) @ v @ attn_vec_einsum
+    x = x + [post_attention_norm](h)
+    h = pre_ffw_norm(x)
+    gate, up = h @ gating_einsum                   GeGLU: the two parts of one fused [2,D,F] weight
+    x = x + [post_ffw_norm]((gelu_tanh(gate) * up) @ linear)
+
+then `final_norm`, and logits = [soft_cap](x @ embedder.input_embedding.T) (tied; tokens are embedded by
+the same table times sqrt(width)). Each `@ weight` is an `Einsum` with its equation where it is used,
+wrapped in `LoRA`, which adds scale * (x@A)@B for the parts `ModelConfig.lora` targets. No biases. Gemma 2
+may also slide a window over the even layers (Hugging Face's `layer_types`; big_vision attends globally).
+
+Param tree (under `llm/`): `embedder/input_embedding` [V,D], `layers/...` stacked over depth
+(`{pre_attention,pre_ffw,post_attention,post_ffw}_norm/scale`, `attn/{q_einsum,kv_einsum|qkv_einsum,
+attn_vec_einsum}/w`, `mlp/{gating_einsum,linear}`), `final_norm/scale`.
 
 Attention takes an explicit boolean mask and an optional, read-only KV cache (k, v: [B,K,S,H]); it returns
 the new tokens' keys and values, which the caller writes into the cache in one update for all layers. One

@@ -45,13 +45,16 @@ class WeightLayout:
     @classmethod
     def of(cls, equation: str, targets: tuple[str, ...] = ()) -> WeightLayout:
         """The layout of the weight (second operand) of `...<x axes>,<weight axes>->[P]...<result axes>`."""
-        operands, result = equation.split("->")
-        x_axes, axes = operands.split(",")
-        leading, outputs = result.split("...")
-        inputs = x_axes.removeprefix("...")
-        parts = PARTS if axes.startswith(PARTS) else ""
-        if not x_axes.startswith("...") or leading != parts or sorted(axes[len(parts) :]) != sorted(inputs + outputs):
-            raise ValueError(f"{equation!r}: not '...<x>,<x><result>->...<result>' (or '...,P<w>->P...<result>')")
+        operands, _, result = equation.partition("->")
+        x_axes, _, axes = operands.partition(",")
+        leading, dots, outputs = result.partition("...")
+        inputs, parts = x_axes.removeprefix("..."), PARTS if axes.startswith(PARTS) else ""
+        described = sorted(axes) == sorted(parts + inputs + outputs)
+        if not (x_axes.startswith("...") and dots and leading == parts and described):
+            raise ValueError(
+                f"{equation!r} does not describe a weight: expected '...<x>,<weight>->...<result>' (fused: "
+                "'...<x>,P<weight>->P...<result>'), the weight's axes being x's and the result's"
+            )
         return cls(axes, inputs, outputs, tuple(targets))
 
     @property

@@ -1,8 +1,19 @@
 """SigLIP image encoder as big_vision's `vit.Model(pool_type="none", scan=True)`.
 
-Param tree (under `img/`): `embedding/{kernel,bias}` (patch conv, HWIO), `pos_embedding` [1,n,W] (learned),
-`Transformer/encoderblock/...` (scanned: leading depth axis), `Transformer/encoder_norm`, and `head`, the
-per-patch Dense that projects onto the LLM width. Pre-LN blocks, tanh-GELU MLP, LayerNorm eps 1e-6, no CLS.
+    x = embedding(patches) + pos_embedding         the stride-p p x p conv as one matmul; learned positions
+    per block (scanned over depth), pre-LN, LayerNorm eps 1e-6 in float32:
+      h = LayerNorm_0(x);  q, k, v = h @ query, h @ key, h @ value      (+ biases)
+      x = x + softmax(q . k / sqrt(head_dim)) @ v @ out
+      x = x + gelu_tanh(LayerNorm_1(x) @ Dense_0) @ Dense_1            (+ biases)
+    encoder_norm, then `head`: each patch projected onto the LLM width (no CLS token, no pooling).
+
+Each `@ weight` is an `Einsum` (flax's Dense layouts, with bias) with its equation where it is used; those of
+the blocks are wrapped in `LoRA` (targets `img_q`, ..., `img_fc2`), which adds scale * (x@A)@B to the
+biased projection, as peft's LoRA around a Linear.
+
+Param tree (under `img/`): `embedding/{kernel,bias}` (HWIO), `pos_embedding` [1,n,W],
+`Transformer/encoderblock/{LayerNorm_0,MultiHeadDotProductAttention_0/{query,key,value,out},LayerNorm_1,
+MlpBlock_0/{Dense_0,Dense_1}}` (stacked over depth), `Transformer/encoder_norm`, `head/{kernel,bias}`.
 """
 
 from __future__ import annotations
@@ -123,13 +134,13 @@ def sincos2d_init(key: jax.Array, shape: tuple[int, int, int], dtype=jnp.float32
 
 
 class PatchEmbedding(nn.Module):
-    """The stride-p p x p VALID convolution (`kernel` HWIO, `bias`): the einsum `...HWC,HWCD->...D` over the
-    patches, computed with (H, W, C) flattened into one axis, a single matmul (XLA sums the three axes
-    contracted separately in another order; this is what the checkpoints' outputs were checked against)."""
+    """The stride-p p x p VALID convolution (`kernel` HWIO, `bias`): the contraction `...YXC,YXCD->...D` (its
+    layout), computed as one matmul over the patches flattened to Y*X*C values (faster on CPU than the
+    convolution; an einsum over the three axes would sum them in another order)."""
 
     config: ModelConfig
 
-    EQUATION = "...HWC,HWCD->...D"
+    EQUATION = "...YXC,YXCD->...D"  # Y, X: the rows and columns of a patch; C: its channels
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:

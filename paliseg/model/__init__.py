@@ -39,7 +39,7 @@ from flax.core import meta
 
 from paliseg.config import ModelConfig
 from paliseg.model.backend import inference_view
-from paliseg.model.layers import Laid, WeightLayout
+from paliseg.model.layers import LayoutBox, WeightLayout
 from paliseg.model.lora import join_params, merge_lora, split_params
 from paliseg.model.paligemma import PaliGemma, make_attn_mask
 
@@ -92,8 +92,9 @@ def param_shapes(config: ModelConfig) -> dict:
 def weight_layouts(config: ModelConfig) -> dict[str, WeightLayout]:
     """Every contracted weight's layout, by '/'-joined param path (see the module docstring). Cached: treat
     the result as read-only."""
-    boxes = jax.tree_util.tree_flatten_with_path(_abstract_params(config), is_leaf=lambda x: isinstance(x, Laid))[0]
-    return {"/".join(k.key for k in path): box.layout for path, box in boxes if isinstance(box, Laid)}
+    is_box = lambda x: isinstance(x, LayoutBox)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(_abstract_params(config), is_leaf=is_box)[0]
+    return {"/".join(k.key for k in path): box.layout for path, box in leaves if is_box(box)}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "train"))

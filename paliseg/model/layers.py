@@ -89,7 +89,7 @@ class WeightLayout:
         return jnp.einsum(f"{batch}{self.inputs}R,{batch}R{self.outputs}->{self.axes}", a, b)
 
 
-class Laid(struct.PyTreeNode, meta.AxisMetadata):
+class LayoutBox(struct.PyTreeNode, meta.AxisMetadata):
     """A param boxed with its layout (only in what `init` returns; `apply` reads plain arrays)."""
 
     value: Any
@@ -98,21 +98,21 @@ class Laid(struct.PyTreeNode, meta.AxisMetadata):
     def unbox(self) -> Any:
         return self.value
 
-    def replace_boxed(self, val: Any) -> Laid:
+    def replace_boxed(self, val: Any) -> LayoutBox:
         return self.replace(value=val)
 
-    def add_axis(self, index: int, params: dict) -> Laid:  # nn.scan stacked the layers on axis `index`
+    def add_axis(self, index: int, params: dict) -> LayoutBox:  # nn.scan stacked the layers on axis `index`
         axes = self.layout.axes
         return self.replace(layout=dataclasses.replace(self.layout, axes=axes[:index] + LAYERS + axes[index:]))
 
-    def remove_axis(self, index: int, params: dict) -> Laid:
+    def remove_axis(self, index: int, params: dict) -> LayoutBox:
         axes = self.layout.axes
         return self.replace(layout=dataclasses.replace(self.layout, axes=axes[:index] + axes[index + 1 :]))
 
 
 def with_layout(init: nn.initializers.Initializer, layout: WeightLayout) -> nn.initializers.Initializer:
     """`init` whose result is boxed with `layout`, for `paliseg.model.weight_layouts`."""
-    return lambda *args: Laid(init(*args), layout)
+    return lambda *args: LayoutBox(init(*args), layout)
 
 
 class Einsum(nn.Module):

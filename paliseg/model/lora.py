@@ -28,7 +28,7 @@ from flax import traverse_util
 
 from paliseg.config import LoraConfig, ModelConfig
 from paliseg.model import backend
-from paliseg.model.layers import Einsum
+from paliseg.model.layers import PARTS, Einsum
 
 Params = dict[str, Any]
 LORA_A = "_lora_a"
@@ -121,7 +121,7 @@ def merge_lora(params: Params, config: ModelConfig) -> Params:
         a, b = (jnp.asarray(flat[weight_path + suffix], jnp.float32) for suffix in (LORA_A, LORA_B))
         delta = layout.lora_delta(a, b) * config.lora.scale
         if layout.fused:  # the adapters cover the adapted parts only
-            axis, parts = layout.axes.index("P"), layout.adapted_parts(config.lora)
+            axis, parts = layout.axes.index(PARTS), layout.adapted_parts(config.lora)
             if delta.shape[axis] != len(parts):
                 raise ValueError(f"{path} adapts {delta.shape[axis]} parts but LoRA targets give {len(parts)}")
             index = (slice(None),) * axis + (np.asarray(parts),)

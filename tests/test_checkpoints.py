@@ -100,7 +100,7 @@ def test_hf_export_refuses_unmerged_lora(lora_params, tmp_path):
     config, params = LORA, lora_params
     with pytest.raises(ValueError, match="merge_lora"):
         checkpoints.export_hf(tmp_path / "hf", params, config)
-    merged = model.merge_lora(params, config.lora)
+    merged = model.merge_lora(params, config)
     folder = checkpoints.export_hf(tmp_path / "hf", merged, SMALL)
     loaded_config, loaded = checkpoints.load(folder, param_dtype="float32")
     # posemb_init is only how a fresh model starts; a loaded one is read as SigLIP's default

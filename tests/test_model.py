@@ -135,6 +135,36 @@ def test_forward_gives_float32_text_logits_and_prefix_is_bidirectional(tiny):
 LORA_TARGETS = ("q", "k", "gate", "down", "img_q", "img_o", "img_fc2")
 
 
+@pytest.mark.parametrize("preset", ["paligemma-3b-224", "paligemma2-3b-224"])
+def test_weight_layouts_describe_every_contracted_weight_of_the_real_trees(preset):
+    config = cfgs.preset(preset)
+    shapes = flatten(model.param_shapes(config))
+    layouts = model.weight_layouts(config)
+    # everything but norm scales, biases and the added position table is contracted with an input
+    assert set(layouts) == {k for k in shapes if not k.endswith(("/scale", "/bias", "/pos_embedding"))}
+    sizes = {}
+    for path, layout in layouts.items():
+        assert len(layout.axes) == len(shapes[path].shape), path
+        assert sorted(layout.batch + layout.inputs + layout.outputs) == sorted(layout.axes), path
+        for letter, size in zip(layout.axes, shapes[path].shape):  # a letter means one size in each tower
+            assert sizes.setdefault((path.split("/")[0], letter), size) == size, (path, letter)
+    assert layouts["llm/layers/attn/kv_einsum/w"] == model.WeightLayout("LPKDH", "D", "KH", ("k", "v"))
+    assert layouts["llm/layers/attn/attn_vec_einsum/w"].contracted == (1, 2)  # N, H of [L,N,H,D]
+    assert layouts["img/embedding/kernel"].contracted == (0, 1, 2)
+    # each LoRA target adapts one part of one weight
+    targets = [t for layout in layouts.values() for t in layout.targets]
+    assert sorted(targets) == sorted(cfgs.LLM_LORA_TARGETS + cfgs.IMG_LORA_TARGETS)
+
+
+def test_weight_layout_refuses_an_equation_that_does_not_describe_its_weight():
+    from paliseg.model.layers import WeightLayout
+
+    assert WeightLayout.of("...D,PDF->P...F", ("gate", "up")).fused
+    for equation in ("...D,NDH->...NK", "BD,DF->BF", "...D,PDF->...F"):
+        with pytest.raises(ValueError, match="not"):
+            WeightLayout.of(equation)
+
+
 def test_lora_params_sit_beside_their_weights(tiny):
     config = tiny[0].replace(lora={"rank": 4, "targets": LORA_TARGETS})
     shapes = _shapes(config)
@@ -181,7 +211,7 @@ def test_lora_starts_as_identity_and_merges_exactly(tiny, targets):
     trained = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape), adapters)
     adapted = model.forward(config, lora.join_params(base_params, trained), images, tokens, mask_ar, mask_input)
     assert np.abs(adapted - reference).max() > 0.1
-    merged = lora.merge_lora(lora.join_params(base_params, trained), config.lora)
+    merged = lora.merge_lora(lora.join_params(base_params, trained), config)
     assert not any(lora.is_lora_path(k) for k in flatten(merged))
     np.testing.assert_allclose(
         model.forward(base_config, merged, images, tokens, mask_ar, mask_input), adapted, atol=2e-4, rtol=1e-4

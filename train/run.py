@@ -197,6 +197,6 @@ class Run:
         params = param_sets.join(base, trainable)
         model_cfg = self.model_config
         if merge_lora and model_cfg.lora.enabled:
-            params = model.merge_lora(params, model_cfg.lora)
+            params = model.merge_lora(params, model_cfg)
             model_cfg = model_cfg.replace(lora={"rank": 0})
         return model_cfg, params

@@ -15,8 +15,13 @@ Public API:
   `logits[:, :-1]` with `tokens[:, 1:]` under `mask_loss[:, 1:]`.
 - `PaliGemma(cfg)` is the module (methods `__call__`, `embed_image`, `prefill`, `extend`); decoding lives
   in `paliseg.decoding`.
-- LoRA: `paliseg.model.lora` (`split_params`, `join_params`, `merge_lora`); see its docstring for names.
+- LoRA: `paliseg.model.lora` (`LoRA`, `split_params`, `join_params`, `merge_lora`); see its docstring.
 - `param_shapes(cfg)`: the expected tree of `jax.ShapeDtypeStruct`, without allocating.
+- `weight_layouts(cfg)`: {'/'-joined path: `WeightLayout`} for every weight that is contracted (each
+  `layers.Einsum`'s, and the embedding table): its axis letters (`LPKDH`: scanned layers, fused parts, ...),
+  which contract with the input (`.contracted`: reduce over these for per-output-channel scales), which the
+  output keeps, and each part's LoRA target. Read off the einsum equations during an abstract init (no
+  memory; cached per config), so it cannot disagree with the forward pass.
 - `for_inference(cfg, params)`: the config and params to decode with. On CPU the layers unscanned
   (`scan_layers=False`: `llm/layers_0/...`, each layer in buffers of its own), which XLA:CPU decodes
   faster (see there). This and the model's other CPU workarounds live in `paliseg.model.backend`.
@@ -28,14 +33,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 
 from paliseg.config import ModelConfig
 from paliseg.model.backend import for_inference
+from paliseg.model.layers import LayoutBox, WeightLayout
 from paliseg.model.lora import join_params, merge_lora, split_params
 from paliseg.model.paligemma import PaliGemma, make_attn_mask
 
 __all__ = [
     "PaliGemma",
+    "WeightLayout",
     "for_inference",
     "forward",
     "init_params",
@@ -44,6 +52,7 @@ __all__ = [
     "merge_lora",
     "param_shapes",
     "split_params",
+    "weight_layouts",
 ]
 
 
@@ -60,16 +69,30 @@ def init_params(config: ModelConfig, rng: jax.Array) -> dict:
     Compiled with the non-partitionable threefry: with jax's default (partitionable) the XLA compile of
     the ~30 random initialisers takes 2.5x longer on CPU, and init is compiled once per config."""
     model = PaliGemma(config)
-    init = jax.jit(lambda key: model.init(key, *_dummy_inputs(config))["params"])
+    init = jax.jit(lambda key: meta.unbox(model.init(key, *_dummy_inputs(config))["params"]))
     with jax.threefry_partitionable(False):
         return init(rng)
 
 
 @functools.lru_cache(maxsize=16)
-def param_shapes(config: ModelConfig) -> dict:
-    """Cached: treat the result as read-only."""
+def _abstract_params(config: ModelConfig) -> dict:
+    """The params of an init that allocates nothing, weights still boxed with their `WeightLayout`."""
     model = PaliGemma(config)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs(config)))["params"]
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """Cached: treat the result as read-only."""
+    return meta.unbox(_abstract_params(config))
+
+
+@functools.lru_cache(maxsize=16)
+def weight_layouts(config: ModelConfig) -> dict[str, WeightLayout]:
+    """Every contracted weight's layout, by '/'-joined param path (see the module docstring). Cached: treat
+    the result as read-only."""
+    is_box = lambda x: isinstance(x, LayoutBox)  # noqa: E731
+    leaves = jax.tree_util.tree_flatten_with_path(_abstract_params(config), is_leaf=is_box)[0]
+    return {"/".join(k.key for k in path): box.layout for path, box in leaves if is_box(box)}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "train"))

@@ -1,14 +1,25 @@
 """The Gemma decoder of both PaliGemma generations, as big_vision's `models/ppp/gemma.py`.
 
-Param tree (under `llm/`): `embedder/input_embedding` [V,D] (tied output projection), `layers/...` scanned
-over depth (`pre_attention_norm/scale`, `attn/{q_einsum,kv_einsum|qkv_einsum,attn_vec_einsum}/w`,
-`pre_ffw_norm/scale`, `mlp/{gating_einsum,linear}`, and for Gemma 2 `post_attention_norm/scale`,
-`post_ffw_norm/scale`), `final_norm/scale`. RMSNorm with (1+scale), split-half RoPE, GeGLU with tanh-GELU,
-no biases. Queries are scaled by `query_scale` after RoPE (head_dim**-0.5, or (width/heads)**-0.5 for
-Gemma 2 27B). Gemma 2 adds (all chosen by `GemmaConfig`): the post-attention and post-FFW norms, applied to
-each branch before its residual add; `c * tanh(x / c)` soft-caps on the attention logits (in float32,
-after query scaling, before masking) and on the output logits; and an optional sliding window on the even
-layers (Hugging Face's Gemma 2 `layer_types`; big_vision attends globally everywhere).
+One layer (`Block`, scanned over depth; [Gemma 2 only], each chosen by `GemmaConfig`):
+
+    h = pre_attention_norm(x)                      RMSNorm: h / rms(h) * (1 + scale), in float32
+    q, k, v = h @ q_einsum, h @ kv_einsum          (one qkv_einsum when num_kv_heads == num_heads)
+    q, k = rope(q) * query_scale, rope(k)          split-half RoPE; head_dim**-0.5 or (width/heads)**-0.5
+    logits = [soft_cap(q . k, c)]                  c * tanh(x / c), in float32, before masking
+    h = softmax(masked logits) @ v @ attn_vec_einsum
+    x = x + [post_attention_norm](h)
+    h = pre_ffw_norm(x)
+    gate, up = h @ gating_einsum                   GeGLU: the two parts of one fused [2,D,F] weight
+    x = x + [post_ffw_norm]((gelu_tanh(gate) * up) @ linear)
+
+then `final_norm`, and logits = [soft_cap](x @ embedder.input_embedding.T) (tied; tokens are embedded by
+the same table times sqrt(width)). Each `@ weight` is an `Einsum` with its equation where it is used,
+wrapped in `LoRA`, which adds scale * (x@A)@B for the parts `ModelConfig.lora` targets. No biases. Gemma 2
+may also slide a window over the even layers (Hugging Face's `layer_types`; big_vision attends globally).
+
+Param tree (under `llm/`): `embedder/input_embedding` [V,D], `layers/...` stacked over depth
+(`{pre_attention,pre_ffw,post_attention,post_ffw}_norm/scale`, `attn/{q_einsum,kv_einsum|qkv_einsum,
+attn_vec_einsum}/w`, `mlp/{gating_einsum,linear}`), `final_norm/scale`.
 
 Attention takes an explicit boolean mask and an optional, read-only KV cache (k, v: [B,K,S,H]); it returns
 the new tokens' keys and values, which the caller writes into the cache in one update for all layers. One
@@ -24,7 +35,8 @@ import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
 from paliseg.model import backend
-from paliseg.model.projection import Numerics, Projection, project
+from paliseg.model.layers import WeightLayout, with_layout
+from paliseg.model.lora import projections
 
 # big_vision's mask value: finite, so fully masked rows (padding queries) give no NaN.
 _MASKED = -2.3819763e38
@@ -63,7 +75,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
 
 class Attention(nn.Module):
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -73,13 +85,13 @@ class Attention(nn.Module):
         [cache slots | new tokens] ([B,T,T] without a cache). Returns the output and the new (k, v)
         as [B,K,T,H]."""
         cfg = self.config.llm
-        n, k_heads, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        sizes = (("D", cfg.width), ("N", n), ("K", k_heads), ("H", h))
+        d, n, k_heads, h = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        einsum, lora = projections(self.config, self.deterministic)
         if n == k_heads:  # big_vision fuses all three projections when there is one kv head per q head
-            q, k, v = Projection("attn/qkv_einsum/w", sizes, self.numerics, name="qkv_einsum")(x)
+            q, k, v = lora(einsum((3, n, d, h), "...D,PNDH->P...NH", ("q", "k", "v"), name="qkv_einsum"))(x)
         else:
-            q = Projection("attn/q_einsum/w", sizes, self.numerics, name="q_einsum")(x)
-            k, v = Projection("attn/kv_einsum/w", sizes, self.numerics, name="kv_einsum")(x)
+            q = lora(einsum((n, d, h), "...D,NDH->...NH", ("q",), name="q_einsum"))(x)
+            k, v = lora(einsum((2, k_heads, d, h), "...D,PKDH->P...KH", ("k", "v"), name="kv_einsum"))(x)
         q = apply_rope(q, positions, cfg.rope_max_wavelength) * cfg.query_scale
         k = apply_rope(k, positions, cfg.rope_max_wavelength)
         # head-major operands ([B,K,...,H]): plain batched matmuls for XLA, and the cache layout
@@ -96,7 +108,7 @@ class Attention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         encoded = jnp.einsum("BKGTS,BKSH->BKGTH", weights, values)
         encoded = encoded.transpose(0, 3, 1, 2, 4).reshape(batch, length, n, h)
-        out = Projection("attn/attn_vec_einsum/w", sizes, self.numerics, name="attn_vec_einsum")(encoded)
+        out = lora(einsum((n, h, d), "...NH,NHD->...D", ("o",), name="attn_vec_einsum"))(encoded)
         return out, (k, v)
 
 
@@ -104,18 +116,23 @@ class FeedForward(nn.Module):
     """GeGLU: (gelu(x@W_gate) * x@W_up) @ W_down, with gate/up fused in `gating_einsum` [2,D,F]."""
 
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        sizes = {"D": self.config.llm.width, "F": self.config.llm.mlp_dim}
-        gate, up = project(self, "gating_einsum", "mlp/gating_einsum", x, sizes, self.numerics)
-        return project(self, "linear", "mlp/linear", nn.gelu(gate, approximate=True) * up, sizes, self.numerics)
+        d, f = self.config.llm.width, self.config.llm.mlp_dim
+        einsum, lora = projections(self.config, self.deterministic)
+        gating = einsum((2, d, f), "...D,PDF->P...F", ("gate", "up"), weight_name="gating_einsum")
+        linear = einsum((f, d), "...F,FD->...D", ("down",), weight_name="linear")
+        for weight in (gating, linear):  # big_vision keeps both weights directly under `mlp`
+            nn.share_scope(self, weight)
+        gate, up = lora(gating)(x)
+        return lora(linear)(nn.gelu(gate, approximate=True) * up)
 
 
 class Block(nn.Module):
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -130,14 +147,14 @@ class Block(nn.Module):
         """`sliding` (this layer's flag, a traced bool; None without a window) picks `local_mask` over `mask`."""
         norm = lambda name: RMSNorm(self.config.llm.norm_eps, self.config.param_dtype, name=name)  # noqa: E731
         post_norm = norm if self.config.llm.post_norms else lambda name: lambda h: h
-        drop = nn.Dropout(self.config.dropout, deterministic=self.numerics.deterministic)
+        drop = nn.Dropout(self.config.dropout, deterministic=self.deterministic)
         if sliding is not None:
             mask = jnp.where(sliding, local_mask, mask)
-        h, new_kv = Attention(self.config, self.numerics, name="attn")(
+        h, new_kv = Attention(self.config, self.deterministic, name="attn")(
             norm("pre_attention_norm")(x), positions, mask, cache
         )
         x = x + drop(post_norm("post_attention_norm")(h)).astype(jnp.float32)
-        h = FeedForward(self.config, self.numerics, name="mlp")(norm("pre_ffw_norm")(x))
+        h = FeedForward(self.config, self.deterministic, name="mlp")(norm("pre_ffw_norm")(x))
         return x + drop(post_norm("post_ffw_norm")(h)).astype(jnp.float32), new_kv
 
 
@@ -145,7 +162,7 @@ class Gemma(nn.Module):
     """Methods: `embed_tokens`, `__call__` (the layers over embeddings), `compute_logits`."""
 
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     def setup(self):
         cfg = self.config.llm
@@ -160,9 +177,9 @@ class Gemma(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.depth,
-            )(self.config, self.numerics)
+            )(self.config, self.deterministic)
         else:  # named layers_0, layers_1, ...
-            self.layers = [block(self.config, self.numerics) for _ in range(cfg.depth)]
+            self.layers = [block(self.config, self.deterministic) for _ in range(cfg.depth)]
         self.final_norm = RMSNorm(cfg.norm_eps, self.config.param_dtype)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -208,10 +225,15 @@ class Embedder(nn.Module):
     param_dtype: str
     compute_dtype: str
 
+    DECODE = "...D,VD->...V"  # the tied output projection
+
     def setup(self):
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
+        layout = WeightLayout.of(self.DECODE)
         self.input_embedding = self.param(
-            "input_embedding", init, (self.vocab_size, self.width), jnp.dtype(self.param_dtype)
+            "input_embedding",
+            with_layout(layout.initializer("normal"), layout),
+            (self.vocab_size, self.width),
+            jnp.dtype(self.param_dtype),
         )
 
     def encode(self, tokens: jax.Array) -> jax.Array:
@@ -224,4 +246,4 @@ class Embedder(nn.Module):
         table, which would be 2 GB for the real vocabulary)."""
         dtype = jnp.dtype(self.compute_dtype)
         table = backend.stored(self.input_embedding).astype(dtype)
-        return backend.weight_einsum("...D,VD->...V", hidden.astype(dtype), table, result_dtype=jnp.float32)
+        return backend.weight_einsum(self.DECODE, hidden.astype(dtype), table, result_dtype=jnp.float32)

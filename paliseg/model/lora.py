@@ -1,29 +1,89 @@
-"""LoRA params: where they live and how to separate, rejoin and fold them.
+"""LoRA: the adapter module (`LoRA`, wrapped around a projection), and its params in the tree.
 
-With `ModelConfig.lora.rank > 0`, every targeted projection creates two float32 params beside its weight,
-in the same dict: `<weight>_lora_a` (A, kaiming-uniform) and `<weight>_lora_b` (B, zeros), e.g.
+`LoRA(Einsum(...))` computes `base(x) + (alpha/rank) * (dropout(x) @ A) @ B` for each part of the base
+weight that `ModelConfig.lora.targets` names (`Einsum.targets`: `q`, `k`, ..., `img_fc2`). A and B are
+float32 params created beside the base weight, in the same dict, and only for the adapted parts:
 
     llm/layers/attn/q_einsum/w            [L, N, D, H]   (frozen base, bf16)
-    llm/layers/attn/q_einsum/w_lora_a     [L, D, r]
-    llm/layers/attn/q_einsum/w_lora_b     [L, r, N, H]
+    llm/layers/attn/q_einsum/w_lora_a     [L, D, r]      (A: kaiming-uniform)
+    llm/layers/attn/q_einsum/w_lora_b     [L, r, N, H]   (B: zeros, so training starts from the base)
+    llm/layers/attn/kv_einsum/w_lora_a    [L, 1, D, r]   (targets {k}: only part 0 of the fused [2,K,D,H])
     llm/layers/mlp/gating_einsum_lora_a   [L, 2, D, r]   (targets gate and up: one adapter per part)
 
-and the projection computes x@W + (alpha/rank) * (x@A)@B, so training updates only A and B and the base is
-never copied. Layouts per weight are in `projection.SITES`.
+Training updates only A and B (`split_params` / `join_params`), and the base is never copied. `merge_lora`
+folds the adapters into the weights, laid out by `paliseg.model.weight_layouts`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from paliseg.config import LoraConfig
-from paliseg.model.projection import LORA_A, LORA_B, site_of
+from paliseg.config import LoraConfig, ModelConfig
+from paliseg.model import backend
+from paliseg.model.layers import PARTS, Einsum
 
 Params = dict[str, Any]
+LORA_A = "_lora_a"
+LORA_B = "_lora_b"
+
+
+class LoRA(nn.Module):
+    """`base(x)` plus `scale * (dropout(x) @ A) @ B` on each part of `base` that `config` targets.
+
+    It shares `base`'s scope, so A and B (`<weight>_lora_a`, `<weight>_lora_b`) sit beside the weight; a
+    fused weight gets one adapter per adapted part, stacked on a leading axis of A and B."""
+
+    base: Einsum
+    config: LoraConfig
+    deterministic: bool = True
+
+    def setup(self):
+        nn.share_scope(self, self.base)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
+        y = self.base(x)
+        layout, lora = self.base.layout, self.config
+        parts = layout.adapted_parts(lora)
+        if not parts:
+            return y
+        outputs = list(y) if layout.fused else [y]
+        dtype = jnp.dtype(self.base.compute_dtype)
+        x = x.astype(dtype)
+        inputs = x.shape[x.ndim - len(layout.inputs) :]
+        lead = (len(parts),) if layout.fused else ()
+        init_a = nn.initializers.variance_scaling(
+            1.0, "fan_in", "uniform", tuple(range(len(lead), len(lead) + len(inputs))), -1, tuple(range(len(lead)))
+        )
+        name = self.base.weight_name
+        a = self.param(name + LORA_A, init_a, lead + inputs + (lora.rank,), jnp.float32)
+        b_shape = lead + (lora.rank,) + outputs[0].shape[outputs[0].ndim - len(layout.outputs) :]
+        b = self.param(name + LORA_B, nn.initializers.zeros, b_shape, jnp.float32)
+        if lora.dropout > 0 and not self.deterministic:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(dtype)
+        rows = x.reshape(-1, math.prod(inputs))
+        for index, part in enumerate(parts):
+            part_a, part_b = (a[index], b[index]) if layout.fused else (a, b)
+            delta = backend.low_rank(
+                rows, part_a.reshape(rows.shape[1], -1).astype(dtype), part_b.reshape(lora.rank, -1).astype(dtype)
+            )
+            outputs[part] = outputs[part] + (delta * lora.scale).astype(dtype).reshape(outputs[part].shape)
+        return tuple(outputs) if layout.fused else outputs[0]
+
+
+def projections(config: ModelConfig, deterministic: bool) -> tuple[Any, Any]:
+    """(`Einsum`, `LoRA`) bound to the model's dtypes and LoRA settings, for `lora(einsum(...))`."""
+    einsum = functools.partial(Einsum, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
+    return einsum, functools.partial(LoRA, config=config.lora, deterministic=deterministic)
 
 
 def is_lora_path(path: str) -> bool:
@@ -45,32 +105,27 @@ def join_params(base: Params, lora: Params) -> Params:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def merge_lora(params: Params, lora: LoraConfig) -> Params:
+def merge_lora(params: Params, config: ModelConfig) -> Params:
     """Fold every adapter into its weight (W += alpha/rank * A@B, in the weight's dtype) and drop the LoRA
     leaves: the result loads into a model with LoRA disabled and computes the same function."""
+    from paliseg.model import weight_layouts  # the package imports this module
+
+    layouts = weight_layouts(config)
     flat = traverse_util.flatten_dict(params, sep="/")
     merged = {k: v for k, v in flat.items() if not is_lora_path(k)}
     for path in [k for k in flat if k.endswith(LORA_A)]:
         weight_path = path[: -len(LORA_A)]
-        site = site_of(weight_path)
-        if site is None or weight_path not in flat:
+        if weight_path not in layouts or weight_path not in flat:
             raise ValueError(f"LoRA param {path} has no known base weight")
-        weight = flat[weight_path]
-        delta = (
-            site.lora_delta_weight(
-                jnp.asarray(flat[path], jnp.float32), jnp.asarray(flat[weight_path + LORA_B], jnp.float32)
-            )
-            * lora.scale
-        )
-        if site.fused:
-            lead = weight.ndim - len(site.layout)  # scanned layer axes before the parts axis
-            parts = site.adapted_parts(lora)
-            if delta.shape[lead] != len(parts):
-                raise ValueError(f"{path} adapts {delta.shape[lead]} parts but LoRA targets give {len(parts)}")
-            slices = [jnp.zeros_like(jnp.take(delta, 0, axis=lead))] * len(site.targets)
-            for i, part in enumerate(parts):
-                slices[part] = jnp.take(delta, i, axis=lead)
-            delta = jnp.stack(slices, axis=lead)
+        layout, weight = layouts[weight_path], flat[weight_path]
+        a, b = (jnp.asarray(flat[weight_path + suffix], jnp.float32) for suffix in (LORA_A, LORA_B))
+        delta = layout.lora_delta(a, b) * config.lora.scale
+        if layout.fused:  # the adapters cover the adapted parts only
+            axis, parts = layout.axes.index(PARTS), layout.adapted_parts(config.lora)
+            if delta.shape[axis] != len(parts):
+                raise ValueError(f"{path} adapts {delta.shape[axis]} parts but LoRA targets give {len(parts)}")
+            index = (slice(None),) * axis + (np.asarray(parts),)
+            delta = jnp.zeros(weight.shape, jnp.float32).at[index].set(delta)
         merged[weight_path] = (jnp.asarray(weight, jnp.float32) + delta).astype(weight.dtype)
     return traverse_util.unflatten_dict(merged, sep="/")
 

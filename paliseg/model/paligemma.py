@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
 from paliseg.model.gemma import Gemma, KVCache
-from paliseg.model.projection import Numerics
 from paliseg.model.siglip import Siglip
 
 
@@ -49,14 +48,8 @@ class PaliGemma(nn.Module):
     deterministic: bool = True
 
     def setup(self):
-        numerics = Numerics(
-            lora=self.config.lora,
-            param_dtype=self.config.param_dtype,
-            compute_dtype=self.config.compute_dtype,
-            deterministic=self.deterministic,
-        )
-        self.img = Siglip(self.config, numerics)
-        self.llm = Gemma(self.config, numerics)
+        self.img = Siglip(self.config, self.deterministic)
+        self.llm = Gemma(self.config, self.deterministic)
 
     def embed_image(self, images: jax.Array) -> jax.Array:
         """images [B,H,W,3] in [-1,1] -> [B, num_image_tokens, llm width] float32."""

@@ -1,12 +1,24 @@
 """SigLIP image encoder as big_vision's `vit.Model(pool_type="none", scan=True)`.
 
-Param tree (under `img/`): `embedding/{kernel,bias}` (patch conv, HWIO), `pos_embedding` [1,n,W] (learned),
-`Transformer/encoderblock/...` (scanned: leading depth axis), `Transformer/encoder_norm`, and `head`, the
-per-patch Dense that projects onto the LLM width. Pre-LN blocks, tanh-GELU MLP, LayerNorm eps 1e-6, no CLS.
+    x = embedding(patches) + pos_embedding         the stride-p p x p conv as one matmul; learned positions
+    per block (scanned over depth), pre-LN, LayerNorm eps 1e-6 in float32:
+      h = LayerNorm_0(x);  q, k, v = h @ query, h @ key, h @ value      (+ biases)
+      x = x + softmax(q . k / sqrt(head_dim)) @ v @ out
+      x = x + gelu_tanh(LayerNorm_1(x) @ Dense_0) @ Dense_1            (+ biases)
+    encoder_norm, then `head`: each patch projected onto the LLM width (no CLS token, no pooling).
+
+Each `@ weight` is an `Einsum` (flax's Dense layouts, with bias) with its equation where it is used; those of
+the blocks are wrapped in `LoRA` (targets `img_q`, ..., `img_fc2`), which adds scale * (x@A)@B to the
+biased projection, as peft's LoRA around a Linear.
+
+Param tree (under `img/`): `embedding/{kernel,bias}` (HWIO), `pos_embedding` [1,n,W],
+`Transformer/encoderblock/{LayerNorm_0,MultiHeadDotProductAttention_0/{query,key,value,out},LayerNorm_1,
+MlpBlock_0/{Dense_0,Dense_1}}` (stacked over depth), `Transformer/encoder_norm`, `head/{kernel,bias}`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -15,7 +27,8 @@ import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
 from paliseg.model import backend
-from paliseg.model.projection import Numerics, Projection
+from paliseg.model.layers import WeightLayout, with_layout
+from paliseg.model.lora import projections
 
 
 class LayerNorm(nn.Module):
@@ -36,57 +49,61 @@ class LayerNorm(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """flax's `MultiHeadDotProductAttention` layouts: `query`/`key`/`value` kernels [D,N,H], `out` [N,H,D],
+    each with a bias."""
+
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config.img
-        sizes = (("D", cfg.width), ("N", cfg.num_heads), ("H", cfg.width // cfg.num_heads))
-        site = "MultiHeadDotProductAttention_0/{}/kernel"
-
-        def proj(name: str, bias_axes: str) -> Projection:
-            return Projection(site.format(name), sizes, self.numerics, "kernel", bias_axes, name=name)
-
+        d, n, h = cfg.width, cfg.num_heads, cfg.width // cfg.num_heads
+        einsum, lora = projections(self.config, self.deterministic)
+        dense = functools.partial(einsum, weight_name="kernel", bias=True)
+        q = lora(dense((d, n, h), "...D,DNH->...NH", ("img_q",), name="query"))(x)
+        k = lora(dense((d, n, h), "...D,DNH->...NH", ("img_k",), name="key"))(x)
+        v = lora(dense((d, n, h), "...D,DNH->...NH", ("img_v",), name="value"))(x)
         # head-major [B,N,T,H] operands: plain batched matmuls, which XLA:CPU runs much faster than the
         # same einsums over [B,T,N,H]
-        q, k, v = (proj(name, "NH")(x).transpose(0, 2, 1, 3) for name in ("query", "key", "value"))
-        q = q * (cfg.width // cfg.num_heads) ** -0.5
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q = q * h**-0.5
         logits = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("BNTS,BNSH->BNTH", weights, v).transpose(0, 2, 1, 3)
-        return proj("out", "D")(out)
+        return lora(dense((n, h, d), "...NH,NHD->...D", ("img_o",), name="out"))(out)
 
 
 class EncoderBlock(nn.Module):
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
         cfg = self.config.img
         norm = lambda name: LayerNorm(cfg.norm_eps, self.config.param_dtype, name=name)  # noqa: E731
-        x = x + SelfAttention(self.config, self.numerics, name="MultiHeadDotProductAttention_0")(norm("LayerNorm_0")(x))
-        x = x + MlpBlock(self.config, self.numerics, name="MlpBlock_0")(norm("LayerNorm_1")(x))
+        attention = SelfAttention(self.config, self.deterministic, name="MultiHeadDotProductAttention_0")
+        x = x + attention(norm("LayerNorm_0")(x))
+        x = x + MlpBlock(self.config, self.deterministic, name="MlpBlock_0")(norm("LayerNorm_1")(x))
         return x, None
 
 
 class MlpBlock(nn.Module):
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config.img
-        sizes = (("D", cfg.width), ("F", cfg.mlp_dim))
-        h = Projection("MlpBlock_0/Dense_0/kernel", sizes, self.numerics, "kernel", "F", name="Dense_0")(x)
-        h = nn.gelu(h, approximate=True)
-        return Projection("MlpBlock_0/Dense_1/kernel", sizes, self.numerics, "kernel", "D", name="Dense_1")(h)
+        d, f = self.config.img.width, self.config.img.mlp_dim
+        einsum, lora = projections(self.config, self.deterministic)
+        dense = functools.partial(einsum, weight_name="kernel", bias=True)
+        h = lora(dense((d, f), "...D,DF->...F", ("img_fc1",), name="Dense_0"))(x)
+        return lora(dense((f, d), "...F,FD->...D", ("img_fc2",), name="Dense_1"))(nn.gelu(h, approximate=True))
 
 
 class Encoder(nn.Module):
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -99,11 +116,11 @@ class Encoder(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 length=self.config.img.depth,
-            )(self.config, self.numerics, name="encoderblock")
+            )(self.config, self.deterministic, name="encoderblock")
             x, _ = blocks(x, None)
         else:
             for i in range(self.config.img.depth):
-                x, _ = block(self.config, self.numerics, name=f"encoderblock_{i}")(x, None)
+                x, _ = block(self.config, self.deterministic, name=f"encoderblock_{i}")(x, None)
         return LayerNorm(self.config.img.norm_eps, self.config.param_dtype, name="encoder_norm")(x)
 
 
@@ -121,38 +138,43 @@ def sincos2d_init(key: jax.Array, shape: tuple[int, int, int], dtype=jnp.float32
 
 
 class PatchEmbedding(nn.Module):
-    """The stride-p p x p VALID convolution (`kernel` HWIO, `bias`), computed as one matmul over the
-    flattened patches: identical to the convolution, faster on CPU."""
+    """The stride-p p x p VALID convolution (`kernel` HWIO, `bias`): the contraction `...YXC,YXCD->...D` (its
+    layout), computed as one matmul over the patches flattened to Y*X*C values (faster on CPU than the
+    convolution; an einsum over the three axes would sum them in another order)."""
 
     config: ModelConfig
+
+    EQUATION = "...YXC,YXCD->...D"  # Y, X: the rows and columns of a patch; C: its channels
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         cfg = self.config.img
         p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
         param_dtype, dtype = jnp.dtype(self.config.param_dtype), jnp.dtype(self.config.compute_dtype)
-        kernel = backend.stored(self.param("kernel", nn.initializers.lecun_normal(), (p, p, 3, cfg.width), param_dtype))
+        layout = WeightLayout.of(self.EQUATION)
+        kernel = self.param("kernel", with_layout(layout.initializer(), layout), (p, p, 3, cfg.width), param_dtype)
         bias = backend.stored(self.param("bias", nn.initializers.zeros, (cfg.width,), param_dtype))
         batch = images.shape[0]
         patches = images.reshape(batch, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid * grid, p * p * 3).astype(dtype)
-        return patches @ kernel.reshape(p * p * 3, cfg.width).astype(dtype) + bias.astype(dtype)
+        kernel = backend.stored(kernel).reshape(p * p * 3, cfg.width).astype(dtype)
+        return backend.weight_einsum("...K,KD->...D", patches, kernel) + bias.astype(dtype)
 
 
 class Siglip(nn.Module):
     """images [B,H,W,3] in [-1,1] -> image embeddings [B, num_patches, llm width] (float32)."""
 
     config: ModelConfig
-    numerics: Numerics
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        cfg = self.config.img
-        x = PatchEmbedding(self.config, name="embedding")(images)
+        cfg, param_dtype = self.config.img, self.config.param_dtype
+        einsum, _ = projections(self.config, self.deterministic)
+        x = PatchEmbedding(self.config, name="embedding")(images).astype(jnp.float32)
         init = sincos2d_init if cfg.posemb_init == "sincos2d" else nn.initializers.normal(stddev=cfg.width**-0.5)
-        pos = self.param("pos_embedding", init, (1, cfg.num_patches, cfg.width), jnp.dtype(self.config.param_dtype))
-        x = x.astype(jnp.float32) + backend.stored(pos).astype(jnp.float32)
-        x = Encoder(self.config, self.numerics, name="Transformer")(x)
-        sizes = (("D", cfg.width), ("F", self.config.llm.width))
-        head = Projection("head/kernel", sizes, self.numerics, "kernel", "F", name="head")
+        pos = self.param("pos_embedding", init, (1, cfg.num_patches, cfg.width), jnp.dtype(param_dtype))
+        x = x + backend.stored(pos).astype(jnp.float32)
+        x = Encoder(self.config, self.deterministic, name="Transformer")(x)
+        head = einsum((cfg.width, self.config.llm.width), "...D,DE->...E", weight_name="kernel", bias=True, name="head")
         return head(x).astype(jnp.float32)

@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from paliseg import config as model_configs
 from paliseg import model
-from paliseg.model import lora
+from paliseg.model import lora, quantization
 from train.config import TrainConfig
 
 Params = dict[str, Any]
@@ -29,10 +29,10 @@ Params = dict[str, Any]
 
 def model_config(config: TrainConfig) -> model_configs.ModelConfig:
     """The model a run trains: the preset in the run's --dtype, with LoRA on for `--trainable lora`, the run's
-    remat."""
+    remat and quantized base (--base-dtype)."""
     base = model_configs.preset(config.preset).with_dtype(config.dtype)
     lora_config = config.lora if config.trainable == "lora" else dataclasses.replace(config.lora, rank=0)
-    return dataclasses.replace(base, lora=lora_config, remat=config.remat)
+    return dataclasses.replace(base, lora=lora_config, remat=config.remat, quantization=config.quantization)
 
 
 def is_trainable(trainable: str, name: str) -> bool:
@@ -78,7 +78,9 @@ def random_init(
 
 def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:
     """(frozen, trainable) at step 0: the base checkpoint with fresh LoRA adapters (seeded), or a seeded
-    random model for `--init random`. `shardings` is a (frozen, trainable) pair of NamedSharding trees."""
+    random model for `--init random`. `shardings` is a (frozen, trainable) pair of NamedSharding trees.
+    A quantized base (`model_cfg.quantization`) is quantized here, as it loads (the random init creates
+    it quantized)."""
     if config.init == "random":
         return random_init(config, model_cfg, shardings)
     from paliseg import checkpoints
@@ -90,6 +92,7 @@ def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings
         param_dtype=model_cfg.param_dtype,
         lora={"rank": 0},
     )
+    base = quantization.quantize_params(base, model_cfg.quantization)
     if config.trainable != "lora":
         frozen, trainable = split(base, config.trainable)
         return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)

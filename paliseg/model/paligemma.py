@@ -54,6 +54,7 @@ class PaliGemma(nn.Module):
             param_dtype=self.config.param_dtype,
             compute_dtype=self.config.compute_dtype,
             deterministic=self.deterministic,
+            quantization=self.config.quantization,
         )
         self.img = Siglip(self.config, numerics)
         self.llm = Gemma(self.config, numerics)

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from paliseg.config import LoraConfig
-from paliseg.model import backend
+from paliseg.config import LoraConfig, QuantizationConfig
+from paliseg.model import backend, quantization
 
 LORA_A = "_lora_a"
 LORA_B = "_lora_b"
@@ -91,6 +91,7 @@ class Numerics:
     param_dtype: str
     compute_dtype: str
     deterministic: bool = True
+    quantization: QuantizationConfig = dataclasses.field(default_factory=QuantizationConfig)
 
 
 def project(
@@ -113,7 +114,7 @@ def project(
         out_axis=tuple(site.layout.index(c) for c in site.outputs),
         batch_axis=(site.layout.index("P"),) if site.fused else (),
     )
-    weight = module.param(name, init, shape, jnp.dtype(numerics.param_dtype))
+    weight = quantization.param(module, name, init, shape, jnp.dtype(numerics.param_dtype), numerics.quantization)
     dtype = jnp.dtype(numerics.compute_dtype)
     x = x.astype(dtype)
     weight = backend.stored(weight).astype(dtype)

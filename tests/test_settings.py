@@ -210,10 +210,13 @@ def test_train_help_lists_every_setting_with_its_default(capsys, monkeypatch):
             flag = None
     defaults = train_config.TrainConfig()
     fields = [
-        (field.name, getattr(defaults, field.name)) for field in dataclasses.fields(defaults) if field.name != "lora"
+        (field.name, getattr(defaults, field.name))
+        for field in dataclasses.fields(defaults)
+        if field.name not in ("lora", "quantization")
     ]
     fields += [(f"lora_{field.name}", getattr(defaults.lora, field.name)) for field in dataclasses.fields(LoraConfig)]
-    assert len(fields) == len(dataclasses.fields(defaults)) - 1 + 4
+    fields += [("base_dtype", None), ("quantization_skip_vision", False), ("quantization_double_scales", False)]
+    assert len(fields) == len(dataclasses.fields(defaults)) - 2 + 4 + 3
     for name, default in fields:
         flag = "--" + name.replace("_", "-")
         if default is True and name != "remat":

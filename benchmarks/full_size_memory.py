@@ -27,6 +27,8 @@ clipping, batch `--batch` of 256 image + `--seq-len` text tokens (goal: peak < 2
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import resource
 import sys
 import time
@@ -39,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from train_vs_transformers import lora_step_flops  # noqa: E402
 
 from paliseg import allocator, decoding, model  # noqa: E402
@@ -60,6 +63,36 @@ def peak_rss_gb() -> float:
 def count_params(tree) -> int:
     """Parameters, a quantized weight counted as the weight it stands for."""
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree, is_leaf=quantization.is_quantized))
+
+
+def random_params(config) -> dict:
+    """The model's own random init; with a quantized base, random codes and scales of the same tree instead
+    (the values matter neither for memory nor for speed, and the initialisers' truncated normals followed
+    by the quantization take many minutes of CPU for the 10B model)."""
+    key = jax.random.key(0, impl="rbg")  # the fast PRNG: threefry takes minutes for billions of numbers on CPU
+    if not config.quantization.enabled:
+        return model.init_params(config, key)
+    shapes = model.param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes)
+    return jax.tree.unflatten(
+        treedef, [_random(s.shape, s.dtype, k) for s, k in zip(leaves, jax.random.split(key, len(leaves)))]
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random(shape, dtype, key):
+    """Random values of `shape`, made in pieces of at most 2**24 (their 32-bit random bits would otherwise be
+    a transient copy of the leaf at 4 bytes per value)."""
+    size = math.prod(shape)
+    pieces = next(m for m in range(-(-size // 2**24), size + 1) if size % m == 0)
+    return jax.lax.map(lambda k: _values((size // pieces,), dtype, k), jax.random.split(key, pieces)).reshape(shape)
+
+
+def _values(shape, dtype, key):
+    if jnp.issubdtype(dtype, jnp.integer):
+        info = jnp.iinfo(dtype)
+        return jax.random.randint(key, shape, info.min, info.max, jnp.int32).astype(dtype)
+    return (jnp.abs(jax.random.normal(key, shape, jnp.float32)) * 0.02).astype(dtype)  # positive: scales too
 
 
 def timed_twice(name: str, fn) -> float:
@@ -95,7 +128,7 @@ def main() -> None:
     # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
     config = preset(args.preset).replace(quantization={"format": args.quantize})
     start = time.perf_counter()
-    params = jax.block_until_ready(model.init_params(config, jax.random.key(0, impl="rbg")))
+    params = jax.block_until_ready(random_params(config))
     print(
         f"{args.preset} on {jax.devices()[0].device_kind}: init {count_params(params) / 1e9:.3f} B params "
         f"({sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; "
@@ -134,8 +167,7 @@ def train(preset_name: str, batch: int, seq_len: int, quantize: str | None) -> N
     )  # fmt: skip
     model_cfg = param_sets.model_config(config)
     start = time.perf_counter()
-    init = jax.jit(lambda key: param_sets.split(model.init_params(model_cfg, key), "lora"))
-    frozen, trainable = jax.block_until_ready(init(jax.random.key(0, impl="rbg")))
+    frozen, trainable = jax.block_until_ready(param_sets.split(random_params(model_cfg), "lora"))
     tx = optim.optimizer(config)
     state = train_step.init_state(trainable, tx)
     print(

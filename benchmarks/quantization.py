@@ -4,8 +4,11 @@
 
 Uses the output of `paliseg demo --quick` (run here into OUT/demo unless --demo names one) and prints:
 
+A fresh validation split of the demo's task (`--valid-images`, 240 by default, seed 1: the demo's own 24
+images move the mIoU in steps of ~0.02 per image) is converted into OUT/valid, and all figures are on it:
+
 1. logit error and greedy agreement of `--quantize int8` and `nf4` against the unquantized model (all with
-   bfloat16 matmuls, `--dtype bfloat16`), on the demo's validation records: teacher-forced on the ground-truth
+   bfloat16 matmuls, `--dtype bfloat16`), on the validation records: teacher-forced on the ground-truth
    suffix, the relative RMS and the largest absolute logit error and the share of positions whose top token
    agrees; free-running greedy decoding (as `paliseg predict`), the share of identical texts and of tokens
    that agree position by position;
@@ -56,9 +59,25 @@ def demo_folder(out: Path, demo: Path | None) -> Path:
     return demo
 
 
-def valid_items(demo: Path, predictor: Predictor):
-    """(images [N,S,S,3], prompts, suffixes) of the demo's validation records."""
-    data = demo / "data" / "shapes"
+def validation_data(out: Path, count: int) -> Path:
+    """A converted folder whose valid split is `count` new images of the demo's task (its DemoPlan, seed 1)."""
+    from converters import synthetic
+    from converters.convert import ConvertConfig, convert
+    from paliseg.cli.demo import QUICK
+
+    data = out / "valid" / "data"
+    if (data / records.CONVERSION_FILE).is_file():
+        return data
+    shapes = synthetic.ShapesConfig(image_size=QUICK.image_size, classes=QUICK.classes, objects_per_image=(1, 1),
+                                    object_scale=QUICK.object_scale, grid=QUICK.grid)  # fmt: skip
+    export = out / "valid" / "export"
+    synthetic.write_synthetic_coco(export, n_train=1, n_valid=count, config=shapes, seed=1, overwrite=True)
+    convert(ConvertConfig(sources=[export], out=data, vae=str(BUNDLED_VAE_PATH), negatives=False, overwrite=True))
+    return data
+
+
+def valid_items(data: Path, predictor: Predictor):
+    """(images [N,S,S,3], prompts, suffixes) of the validation records of `data`."""
     items = records.read_records(records.annotations_path(data, "valid"))
     pixels = np.stack([predictor.preprocess(images.read_image(data / item.image)) for item in items])
     return pixels, [item.prefix for item in items], [item.suffix for item in items]
@@ -86,9 +105,9 @@ def greedy_agreement(reference: list[str], other: list[str], tokenizer) -> tuple
     return same / len(reference), agree / total
 
 
-def mask_miou(run: Run, demo: Path, out: Path, step: int, quantize: str | None, dtype: str | None) -> float:
+def mask_miou(run: Run, data: Path, out: Path, step: int, quantize: str | None, dtype: str | None) -> float:
     report = sweep.evaluate_run(
-        run, demo / "data" / "shapes", out, split="valid", steps=[step], base=False, ceiling=False,
+        run, data, out, split="valid", steps=[step], base=False, ceiling=False,
         vae_path=BUNDLED_VAE_PATH, canvases=0, overwrite=True, dtype=dtype, quantize=quantize,
     )  # fmt: skip
     [result] = report["steps"]
@@ -117,6 +136,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/paliseg_quantization"))
     parser.add_argument("--demo", type=Path, help="an existing `paliseg demo --quick` output folder")
     parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--valid-images", type=int, default=240)
     args = parser.parse_args()
     started = time.perf_counter()
     demo = demo_folder(args.out, args.demo)
@@ -126,7 +146,8 @@ def main() -> None:
 
     # 1. logit error and greedy agreement, bf16 matmuls throughout
     reference = Predictor.from_run(run, best, dtype="bfloat16")
-    images, prompts, suffixes = valid_items(demo, reference)
+    valid = validation_data(args.out, args.valid_images)
+    images, prompts, suffixes = valid_items(valid, reference)
     seq_len = run.train_config.seq_len
     ref_logits, positions = teacher_forced_logits(reference, images, prompts, suffixes, seq_len)
     ref_texts = [d.text for d in reference.decode_texts(images, prompts)]
@@ -147,9 +168,11 @@ def main() -> None:
         )
 
     # 2. mask mIoU of the best checkpoint
-    miou = {"bf16": mask_miou(run, demo, args.out / "eval_bf16", best, None, "bfloat16")}
+    miou = {"bf16": mask_miou(run, valid, args.out / "eval_bf16", best, None, "bfloat16")}
     for fmt in FORMATS:
-        miou[fmt] = mask_miou(run, demo, args.out / f"eval_{fmt}", best, fmt, "bfloat16")
+        miou[fmt] = mask_miou(run, valid, args.out / f"eval_{fmt}", best, fmt, "bfloat16")
+    float32 = mask_miou(run, valid, args.out / "eval_f32", best, None, None)
+    print(f"(for scale: the same step in float32, the dtype it trained in: mIoU {float32:.4f})", flush=True)
     drops = {}
     for fmt in FORMATS:
         drops[fmt] = miou["bf16"] - miou[fmt]
@@ -170,10 +193,10 @@ def main() -> None:
     for base_dtype in (None, "nf4"):
         lora_run = lora_finetune(demo, args.out, base_path, base_dtype, args.lora_steps)
         lora_miou[base_dtype or "bf16"] = mask_miou(
-            lora_run, demo, args.out / f"eval_lora_{base_dtype or 'bf16'}", lora_run.steps[-1], None, None
+            lora_run, valid, args.out / f"eval_lora_{base_dtype or 'bf16'}", lora_run.steps[-1], None, None
         )
     drops["lora over nf4"] = lora_miou["bf16"] - lora_miou["nf4"]
-    start_miou = mask_miou(run, demo, args.out / "eval_base", first, None, "bfloat16")
+    start_miou = mask_miou(run, valid, args.out / "eval_base", first, None, "bfloat16")
     print(
         f"LoRA fine-tune mIoU (from {start_miou:.4f} at the demo's step {first}): over the bf16 base "
         f"{lora_miou['bf16']:.4f}, over an nf4 base {lora_miou['nf4']:.4f} (drop {drops['lora over nf4']:+.4f}, "

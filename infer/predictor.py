@@ -141,8 +141,8 @@ class Predictor:
         as they load (`paliseg.model.quantization`)."""
         from paliseg import checkpoints
 
-        config, params = checkpoints.load(path, preset=preset, dtype=dtype)
-        config, params = _quantized(config, params, quantize)
+        changes = {} if quantize is None else {"quantization": {"format": quantize}}  # quantized as it loads
+        config, params = checkpoints.load(path, preset=preset, dtype=dtype, **changes)
         tokenizer = _tokenizer(tokenizer or checkpoints.default_tokenizer(path, config), config)
         return cls(config, params, tokenizer, source=str(path), **options)
 

@@ -148,6 +148,19 @@ def test_inference_view_and_bf16_compute_read_quantized_weights():
     np.testing.assert_allclose(model.forward(cfg, viewed, *inputs), reference, rtol=2e-2, atol=2e-2)
 
 
+def test_a_checkpoint_loads_quantized_leaf_by_leaf(tmp_path):
+    from paliseg import checkpoints
+
+    plain_cfg = config.preset("tiny")
+    path = checkpoints.export_big_vision(tmp_path / "base.npz", model.init_params(plain_cfg, jax.random.key(3)))
+    _, plain = checkpoints.load(path, preset="tiny")
+    cfg, loaded = checkpoints.load(path, preset="tiny", quantization={"format": "int8"})
+    assert cfg.quantization == QuantizationConfig("int8")
+    expected = quantization.quantize_params(plain, cfg.quantization)
+    assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "set")

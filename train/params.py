@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from paliseg import config as model_configs
 from paliseg import model
-from paliseg.model import lora, quantization
+from paliseg.model import lora
 from train.config import TrainConfig
 
 Params = dict[str, Any]
@@ -91,8 +91,8 @@ def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings
         vocab_size=model_cfg.llm.vocab_size,
         param_dtype=model_cfg.param_dtype,
         lora={"rank": 0},
+        quantization=model_cfg.quantization,  # quantized leaf by leaf as it loads
     )
-    base = quantization.quantize_params(base, model_cfg.quantization)
     if config.trainable != "lora":
         frozen, trainable = split(base, config.trainable)
         return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)

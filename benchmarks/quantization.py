@@ -25,6 +25,7 @@ The largest mIoU drop is printed last.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -141,7 +142,10 @@ def main() -> None:
     started = time.perf_counter()
     demo = demo_folder(args.out, args.demo)
     run = Run(demo / "run")
-    best = run.resolve_step("best")
+    # the demo's eval chose the best step; each sweep below records its own in RUN_DIR/best.json, so the
+    # demo's choice is read from its report and put back at the end
+    demo_best = json.loads((demo / "report" / "report.json").read_text())["best"]
+    best = demo_best["step"]
     print(f"demo run {run.dir}: best step {best} of {run.steps}; jax on {jax.devices()[0].device_kind}", flush=True)
 
     # 1. logit error and greedy agreement, bf16 matmuls throughout
@@ -203,6 +207,7 @@ def main() -> None:
         f"goal < {GOALS['lora over nf4']})",
         flush=True,
     )
+    run.record_best(demo_best)
     print(f"({time.perf_counter() - started:.0f} s in all)")
     worst = max(drops, key=drops.get)
     print(f"largest mIoU drop: {drops[worst]:+.4f} ({worst}; goal < {GOALS[worst]})")

@@ -287,3 +287,19 @@ def test_fsdp_over_a_quantized_base_matches_one_device(tmp_path):
     sharded = read_losses(tmp_path / "sharded")
     for step, loss in enumerate(single["losses"], start=1):
         assert sharded[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_decoding_a_quantized_model_gives_the_dequantized_models_tokens():
+    from paliseg import decoding
+
+    plain = config.preset("tiny")
+    cfg = plain.replace(quantization={"format": "nf4"})
+    quantized = model.init_params(cfg, jax.random.key(2))
+    images, tokens, mask_ar, mask_input = _inputs(cfg)
+    kwargs = dict(max_new_tokens=6, eos_id=-1)
+    ours = decoding.generate(cfg, quantized, images, tokens, mask_ar * 0, mask_input, **kwargs)
+    reference = decoding.generate(plain, quantization.dequantize_params(quantized), images, tokens, mask_ar * 0,
+                                  mask_input, **kwargs)  # fmt: skip
+    np.testing.assert_array_equal(ours.tokens, reference.tokens)
+    np.testing.assert_allclose(ours.logprobs, reference.logprobs, rtol=1e-4, atol=1e-4)

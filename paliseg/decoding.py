@@ -272,8 +272,8 @@ class Generation(NamedTuple):
 # A quantized model is loaded for its small memory. XLA:CPU hoists the float32 copy of the embedding table it
 # makes for the tied output projection (2.4 GB for PaliGemma 2 3B) out of the token loop, where it stays for
 # the whole decode; left in the loop (as the training step's options do) it lives for one token at a time:
-# PaliGemma 2 3B with nf4 peaks at 4.69 GB instead of 6.77 GB, for a slower decode (53.6 vs 28.8 s for a
-# prompt and 4 tokens; benchmarks/full_size_memory.py --quantize nf4 --new-tokens 4).
+# PaliGemma 2 3B with nf4 peaks at 4.64 GB instead of 6.77 GB, and decodes as fast (28.6 vs 28.8 s for a
+# prompt and 4 tokens; benchmarks/full_size_memory.py --preset paligemma2-3b-224 --quantize nf4 --new-tokens 4).
 @functools.cache
 def _generate_lean():  # built on first use: asking for the backend's options initialises the backend
     return jax.jit(_generate.__wrapped__, static_argnames=_STATIC, compiler_options=train_compiler_options())

@@ -1,9 +1,14 @@
-"""One-off: the real 3B shapes (`--preset paligemma-3b-224`, the default, or `paligemma2-3b-224`) on CPU with
-random bf16 weights.
+"""One-off: the real shapes (`--preset paligemma-3b-224`, the default, `paligemma2-3b-224` or
+`paligemma2-10b-224`) on CPU with random bf16 weights, optionally with the projection weights quantized.
 
-    .venv/bin/python benchmarks/full_size_memory.py [--preset P] [--new-tokens 20] [--batch 1]
-    .venv/bin/python benchmarks/full_size_memory.py --train [--preset P] [--batch 1] [--seq-len 128]
+    .venv/bin/python benchmarks/full_size_memory.py [--preset P] [--new-tokens 20] [--batch 1] [--quantize Q]
+    .venv/bin/python benchmarks/full_size_memory.py --train [--preset P] [--batch 1] [--seq-len 128] [--quantize Q]
     .venv/bin/python benchmarks/full_size_memory.py --grpo [--preset P] [--group 4] [--new-tokens 64]
+
+`--quantize int8|nf4` (`paliseg predict --quantize`, `paliseg train --base-dtype`): the model is created with
+its projection weights quantized (`paliseg.model.quantization`; a bf16 copy of the whole model never exists),
+and each layer dequantizes its own weights in the layer scan. Goals: `paligemma2-10b-224 --train --quantize
+int8` peaks below 20 GB, `paligemma2-3b-224 --quantize nf4` inference below 5 GB.
 
 Initialises the model in bfloat16 (PaliGemma 1: 2.92 B parameters, 5.4 GiB; the fast `rbg` PRNG, as threefry takes
 minutes for 2.9 B numbers on CPU) and prints each time (first call, which includes compilation, and a
@@ -29,6 +34,8 @@ the backward, AdamW). The reward (VAE decode of 4 x a few objects, milliseconds)
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import resource
 import sys
 import time
@@ -41,11 +48,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from train_vs_transformers import lora_step_flops  # noqa: E402
 
 from paliseg import allocator, decoding, model  # noqa: E402
-from paliseg.config import preset  # noqa: E402
-from paliseg.model.lora import count_params  # noqa: E402
+from paliseg.config import QuantizationConfig, preset  # noqa: E402
+from paliseg.model import quantization  # noqa: E402
 from train import optim  # noqa: E402
 from train import params as param_sets  # noqa: E402
 from train import step as train_step  # noqa: E402
@@ -57,6 +65,41 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def count_params(tree) -> int:
+    """Parameters, a quantized weight counted as the weight it stands for."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree, is_leaf=quantization.is_quantized))
+
+
+def random_params(config) -> dict:
+    """The model's own random init; with a quantized base, random codes and scales of the same tree instead
+    (the values matter neither for memory nor for speed, and the initialisers' truncated normals followed
+    by the quantization take many minutes of CPU for the 10B model)."""
+    key = jax.random.key(0, impl="rbg")  # the fast PRNG: threefry takes minutes for billions of numbers on CPU
+    if not config.quantization.enabled:
+        return model.init_params(config, key)
+    shapes = model.param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes)
+    return jax.tree.unflatten(
+        treedef, [_random(s.shape, s.dtype, k) for s, k in zip(leaves, jax.random.split(key, len(leaves)))]
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random(shape, dtype, key):
+    """Random values of `shape`, made in pieces of at most 2**24 (their 32-bit random bits would otherwise be
+    a transient copy of the leaf at 4 bytes per value)."""
+    size = math.prod(shape)
+    pieces = next(m for m in range(-(-size // 2**24), size + 1) if size % m == 0)
+    return jax.lax.map(lambda k: _values((size // pieces,), dtype, k), jax.random.split(key, pieces)).reshape(shape)
+
+
+def _values(shape, dtype, key):
+    if jnp.issubdtype(dtype, jnp.integer):
+        info = jnp.iinfo(dtype)
+        return jax.random.randint(key, shape, info.min, info.max, jnp.int32).astype(dtype)
+    return (jnp.abs(jax.random.normal(key, shape, jnp.float32)) * 0.02).astype(dtype)  # positive: scales too
 
 
 def timed_twice(name: str, fn) -> float:
@@ -75,25 +118,29 @@ def timed_twice(name: str, fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="paligemma-3b-224", choices=("paligemma-3b-224", "paligemma2-3b-224"))
+    parser.add_argument(
+        "--preset", default="paligemma-3b-224", choices=("paligemma-3b-224", "paligemma2-3b-224", "paligemma2-10b-224")
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--train", action="store_true", help="measure a LoRA training step instead of inference")
     parser.add_argument("--seq-len", type=int, default=128, help="--train: text tokens per example")
     parser.add_argument("--grpo", action="store_true", help="measure a GRPO step (LoRA) instead of inference")
     parser.add_argument("--group", type=int, default=4, help="--grpo: completions sampled per image")
+    parser.add_argument("--quantize", choices=("int8", "nf4"), help="the projection weights quantized")
     args = parser.parse_args()
     allocator.ensure()  # PALISEG_TUNE_MALLOC=1, as for the `paliseg` command (paliseg/allocator.py)
     if args.train:
-        train(args.preset, args.batch, args.seq_len)
+        train(args.preset, args.batch, args.seq_len, args.quantize)
         return
     if args.grpo:
         grpo_step(args.preset, args.group, args.new_tokens)
         return
 
-    config = preset(args.preset)  # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
+    # bf16 params and matmuls, f32 norms/softmax/logits, bf16 KV cache
+    config = preset(args.preset).replace(quantization={"format": args.quantize})
     start = time.perf_counter()
-    params = jax.block_until_ready(model.init_params(config, jax.random.key(0, impl="rbg")))
+    params = jax.block_until_ready(random_params(config))
     print(
         f"{args.preset} on {jax.devices()[0].device_kind}: init {count_params(params) / 1e9:.3f} B params "
         f"({sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s; "
@@ -120,23 +167,24 @@ def main() -> None:
         ),
     )
     print(f"decode: {args.batch / seconds:.3f} images/s, {args.batch * args.new_tokens / seconds:.2f} tokens/s")
-    print(f"peak RSS: {peak_rss_gb():.2f} GB (goal < 12 GB)")
+    goal = "< 5 GB" if args.quantize == "nf4" else "< 12 GB"
+    print(f"peak RSS: {peak_rss_gb():.2f} GB (goal {goal})")
 
 
-def train(preset_name: str, batch: int, seq_len: int) -> None:
-    """One compiled LoRA step of the 3B model as `paliseg train` builds it; its peak memory and speed."""
+def train(preset_name: str, batch: int, seq_len: int, quantize: str | None) -> None:
+    """One compiled LoRA step as `paliseg train` builds it (`--base-dtype quantize`); its peak memory and speed."""
     config = TrainConfig(
-        data=["-"], out="-", preset=preset_name, trainable="lora", batch_size=batch, seq_len=seq_len, steps=1000
-    )
+        data=["-"], out="-", preset=preset_name, trainable="lora", batch_size=batch, seq_len=seq_len, steps=1000,
+        quantization=QuantizationConfig(format=quantize),
+    )  # fmt: skip
     model_cfg = param_sets.model_config(config)
     start = time.perf_counter()
-    init = jax.jit(lambda key: param_sets.split(model.init_params(model_cfg, key), "lora"))
-    frozen, trainable = jax.block_until_ready(init(jax.random.key(0, impl="rbg")))
+    frozen, trainable = jax.block_until_ready(param_sets.split(random_params(model_cfg), "lora"))
     tx = optim.optimizer(config)
     state = train_step.init_state(trainable, tx)
     print(
         f"{preset_name} on {jax.devices()[0].device_kind}: frozen {count_params(frozen) / 1e9:.3f} B params "
-        f"({sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**30:.2f} GiB bf16), LoRA {count_params(trainable):,} "
+        f"({sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**30:.2f} GiB, base {quantize or 'bf16'}), LoRA {count_params(trainable):,} "
         f"(f32) in {time.perf_counter() - start:.1f} s; peak RSS {peak_rss_gb():.2f} GB",
         flush=True,
     )

@@ -123,6 +123,7 @@ def register(subparsers) -> None:
     )
     _decoding_arguments(predict)
     _dtype_argument(predict)
+    _quantize_argument(predict)
     _vae_arguments(predict)
     predict.add_argument("--no-canvas", action="store_true", help="do not draw canvases")
     predict.add_argument("--overwrite", action="store_true", help="replace an earlier prediction set in --out")
@@ -147,6 +148,7 @@ def register(subparsers) -> None:
     )
     _decoding_arguments(evaluate)
     _dtype_argument(evaluate)
+    _quantize_argument(evaluate)
     evaluate.add_argument("--no-base", action="store_true", help="do not score step 0 (the base)")
     evaluate.add_argument("--no-ceiling", action="store_true", help="do not score the token round-trip ceiling")
     _vae_arguments(evaluate)
@@ -163,6 +165,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     _model_arguments(serve)
     _dtype_argument(serve)
+    _quantize_argument(serve)
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
@@ -215,6 +218,16 @@ def _dtype_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "nf4"),  # paliseg.config.QUANTIZED_DTYPES
+        help="store the projection weights quantized as they load: int8 (per-output-channel scales) or nf4 "
+        "(4-bit NormalFloat, blocks of 64); matmuls stay in --dtype (default: a run trained with --base-dtype "
+        "is scored on that base, anything else unquantized)",
+    )
+
+
 def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per decoding batch (default 8)")
     parser.add_argument(
@@ -262,8 +275,9 @@ def load_predictor(args: argparse.Namespace, **options):
         vae_file = identity.resolve(run.vae, args.vae, args.allow_vae_mismatch, f"run {args.run_dir}")
         step = args.step or ("best" if run.best is not None else "latest")
         predictor = Predictor.from_run(
-            run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), dtype=args.dtype, **options
-        )
+            run, step, tokenizer=args.tokenizer, vae_model=vae.load(vae_file.path), dtype=args.dtype,
+            quantize=args.quantize, **options,
+        )  # fmt: skip
         return predictor, run
     if args.step:
         raise ValueError("--step goes with --run")
@@ -273,6 +287,7 @@ def load_predictor(args: argparse.Namespace, **options):
         tokenizer=args.tokenizer,
         vae_model=vae.load(args.vae),
         dtype=args.dtype,
+        quantize=args.quantize,
         **options,
     )
     return predictor, None
@@ -346,6 +361,7 @@ def run_eval(args: argparse.Namespace) -> int:
         metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         base=not args.no_base, ceiling=not args.no_ceiling, vae_path=args.vae, canvases=args.canvases,
         overwrite=args.overwrite, allow_vae_mismatch=args.allow_vae_mismatch, dtype=args.dtype,
+        quantize=args.quantize,
     )  # fmt: skip
     console.report(report, _eval_text(report, args.out), args.json)
     return 0

@@ -4,6 +4,7 @@
     predictor = Predictor.from_run("runs/r1", step="best")           # or an int, or "latest"; the run's VAE
     predictor = Predictor.from_checkpoint("ckpt.npz", preset="paligemma-3b-224", tokenizer="tok.model")
     predictor = Predictor.from_checkpoint("hf_folder/", dtype="float32")   # weights and matmuls in float32
+    predictor = Predictor.from_checkpoint("hf_folder/", quantize="nf4")    # projection weights in 4 bits
     [prediction] = predictor.predict("wall.jpg", "segment crack")    # or lists of images and prompts
     prediction.mask, prediction.boxes, prediction.labels, prediction.text, prediction.objects
 
@@ -86,6 +87,7 @@ class Predictor:
         tokenizer=None,
         frozen: dict | None = None,
         dtype: str | None = None,
+        quantize: str | None = None,
         **options: Any,
     ) -> Predictor:
         """A run's checkpoint (`run_dir`: a folder or an open `train.run.Run`): `step` is "best" (recorded by
@@ -93,7 +95,9 @@ class Predictor:
         --seq-len: no suffix it trained on was longer. Without `vae_model`, the VAE of the run's data
         (`vae.identity.resolve`). `frozen`: the run's parameters that training never changes, when
         already loaded elsewhere (an open Run keeps its own). `dtype`: "float32" or "bfloat16" for the
-        weights and matmuls (default: the run's model config)."""
+        weights and matmuls (default: the run's model config). `quantize`: "int8" or "nf4", the projection
+        weights stored quantized (`paliseg.model.quantization`; default: as the run trained, which a run on
+        a quantized base records)."""
         from train.run import Run
 
         run = Run.open(run_dir)
@@ -106,13 +110,21 @@ class Predictor:
             from vae import identity
 
             options["vae_model"] = vae.load(identity.resolve(run.vae, recorded_by=f"run {run.dir}").path)
+        trained = run.model_config.quantization
+        if quantize is not None and trained.enabled and quantize != trained.format:
+            raise ValueError(
+                f"run {run.dir} was trained on a {trained.format} base: its adapters fit that base, not a "
+                f"{quantize} one; drop --quantize (the run's base is used)"
+            )
         config, params = run.load(number, frozen=frozen)
         if dtype is not None and config.with_dtype(dtype) != config:
-            import jax
             import jax.numpy as jnp
 
+            from paliseg.model import quantization
+
             config = config.with_dtype(dtype)
-            params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+            params = quantization.cast(params, jnp.dtype(dtype))
+        config, params = _quantized(config, params, quantize)
         options.setdefault("max_new_tokens", run.train_config.seq_len)
         return cls(config, params, tokenizer, source=f"{run.dir} step {number}", step=number, **options)
 
@@ -123,14 +135,17 @@ class Predictor:
         preset: str | None = None,
         tokenizer=None,
         dtype: str | None = None,
+        quantize: str | None = None,
         **options: Any,
     ) -> Predictor:
         """A checkpoint file or folder (big_vision npz with `preset`, Hugging Face, or ours). `dtype`:
         "float32" or "bfloat16" for the weights and matmuls (default: the preset's, bfloat16 for Hugging Face
-        folders, the recorded one for ours)."""
+        folders, the recorded one for ours). `quantize`: "int8" or "nf4", the projection weights quantized
+        as they load (`paliseg.model.quantization`)."""
         from paliseg import checkpoints
 
-        config, params = checkpoints.load(path, preset=preset, dtype=dtype)
+        changes = {} if quantize is None else {"quantization": {"format": quantize}}  # quantized as it loads
+        config, params = checkpoints.load(path, preset=preset, dtype=dtype, **changes)
         tokenizer = _tokenizer(tokenizer or checkpoints.default_tokenizer(path, config), config)
         return cls(config, params, tokenizer, source=str(path), **options)
 
@@ -185,6 +200,16 @@ class Predictor:
             from_text(item.text, prompt, image.width, image.height, self.vae, degenerate, item.chunk_scores)
             for item, prompt, image in zip(decoded, prompts, opened)
         ]
+
+
+def _quantized(config, params: dict, quantize: str | None) -> tuple[Any, dict]:
+    """(config, params) with the projection weights quantized in `quantize` (None: as they are)."""
+    if quantize is None or config.quantization.format == quantize:
+        return config, params
+    from paliseg.model import quantization
+
+    config = config.replace(quantization={"format": quantize})
+    return config, quantization.quantize_params(params, config)
 
 
 def _tokenizer(path: str | os.PathLike | None, config):

@@ -83,16 +83,22 @@ class StepResult:
         return dataclasses.asdict(self) | {"kind": self.kind}
 
 
-def _fingerprint(run: Run, step: int, max_new_tokens: int | None, dtype: str | None = None) -> dict[str, Any]:
-    """What a cached text depends on: the run's settings (config.json), the step, the decoding and --dtype when
-    given (absent otherwise, so caches written before --dtype existed stay valid)."""
+def _fingerprint(
+    run: Run, step: int, max_new_tokens: int | None, dtype: str | None = None, quantize: str | None = None
+) -> dict[str, Any]:
+    """What a cached text depends on: the run's settings (config.json), the step, the decoding, and --dtype and
+    --quantize when given (absent otherwise, so caches written before they existed stay valid)."""
     fingerprint = {
         "run_config_sha256": run.config_sha256,
         "step": step,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy; segmentation grammar for 'segment' prompts",
     }
-    return fingerprint if dtype is None else {**fingerprint, "dtype": dtype}
+    if dtype is not None:
+        fingerprint["dtype"] = dtype
+    if quantize is not None:
+        fingerprint["quantize"] = quantize
+    return fingerprint
 
 
 def _claim(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
@@ -199,6 +205,7 @@ def evaluate_run(
     on_step_done: Callable[[int], None] | None = None,
     allow_vae_mismatch: bool = False,
     dtype: str | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Score the checkpoints of `run_dir` on `data_dir`'s `split` and write the report into `out_dir`.
 
@@ -207,7 +214,8 @@ def evaluate_run(
     `canvases`: how many best and worst images of the best checkpoint to draw; `on_step_done(step)` is
     called after each step's texts are cached (the demo's progress, the tests' crash). `vae_path`: the VAE
     (default: the run's, see `vae_for`), `allow_vae_mismatch` lets it differ. `dtype`: the weights' and
-    matmuls' dtype (default: the run's). Returns the report's content
+    matmuls' dtype (default: the run's); `quantize`: "int8" or "nf4", the projection weights quantized
+    (default: as the run trained). Returns the report's content
     (see `infer.sweep_report.build`).
     """
     import vae
@@ -243,7 +251,7 @@ def evaluate_run(
     for step in wanted:
         started = time.perf_counter()
         cache = prediction_cache.PredictionCache(
-            prediction_cache.step_path(out_dir, step), _fingerprint(run, step, max_new_tokens, dtype)
+            prediction_cache.step_path(out_dir, step), _fingerprint(run, step, max_new_tokens, dtype, quantize)
         )
         cached = sum(item.key in cache for item in items)
         factory = lambda step=step: Predictor.from_run(  # noqa: E731 - the run keeps the frozen base for every step
@@ -253,6 +261,7 @@ def evaluate_run(
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             dtype=dtype,
+            quantize=quantize,
         )
         try:
             decoded = decode_step(factory, items, cache, batch_size, f"step {step}")

@@ -35,6 +35,9 @@ PALIGEMMA_VOCAB_SIZE = 256_000 + 1024 + 128
 # What `--dtype` offers (`ModelConfig.with_dtype`): the weights' and the matmuls' dtype.
 DTYPES = ("float32", "bfloat16")
 
+# What `--base-dtype` / `--quantize` offer: the frozen base's projection weights stored quantized.
+QUANTIZED_DTYPES = ("int8", "nf4")
+
 # Short LoRA target names: the Gemma projections, and (prefixed `img_`) the SigLIP ones.
 LLM_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 IMG_LORA_TARGETS = ("img_q", "img_k", "img_v", "img_o", "img_fc1", "img_fc2")
@@ -153,6 +156,31 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """The frozen base's projection weights stored quantized and dequantized layer by layer, in the layer's
+    computation (`paliseg.model.quantization`). The embedding, norms, biases and the patch and position
+    embeddings are never quantized. `paliseg train` takes these as `--base-dtype`, `--quantization-*`."""
+
+    format: str | None = setting(
+        None,
+        "store the frozen base's projection weights quantized: int8 (per-output-channel absmax scales) or nf4 "
+        "(QLoRA's 4-bit NormalFloat, blocks of 64); only --trainable lora; matmuls stay in --dtype",
+        choices=QUANTIZED_DTYPES,
+        flag="--base-dtype",
+    )
+    skip_vision: bool = setting(False, "keep the vision tower (SigLIP and its projection onto the LLM) unquantized")
+    double_scales: bool = setting(False, "nf4: store the block scales in 8 bits too (QLoRA's double quantization)")
+
+    def __post_init__(self):
+        if self.format not in (None, *QUANTIZED_DTYPES):
+            raise ValueError(f"quantization format must be one of {', '.join(QUANTIZED_DTYPES)}, got {self.format!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.format is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """PaliGemma = SigLIP + Gemma, plus the numerics.
 
@@ -161,7 +189,8 @@ class ModelConfig:
     (`nothing_saveable`), trading compute for activation memory when training. `scan_layers` runs the
     layers as one scanned module whose params are stacked over depth (`layers/...` [L, ...], the checkpoint's
     tree); False gives one module per layer (`layers_0/...`, ...), big_vision's `scan=False`, which
-    `backend.for_inference` picks for decoding on CPU. `tokenizer` is the default
+    `backend.for_inference` picks for decoding on CPU. `quantization`: the frozen base's projection weights
+    stored as int8 or NF4 (`QuantizationConfig`). `tokenizer` is the default
     tokenizer: a path, or the name of a file in `paliseg/assets/` (the tiny presets use the bundled one);
     None means it must be given.
     """
@@ -169,6 +198,7 @@ class ModelConfig:
     img: SiglipConfig = SiglipConfig()
     llm: GemmaConfig = GemmaConfig()
     lora: LoraConfig = LoraConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
     param_dtype: str = "bfloat16"
     compute_dtype: str = "bfloat16"
     cache_dtype: str = "bfloat16"
@@ -191,8 +221,9 @@ class ModelConfig:
         return ASSETS / path
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with fields changed; `img`, `llm` and `lora` also accept dicts of their own fields."""
-        for name in ("img", "llm", "lora"):
+        """A copy with fields changed; `img`, `llm`, `lora` and `quantization` also accept dicts of their own
+        fields."""
+        for name in ("img", "llm", "lora", "quantization"):
             if isinstance(changes.get(name), dict):
                 changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)
@@ -219,6 +250,7 @@ class ModelConfig:
             img=SiglipConfig(**data.pop("img", {})),
             llm=GemmaConfig(**data.pop("llm", {})),
             lora=LoraConfig(**lora),
+            quantization=QuantizationConfig(**data.pop("quantization", {})),  # absent before quantization
             **data,
         )
 

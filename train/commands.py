@@ -40,6 +40,9 @@ examples:
       --checkpoint models/paligemma-3b-pt-224.bf16.npz --tokenizer models/paligemma_tokenizer.model \\
       --out runs/lora --steps 500 --batch-size 16 --grad-accum 2
   paliseg train --data data/cracks --init random --preset tiny --trainable all --lr 1e-3 --out runs/tiny
+  paliseg train --data data/cracks --checkpoint models/paligemma2-10b-pt-224.b16.npz \\
+      --preset paligemma2-10b-224 --tokenizer models/paligemma_tokenizer.model --base-dtype nf4 --out runs/q
+                                                  # QLoRA: the frozen base in 4 bits (int8: 8), LoRA in float32
   paliseg train --out runs/lora --resume          # continue an interrupted run
   paliseg train --objective grpo --init-run runs/lora --init-step best --data data/cracks \
       --out runs/grpo --steps 200 --batch-size 4 --grpo-group-size 8 --lr 1e-5

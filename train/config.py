@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from paliseg import settings
-from paliseg.config import DTYPES, IMG_LORA_TARGETS, LLM_LORA_TARGETS, PRESETS, LoraConfig
+from paliseg.config import (
+    DTYPES,
+    IMG_LORA_TARGETS,
+    LLM_LORA_TARGETS,
+    PRESETS,
+    QUANTIZED_DTYPES,
+    LoraConfig,
+    QuantizationConfig,
+)
 from paliseg.settings import setting
 
 TRAINABLE_SETS = ("lora", "attn", "all")
@@ -133,6 +141,8 @@ class TrainConfig:
     remat: bool = setting(
         True, "recompute activations in the backward pass, trading compute for memory", negatable=True, group=MODEL
     )
+    # --base-dtype int8|nf4, --quantization-skip-vision, --quantization-double-scales
+    quantization: QuantizationConfig = setting(QuantizationConfig(), group=MODEL)
 
     trainable: str = setting(
         "lora",
@@ -214,7 +224,14 @@ _LEGACY_KEYS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dro
 
 def _upgrade_legacy(values: dict[str, Any], where: str) -> dict[str, Any]:
     """`values` with the flat LoRA keys of older config files moved into `lora`, and `base_dtype` (before
-    --dtype also set the matmuls') renamed `dtype` (a run's model config records what it computed in)."""
+    --dtype also set the matmuls') renamed `dtype` (a run's model config records what it computed in);
+    a quantized `base_dtype` (int8, nf4: as the flag --base-dtype) is `quantization.format`."""
+    if values.get("base_dtype") in QUANTIZED_DTYPES:
+        quantization = dict(values.get("quantization") or {})
+        if quantization.get("format") is not None:
+            raise ValueError(f"{where}: both base_dtype and quantization.format are given")
+        quantization["format"] = values["base_dtype"]
+        values = {**{key: value for key, value in values.items() if key != "base_dtype"}, "quantization": quantization}
     if "base_dtype" in values:
         if "dtype" in values:
             raise ValueError(f"{where}: both base_dtype and dtype are given")
@@ -372,6 +389,10 @@ def validate(config: TrainConfig) -> None:
     need(config.trainable in TRAINABLE_SETS, f"--trainable must be one of {', '.join(TRAINABLE_SETS)}")
     need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
     need(config.dtype in (None, *DTYPES), f"--dtype must be one of {', '.join(DTYPES)}")
+    need(
+        not config.quantization.enabled or config.trainable == "lora",
+        f"--base-dtype {config.quantization.format} stores the frozen base quantized: it needs --trainable lora",
+    )
     need(config.seq_len >= 8, f"--seq-len must be at least 8, got {config.seq_len}")
     need(config.steps >= 1, f"--steps must be at least 1, got {config.steps}")
     need(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")

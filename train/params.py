@@ -29,7 +29,7 @@ Params = dict[str, Any]
 
 def model_config(config: TrainConfig) -> model_configs.ModelConfig:
     """The model a run trains: the preset (or the --init-run's model) in the run's --dtype, with LoRA on for
-    `--trainable lora`, the run's remat."""
+    `--trainable lora`, the run's remat and quantized base (--base-dtype)."""
     if config.init_run:  # the model that run trained (an HF folder's config, say), not only its preset
         from train.run import Run
 
@@ -37,7 +37,7 @@ def model_config(config: TrainConfig) -> model_configs.ModelConfig:
     else:
         base = model_configs.preset(config.preset).with_dtype(config.dtype)
     lora_config = config.lora if config.trainable == "lora" else dataclasses.replace(config.lora, rank=0)
-    return dataclasses.replace(base, lora=lora_config, remat=config.remat)
+    return dataclasses.replace(base, lora=lora_config, remat=config.remat, quantization=config.quantization)
 
 
 def is_trainable(trainable: str, name: str) -> bool:
@@ -83,7 +83,9 @@ def random_init(
 
 def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings: Any = None) -> tuple[Params, Params]:
     """(frozen, trainable) at step 0: the base checkpoint (or the --init-run's checkpoint, its LoRA merged)
-    with fresh LoRA adapters (seeded), or a seeded random model for `--init random`. `shardings` is a (frozen, trainable) pair of NamedSharding trees."""
+    with fresh LoRA adapters (seeded), or a seeded random model for `--init random`. `shardings` is a
+    (frozen, trainable) pair of NamedSharding trees. A quantized base (`model_cfg.quantization`) is
+    quantized as it loads (the random init creates it quantized)."""
     if config.init == "random":
         return random_init(config, model_cfg, shardings)
     base = _base_params(config, model_cfg)
@@ -114,5 +116,6 @@ def _base_params(config: TrainConfig, model_cfg: model_configs.ModelConfig) -> P
         vocab_size=model_cfg.llm.vocab_size,
         param_dtype=model_cfg.param_dtype,
         lora={"rank": 0},
+        quantization=model_cfg.quantization,  # quantized leaf by leaf as it loads
     )
     return base

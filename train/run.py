@@ -10,7 +10,8 @@
     run.train_config, run.model_config    # TrainConfig, ModelConfig
     run.steps                             # [25, 50, ...]: steps with a complete checkpoint
     run.resolve_step("best")              # "best", "latest"/None or an int -> a step (0 = the base)
-    model_cfg, params = run.load(50)      # full tree, LoRA folded into the base (merge_lora=False keeps it)
+    model_cfg, params = run.load(50)      # full tree, LoRA folded into the base (merge_lora=False keeps it;
+                                          # so does a run on a quantized base)
     run.vae                               # vae.identity.VaeIdentity of the data's VAE, or None
 
 Step 0 is the base the run started from: the base checkpoint with zero-effect LoRA adapters, or the seeded
@@ -175,7 +176,9 @@ class Run:
 
         With `merge_lora` (default) the adapters are folded into the base and the returned config has LoRA
         off, so the params run at the base model's speed; otherwise the config keeps LoRA and the tree holds
-        the adapters. `frozen`: the run's `frozen_params`, when already in memory elsewhere.
+        the adapters. A run trained on a quantized base (--base-dtype) always keeps its adapters beside that
+        very base: folding them in would quantize the sum anew. `frozen`: the run's `frozen_params`, when
+        already in memory elsewhere.
         """
         from paliseg import model
         from train import params as param_sets
@@ -196,7 +199,7 @@ class Run:
             base = self.frozen_params() if frozen is None else frozen
         params = param_sets.join(base, trainable)
         model_cfg = self.model_config
-        if merge_lora and model_cfg.lora.enabled:
+        if merge_lora and model_cfg.lora.enabled and not model_cfg.quantization.enabled:
             params = model.merge_lora(params, model_cfg)
             model_cfg = model_cfg.replace(lora={"rank": 0})
         return model_cfg, params

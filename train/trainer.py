@@ -132,7 +132,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     if is_main:
         console.info(
             f"train: {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, "
-            f"trainable {config.trainable}, {mesh.devices.size} device(s) "
+            f"trainable {config.trainable}"
+            + (f" over a {config.quantization.format} base" if config.quantization.enabled else "")
+            + f", {mesh.devices.size} device(s) "
             f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), {jax.process_count()} process(es)"
         )
 

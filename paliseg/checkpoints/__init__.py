@@ -11,7 +11,8 @@
 
 `dtype` ("float32" or "bfloat16") sets the weights', matmuls' and cache's dtypes (`ModelConfig.with_dtype`;
 default: the preset's, bfloat16 for Hugging Face folders, the recorded ones for ours); `config_changes` adjust
-the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`); params
+the returned config (e.g. `param_dtype="float32"`, `lora={"rank": 8}`, `quantization={"format": "nf4"}`: the
+weights quantized leaf by leaf as they load); params
 come back as jax arrays in `config.param_dtype` and are checked against the config: a mismatch raises one
 ValueError naming every missing key, unexpected key and wrong shape.
 

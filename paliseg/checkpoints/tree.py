@@ -9,7 +9,7 @@ import numpy as np
 from flax import traverse_util
 
 from paliseg.config import ModelConfig
-from paliseg.model import param_shapes
+from paliseg.model import param_shapes, quantization, weight_layouts
 from paliseg.model.lora import is_lora_path
 
 Flat = dict[str, Any]
@@ -50,12 +50,17 @@ def check_tree(flat: Flat, config: ModelConfig, source: str) -> None:
 
 
 def to_device(flat: Flat, config: ModelConfig) -> dict:
-    """Nested jax arrays in `config.param_dtype` (LoRA params stay float32). Converts leaf by leaf and drops
-    each host array as it goes, so peak memory stays near one copy of the model."""
+    """Nested jax arrays in `config.param_dtype` (LoRA params stay float32), the weights `config.quantization`
+    quantizes quantized. Converts leaf by leaf and drops each host array as it goes, so peak memory stays
+    near one copy of the model."""
+    layouts = weight_layouts(config) if config.quantization.enabled else {}
     out = {}
     for key in list(flat):
         value = flat.pop(key)
         dtype = jnp.float32 if is_lora_path(key) else jnp.dtype(config.param_dtype)
         out[key] = jnp.asarray(np.asarray(value).astype(dtype, copy=False))
         del value
+        axes = quantization.quantizes(config.quantization, key, layouts.get(key))
+        if axes is not None:
+            out[key] = quantization.quantize(out[key], config.quantization, axes)
     return unflatten(out)

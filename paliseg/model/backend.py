@@ -5,6 +5,7 @@ differs, for reasons measured on CPU (see each docstring). Nothing else in the m
 
 - `for_inference`: on CPU, one module per layer instead of the layer scan, for decoding;
 - `stored` / `storage_view` / `decoding_view`: bfloat16 params read through a uint16 view under the scan;
+  `stored` also dequantizes a quantized weight (`paliseg.model.quantization`) where the layer reads it;
 - `weight_einsum`: x @ weight, accumulated and returned in float32 before the cast back to x's dtype;
 - `einsum_per_part`: a fused weight ([P, ...]) contracted one part at a time;
 - `low_rank`: LoRA's (x @ a) @ b with its backward written out;
@@ -18,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from paliseg.model import quantization
 
 # XLA:CPU has no bf16 matmul: it converts each layer's bf16 weights to f32, and loop-invariant code motion
 # hoists those converts out of the layer scan, materialising an f32 copy of every layer at once (+10 GB for
@@ -42,8 +45,10 @@ def storage_view(params):
     return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x, params)
 
 
-def stored(x: jax.Array) -> jax.Array:
-    """A param as read from a tree that may be a `storage_view`."""
+def stored(x: jax.Array | quantization.QuantizedWeight) -> jax.Array:
+    """A param as read from a tree that may be a `storage_view`; a quantized weight dequantized (float32)."""
+    if quantization.is_quantized(x):
+        return x.dequantize()
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 

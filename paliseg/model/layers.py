@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import struct
 from flax.core import meta
 
-from paliseg.config import LoraConfig
-from paliseg.model import backend
+from paliseg.config import LoraConfig, QuantizationConfig
+from paliseg.model import backend, quantization
 
 LAYERS = "L"  # the axis nn.scan stacks layers on
 PARTS = "P"  # the leading axis of a fused weight
@@ -119,6 +119,8 @@ class Einsum(nn.Module):
     """`einsum(equation, x, w)` in compute dtype over the weight `w` [shape] this module owns, plus an
     optional bias over the result's trailing axes (flax's Dense layouts: SigLIP has biases, Gemma none).
 
+    With `quantization` on, the weight is created quantized (`paliseg.model.quantization`) and
+    `backend.stored` dequantizes it here, where it is used.
     A fused weight leads with its parts axis and returns one result per part, a tuple: `...D,PKDH->P...KH`
     runs as `...D,KDH->...KH` on each part, never stacked (`backend.einsum_per_part`). `targets` names the
     parts for LoRA (`WeightLayout`; the adapters are `lora.LoRA`, which wraps this module).
@@ -131,6 +133,7 @@ class Einsum(nn.Module):
     compute_dtype: str = "float32"
     weight_name: str = "w"
     bias: bool = False
+    quantization: QuantizationConfig = QuantizationConfig()
 
     @property
     def layout(self) -> WeightLayout:
@@ -139,7 +142,8 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
         layout = self.layout
-        init = with_layout(layout.initializer(), layout)
+        path = "/".join((*self.scope.path, self.weight_name))
+        init = with_layout(quantization.initializer(layout.initializer(), self.quantization, path, layout), layout)
         weight = self.param(self.weight_name, init, self.shape, jnp.dtype(self.param_dtype))
         dtype = jnp.dtype(self.compute_dtype)
         x, weight = x.astype(dtype), backend.stored(weight).astype(dtype)

@@ -81,8 +81,10 @@ class LoRA(nn.Module):
 
 
 def projections(config: ModelConfig, deterministic: bool) -> tuple[Any, Any]:
-    """(`Einsum`, `LoRA`) bound to the model's dtypes and LoRA settings, for `lora(einsum(...))`."""
-    einsum = functools.partial(Einsum, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
+    """(`Einsum`, `LoRA`) bound to the model's dtypes, quantization and LoRA settings, for `lora(einsum(...))`."""
+    einsum = functools.partial(
+        Einsum, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, quantization=config.quantization
+    )
     return einsum, functools.partial(LoRA, config=config.lora, deterministic=deterministic)
 
 

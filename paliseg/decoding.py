@@ -169,7 +169,6 @@ def _sample(logits: jax.Array, temperature: jax.Array | None, top_p: jax.Array, 
 _STATIC = ("config", "max_new_tokens", "eos_id", "pad_id", "return_logits")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(
     config,
     params,
@@ -300,14 +299,14 @@ def token_logprobs(
     return jnp.swapaxes(logprobs, 0, 1)
 
 
-# A quantized model is loaded for its small memory. XLA:CPU hoists the float32 copy of the embedding table it
-# makes for the tied output projection (2.4 GB for PaliGemma 2 3B) out of the token loop, where it stays for
-# the whole decode; left in the loop (as the training step's options do) it lives for one token at a time:
-# PaliGemma 2 3B with nf4 peaks at 4.64 GB instead of 6.77 GB, and decodes as fast (28.6 vs 28.8 s for a
-# prompt and 4 tokens; benchmarks/full_size_memory.py --preset paligemma2-3b-224 --quantize nf4 --new-tokens 4).
+# Compiled with the backend's options (`backend.train_compiler_options`, on CPU: no loop-invariant code
+# motion). XLA:CPU gathers rows of a bfloat16 table inside a loop from a float32 copy of the whole table, and
+# hoisting that copy out of the token loop kept it alive for the whole decode: the embedding table's, 2.1 GB
+# for PaliGemma 3B (its decode peaked at 11.5 GB), or an extra 2.4 GB for PaliGemma 2 3B with nf4 (6.77 GB
+# instead of 4.64 GB). Left in the loop, the copy fuses into the gather of the one row it needs.
 @functools.cache
-def _generate_lean():  # built on first use: asking for the backend's options initialises the backend
-    return jax.jit(_generate.__wrapped__, static_argnames=_STATIC, compiler_options=train_compiler_options())
+def _compiled_generate():  # built on first use: asking for the backend's options initialises the backend
+    return jax.jit(_generate, static_argnames=_STATIC, compiler_options=train_compiler_options())
 
 
 def generate(
@@ -329,7 +328,7 @@ def generate(
     """Decode up to `max_new_tokens` after each prompt (see `Generation` for what comes back)."""
     rng = jax.random.key(0) if rng is None else rng
     return Generation(
-        **(_generate_lean() if config.quantization.enabled else _generate)(
+        **_compiled_generate()(
             config,
             params,
             jnp.asarray(images),

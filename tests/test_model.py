@@ -251,21 +251,24 @@ def test_weight_einsum_single_row_equals_plain_einsum(shape):
     np.testing.assert_allclose(logits, plain, rtol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 200])
-def test_einsum_per_part_equals_each_part_alone(rows):
-    """Few rows contract all parts of a fused weight in one batched dot, many rows part by part
-    (`backend.einsum_per_part`); either way each part's result is its own einsum's."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_einsum_per_part_equals_each_part_alone(batched):
+    """Fused weights contract part by part (training) or as one batched dot (unscanned inference layers,
+    `backend.einsum_per_part`); either way each part's result is its own einsum's."""
     from paliseg.model.backend import einsum_per_part
 
     kx, kw = jax.random.split(jax.random.key(4))
-    x = jax.random.normal(kx, (1, rows, 24)).astype(jnp.bfloat16)
+    x = jax.random.normal(kx, (1, 3, 24)).astype(jnp.bfloat16)
     fused = jax.random.normal(kw, (2, 3, 24, 5)).astype(jnp.bfloat16)  # kv_einsum's [P, K, D, H]
-    parts = einsum_per_part("...D,KDH->...KH", x, fused)
-    assert len(parts) == 2
-    for part, weight in zip(parts, fused):
-        plain = jnp.einsum("...D,KDH->...KH", x, weight, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-        assert part.shape == plain.shape
-        np.testing.assert_array_equal(np.asarray(part, np.float32), np.asarray(plain, np.float32))
+    for rows in (x[:, :1], x):
+        parts = einsum_per_part("...D,KDH->...KH", rows, fused, batched=batched)
+        assert len(parts) == 2
+        for part, weight in zip(parts, fused):
+            plain = jnp.einsum("...D,KDH->...KH", rows, weight, preferred_element_type=jnp.float32)
+            assert part.shape == plain.shape
+            np.testing.assert_array_equal(
+                np.asarray(part, np.float32), np.asarray(plain.astype(jnp.bfloat16), np.float32)
+            )
 
 
 def test_split_and_join_are_inverse(tiny):

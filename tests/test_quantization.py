@@ -137,6 +137,8 @@ def test_quantized_forward_is_the_forward_on_the_dequantized_weights(preset, qua
 
 @pytest.mark.slow
 def test_unscanned_inference_and_bf16_compute_read_quantized_weights():
+    from paliseg.model import backend
+
     plain = config.preset("tiny").with_dtype("bfloat16")
     cfg = plain.replace(quantization={"format": "nf4"})
     quantized = model.init_params(cfg, jax.random.key(1))  # created quantized by the model itself
@@ -144,8 +146,11 @@ def test_unscanned_inference_and_bf16_compute_read_quantized_weights():
     reference = model.forward(
         plain, quantization.cast(quantization.dequantize_params(quantized), jnp.bfloat16), *inputs
     )
-    unscanned, layers = model.for_inference(cfg, quantized)  # on CPU: each layer's codes and scales apart
+    unscanned = cfg.replace(scan_layers=False)  # the layout for_inference gives unquantized models on CPU
+    layers = backend.unstack_layers(quantized)  # each layer's codes and scales apart
+    np.testing.assert_allclose(model.forward(cfg, quantized, *inputs), reference, rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(model.forward(unscanned, layers, *inputs), reference, rtol=2e-2, atol=2e-2)
+    assert model.for_inference(cfg, quantized)[0] == cfg  # quantized: the scan dequantizes layer by layer
 
 
 def test_a_checkpoint_loads_quantized_leaf_by_leaf(tmp_path):

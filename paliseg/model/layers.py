@@ -122,7 +122,7 @@ class Einsum(nn.Module):
     With `quantization` on, the weight is created quantized (`paliseg.model.quantization`) and
     `backend.stored` dequantizes it here, where it is used.
     A fused weight leads with its parts axis and returns one result per part, a tuple: `...D,PKDH->P...KH`
-    runs as `...D,KDH->...KH` on each part, never stacked (`backend.einsum_per_part`). `targets` names the
+    runs as `...D,KDH->...KH` on each part (`backend.einsum_per_part`). `targets` names the
     parts for LoRA (`WeightLayout`; the adapters are `lora.LoRA`, which wraps this module).
     """
 
@@ -134,6 +134,7 @@ class Einsum(nn.Module):
     weight_name: str = "w"
     bias: bool = False
     quantization: QuantizationConfig = QuantizationConfig()
+    scanned: bool = True  # in the layer scan (training); False: unscanned inference layers (`for_inference`)
 
     @property
     def layout(self) -> WeightLayout:
@@ -148,7 +149,7 @@ class Einsum(nn.Module):
         dtype = jnp.dtype(self.compute_dtype)
         x, weight = x.astype(dtype), backend.stored(weight).astype(dtype)
         if layout.fused:
-            return backend.einsum_per_part(self.equation.replace(PARTS, ""), x, weight)
+            return backend.einsum_per_part(self.equation.replace(PARTS, ""), x, weight, batched=not self.scanned)
         y = backend.weight_einsum(self.equation, x, weight)
         if self.bias:
             shape = tuple(self.shape[layout.axes.index(c)] for c in layout.outputs)

@@ -83,7 +83,11 @@ class LoRA(nn.Module):
 def projections(config: ModelConfig, deterministic: bool) -> tuple[Any, Any]:
     """(`Einsum`, `LoRA`) bound to the model's dtypes, quantization and LoRA settings, for `lora(einsum(...))`."""
     einsum = functools.partial(
-        Einsum, param_dtype=config.param_dtype, compute_dtype=config.compute_dtype, quantization=config.quantization
+        Einsum,
+        param_dtype=config.param_dtype,
+        compute_dtype=config.compute_dtype,
+        quantization=config.quantization,
+        scanned=config.scan_layers,
     )
     return einsum, functools.partial(LoRA, config=config.lora, deterministic=deterministic)
 

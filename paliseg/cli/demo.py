@@ -241,10 +241,21 @@ class Demo:
             raise ValueError(f"the converted demo data is not valid:\n{result_text(checks)}")
         self._done("convert", started, f"records {records}; {self.paths.shapes} is valid", records=records)
 
-    def train(self) -> None:
+    def _train_stage(self, stage: str, config, run_dir: Path):
+        """`paliseg train` of `config` as a demo stage, resumed (with the run's own settings, as `paliseg train
+        --out RUN --resume`) when asked and `run_dir` holds a run: (the config it ran, trainer's result, start)."""
         from train import config as train_config
         from train import trainer
         from train.run import Run, is_run
+
+        started = self._stage(stage, [command_line("paliseg train", {}, settings.to_argv(config))])
+        resume = self.resume and is_run(run_dir)
+        if resume:
+            config = train_config.check_resume(Run(run_dir).train_config, {"out": config.out})
+        return config, trainer.run(config, resume=resume), started
+
+    def train(self) -> None:
+        from train import config as train_config
 
         plan = self.plan
         config = train_config.resolve({
@@ -252,11 +263,7 @@ class Demo:
             "trainable": "all", "steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
             "warmup_fraction": plan.warmup_fraction, "save_every": plan.save_every, "seq_len": plan.seq_len,
             "seed": plan.seed, "remat": False})  # fmt: skip
-        started = self._stage("train", [command_line("paliseg train", {}, settings.to_argv(config))])
-        resume = self.resume and is_run(self.paths.run)
-        if resume:  # as `paliseg train --out RUN --resume`: the run's own settings
-            config = train_config.check_resume(Run(self.paths.run).train_config, {"out": config.out})
-        result = trainer.run(config, resume=resume)
+        config, result, started = self._train_stage("train", config, self.paths.run)
         steps = ", ".join(map(str, result["checkpoint_steps"]))
         done = (
             f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}, {result['examples_per_s']:.1f} "
@@ -276,8 +283,6 @@ class Demo:
 
     def rl_train(self, rl: RlPlan) -> None:
         from train import config as train_config
-        from train import trainer
-        from train.run import Run, is_run
 
         config = train_config.resolve({
             "data": [str(self.paths.shapes)], "out": str(self.paths.rl), "objective": "grpo",
@@ -285,11 +290,7 @@ class Demo:
             "batch_size": rl.batch_size, "lr": rl.lr, "warmup_fraction": rl.warmup_fraction,
             "save_every": rl.save_every, "seed": self.plan.seed, "remat": False,
             "grpo": {"group_size": rl.group_size, "temperature": rl.temperature, "kl_coef": rl.kl_coef}})  # fmt: skip
-        started = self._stage("grpo", [command_line("paliseg train", {}, settings.to_argv(config))])
-        resume = self.resume and is_run(self.paths.rl)
-        if resume:
-            config = train_config.check_resume(Run(self.paths.rl).train_config, {"out": config.out})
-        result = trainer.run(config, resume=resume)
+        config, result, started = self._train_stage("grpo", config, self.paths.rl)
         steps = ", ".join(map(str, result["checkpoint_steps"]))
         done = (
             f"from step {config.init_step} of {self.paths.run}: mean reward {result['first_reward']:.3f} -> "

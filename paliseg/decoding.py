@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paliseg.config import ModelConfig
-from paliseg.model.backend import decoding_view, train_compiler_options
+from paliseg.model.backend import compiler_options, decoding_view
 from paliseg.model.paligemma import PaliGemma, cache_positions
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
@@ -299,14 +299,14 @@ def token_logprobs(
     return jnp.swapaxes(logprobs, 0, 1)
 
 
-# Compiled with the backend's options (`backend.train_compiler_options`, on CPU: no loop-invariant code
+# Compiled with the backend's options (`backend.compiler_options`, on CPU: no loop-invariant code
 # motion). XLA:CPU gathers rows of a bfloat16 table inside a loop from a float32 copy of the whole table, and
 # hoisting that copy out of the token loop kept it alive for the whole decode: the embedding table's, 2.1 GB
 # for PaliGemma 3B (its decode peaked at 11.5 GB), or an extra 2.4 GB for PaliGemma 2 3B with nf4 (6.77 GB
 # instead of 4.64 GB). Left in the loop, the copy fuses into the gather of the one row it needs.
 @functools.cache
 def _compiled_generate():  # built on first use: asking for the backend's options initialises the backend
-    return jax.jit(_generate, static_argnames=_STATIC, compiler_options=train_compiler_options())
+    return jax.jit(_generate, static_argnames=_STATIC, compiler_options=compiler_options())
 
 
 def generate(

@@ -215,7 +215,7 @@ def jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id):
     return jax.jit(
         make_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id),
         donate_argnums=(0,),
-        compiler_options=backend.train_compiler_options(),
+        compiler_options=backend.compiler_options(),
     )
 
 

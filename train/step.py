@@ -116,6 +116,6 @@ def jit_train_step(
     return jax.jit(
         make_train_step(config, model_cfg, tx, lr_schedule),
         donate_argnums=(0,),
-        compiler_options=backend.train_compiler_options(),
+        compiler_options=backend.compiler_options(),
         **jit_kwargs,
     )

@@ -9,7 +9,7 @@ differs, for reasons measured on CPU (see each docstring). Nothing else in the m
 - `weight_einsum`: x @ weight, accumulated and returned in float32 before the cast back to x's dtype;
 - `einsum_per_part`: a fused weight ([P, ...]) contracted one part at a time;
 - `low_rank`: LoRA's (x @ a) @ b with its backward written out;
-- `train_compiler_options`: XLA flags for the compiled training step.
+- `compiler_options`: XLA flags for the compiled training step and decoder.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from paliseg.model import quantization
 # hoists those converts out of the layer scan, materialising an f32 copy of every layer at once (+10 GB for
 # the 3B model's LoRA step; measured with `compiled.memory_analysis()`). Left in the loop, each layer's copy
 # lives for one iteration, at no measurable cost in step time (f32 `mid` model: within noise).
-_CPU_TRAIN_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-def train_compiler_options() -> dict[str, str] | None:
-    """Options for `jax.jit(..., compiler_options=...)` of the training step on this backend."""
-    return dict(_CPU_TRAIN_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+def compiler_options() -> dict[str, str] | None:
+    """Options for `jax.jit(..., compiler_options=...)` of the training step and the decoder on this backend
+    (both run loops whose invariants XLA:CPU would hoist as whole-array copies; see `paliseg.decoding`)."""
+    return dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def storage_view(params):

@@ -73,8 +73,9 @@ def for_inference(config, params: dict, *, consume: bool = False):
     is most of the work: the matmul itself reads each weight once. Separate bfloat16 buffers feed the
     matmuls directly. A quantized model keeps the scan: there each layer's weights are dequantized in its
     own iteration, where unscanned XLA may schedule every layer's dequantization at once (PaliGemma 2 3B
-    nf4: 8.3 GB after a forward pass instead of 4.5 GB). With `consume`, each stacked leaf is deleted once split (memory grows by one leaf at
-    most) and `params` must not be used again; otherwise they are left intact.
+    nf4: 8.3 GB after a forward pass instead of 4.5 GB). With `consume`, each stacked leaf is deleted once
+    split (memory grows by one leaf at most) and `params` must not be used again; otherwise they are left
+    intact.
     """
     if jax.default_backend() != "cpu" or not config.scan_layers or config.quantization.enabled:
         return config, params

@@ -251,24 +251,47 @@ def test_weight_einsum_single_row_equals_plain_einsum(shape):
     np.testing.assert_allclose(logits, plain, rtol=1e-6)
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_einsum_per_part_equals_each_part_alone(batched):
-    """Fused weights contract part by part (training) or as one batched dot (unscanned inference layers,
-    `backend.einsum_per_part`); either way each part's result is its own einsum's."""
-    from paliseg.model.backend import einsum_per_part
+@pytest.mark.parametrize("as_matrices", [False, True])
+def test_fused_weight_einsum_equals_each_part_alone(as_matrices):
+    """A fused weight contracts part by part, as the checkpoint stores it (training) or as `Matrices`
+    (unscanned inference layers, `backend.for_inference`); either way each part's result is its own einsum's,
+    for one row (the padded path) or several."""
+    from paliseg.model.backend import Matrices, weight_einsum
+    from paliseg.model.layers import WeightLayout
 
     kx, kw = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, (1, 3, 24)).astype(jnp.bfloat16)
     fused = jax.random.normal(kw, (2, 3, 24, 5)).astype(jnp.bfloat16)  # kv_einsum's [P, K, D, H]
+    equation = "...D,PKDH->P...KH"
+    weight = Matrices.of(fused, WeightLayout.of(equation)) if as_matrices else fused
+    if as_matrices:
+        assert [m.shape for m in weight.parts] == [(15, 24)] * 2 and weight.output_shape == (3, 5)
     for rows in (x[:, :1], x):
-        parts = einsum_per_part("...D,KDH->...KH", rows, fused, batched=batched)
+        parts = weight_einsum(equation, rows, weight)
         assert len(parts) == 2
-        for part, weight in zip(parts, fused):
-            plain = jnp.einsum("...D,KDH->...KH", rows, weight, preferred_element_type=jnp.float32)
+        for part, alone in zip(parts, fused):
+            plain = jnp.einsum("...D,KDH->...KH", rows, alone, preferred_element_type=jnp.float32)
             assert part.shape == plain.shape
             np.testing.assert_array_equal(
                 np.asarray(part, np.float32), np.asarray(plain.astype(jnp.bfloat16), np.float32)
             )
+
+
+def test_matrices_contract_several_input_axes_in_the_weights_order():
+    """`...NH,NHD->...D` (the attention output): the weight becomes one [D, N*H] matrix and x's two
+    trailing axes are flattened in the same order."""
+    from paliseg.model.backend import Matrices, weight_einsum
+    from paliseg.model.layers import WeightLayout
+
+    kx, kw = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (2, 7, 3, 4))
+    weight = jax.random.normal(kw, (3, 4, 6))
+    equation = "...NH,NHD->...D"
+    matrices = Matrices.of(weight, WeightLayout.of(equation))
+    assert matrices.parts[0].shape == (6, 12)
+    np.testing.assert_allclose(
+        weight_einsum(equation, x, matrices), jnp.einsum(equation, x, weight), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_split_and_join_are_inverse(tiny):
@@ -352,8 +375,9 @@ def test_unscanned_layers_compute_what_the_scan_computes(preset):
     flat = flatten(view)
     assert f"llm/layers_{config.llm.depth - 1}/attn/attn_vec_einsum/w" in flat and "llm/layers" not in flat
     assert f"img/Transformer/encoderblock_{config.img.depth - 1}/LayerNorm_0/scale" in flat
-    stacked = flatten(params)["llm/layers/attn/attn_vec_einsum/w"]
-    np.testing.assert_array_equal(flat["llm/layers_1/attn/attn_vec_einsum/w"], stacked[1])
+    stacked = flatten(params)["llm/layers/attn/attn_vec_einsum/w"]  # [L, N, H, D]
+    matrix = flat["llm/layers_1/attn/attn_vec_einsum/w"].parts[0]  # [D, N * H]
+    np.testing.assert_array_equal(matrix, np.asarray(stacked[1]).reshape(-1, config.llm.width).T)
     batch = _batch(config)
     np.testing.assert_allclose(
         model.forward(unscanned, view, *batch), model.forward(config, params, *batch), atol=2e-2, rtol=2e-2

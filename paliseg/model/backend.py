@@ -3,22 +3,24 @@
 Each function here computes exactly what its plain counterpart computes; only the way XLA is asked to do it
 differs, for reasons measured on CPU (see each docstring). Nothing else in the model works around a backend.
 
-- `for_inference`: on CPU, one module per layer instead of the layer scan, for decoding;
+- `for_inference`: on CPU, one module per layer instead of the layer scan, each weight a `Matrices`;
 - `stored` / `storage_view` / `decoding_view`: bfloat16 params read through a uint16 view under the scan;
   `stored` also dequantizes a quantized weight (`paliseg.model.quantization`) where the layer reads it;
-- `weight_einsum`: x @ weight, accumulated and returned in float32 before the cast back to x's dtype;
-- `einsum_per_part`: a fused weight ([P, ...]) contracted one part at a time;
+- `weight_einsum`: x @ weight, accumulated in float32 before the cast back to x's dtype, for a weight in
+  any of these forms; a fused weight ([P, ...]) contracted one part at a time;
 - `low_rank`: LoRA's (x @ a) @ b with its backward written out;
 - `compiler_options`: XLA flags for the compiled training step and decoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from paliseg.model import quantization
 
@@ -66,20 +68,27 @@ _SCANNED = {("llm", "layers"): "layers_", ("img", "Transformer", "encoderblock")
 
 def for_inference(config, params: dict, *, consume: bool = False):
     """`(config, params)` to decode with. On CPU the layers are unscanned (`config.scan_layers=False`), each
-    layer's params in buffers of their own; other backends keep the scan (and its shorter compile).
+    layer's params in buffers of their own, and the projection weights `Matrices`; other backends keep
+    the scan (and its shorter compile) and the checkpoint's layouts.
 
     Inside the layer scan XLA:CPU copies every layer's weights out of the stacked arrays before each matmul
     (a dynamic slice feeding the dot; with the `storage_view`, a bitcast too), which at one token per step
-    is most of the work: the matmul itself reads each weight once. Separate bfloat16 buffers feed the
-    matmuls directly. A quantized model keeps the scan: there each layer's weights are dequantized in its
-    own iteration, where unscanned XLA may schedule every layer's dequantization at once (PaliGemma 2 3B
-    nf4: 8.3 GB after a forward pass instead of 4.5 GB). With `consume`, each stacked leaf is deleted once
-    split (memory grows by one leaf at most) and `params` must not be used again; otherwise they are left
-    intact.
+    is most of the work: the matmul itself reads each weight once. Separate buffers feed the matmuls
+    directly. A quantized model keeps the scan: there each layer's weights are dequantized in its own
+    iteration, where unscanned XLA may schedule every layer's dequantization at once (PaliGemma 2 3B nf4:
+    8.3 GB after a forward pass instead of 4.5 GB). With `consume`, each stacked leaf is deleted once split
+    (memory grows by one leaf at most) and `params` must not be used again; otherwise they are left intact.
     """
     if jax.default_backend() != "cpu" or not config.scan_layers or config.quantization.enabled:
         return config, params
-    return config.replace(scan_layers=False), unstack_layers(params, consume=consume)
+    from paliseg.model import param_shapes, weight_layouts  # the package imports this module
+
+    config = config.replace(scan_layers=False)
+    layouts, flat = weight_layouts(config), traverse_util.flatten_dict(unstack_layers(params, consume=consume), sep="/")
+    for path, shape in traverse_util.flatten_dict(param_shapes(config), sep="/").items():
+        if isinstance(shape, Matrices):  # as the unscanned model stores its projection weights
+            flat[path] = Matrices.of(flat[path], layouts[path])
+    return config, traverse_util.unflatten_dict(flat, sep="/")
 
 
 def unstack_layers(params: dict, *, consume: bool = False) -> dict:
@@ -104,16 +113,70 @@ def unstack_layers(params: dict, *, consume: bool = False) -> dict:
     return params
 
 
-def weight_einsum(equation: str, x: jax.Array, weight: jax.Array, result_dtype=None) -> jax.Array:
-    """`einsum(equation, x, weight)` in `result_dtype` (default: x's). x's `...` axes are its rows.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Matrices:
+    """A weight as XLA:CPU's matrix-vector products read it fastest: each part (one, or each part of a fused
+    weight) a row-major [outputs, inputs] matrix, as torch's `nn.Linear` stores it; `output_shape`: the
+    result's trailing axes. `weight_einsum` contracts x's trailing input axes, flattened, with its rows.
 
-    Two XLA:CPU bfloat16 dot paths are slow. A dot whose result is bfloat16 runs 2-3x slower than one whose
-    result is float32 (2048x16384 weight, 272 rows: 111 vs 320 ms), so the dot is asked for a float32 result
-    and cast back. A dot with a single row (decoding one token at batch 1) takes a matrix-vector path that
-    is ~8x slower than the same dot with two rows (58 vs 7.5 ms), so a single row is contracted beside a
-    zero row that is dropped again. For float32 inputs both are the plain einsum.
+    The checkpoint's layouts put the contracted axes first (`DF`, `NDH`, `NHD`). On two cores, one token's
+    bfloat16 matmul against a 2048x16384 weight takes 7.0 ms in that layout and 4.2 ms as [16384, 2048];
+    a fused [2, D, F] weight contracted as one batched dot 13.2 ms, its two separate matrices 8.5 ms; the
+    attention projections 1.35 / 0.82 ms as [N, D, H] / [N, H, D] and 0.46 / 0.42 ms as flat matrices.
+    """
+
+    parts: tuple[jax.Array, ...]
+    output_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def of(cls, weight: jax.Array, layout) -> Matrices:
+        """`weight` laid out by `layout` (a `WeightLayout` without the layer axis), copied part by part."""
+        axes = layout.axes.removeprefix("P")
+        order = [axes.index(c) for c in layout.outputs + layout.inputs]
+        output_shape = tuple(weight.shape[layout.axes.index(c)] for c in layout.outputs)
+        parts = tuple(weight) if layout.fused else (weight,)
+        return cls(tuple(jnp.transpose(p, order).reshape(math.prod(output_shape), -1) for p in parts), output_shape)
+
+    @classmethod
+    def initializer(cls, init, layout):
+        """`init` whose result is `Matrices`: the model's own params match what `for_inference` makes."""
+        return lambda *args: cls.of(init(*args), layout)
+
+
+def weight_einsum(equation: str, x: jax.Array, weight, result_dtype=None) -> jax.Array | tuple[jax.Array, ...]:
+    """`einsum(equation, x, weight)` in `result_dtype` (default: x's), x's `...` axes being its rows, for a
+    weight as the checkpoint stores it (also through `stored`) or as `Matrices`. A fused weight (equation
+    `...D,PKDH->P...KH`) gives a tuple, one result per part.
+
+    A fused weight is contracted one part at a time: each part is contiguous, so no transposed copy of the
+    weight, and the results are never stacked (a stacked [P, ...] result costs a padded, transposed copy of
+    its gradient in every layer of the backward pass on XLA:CPU).
     """
     dtype = result_dtype or x.dtype
+    if isinstance(weight, Matrices):
+        inputs = len(equation.split(",")[0].removeprefix("..."))
+        rows = x.reshape(x.shape[: x.ndim - inputs] + (-1,))
+        results = tuple(
+            _dot("...I,OI->...O", rows, part.astype(x.dtype), dtype).reshape(rows.shape[:-1] + weight.output_shape)
+            for part in weight.parts
+        )
+        return results if "->P" in equation else results[0]
+    weight = stored(weight).astype(x.dtype)
+    if "->P" in equation:
+        return tuple(_dot(equation.replace("P", ""), x, part, dtype) for part in weight)
+    return _dot(equation, x, weight, dtype)
+
+
+def _dot(equation: str, x: jax.Array, weight: jax.Array, dtype) -> jax.Array:
+    """The einsum in `dtype`, around two slow XLA:CPU bfloat16 dot paths.
+
+    A dot whose result is bfloat16 runs 2-3x slower than one whose result is float32 (2048x16384 weight,
+    272 rows: 111 vs 320 ms), so the dot is asked for a float32 result and cast back. A dot with a single
+    row (decoding one token at batch 1) takes a matrix-vector path that is ~8x slower than the same dot
+    with two rows (58 vs 7.5 ms), so a single row is contracted beside a zero row that is dropped again.
+    For float32 inputs both are the plain einsum.
+    """
     lhs, out = equation.split(",")[0], equation.split("->")[1]
     rows_at = lhs.index("...")
     if x.dtype == jnp.bfloat16 and math.prod(x.shape[rows_at : x.ndim + rows_at + 3 - len(lhs)]) == 1:
@@ -121,26 +184,6 @@ def weight_einsum(equation: str, x: jax.Array, weight: jax.Array, result_dtype=N
         result = jnp.einsum(equation, padded, weight, preferred_element_type=jnp.float32)
         return jax.lax.index_in_dim(result, 0, out.index("..."), keepdims=True).astype(dtype)
     return jnp.einsum(equation, x, weight, preferred_element_type=jnp.float32).astype(dtype)
-
-
-def einsum_per_part(equation: str, x: jax.Array, fused: jax.Array, *, batched: bool) -> tuple[jax.Array, ...]:
-    """`weight_einsum(equation, x, fused[p])` for each part p of a fused weight (parts on axis 0).
-
-    For training (`batched=False`) each part is contracted on its own: each part is contiguous, so no
-    transposed copy of the weight, and the results are never stacked (a stacked [P, ...] result costs a
-    padded, transposed copy of its gradient in every layer of the backward pass on XLA:CPU). For inference
-    with unscanned layers (`batched=True`, see `for_inference`), slicing a part out costs XLA:CPU a float32
-    round trip and a copy of the part, which outweighs a one-token matmul and, scheduled early, keeps every
-    layer's copies alive at once (2.4 GB for PaliGemma 3B's prefill); there all parts are contracted as one
-    batch over P ('P...D,PDF->P...F') and the small results split."""
-    if not batched:
-        return tuple(weight_einsum(equation, x, fused[p]) for p in range(fused.shape[0]))
-    lhs, rest = equation.split(",")
-    weight_axes, out = rest.split("->")
-    batched_result = weight_einsum(
-        f"P{lhs},P{weight_axes}->P{out}", jnp.broadcast_to(x, fused.shape[:1] + x.shape), fused
-    )
-    return tuple(batched_result)
 
 
 @jax.custom_vjp

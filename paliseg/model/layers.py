@@ -120,9 +120,10 @@ class Einsum(nn.Module):
     optional bias over the result's trailing axes (flax's Dense layouts: SigLIP has biases, Gemma none).
 
     With `quantization` on, the weight is created quantized (`paliseg.model.quantization`) and
-    `backend.stored` dequantizes it here, where it is used.
+    `backend.weight_einsum` dequantizes it here, where it is used; decoding on CPU may hand the weight in
+    as `backend.Matrices` (`backend.for_inference`).
     A fused weight leads with its parts axis and returns one result per part, a tuple: `...D,PKDH->P...KH`
-    runs as `...D,KDH->...KH` on each part (`backend.einsum_per_part`). `targets` names the
+    runs as `...D,KDH->...KH` on each part (`backend.weight_einsum`). `targets` names the
     parts for LoRA (`WeightLayout`; the adapters are `lora.LoRA`, which wraps this module).
     """
 
@@ -134,7 +135,7 @@ class Einsum(nn.Module):
     weight_name: str = "w"
     bias: bool = False
     quantization: QuantizationConfig = QuantizationConfig()
-    scanned: bool = True  # in the layer scan (training); False: unscanned inference layers (`for_inference`)
+    matrices: bool = False  # the weight stored as `backend.Matrices` (unscanned layers: `backend.for_inference`)
 
     @property
     def layout(self) -> WeightLayout:
@@ -144,13 +145,11 @@ class Einsum(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
         layout = self.layout
         path = "/".join((*self.scope.path, self.weight_name))
-        init = with_layout(quantization.initializer(layout.initializer(), self.quantization, path, layout), layout)
+        init = quantization.initializer(layout.initializer(), self.quantization, path, layout)
+        init = with_layout(backend.Matrices.initializer(init, layout) if self.matrices else init, layout)
         weight = self.param(self.weight_name, init, self.shape, jnp.dtype(self.param_dtype))
         dtype = jnp.dtype(self.compute_dtype)
-        x, weight = x.astype(dtype), backend.stored(weight).astype(dtype)
-        if layout.fused:
-            return backend.einsum_per_part(self.equation.replace(PARTS, ""), x, weight, batched=not self.scanned)
-        y = backend.weight_einsum(self.equation, x, weight)
+        y = backend.weight_einsum(self.equation, x.astype(dtype), weight)
         if self.bias:
             shape = tuple(self.shape[layout.axes.index(c)] for c in layout.outputs)
             bias = self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.param_dtype))

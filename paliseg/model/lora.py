@@ -87,7 +87,7 @@ def projections(config: ModelConfig, deterministic: bool) -> tuple[Any, Any]:
         param_dtype=config.param_dtype,
         compute_dtype=config.compute_dtype,
         quantization=config.quantization,
-        scanned=config.scan_layers,
+        matrices=not config.scan_layers and not config.quantization.enabled,
     )
     return einsum, functools.partial(LoRA, config=config.lora, deterministic=deterministic)
 

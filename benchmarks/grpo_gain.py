@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-fraction", type=float, default=0.0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--kl-coef", type=float, default=0.0)
     parser.add_argument("--updates", type=int, default=1, help="--grpo-updates-per-batch")
     parser.add_argument("--trainable", default="all", choices=train_config.TRAINABLE_SETS)
@@ -83,7 +84,7 @@ def main() -> None:
         "data": [str(data)], "out": str(out / "run"), "objective": "grpo", "init_run": str(demo / "run"),
         "init_step": args.init_step, "trainable": args.trainable, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "warmup_fraction": args.warmup_fraction, "save_every": args.save_every, "remat": False,
-        "grpo": {"group_size": args.group_size, "temperature": args.temperature, "kl_coef": args.kl_coef,
+        "grpo": {"group_size": args.group_size, "temperature": args.temperature, "top_p": args.top_p, "kl_coef": args.kl_coef,
                  "updates_per_batch": args.updates}}  # fmt: skip
     resume = (out / "run" / "config.json").exists()  # continue an interrupted benchmark with the same settings
     if resume:  # --init-step was recorded as a number

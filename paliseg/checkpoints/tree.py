@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -58,7 +59,9 @@ def to_device(flat: Flat, config: ModelConfig) -> dict:
     for key in list(flat):
         value = flat.pop(key)
         dtype = jnp.float32 if is_lora_path(key) else jnp.dtype(config.param_dtype)
-        out[key] = jnp.asarray(np.asarray(value).astype(dtype, copy=False))
+        # waited for: the copy is dispatched asynchronously and holds the host array until it runs, so
+        # without the wait every host array outlived the loop (a 3B load peaked at twice the model)
+        out[key] = jax.block_until_ready(jnp.asarray(np.asarray(value).astype(dtype, copy=False)))
         del value
         axes = quantization.quantizes(config.quantization, key, layouts.get(key))
         if axes is not None:

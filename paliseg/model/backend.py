@@ -62,8 +62,8 @@ def decoding_view(config, params: dict) -> dict:
     return storage_view(params) if config.scan_layers and not config.quantization.enabled else params
 
 
-# The scanned (depth-stacked) subtrees of the param tree, and the prefix of each one's unscanned layers.
-_SCANNED = {("llm", "layers"): "layers_", ("img", "Transformer", "encoderblock"): "encoderblock_"}
+# The scanned (depth-stacked) subtrees of the param tree ('/'-joined), and the prefix of their unscanned layers.
+_SCANNED = {"llm/layers": "llm/layers_", "img/Transformer/encoderblock": "img/Transformer/encoderblock_"}
 
 
 def for_inference(config, params: dict, *, consume: bool = False):
@@ -77,40 +77,46 @@ def for_inference(config, params: dict, *, consume: bool = False):
     directly. A quantized model keeps the scan: there each layer's weights are dequantized in its own
     iteration, where unscanned XLA may schedule every layer's dequantization at once (PaliGemma 2 3B nf4:
     8.3 GB after a forward pass instead of 4.5 GB). With `consume`, each stacked leaf is deleted once split
-    (memory grows by one leaf at most) and `params` must not be used again; otherwise they are left intact.
+    and converted (memory grows by one leaf at most) and `params` must not be used again; otherwise they are
+    left intact.
     """
     if jax.default_backend() != "cpu" or not config.scan_layers or config.quantization.enabled:
         return config, params
     from paliseg.model import param_shapes, weight_layouts  # the package imports this module
 
     config = config.replace(scan_layers=False)
-    layouts, flat = weight_layouts(config), traverse_util.flatten_dict(unstack_layers(params, consume=consume), sep="/")
-    for path, shape in traverse_util.flatten_dict(param_shapes(config), sep="/").items():
-        if isinstance(shape, Matrices):  # as the unscanned model stores its projection weights
-            flat[path] = Matrices.of(flat[path], layouts[path])
-    return config, traverse_util.unflatten_dict(flat, sep="/")
+    layouts, shapes = weight_layouts(config), traverse_util.flatten_dict(param_shapes(config), sep="/")
+
+    def as_stored(path: str, leaf):  # as the unscanned model stores it (see `Einsum.matrices`)
+        return Matrices.of(leaf, layouts[path]) if isinstance(shapes.get(path), Matrices) else leaf
+
+    return config, unstack_layers(params, consume=consume, convert=as_stored)
 
 
-def unstack_layers(params: dict, *, consume: bool = False) -> dict:
-    """The tree of `scan_layers=False`: each stacked subtree [L, ...] split into L subtrees (`layers_0`, ...),
-    one leaf at a time, through host views of the stacked buffers (no whole-leaf copy)."""
-    params = dict(params)
-    for path, prefix in _SCANNED.items():
-        parent = params
-        for key in path[:-1]:
-            parent[key] = dict(parent[key])
-            parent = parent[key]
-        leaves, treedef = jax.tree.flatten(parent.pop(path[-1]))
-        per_leaf = []
-        for leaf in leaves:
-            host = np.asarray(leaf)  # a view of the buffer on CPU
-            per_leaf.append([jnp.asarray(host[i]) for i in range(host.shape[0])])
-            del host
-            if consume and isinstance(leaf, jax.Array):
-                leaf.delete()
-        for i, layer_leaves in enumerate(zip(*per_leaf)):
-            parent[f"{prefix}{i}"] = jax.tree.unflatten(treedef, layer_leaves)
-    return params
+def unstack_layers(params: dict, *, consume: bool = False, convert=None) -> dict:
+    """The tree of `scan_layers=False`: each stacked leaf [L, ...] split into L leaves (`layers_0/...`), through
+    host views of the stacked buffers (no whole-leaf copy). `convert(path, leaf)` gives what to store for
+    each leaf of the new tree (default: the leaf), as each stacked leaf is split: with `consume`, which
+    deletes each stacked leaf once split, memory grows by one leaf's layers at most."""
+    convert = convert or (lambda path, leaf: leaf)
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
+        stack = next((s for s in _SCANNED if path.startswith(s + "/")), None)
+        if stack is None:
+            out[path] = convert(path, leaf)
+            continue
+        arrays, treedef = jax.tree.flatten(leaf)  # a quantized weight's codes and scales are stacked alike
+        hosts = [np.asarray(array) for array in arrays]  # views of the buffers on CPU
+        for i in range(hosts[0].shape[0]):
+            # converted on the host: device temporaries of XLA:CPU outlived the loop (+2.4 GB for one 3B leaf)
+            layer_path = f"{_SCANNED[stack]}{i}{path[len(stack) :]}"
+            layer = convert(layer_path, jax.tree.unflatten(treedef, [h[i] for h in hosts]))
+            out[layer_path] = jax.tree.map(jnp.asarray, layer)
+        del hosts
+        for array in arrays if consume else ():
+            if isinstance(array, jax.Array):
+                array.delete()
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 @jax.tree_util.register_dataclass
@@ -131,12 +137,14 @@ class Matrices:
 
     @classmethod
     def of(cls, weight: jax.Array, layout) -> Matrices:
-        """`weight` laid out by `layout` (a `WeightLayout` without the layer axis), copied part by part."""
+        """`weight` (a jax or numpy array) laid out by `layout` (a `WeightLayout` without the layer axis),
+        copied part by part."""
+        xp = np if isinstance(weight, np.ndarray) else jnp  # a host array stays on the host
         axes = layout.axes.removeprefix("P")
         order = [axes.index(c) for c in layout.outputs + layout.inputs]
         output_shape = tuple(weight.shape[layout.axes.index(c)] for c in layout.outputs)
         parts = tuple(weight) if layout.fused else (weight,)
-        return cls(tuple(jnp.transpose(p, order).reshape(math.prod(output_shape), -1) for p in parts), output_shape)
+        return cls(tuple(xp.transpose(p, order).reshape(math.prod(output_shape), -1) for p in parts), output_shape)
 
     @classmethod
     def initializer(cls, init, layout):

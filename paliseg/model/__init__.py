@@ -23,8 +23,8 @@ Public API:
   output keeps, and each part's LoRA target. Read off the einsum equations during an abstract init (no
   memory; cached per config), so it cannot disagree with the forward pass.
 - `for_inference(cfg, params)`: the config and params to decode with. On CPU the layers unscanned
-  (`scan_layers=False`: `llm/layers_0/...`, each layer in buffers of its own), which XLA:CPU decodes
-  faster (see there). This and the model's other CPU workarounds live in `paliseg.model.backend`.
+  (`scan_layers=False`: `llm/layers_0/...`, each layer in buffers of its own, each projection weight as
+  row-major matrices, `backend.Matrices`), which XLA:CPU decodes faster (see there). This and the model's other CPU workarounds live in `paliseg.model.backend`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from paliseg.config import DTYPES, QUANTIZED_DTYPES
+
 _PREDICT_HELP = (
     "Predict boxes and full-resolution masks for images and prompts, with a run's checkpoint or any checkpoint."
 )
@@ -212,7 +214,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def _dtype_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=DTYPES,
         help="weights and matmuls (default: the run's or preset's; bfloat16 for a Hugging Face folder); "
         "float32 decodes token for token as transformers does on a float32 checkpoint",
     )
@@ -221,7 +223,7 @@ def _dtype_argument(parser: argparse.ArgumentParser) -> None:
 def _quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize",
-        choices=("int8", "nf4"),  # paliseg.config.QUANTIZED_DTYPES
+        choices=QUANTIZED_DTYPES,
         help="store the projection weights quantized as they load: int8 (per-output-channel scales) or nf4 "
         "(4-bit NormalFloat, blocks of 64); matmuls stay in --dtype (default: a run trained with --base-dtype "
         "is scored on that base, anything else unquantized)",

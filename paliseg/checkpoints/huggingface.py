@@ -392,18 +392,17 @@ def read_hf(folder: str | os.PathLike, vocab_size: int | None = None, dtype: Any
     where: dict[str, tuple[Path, str]] = {}  # canonical name: (file, key)
     unexpected, rows = [], config.llm.vocab_size
     for file in _tensor_files(folder):
-        with safe_open(str(file), framework="np") as handle:
-            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
-        for key in shapes:
-            name = canonical_name(key)
-            if name is None:
-                unexpected.append(f"{key} ({file.name})")
-            elif name in where:
-                raise ValueError(f"{folder}: {key} and {where[name][1]} are the same weight in two layouts")
-            else:
-                where[name] = (file, key)
-                if name == "lm.embed_tokens.weight":
-                    rows = shapes[key][0]
+        with safe_open(str(file), framework="np") as handle:  # the header only: tensors load in _read_tensor
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                name = canonical_name(key)
+                if name is None:
+                    unexpected.append(f"{key} ({file.name})")
+                elif name in where:
+                    raise ValueError(f"{folder}: {key} and {where[name][1]} are the same weight in two layouts")
+                else:
+                    where[name] = (file, key)
+                    if name == "lm.embed_tokens.weight":
+                        rows = handle.get_slice(key).get_shape()[0]
     vocab = vocab_size or rows
     if vocab > rows:
         raise ValueError(f"{folder}: the embedding has {rows} rows, fewer than the tokenizer's {vocab} pieces")

@@ -24,7 +24,8 @@ Public API:
   memory; cached per config), so it cannot disagree with the forward pass.
 - `for_inference(cfg, params)`: the config and params to decode with. On CPU the layers unscanned
   (`scan_layers=False`: `llm/layers_0/...`, each layer in buffers of its own, each projection weight as
-  row-major matrices, `backend.Matrices`), which XLA:CPU decodes faster (see there). This and the model's other CPU workarounds live in `paliseg.model.backend`.
+  row-major matrices, `backend.Matrices`), which XLA:CPU decodes faster (see there). This and the model's
+  other CPU workarounds live in `paliseg.model.backend`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ nothing, the mean reward rises on a toy task, and a resumed run is the uninterru
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def test_advantages_are_zero_mean_per_group_and_zero_on_ties():
     assert (advantages[1] == 0).all() and (advantages[3] == 0).all()
     np.testing.assert_allclose(advantages[[0, 2]].std(axis=1), 1.0, atol=1e-4)
     assert np.argmax(advantages[0]) == 2 and advantages[2, 3] > 0 > advantages[2, 0]
+
+
+def test_max_variance_subset_keeps_each_groups_extremes():
+    rng = np.random.default_rng(0)
+    rewards = rng.uniform(size=(5, 8))
+    chosen = grpo.max_variance_subset(rewards, 4)
+    assert chosen.shape == (5, 4)
+    for row, columns in zip(rewards, chosen):
+        assert len(set(columns)) == 4
+        kept = np.sort(row[columns])
+        np.testing.assert_array_equal(kept, np.sort(np.concatenate([np.sort(row)[:2], np.sort(row)[-2:]])))
+        # no other 4 of the 8 vary more (the subset PODS proves best, checked by brute force)
+        best = max(np.var(row[list(c)]) for c in itertools.combinations(range(8), 4))
+        assert np.var(row[columns]) == pytest.approx(best)
+    odd = grpo.max_variance_subset(np.asarray([[0.5, 0.1, 0.9]]), 3)
+    assert sorted(odd[0]) == [0, 1, 2]  # keep == G keeps everything
 
 
 def test_clipped_objective_by_hand():
@@ -220,7 +237,8 @@ def test_cli_trains_grpo_with_lora_from_a_run(tiny_run, tmp_path, capsys):
     out = tmp_path / "lora"
     code = main(["train", "--objective", "grpo", "--init-run", str(init_run), "--init-step", "2", "--data", str(data),
                  "--out", str(out), "--trainable", "lora", "--steps", "2", "--batch-size", "2", "--save-every", "2",
-                 "--grpo-group-size", "2", "--grpo-max-new-tokens", "24", "--workers", "1", "--json"])  # fmt: skip
+                 "--grpo-group-size", "3", "--grpo-keep", "2", "--grpo-max-new-tokens", "24", "--workers", "1",
+                 "--json"])  # fmt: skip
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["checkpoint_steps"] == [2] and summary["objective"] == "grpo"

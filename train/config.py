@@ -66,6 +66,10 @@ class GrpoConfig:
         1, "optimizer updates on each batch of completions (ratios against the policy that sampled them)",
         metavar="K")  # fmt: skip
     box_weight: float = setting(0.0, "reward = mask IoU + this weight x the Hungarian-matched box mIoU", metavar="W")
+    keep: int | None = setting(
+        None, "update on only K of each group's G completions, the K/2 best and K/2 worst rewarded (max-variance "
+        "down-sampling, PODS): sampling is cheap, updates are not, so a larger G costs little (default: all G)",
+        metavar="K")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -372,6 +376,10 @@ def validate(config: TrainConfig) -> None:
         need(grpo.kl_coef >= 0, f"--grpo-kl-coef must be >= 0, got {grpo.kl_coef}")
         need(grpo.updates_per_batch >= 1, f"--grpo-updates-per-batch must be at least 1, got {grpo.updates_per_batch}")
         need(grpo.box_weight >= 0, f"--grpo-box-weight must be >= 0, got {grpo.box_weight}")
+        need(
+            grpo.keep is None or 2 <= grpo.keep <= grpo.group_size,
+            f"--grpo-keep must be between 2 and --grpo-group-size ({grpo.group_size}), got {grpo.keep}",
+        )
         need(config.grad_accum == 1, "--objective grpo takes --grad-accum 1 (lower --batch-size or --grpo-group-size)")
         need(config.mesh_fsdp == 1, "--objective grpo runs on one device: --mesh-fsdp 1")
     need(config.init in (None, "random"), f"--init must be 'random', got {config.init!r}")

@@ -12,8 +12,9 @@ DeepSeekMath's, arXiv:2402.03300). Each step:
    (`vae.text_masks`, the path predict and eval use) and reward it with `metrics.scoring.score_image(...)
    .iou` (invalid = 0, empty/empty = 1, as eval scores), plus `--grpo-box-weight` x the Hungarian-matched
    box mIoU;
-3. advantages: each reward minus its group's mean, over the group's standard deviation (all zero when the
-   group ties: nothing to learn from it);
+3. with `--grpo-keep K`, only K of each group's samples go on: the K/2 worst and K/2 best rewarded
+   (max-variance down-sampling, PODS); advantages: each reward minus its group's mean, over the group's
+   standard deviation (all zero when the group ties: nothing to learn from it);
 4. one compiled update step (`--grpo-updates-per-batch` optimizer updates): the clipped policy-gradient
    objective over the sampled tokens (mean per sequence, then over sequences), minus `--grpo-kl-coef` x
    the k3 estimate of KL(policy || reference), the reference being the frozen starting policy. Token
@@ -92,6 +93,14 @@ def group_advantages(rewards: np.ndarray) -> np.ndarray:
     tied = np.ptp(rewards, axis=1, keepdims=True) == 0
     std = rewards.std(axis=1, keepdims=True)
     return np.where(tied, 0.0, centered / np.where(tied, 1.0, std + 1e-6)).astype(np.float32)
+
+
+def max_variance_subset(rewards: np.ndarray, keep: int) -> np.ndarray:
+    """int [B, keep]: per group (row), the `keep` // 2 lowest and the rest highest rewarded samples' columns,
+    the subset whose rewards vary most (PODS, arXiv:2504.13818): the samples an update learns most from."""
+    order = np.argsort(rewards, axis=1, kind="stable")
+    low = keep // 2
+    return np.concatenate([order[:, :low], order[:, order.shape[1] - (keep - low) :]], axis=1)
 
 
 # --- sequences ------------------------------------------------------------------------------------------
@@ -271,6 +280,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
         f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
         f"{rollouts.max_new_tokens} tokens per step"
+        + (f", updating on {grpo.keep} of each group's" if grpo.keep else "")
     )
 
     tx = optim.optimizer(config, grpo.updates_per_batch)
@@ -328,8 +338,13 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
                     for row, sample in enumerate(samples)
                 ]
             ).reshape(len(ids), group)
-            batch = rollout_batch(prompts, samples, tokenizer.eos_id)
-            batch.update(image=images, advantages=group_advantages(rewards).reshape(-1))
+            rows = np.arange(len(samples)).reshape(len(ids), group)
+            if grpo.keep:
+                rows = np.take_along_axis(rows, max_variance_subset(rewards, grpo.keep), axis=1)
+            kept = rows.reshape(-1)
+            batch = rollout_batch({k: v[kept] for k, v in prompts.items()}, samples[kept], tokenizer.eos_id)
+            advantages = group_advantages(rewards[np.arange(len(ids))[:, None], rows % group])
+            batch.update(image=images[kept], advantages=advantages.reshape(-1))
             state, metrics = step_fn(state, frozen, reference, batch)
             values = {key: float(value) for key, value in jax.device_get(metrics).items()}
             if not np.isfinite(values["loss"]):

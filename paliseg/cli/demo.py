@@ -94,6 +94,24 @@ class DemoPlan:
     warmup_fraction: float = 0.05
     seed: int = 0
 
+    @property
+    def shapes(self):
+        """The synthetic images' settings (`converters.synthetic.ShapesConfig`): one shape per image."""
+        from converters import synthetic
+
+        return synthetic.ShapesConfig(
+            image_size=self.image_size,
+            classes=self.classes,
+            objects_per_image=(1, 1),
+            object_scale=self.object_scale,
+            grid=self.grid,
+        )
+
+    @classmethod
+    def from_json(cls, plan: dict[str, Any]) -> DemoPlan:
+        """The plan a demo recorded in its demo.json."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in plan.items()})
+
 
 FULL = DemoPlan(train_images=3000, valid_images=48, steps=2000, save_every=250)
 QUICK = DemoPlan(train_images=600, valid_images=24, steps=300, save_every=75)
@@ -176,13 +194,7 @@ class Demo:
         from paliseg import console, records
 
         plan, export = self.plan, self.paths.export
-        shapes = synthetic.ShapesConfig(
-            image_size=plan.image_size,
-            classes=plan.classes,
-            objects_per_image=(1, 1),
-            object_scale=plan.object_scale,
-            grid=plan.grid,
-        )
+        shapes = plan.shapes
         started = self._stage("synthetic shapes", [command_line("python -m converters.synthetic", {
             "out": export, "--train": plan.train_images, "--valid": plan.valid_images, "--size": shapes.image_size,
             "--classes": ",".join(shapes.classes), "--objects": shapes.objects_per_image,

@@ -218,7 +218,7 @@ def test_train_help_lists_every_setting_with_its_default(capsys, monkeypatch):
     for prefix, cls in nested.items():
         fields += [(f"{prefix}_{f.name}", getattr(getattr(defaults, prefix), f.name)) for f in dataclasses.fields(cls)]
     fields += [("base_dtype", None), ("quantization_skip_vision", False), ("quantization_double_scales", False)]
-    assert len(fields) == len(dataclasses.fields(defaults)) - 3 + 4 + 8 + 3
+    assert len(fields) == len(dataclasses.fields(defaults)) - 3 + 4 + 9 + 3
     for name, default in fields:
         flag = "--" + name.replace("_", "-")
         if default is True and name != "remat":

@@ -63,16 +63,15 @@ def main() -> None:
 
     def rewards(sampling: decoding.Sampling, group: int) -> np.ndarray:
         prompts = {
-            key: np.repeat(np.stack([rollouts.prompt(int(i))[key] for i in ids]), group, axis=0)
-            for key in ("tokens", "mask_ar", "mask_input")
+            key: np.stack([rollouts.prompt(int(i))[key] for i in ids]) for key in ("tokens", "mask_ar", "mask_input")
         }
         generated = decoding.generate(
-            model_cfg, params, np.repeat(pixels, group, axis=0), prompts["tokens"], prompts["mask_ar"],
-            prompts["mask_input"], max_new_tokens=rollouts.max_new_tokens, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling, rng=jax.random.key(args.seed),
+            model_cfg, params, pixels, prompts["tokens"], prompts["mask_ar"], prompts["mask_input"],
+            max_new_tokens=rollouts.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            grammar=grammar, sampling=sampling, rng=jax.random.key(args.seed), samples_per_prompt=group,
         )  # fmt: skip
         texts = [tokenizer.decode(row) for row in np.asarray(generated.tokens)]
-        return np.asarray([rollouts.reward(int(ids[n // group]), t) for n, t in enumerate(texts)]).reshape(-1, group)
+        return rollouts.rewards(np.repeat(ids, group), texts).reshape(-1, group)
 
     greedy = rewards(decoding.Sampling(), 1)[:, 0]
     sampled = rewards(decoding.Sampling(args.temperature, 1.0), args.group)

@@ -166,7 +166,7 @@ def _sample(logits: jax.Array, temperature: jax.Array | None, top_p: jax.Array, 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-_STATIC = ("config", "max_new_tokens", "eos_id", "pad_id", "return_logits")
+_STATIC = ("config", "max_new_tokens", "eos_id", "pad_id", "return_logits", "samples_per_prompt")
 
 
 def _generate(
@@ -185,10 +185,10 @@ def _generate(
     eos_id,
     pad_id,
     return_logits,
+    samples_per_prompt,
 ):
     model = PaliGemma(config)
     params = decoding_view(config, params)
-    batch = tokens.shape[0]
     prompt_len = config.num_image_tokens + tokens.shape[1]
     logits, cache, key_valid, seq_len = model.apply(  # the last token is never written: max_new - 1 slots
         {"params": params},
@@ -199,6 +199,12 @@ def _generate(
         prompt_len + max_new_tokens - 1,
         method=PaliGemma.prefill,
     )
+    if samples_per_prompt > 1:  # each prompt's prefill, run once, copied to its samples' rows
+        logits, key_valid, seq_len, mask_input = (
+            jnp.repeat(a, samples_per_prompt, axis=0) for a in (logits, key_valid, seq_len, mask_input)
+        )
+        cache = tuple(jnp.repeat(c, samples_per_prompt, axis=1) for c in cache)  # [L,B,K,S,H]
+    batch = logits.shape[0]
     zeros = jnp.zeros((batch,), jnp.int32)
     state = {
         "step": jnp.asarray(0, jnp.int32),
@@ -324,8 +330,13 @@ def generate(
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     return_logits: bool = False,
+    samples_per_prompt: int = 1,
 ) -> Generation:
-    """Decode up to `max_new_tokens` after each prompt (see `Generation` for what comes back)."""
+    """Decode up to `max_new_tokens` after each prompt (see `Generation` for what comes back).
+
+    `samples_per_prompt` = G decodes G completions of each prompt (rows b * G ... b * G + G - 1 of the
+    result, as for prompts repeated G times) from one prefill of it: the image encoder and the prompt run
+    once per prompt, not once per sample (GRPO's groups)."""
     rng = jax.random.key(0) if rng is None else rng
     return Generation(
         **_compiled_generate()(
@@ -343,6 +354,7 @@ def generate(
             eos_id=eos_id,
             pad_id=pad_id,
             return_logits=return_logits,
+            samples_per_prompt=samples_per_prompt,
         )
     )
 

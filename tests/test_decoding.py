@@ -234,3 +234,21 @@ def test_chunk_scores_are_geometric_means_of_each_chunks_loc_tokens(tokenizer):
     assert tokenizer.decode(ids).count(";") == 1 and len(scores) == 2  # nothing after EOS counts
     np.testing.assert_allclose(scores, [(0.9 * 0.8 * 0.5 * 0.4) ** 0.25, 0.25], rtol=1e-6)
     assert decoding.chunk_scores(tokenizer, tokenizer.encode("a ; ; b"), np.zeros(8)) == (None, None, None)
+
+
+def test_samples_per_prompt_equal_the_prompts_repeated(tokenizer, params):
+    """G samples of each prompt from one prefill: the same tokens and log-probabilities as decoding each
+    prompt repeated G times (rows prompt-major), greedy under the grammar and sampled with the same key."""
+    prompts = _prompts(tokenizer, ["segment cat", "caption en"])
+    images = _images(2, seed=3)
+    repeated = {key: np.repeat(value, 3, axis=0) for key, value in prompts.items()}
+    grammar = decoding.segment_grammar(tokenizer, SMALL.llm.vocab_size)
+    for constrain, sampling in ((grammar, decoding.Sampling()), (None, decoding.Sampling(temperature=1.0))):
+        kwargs = dict(max_new_tokens=10, eos_id=-1, grammar=constrain, sampling=sampling, rng=jax.random.key(4))
+        shared = decoding.generate(SMALL, params, images, *prompts.values(), samples_per_prompt=3, **kwargs)
+        copies = decoding.generate(SMALL, params, np.repeat(images, 3, axis=0), *repeated.values(), **kwargs)
+        assert shared.tokens.shape == (6, 10)
+        np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(copies.tokens))
+        np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(copies.logprobs), atol=1e-5)
+    sampled = np.asarray(shared.tokens)
+    assert not np.array_equal(sampled[0], sampled[1])  # a prompt's samples differ

@@ -52,20 +52,23 @@ def test_reward_is_the_per_image_iou_eval_reports(tmp_path):
             )
         texts.append(tokens.format_suffix(objects))
     rewards = []
-    for text in texts:
+    batched = vae.texts_masks([(text, width, height) for text in texts], vae_model)  # one VAE batch, as GRPO
+    for text, decoded in zip(texts, batched):
         expected = score(from_text(text, record.prefix, width, height, vae_model), record, gt_mask, gt_boxes)
-        got = grpo.reward(text, width, height, gt_mask, gt_boxes, vae_model)
+        single = vae.text_masks(text, width, height, vae_model)
+        assert (decoded.union is None) == (single.union is None) and decoded.invalid == single.invalid
+        if single.union is not None:
+            np.testing.assert_array_equal(decoded.union, single.union)
+        got = grpo.reward(decoded, gt_mask, gt_boxes)
         assert got == expected.iou
-        with_boxes = grpo.reward(text, width, height, gt_mask, gt_boxes, vae_model, box_weight=0.5)
+        with_boxes = grpo.reward(decoded, gt_mask, gt_boxes, box_weight=0.5)
         assert with_boxes == pytest.approx(expected.iou + 0.5 * expected.box_miou)
         rewards.append(got)
     assert rewards[1] == 0.0 and 0 < max(rewards) < 1  # invalid scores 0; the random objects overlap somewhat
     empty_gt = np.zeros((height, width), bool)
-    assert grpo.reward("", width, height, empty_gt, [], vae_model) == 1.0  # empty/empty, as eval scores it
-    assert (
-        grpo.reward("", width, height, empty_gt, [], vae_model)
-        == scoring.score_image(np.zeros_like(empty_gt), empty_gt, "", "").iou
-    )
+    nothing = vae.text_masks("", width, height, vae_model)
+    assert grpo.reward(nothing, empty_gt, []) == 1.0  # empty/empty, as eval scores it
+    assert grpo.reward(nothing, empty_gt, []) == scoring.score_image(np.zeros_like(empty_gt), empty_gt, "", "").iou
 
 
 def test_advantages_are_zero_mean_per_group_and_zero_on_ties():

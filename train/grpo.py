@@ -7,9 +7,9 @@ DeepSeekMath's, arXiv:2402.03300). Each step:
 
 1. for each of the batch's B image/prompt pairs, sample G completions (`paliseg.decoding.generate`: the
    KV-cached decoder under the segmentation grammar, so every sample parses; one compiled program, no
-   host round trip per token);
+   host round trip per token; each prompt prefilled once for its G samples);
 2. decode each sample's objects through the VAE into masks at the ground truth's resolution
-   (`vae.text_masks`, the path predict and eval use) and reward it with `metrics.scoring.score_image(...)
+   (`vae.texts_masks`, the path predict and eval use, all samples in one VAE batch) and reward it with `metrics.scoring.score_image(...)
    .iou` (invalid = 0, empty/empty = 1, as eval scores), plus `--grpo-box-weight` x the Hungarian-matched
    box mIoU;
 3. with `--grpo-keep K`, only K of each group's samples go on: the K/2 worst and K/2 best rewarded
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +67,11 @@ GRPO_FIELDS = (
 # --- reward and advantages (host) ---------------------------------------------------------------------
 
 
-def reward(
-    text: str,
-    width: int,
-    height: int,
-    gt_mask: np.ndarray,
-    gt_boxes,
-    vae_model,
-    box_weight: float = 0.0,
-) -> float:
-    """One sample's reward: `score_image(...).iou` of its union mask at the ground truth's resolution (what
-    `paliseg eval` scores), plus `box_weight` x the matched box mIoU."""
-    decoded = vae.text_masks(text, width, height, vae_model)
+def reward(decoded: vae.TextMasks, gt_mask: np.ndarray, gt_boxes, box_weight: float = 0.0) -> float:
+    """One sample's reward from its masks decoded at the ground truth's resolution (`vae.texts_masks`):
+    `score_image(...).iou` of the union (what `paliseg eval` scores), plus `box_weight` x the matched box
+    mIoU."""
+    height, width = gt_mask.shape
     score = scoring.score_image(
         decoded.union, gt_mask, "", "", pred_boxes=decoded.boxes(width, height), gt_boxes=gt_boxes,
         invalid_objects=sum(decoded.invalid.values()),
@@ -250,10 +244,13 @@ class Rollouts:
         example = self.data.examples[example_id]
         return dataset.ground_truth(example.record, example.width, example.height)
 
-    def reward(self, example_id: int, text: str) -> float:
-        example = self.data.examples[example_id]
-        mask, boxes = self.ground_truth(example_id)
-        return reward(text, example.width, example.height, mask, boxes, self.vae, self.config.grpo.box_weight)
+    def rewards(self, example_ids: Sequence[int], texts: Sequence[str]) -> np.ndarray:
+        """float64 [N]: each text's reward against its example's ground truth (one VAE batch for all)."""
+        sizes = [(self.data.examples[i].width, self.data.examples[i].height) for i in example_ids]
+        decoded = vae.texts_masks([(text, *size) for text, size in zip(texts, sizes)], self.vae)
+        return np.asarray(
+            [reward(d, *self.ground_truth(i), self.config.grpo.box_weight) for i, d in zip(example_ids, decoded)]
+        )
 
 
 def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
@@ -320,24 +317,23 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         for step in range(start_step, end_step):
             step_started = time.perf_counter()
             ids = data.example_ids(step)[0]
-            images = np.repeat(data.batch(step)["image"][0], group, axis=0)
+            images = data.batch(step)["image"][0]
             prompts = {
-                key: np.repeat(np.stack([rollouts.prompt(int(i))[key] for i in ids]), group, axis=0)
+                key: np.stack([rollouts.prompt(int(i))[key] for i in ids])
                 for key in ("tokens", "mask_ar", "mask_input")
             }
             generated = decoding.generate(
                 sampler_cfg, param_sets.join(frozen, state["params"]), images, prompts["tokens"],
                 prompts["mask_ar"], prompts["mask_input"], max_new_tokens=rollouts.max_new_tokens,
                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling,
-                rng=jax.random.fold_in(base_key, step),
+                rng=jax.random.fold_in(base_key, step), samples_per_prompt=group,
             )  # fmt: skip
             samples = np.asarray(generated.tokens)
-            rewards = np.asarray(
-                [
-                    rollouts.reward(int(ids[row // group]), tokenizer.decode(sample))
-                    for row, sample in enumerate(samples)
-                ]
-            ).reshape(len(ids), group)
+            images, prompts = (  # each sample's row
+                jax.tree_util.tree_map(lambda a: np.repeat(a, group, axis=0), x) for x in (images, prompts)
+            )
+            texts = [tokenizer.decode(sample) for sample in samples]
+            rewards = rollouts.rewards(np.repeat(ids, group), texts).reshape(len(ids), group)
             rows = np.arange(len(samples)).reshape(len(ids), group)
             if grpo.keep:
                 rows = np.take_along_axis(rows, max_variance_subset(rewards, grpo.keep), axis=1)

@@ -20,7 +20,7 @@ from vae.masks import (
     tokens_to_masks,
 )
 from vae.model import MaskVAE, load, write_random_npz
-from vae.text import TextMasks, text_masks
+from vae.text import TextMasks, text_masks, texts_masks
 
 __all__ = [
     "DegenerateBoxWarning",
@@ -30,6 +30,7 @@ __all__ = [
     "mask_to_tokens",
     "masks_to_tokens",
     "text_masks",
+    "texts_masks",
     "tokens_to_mask",
     "tokens_to_masks",
     "write_random_npz",

@@ -144,9 +144,22 @@ def tokens_to_masks(
         raise ValueError(f"tokens_to_masks: {len(segs)} seg sequences but {len(locs)} loc boxes")
     if not len(segs):
         return np.zeros((0, height, width), dtype=bool)
-    logits = model.decode(np.asarray(segs, dtype=np.int32).reshape(len(segs), -1))
+    return paste_objects(
+        model.decode(np.asarray(segs, dtype=np.int32).reshape(len(segs), -1)), locs, width, height, counts
+    )
+
+
+def paste_objects(
+    logits: np.ndarray,
+    locs: Sequence[Sequence[int]],
+    width: int,
+    height: int,
+    counts: collections.Counter | None = None,
+) -> np.ndarray:
+    """N objects' decoder logits [N, 64, 64] and loc indices (y1, x1, y2, x2) -> bool [N, H, W]."""
     boxes = [codec.locs_to_pixel_box(object_locs, width, height) for object_locs in locs]
-    return np.stack([paste(m, b, width, height, counts) for m, b in zip(logits, boxes)])
+    masks = [paste(m, b, width, height, counts) for m, b in zip(logits, boxes)]
+    return np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
 
 
 def tokens_to_mask(

@@ -258,22 +258,23 @@ def grpo_step(preset_name: str, group: int, new_tokens: int) -> None:
     grammar = paligemma_grammar(model_cfg.llm.vocab_size)
     rng = np.random.default_rng(0)
     size = model_cfg.img.image_size
-    images = np.repeat(rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32), group, axis=0)
+    image = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
     prompt_tokens = [2, *rng.integers(10, 256_000, 8), 108]  # bos, "segment <class>", "\n"
-    prompts = {
-        "tokens": np.asarray([prompt_tokens + [0] * (16 - len(prompt_tokens))] * group, np.int32),
-        "mask_ar": np.zeros((group, 16), np.int32),
-        "mask_input": np.asarray([[1] * len(prompt_tokens) + [0] * (16 - len(prompt_tokens))] * group, np.int32),
+    prompt = {
+        "tokens": np.asarray([prompt_tokens + [0] * (16 - len(prompt_tokens))], np.int32),
+        "mask_ar": np.zeros((1, 16), np.int32),
+        "mask_input": np.asarray([[1] * len(prompt_tokens) + [0] * (16 - len(prompt_tokens))], np.int32),
     }
+    images, prompts = (np.repeat(image, group, axis=0), {k: np.repeat(v, group, axis=0) for k, v in prompt.items()})
     sampler_cfg = model_cfg.replace(remat=False)
     generated = None
 
     def sample():
         nonlocal generated
-        generated = decoding.generate(
-            sampler_cfg, param_sets.join(frozen, state["params"]), images, prompts["tokens"], prompts["mask_ar"],
-            prompts["mask_input"], max_new_tokens=new_tokens, eos_id=1, pad_id=0, grammar=grammar,
-            sampling=decoding.Sampling(temperature=1.0), rng=jax.random.key(1),
+        generated = decoding.generate(  # as train.grpo samples: one prefill for the group
+            sampler_cfg, param_sets.join(frozen, state["params"]), image, prompt["tokens"], prompt["mask_ar"],
+            prompt["mask_input"], max_new_tokens=new_tokens, eos_id=1, pad_id=0, grammar=grammar,
+            sampling=decoding.Sampling(temperature=1.0), rng=jax.random.key(1), samples_per_prompt=group,
         )  # fmt: skip
         return generated.tokens
 

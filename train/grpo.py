@@ -9,9 +9,9 @@ DeepSeekMath's, arXiv:2402.03300). Each step:
    KV-cached decoder under the segmentation grammar, so every sample parses; one compiled program, no
    host round trip per token; each prompt prefilled once for its G samples);
 2. decode each sample's objects through the VAE into masks at the ground truth's resolution
-   (`vae.texts_masks`, the path predict and eval use, all samples in one VAE batch) and reward it with `metrics.scoring.score_image(...)
-   .iou` (invalid = 0, empty/empty = 1, as eval scores), plus `--grpo-box-weight` x the Hungarian-matched
-   box mIoU;
+   (`vae.texts_masks`, the path predict and eval use; all samples in one VAE batch) and reward it with
+   `metrics.scoring.score_image(...).iou` (invalid = 0, empty/empty = 1, as eval scores), plus
+   `--grpo-box-weight` x the Hungarian-matched box mIoU;
 3. with `--grpo-keep K`, only K of each group's samples go on: the K/2 worst and K/2 best rewarded
    (max-variance down-sampling, PODS); advantages: each reward minus its group's mean, over the group's
    standard deviation (all zero when the group ties: nothing to learn from it);
@@ -328,19 +328,14 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling,
                 rng=jax.random.fold_in(base_key, step), samples_per_prompt=group,
             )  # fmt: skip
-            samples = np.asarray(generated.tokens)
-            images, prompts = (  # each sample's row
-                jax.tree_util.tree_map(lambda a: np.repeat(a, group, axis=0), x) for x in (images, prompts)
-            )
+            samples = np.asarray(generated.tokens)  # [B * G, T], prompt-major
             texts = [tokenizer.decode(sample) for sample in samples]
             rewards = rollouts.rewards(np.repeat(ids, group), texts).reshape(len(ids), group)
-            rows = np.arange(len(samples)).reshape(len(ids), group)
-            if grpo.keep:
-                rows = np.take_along_axis(rows, max_variance_subset(rewards, grpo.keep), axis=1)
-            kept = rows.reshape(-1)
-            batch = rollout_batch({k: v[kept] for k, v in prompts.items()}, samples[kept], tokenizer.eos_id)
-            advantages = group_advantages(rewards[np.arange(len(ids))[:, None], rows % group])
-            batch.update(image=images[kept], advantages=advantages.reshape(-1))
+            columns = max_variance_subset(rewards, grpo.keep) if grpo.keep else np.tile(np.arange(group), (len(ids), 1))
+            kept = (np.arange(len(ids))[:, None] * group + columns).reshape(-1)  # rows of `samples`
+            batch = rollout_batch({k: v[kept // group] for k, v in prompts.items()}, samples[kept], tokenizer.eos_id)
+            advantages = group_advantages(np.take_along_axis(rewards, columns, axis=1))
+            batch.update(image=images[kept // group], advantages=advantages.reshape(-1))
             state, metrics = step_fn(state, frozen, reference, batch)
             values = {key: float(value) for key, value in jax.device_get(metrics).items()}
             if not np.isfinite(values["loss"]):

@@ -126,6 +126,7 @@ class RlPlan:
     save_every: int
     batch_size: int = 8  # prompts per step, each sampled group_size times
     group_size: int = 8
+    keep: int | None = None  # --grpo-keep: update on this many of each group (its best and worst)
     lr: float = 3e-4
     temperature: float = 1.0
     kl_coef: float = 0.0
@@ -301,7 +302,8 @@ class Demo:
             "init_run": str(self.paths.run), "init_step": "best", "trainable": "all", "steps": rl.steps,
             "batch_size": rl.batch_size, "lr": rl.lr, "warmup_fraction": rl.warmup_fraction,
             "save_every": rl.save_every, "seed": self.plan.seed, "remat": False,
-            "grpo": {"group_size": rl.group_size, "temperature": rl.temperature, "kl_coef": rl.kl_coef}})  # fmt: skip
+            "grpo": {"group_size": rl.group_size, "keep": rl.keep, "temperature": rl.temperature,
+                     "kl_coef": rl.kl_coef}})  # fmt: skip
         config, result, started = self._train_stage("grpo", config, self.paths.rl)
         steps = ", ".join(map(str, result["checkpoint_steps"]))
         done = (

@@ -3,7 +3,7 @@ after reinforcement fine-tuning from it (`paliseg train --objective grpo`), over
 reward-vs-step plot; the gain is printed last.
 
     .venv/bin/paliseg demo --out demo_out                       # once: the supervised run to start from
-    .venv/bin/python benchmarks/grpo_gain.py --demo demo_out [--steps 400] [--lr 3e-4] ...
+    .venv/bin/python benchmarks/grpo_gain.py --demo demo_out [--steps 400] [--lr 3e-4] ...   # defaults: demo --rl's
 
 The GRPO run goes to DEMO/grpo_gain/run, its report (every checkpoint and step 0, the starting point,
 scored by `paliseg eval`'s sweep with the demo's VAE) to DEMO/grpo_gain/report, the plot to
@@ -32,7 +32,7 @@ from converters import synthetic
 from converters.convert import ConvertConfig, convert
 from infer import sweep
 from paliseg import files
-from paliseg.cli.demo import DemoPlan
+from paliseg.cli.demo import FULL_RL, DemoPlan
 from train import config as train_config
 from train import grpo, trainer
 from train.run import Run
@@ -76,17 +76,23 @@ def main() -> None:
     parser.add_argument("--demo", required=True, help="a finished `paliseg demo` folder (run/ with best.json)")
     parser.add_argument("--out", help="where the GRPO run and report go (default: DEMO/grpo_gain)")
     parser.add_argument("--init-step", default="best")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--save-every", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per step")
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup-fraction", type=float, default=0.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    plan = FULL_RL  # the defaults: the demo's --rl stage
+    parser.add_argument("--steps", type=int, default=plan.steps)
+    parser.add_argument("--save-every", type=int, default=plan.save_every)
+    parser.add_argument("--batch-size", type=int, default=plan.batch_size, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=plan.group_size)
+    parser.add_argument("--lr", type=float, default=plan.lr)
+    parser.add_argument("--warmup-fraction", type=float, default=plan.warmup_fraction)
+    parser.add_argument("--temperature", type=float, default=plan.temperature)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--kl-coef", type=float, default=0.0)
+    parser.add_argument("--kl-coef", type=float, default=plan.kl_coef)
     parser.add_argument("--updates", type=int, default=1, help="--grpo-updates-per-batch")
-    parser.add_argument("--keep", type=int, help="--grpo-keep: update on the K best and worst of each group")
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=plan.keep,
+        help="--grpo-keep: update on the K best and worst of each group (0: on all)",
+    )
     parser.add_argument("--trainable", default="all", choices=train_config.TRAINABLE_SETS)
     parser.add_argument(
         "--valid-images", type=int, default=480, help="the larger valid split's size (0: score the demo's only)"
@@ -107,7 +113,7 @@ def main() -> None:
         "init_step": args.init_step, "trainable": args.trainable, "steps": args.steps, "batch_size": args.batch_size,
         "lr": args.lr, "warmup_fraction": args.warmup_fraction, "save_every": args.save_every, "remat": False,
         "grpo": {"group_size": args.group_size, "temperature": args.temperature, "top_p": args.top_p, "kl_coef": args.kl_coef,
-                 "updates_per_batch": args.updates, "keep": args.keep}}  # fmt: skip
+                 "updates_per_batch": args.updates, "keep": args.keep or None}}  # fmt: skip
     resume = (out / "run" / "config.json").exists()  # continue an interrupted benchmark with the same settings
     if resume:  # --init-step was recorded as a number
         saved = Run(out / "run").train_config

@@ -1,6 +1,6 @@
 """Decoded text -> what a user needs: objects with labels, pixel boxes and full-resolution masks.
 
-The parsing and the masks are `vae.text.text_masks` (shared with the reinforcement fine-tuning reward).
+The parsing and the masks are `vae.text.texts_masks` (shared with the reinforcement fine-tuning reward).
 Model output is untrusted: `paliseg.tokens.parse_suffix` never raises and counts the chunks it rejects.
 Conventions (the sweep scores with them, the README quotes them):
 - An empty text is a valid answer: "no object of this prompt here" (an empty mask).
@@ -23,7 +23,7 @@ import numpy as np
 from metrics import scoring
 from paliseg import records
 from paliseg.dataset import ground_truth  # noqa: F401 (part of this module's API: the sweep uses it)
-from vae import text_masks
+from vae import TextMasks, texts_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,28 @@ def from_text(
     """Parse decoded text and paste each object's mask back at `width` x `height`. `degenerate` counts,
     by reason, the boxes that cover no pixel (their mask is empty); `chunk_scores` (per ";"-chunk of the
     text, from `paliseg.decoding.Decoded`) gives each object its confidence."""
-    decoded = text_masks(text, width, height, vae_model, degenerate)
+    return from_texts([(text, prompt, width, height)], vae_model, degenerate, [chunk_scores])[0]
+
+
+def from_texts(
+    texts: Sequence[tuple[str, str, int, int]],
+    vae_model,
+    degenerate: collections.Counter | None = None,
+    chunk_scores: Sequence[Sequence[float | None] | None] | None = None,
+) -> list[Prediction]:
+    """`from_text` of many (text, prompt, width, height), every object's mask in one VAE batch
+    (`vae.texts_masks`); `chunk_scores`: one list (or None) per text."""
+    decoded = texts_masks([(text, width, height) for text, _, width, height in texts], vae_model, degenerate)
+    chunk_scores = chunk_scores or [None] * len(texts)
+    return [
+        _prediction(one, text, prompt, width, height, scores)
+        for one, (text, prompt, width, height), scores in zip(decoded, texts, chunk_scores)
+    ]
+
+
+def _prediction(
+    decoded: TextMasks, text: str, prompt: str, width: int, height: int, chunk_scores: Sequence[float | None] | None
+) -> Prediction:
     if decoded.union is None:
         return Prediction(prompt, text, width, height, (), decoded.invalid, None)
     objects = tuple(

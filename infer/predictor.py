@@ -10,7 +10,7 @@
 
 Decoding is `paliseg.decoding.predict_texts` (KV cache, greedy, the segmentation grammar for "segment"
 prompts) in batches of `batch_size` (the last one padded, so one program is compiled per prompt-length
-bucket); masks come from the VAE at each image's own resolution (`infer.prediction.from_text`).
+bucket); masks come from the VAE at each image's own resolution (`infer.prediction.from_texts`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from infer.prediction import Prediction, from_text
+from infer.prediction import Prediction, from_texts
 
 if TYPE_CHECKING:
     from paliseg import decoding
@@ -196,10 +196,12 @@ class Predictor:
         if len(prompts) != len(opened):
             raise ValueError(f"{len(prompts)} prompts for {len(opened)} images")
         decoded = self.decode_texts([self.preprocess(image) for image in opened], prompts)
-        return [
-            from_text(item.text, prompt, image.width, image.height, self.vae, degenerate, item.chunk_scores)
-            for item, prompt, image in zip(decoded, prompts, opened)
-        ]
+        return from_texts(
+            [(item.text, prompt, image.width, image.height) for item, prompt, image in zip(decoded, prompts, opened)],
+            self.vae,
+            degenerate,
+            [item.chunk_scores for item in decoded],
+        )
 
 
 def _quantized(config, params: dict, quantize: str | None) -> tuple[Any, dict]:

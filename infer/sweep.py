@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from infer import cache as prediction_cache
-from infer.prediction import Prediction, from_text, ground_truth, score
+from infer.prediction import Prediction, from_texts, ground_truth, score
 from infer.predictor import Predictor
 from metrics import aggregate, scoring
 from paliseg import console, dataset, files, images, records
@@ -50,6 +50,7 @@ from vae import identity
 METRICS = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "p10", "p50", "p90")
 SWEEP_FILE = "sweep.json"  # REPORT_DIR's identity: which run, data and split it reports on
 OWNED_FOLDERS = ("predictions", "steps", "ceiling", "plots", "canvases")  # what the sweep writes in REPORT_DIR
+SCORE_CHUNK = 32  # images scored together: their ground truths held, a step's masks one VAE batch
 
 
 def select_steps(requested: str | Sequence[int], saved: Sequence[int], base: bool) -> list[int]:
@@ -146,14 +147,19 @@ def decode_step(
     return len(todo)
 
 
-def prediction_of(
-    item: Item,
-    text: str,
+def predictions_of(
+    items: Sequence[Item],
+    cache: prediction_cache.PredictionCache,
     vae_model,
     degenerate: collections.Counter | None = None,
-    chunk_scores: Sequence[float | None] | None = None,
-) -> Prediction:
-    return from_text(text, item.record.prefix, item.width, item.height, vae_model, degenerate, chunk_scores)
+) -> list[Prediction]:
+    """The cached texts of `items` as predictions, their masks decoded in one VAE batch."""
+    return from_texts(
+        [(cache.text(item.key), item.record.prefix, item.width, item.height) for item in items],
+        vae_model,
+        degenerate,
+        [cache.chunk_scores(item.key) for item in items],
+    )
 
 
 def ceiling_score(
@@ -312,17 +318,24 @@ def vae_for(
 
 
 def _score(items, caches, vae_model, ceiling: bool):
-    """Per step, the ImageScore of every item (in item order), and the ceiling's; each GT mask read once."""
+    """Per step, the ImageScore of every item (in item order), and the ceiling's. Items go in chunks of
+    SCORE_CHUNK: each one's ground truth is read once, and a step's masks of a chunk are one VAE batch."""
     scores: dict[int, list[scoring.ImageScore]] = {step: [] for step in caches}
     ceiling_scores: list[scoring.ImageScore] | None = [] if ceiling else None
     degenerate: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for item in console.progress(items, desc="scoring", unit="image"):
-        mask, boxes = ground_truth(item.record, item.width, item.height)
-        for step, cache in caches.items():
-            prediction = prediction_of(
-                item, cache.text(item.key), vae_model, degenerate[f"step {step}"], cache.chunk_scores(item.key)
-            )
-            scores[step].append(score(prediction, item.record, mask, boxes))
-        if ceiling_scores is not None:
-            ceiling_scores.append(ceiling_score(item, mask, boxes, vae_model, degenerate["ceiling"]))
+    bar = console.progress_bar("scoring", total=len(items), unit="image")
+    try:
+        for start in range(0, len(items), SCORE_CHUNK):
+            chunk = items[start : start + SCORE_CHUNK]
+            truths = [ground_truth(item.record, item.width, item.height) for item in chunk]
+            for step, cache in caches.items():
+                predictions = predictions_of(chunk, cache, vae_model, degenerate[f"step {step}"])
+                scores[step] += [score(p, item.record, *truth) for p, item, truth in zip(predictions, chunk, truths)]
+            if ceiling_scores is not None:
+                ceiling_scores += [
+                    ceiling_score(item, *truth, vae_model, degenerate["ceiling"]) for item, truth in zip(chunk, truths)
+                ]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
     return scores, ceiling_scores, {k: dict(v) for k, v in degenerate.items() if v}

@@ -16,6 +16,7 @@ from PIL import Image
 
 import vae
 from infer import sweep
+from infer.prediction import from_text
 from infer.predictor import Predictor
 from paliseg import config as model_configs
 from paliseg import dataset, files, images, model, records, tokens
@@ -122,6 +123,7 @@ def swept(setup, tmp_path_factory):
         calls = _count_decodes(monkeypatch)
         monkeypatch.setattr(param_sets, "initial", lambda *args: loads.append(args) or initial(*args))
         monkeypatch.setattr(train_config, "from_dict", lambda *args: parsed.append(args) or from_dict(*args))
+        monkeypatch.setattr(sweep, "SCORE_CHUNK", 2)  # 3 images: a full chunk and a partial one
         report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)
     assert len(parsed) == 1  # the run's config.json is parsed once per sweep, not per checkpoint
     return report, out, calls, len(loads)
@@ -192,8 +194,8 @@ def test_report_files_best_json_and_scores(setup, swept):
     items, _ = dataset.check_split(data, "valid")
     model_vae = vae.MaskVAE.from_npz(vae_path)
     expected = []
-    for item in items:
-        predicted = sweep.prediction_of(item, texts[item.key], model_vae)
+    for item in items:  # one by one, against the sweep's batches
+        predicted = from_text(texts[item.key], PROMPT, item.width, item.height, model_vae)
         gt = images.read_mask(item.record.mask_path)
         boxes = [
             tokens.locs_to_box(o.locs, item.width, item.height) for o in tokens.parse_suffix(item.record.suffix).objects

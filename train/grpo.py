@@ -100,6 +100,11 @@ def max_variance_subset(rewards: np.ndarray, keep: int) -> np.ndarray:
 # --- sequences ------------------------------------------------------------------------------------------
 
 
+def sampled_mask(samples: np.ndarray, eos_id: int) -> np.ndarray:
+    """bool [N, T]: the tokens the sampler drew, each row up to and including its EOS (pad after it)."""
+    return ~(np.cumsum(samples == eos_id, axis=1) - (samples == eos_id) > 0)
+
+
 def rollout_batch(prompt: dict[str, np.ndarray], samples: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
     """The teacher-forced inputs of sampled completions: each prompt (right-padded [N, P], as decoded)
     followed directly by its sample [N, T] (pad after EOS), padded to P + T; `positions` [N, T] says
@@ -107,8 +112,7 @@ def rollout_batch(prompt: dict[str, np.ndarray], samples: np.ndarray, eos_id: in
     count, prompt_len = prompt["tokens"].shape
     length = samples.shape[1]
     lengths = prompt["mask_input"].sum(axis=1).astype(np.int64)
-    after_eos = np.cumsum(samples == eos_id, axis=1) - (samples == eos_id) > 0
-    sampled = ~after_eos
+    sampled = sampled_mask(samples, eos_id)
     tokens = np.zeros((count, prompt_len + length), np.int32)
     mask_ar = np.zeros_like(tokens)
     mask_input = np.zeros_like(tokens)
@@ -347,7 +351,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
                 "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()),
                 "zero_variance_groups": float(np.mean(np.ptp(rewards, axis=1) == 0)),
-                "tokens_per_s": float(batch["mask"].sum()) / max(now - step_started, 1e-9),
+                "tokens_per_s": float(sampled_mask(samples, tokenizer.eos_id).sum()) / max(now - step_started, 1e-9),
                 "examples_per_s": len(ids) / max(now - step_started, 1e-9),
                 "elapsed_s": now - started,
             }

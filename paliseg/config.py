@@ -180,6 +180,11 @@ class QuantizationConfig:
         return self.format is not None
 
 
+# The param tree's subtrees stacked over depth when `scan_layers` ('/'-joined); unscanned, layer i of a
+# stack is `<stack>_<i>` (`llm/layers_0/...`). Sharding and the CPU inference layout both key on these.
+SCANNED_STACKS = ("llm/layers", "img/Transformer/encoderblock")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """PaliGemma = SigLIP + Gemma, plus the numerics.

@@ -404,3 +404,21 @@ def test_sincos2d_position_embedding_init():
     assert cfgs.preset("paligemma-3b-224").img.posemb_init == "normal"
     with pytest.raises(ValueError, match="posemb_init"):
         cfgs.SiglipConfig(posemb_init="learned")
+
+
+def test_scanned_stacks_are_the_subtrees_the_model_stacks_over_depth():
+    """`config.SCANNED_STACKS`, what FSDP sharding and the CPU inference layout key on, names exactly the
+    subtrees that `scan_layers=False` splits into `<stack>_<i>`, and each leaf under one has that many layers
+    first."""
+    import re
+
+    config = cfgs.preset("tiny-pg2")
+    scanned = flatten(model.param_shapes(config))
+    layers: dict[str, set[int]] = {}
+    for path in flatten(model.param_shapes(config.replace(scan_layers=False))):
+        if match := re.match(r"(.+?)_(\d+)/", path):
+            layers.setdefault(match[1], set()).add(int(match[2]))
+    assert set(layers) == set(cfgs.SCANNED_STACKS)
+    for stack, indices in layers.items():
+        leaves = [shape for path, shape in scanned.items() if path.startswith(stack + "/")]
+        assert leaves and {leaf.shape[0] for leaf in leaves} == {len(indices)}

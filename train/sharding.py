@@ -6,10 +6,9 @@ devices holds one copy of the model between them and XLA inserts the all-gathers
 
 Which axis of a parameter is split follows big_vision's `fsdp` strategy rather than a per-name table of
 logical axes: the largest axis divisible by the FSDP size, never the leading layer axis of scanned blocks
-(`llm/layers`, `img/Transformer/encoderblock`: slicing a layer out of a split stack would gather it every
-iteration). It needs no annotations in the model, and covers the LoRA adapters and the optimizer state
-(whose leaves carry the parameter names in their paths) with the same rule. A parameter with no such axis
-is replicated.
+(`paliseg.config.SCANNED_STACKS`: slicing a layer out of a split stack would gather it every iteration).
+It needs no annotations in the model, and covers the LoRA adapters and the optimizer state (whose leaves
+carry the parameter names in their paths) with the same rule. A parameter with no such axis is replicated.
 """
 
 from __future__ import annotations
@@ -22,9 +21,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from paliseg.config import SCANNED_STACKS
+
 MESH_AXES = ("data", "fsdp")
 BATCH_SPEC = PartitionSpec(None, MESH_AXES)  # batch arrays are [grad_accum, batch, ...]
-_SCANNED = re.compile(r"(^|/)(llm/layers|img/Transformer/encoderblock)(/|$)")
+_SCANNED = re.compile(rf"(^|/)({'|'.join(map(re.escape, SCANNED_STACKS))})(/|$)")
 
 
 def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

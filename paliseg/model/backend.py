@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from paliseg.config import SCANNED_STACKS
 from paliseg.model import quantization
 
 # XLA:CPU has no bf16 matmul: it converts each layer's bf16 weights to f32, and loop-invariant code motion
@@ -62,10 +63,6 @@ def decoding_view(config, params: dict) -> dict:
     return storage_view(params) if config.scan_layers and not config.quantization.enabled else params
 
 
-# The scanned (depth-stacked) subtrees of the param tree ('/'-joined), and the prefix of their unscanned layers.
-_SCANNED = {"llm/layers": "llm/layers_", "img/Transformer/encoderblock": "img/Transformer/encoderblock_"}
-
-
 def for_inference(config, params: dict, *, consume: bool = False):
     """`(config, params)` to decode with. On CPU the layers are unscanned (`config.scan_layers=False`), each
     layer's params in buffers of their own, and the projection weights `Matrices`; other backends keep
@@ -101,7 +98,7 @@ def unstack_layers(params: dict, *, consume: bool = False, convert=None) -> dict
     convert = convert or (lambda path, leaf: leaf)
     out = {}
     for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
-        stack = next((s for s in _SCANNED if path.startswith(s + "/")), None)
+        stack = next((s for s in SCANNED_STACKS if path.startswith(s + "/")), None)
         if stack is None:
             out[path] = convert(path, leaf)
             continue
@@ -109,7 +106,7 @@ def unstack_layers(params: dict, *, consume: bool = False, convert=None) -> dict
         hosts = [np.asarray(array) for array in arrays]  # views of the buffers on CPU
         for i in range(hosts[0].shape[0]):
             # converted on the host: device temporaries of XLA:CPU outlived the loop (+2.4 GB for one 3B leaf)
-            layer_path = f"{_SCANNED[stack]}{i}{path[len(stack) :]}"
+            layer_path = f"{stack}_{i}{path[len(stack) :]}"
             layer = convert(layer_path, jax.tree.unflatten(treedef, [h[i] for h in hosts]))
             out[layer_path] = jax.tree.map(jnp.asarray, layer)
         del hosts

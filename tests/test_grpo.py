@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -29,6 +32,8 @@ from train import grpo, trainer
 from train import params as param_sets
 from train.run import Run
 from vae import identity
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --- reward and advantages ------------------------------------------------------------------------------
 
@@ -249,6 +254,44 @@ def test_cli_trains_grpo_with_lora_from_a_run(tiny_run, tmp_path, capsys):
     assert run.train_config.init_step == "2" and run.model_config.lora.enabled
     config, _ = run.load(2)
     assert not config.lora.enabled  # merged, as for a supervised LoRA run
+
+
+_SHARDED_GRPO = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import jax
+assert len(jax.devices()) == 2, jax.devices()
+from test_grpo import _rl_config
+from train import trainer
+trainer.run(_rl_config(Path({data!r}), Path({init_run!r}), Path({out!r}), steps=2, mesh_fsdp=2))
+"""
+
+
+@pytest.mark.slow
+def test_two_device_grpo_run_matches_one_device(tiny_run, tmp_path):
+    """Two simulated CPU devices (FSDP 2: the params split, each device sampling and updating on one
+    prompt's group): the same rewards, losses and final params as one device."""
+    data, init_run, _ = tiny_run
+    trainer.run(_rl_config(data, init_run, tmp_path / "one", steps=2))
+    script = _SHARDED_GRPO.format(
+        tests=str(REPO / "tests"), data=str(data), init_run=str(init_run), out=str(tmp_path / "two")
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 device(s) (data 1 x fsdp 2)" in done.stderr
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert float(b["reward_mean"]) == pytest.approx(float(a["reward_mean"]), abs=1e-9)  # the same samples
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4, abs=1e-6)
+    (_, final_one), (_, final_two) = Run(tmp_path / "one").load(2), Run(tmp_path / "two").load(2)
+    # atol: an Adam step is ~lr (1e-3); params whose gradient is zero up to rounding (SigLIP's key bias: a
+    # constant added to every key's logit) take steps of rounding noise, which differs between the two.
+    for a, b in zip(jax.tree_util.tree_leaves(final_one), jax.tree_util.tree_leaves(final_two)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
 
 
 def wall_dataset(folder: Path, vae_path: Path, count: int = 4) -> Path:

@@ -381,7 +381,6 @@ def validate(config: TrainConfig) -> None:
             f"--grpo-keep must be between 2 and --grpo-group-size ({grpo.group_size}), got {grpo.keep}",
         )
         need(config.grad_accum == 1, "--objective grpo takes --grad-accum 1 (lower --batch-size or --grpo-group-size)")
-        need(config.mesh_fsdp == 1, "--objective grpo runs on one device: --mesh-fsdp 1")
     need(config.init in (None, "random"), f"--init must be 'random', got {config.init!r}")
     if config.data_weights is not None:
         need(

@@ -21,6 +21,9 @@ DeepSeekMath's, arXiv:2402.03300). Each step:
    log-probabilities come from a teacher-forced forward pass under the grammar's mask
    (`paliseg.decoding.token_logprobs`), i.e. the distribution the samples were drawn from at temperature 1.
 
+On several devices of one host (`train.sharding`'s mesh, as supervised runs): the prompts are split over
+the devices for sampling and the kept samples for the update; `--mesh-fsdp` splits the parameters.
+
 The forward passes are deterministic (no dropout): the ratio must compare the policy with itself. With one
 update per batch the ratio is exactly 1 and the gradient is the plain policy gradient; more updates
 compare against the log-probabilities of the policy that sampled (computed at the step's start).
@@ -51,10 +54,9 @@ from paliseg.config import ModelConfig
 from paliseg.model import backend
 from train import checkpoints as run_checkpoints
 from train import data as train_data
-from train import optim, trainer
+from train import optim, sharding, trainer
 from train import params as param_sets
 from train import run as run_folder
-from train import step as train_step
 from train.config import TrainConfig
 from vae import identity
 
@@ -217,12 +219,14 @@ def make_grpo_step(
     return step
 
 
-def jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id):
-    """`make_grpo_step` compiled as `paliseg train --objective grpo` runs it (the state donated)."""
+def jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id, **jit_kwargs):
+    """`make_grpo_step` compiled as `paliseg train --objective grpo` runs it (the state donated);
+    `jit_kwargs` (shardings) go to `jax.jit`."""
     return jax.jit(
         make_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id),
         donate_argnums=(0,),
         compiler_options=backend.compiler_options(),
+        **jit_kwargs,
     )
 
 
@@ -260,7 +264,9 @@ class Rollouts:
 def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """`train.trainer.run` for --objective grpo: the same run folder, checkpoints and resumption."""
     if jax.process_count() > 1:
-        raise ValueError("--objective grpo runs in one process (multi-host GRPO is not implemented)")
+        raise ValueError(
+            "--objective grpo runs in one process, on all its devices (multi-host GRPO is not implemented)"
+        )
     out = trainer.check_out_folder(config, resume)
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0
@@ -276,33 +282,37 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     vae_model = vae.load(identity.resolve(recorded_vae, recorded_by="the --data folders").path)
     rollouts = Rollouts(config, tokenizer, data, vae_model)
     grpo, group = config.grpo, config.grpo.group_size
+    mesh = sharding.make_mesh(config.mesh_fsdp)
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(
+            f"--batch-size {config.batch_size} (prompts per step) must be a multiple of the number of devices "
+            f"({mesh.devices.size}): each device samples and updates on its share of the prompts"
+        )
     start = f"{config.init_run} step {config.init_step}" if config.init_run else (config.checkpoint or config.init)
     console.info(
         f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
         f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
         f"{rollouts.max_new_tokens} tokens per step"
         + (f", updating on {grpo.keep} of each group's" if grpo.keep else "")
+        + f"; {mesh.devices.size} device(s) (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})"
     )
 
     tx = optim.optimizer(config, grpo.updates_per_batch)
     lr_schedule = optim.schedule(config, grpo.updates_per_batch)
-    frozen, reference = param_sets.initial(config, model_cfg)
     checkpoints = run_checkpoints.manager(out)
-    if start_step:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        state_shapes = jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            jax.eval_shape(lambda p: train_step.init_state(p, tx), reference),
-        )
-        state = run_checkpoints.restore_state(checkpoints, start_step, state_shapes)
-    else:
-        state = jax.jit(lambda p: train_step.init_state(p, tx))(reference)
-        if not resume:
-            out.mkdir(parents=True, exist_ok=True)
-            run_folder.write_config(out, config, model_cfg, data.digests, recorded_vae)
+    placed = trainer.sharded_start(config, model_cfg, tx, mesh, checkpoints, start_step)
+    frozen, reference, state = placed.frozen, placed.initial, placed.state  # reference: the frozen KL policy
+    if not start_step and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        run_folder.write_config(out, config, model_cfg, data.digests, recorded_vae)
 
     grammar = decoding.segment_grammar(tokenizer, model_cfg.llm.vocab_size)
-    step_fn = jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, tokenizer.eos_id)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES))  # [N, ...] over devices
+    step_fn = jit_grpo_step(
+        config, model_cfg, tx, lr_schedule, grammar, tokenizer.eos_id,
+        in_shardings=(placed.state_shardings, placed.frozen_shardings, placed.state_shardings["params"], rows),
+        out_shardings=(placed.state_shardings, sharding.replicated(mesh)),
+    )  # fmt: skip
     sampler_cfg = model_cfg.replace(remat=False)
     sampling = decoding.Sampling(grpo.temperature, grpo.top_p)
     base_key = jax.random.fold_in(jax.random.key(config.seed), 7)  # apart from the other seeded streams
@@ -326,9 +336,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
                 key: np.stack([rollouts.prompt(int(i))[key] for i in ids])
                 for key in ("tokens", "mask_ar", "mask_input")
             }
+            on_devices = jax.device_put((images, prompts), rows)  # each device samples its prompts' groups
             generated = decoding.generate(
-                sampler_cfg, param_sets.join(frozen, state["params"]), images, prompts["tokens"],
-                prompts["mask_ar"], prompts["mask_input"], max_new_tokens=rollouts.max_new_tokens,
+                sampler_cfg, param_sets.join(frozen, state["params"]), on_devices[0], on_devices[1]["tokens"],
+                on_devices[1]["mask_ar"], on_devices[1]["mask_input"], max_new_tokens=rollouts.max_new_tokens,
                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling,
                 rng=jax.random.fold_in(base_key, step), samples_per_prompt=group,
             )  # fmt: skip

@@ -13,6 +13,7 @@ Outputs (process 0 writes the files; every process takes part in saving the shar
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -107,6 +108,35 @@ class MetricsLog:
             self.tb.close()
 
 
+@dataclasses.dataclass
+class Start:
+    """Where a run starts, placed on its mesh: the frozen params, the trainable set at step 0 (GRPO's KL
+    reference), the train state (fresh from it, or restored) and the trees' shardings."""
+
+    frozen: Any
+    initial: Any
+    state: Any
+    frozen_shardings: Any
+    state_shardings: Any
+
+
+def sharded_start(config: TrainConfig, model_cfg, tx, mesh, checkpoints, start_step: int) -> Start:
+    """The params and state of step `start_step` (0: fresh), split over `mesh` (`train.sharding`)."""
+    frozen_shapes, trainable_shapes = param_sets.abstract(config, model_cfg)
+    frozen_shardings = sharding.tree_shardings(frozen_shapes, mesh)
+    state_shapes = jax.eval_shape(lambda p: train_step.init_state(p, tx), trainable_shapes)
+    state_shardings = sharding.tree_shardings(state_shapes, mesh)
+    frozen, initial = param_sets.initial(config, model_cfg, (frozen_shardings, state_shardings["params"]))
+    if start_step:
+        abstract = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings
+        )
+        state = run_checkpoints.restore_state(checkpoints, start_step, abstract)
+    else:
+        state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_shardings)(initial)
+    return Start(frozen, initial, state, frozen_shardings, state_shardings)
+
+
 def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or continue) the run described by `config`; returns a summary. `stop_after` ends this session
     after that many steps in total, as an interruption would (tests use it to check resumption)."""
@@ -140,24 +170,18 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
 
     tx = optim.optimizer(config)
     lr_schedule = optim.schedule(config)
-    frozen_shapes, trainable_shapes = param_sets.abstract(config, model_cfg)
-    frozen_shardings = sharding.tree_shardings(frozen_shapes, mesh)
-    state_shapes = jax.eval_shape(lambda p: train_step.init_state(p, tx), trainable_shapes)
-    state_shardings = sharding.tree_shardings(state_shapes, mesh)
-
     checkpoints = run_checkpoints.manager(out)
-    frozen, trainable = param_sets.initial(config, model_cfg, (frozen_shardings, state_shardings["params"]))
-    if start_step:
-        abstract = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings
-        )
-        state = run_checkpoints.restore_state(checkpoints, start_step, abstract)
-        del trainable
-    else:
-        state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_shardings)(trainable)
-        if is_main and not resume:
-            out.mkdir(parents=True, exist_ok=True)
-            run_folder.write_config(out, config, model_cfg, data.digests, data_vae)
+    start = sharded_start(config, model_cfg, tx, mesh, checkpoints, start_step)
+    frozen, state, frozen_shardings, state_shardings = (
+        start.frozen,
+        start.state,
+        start.frozen_shardings,
+        start.state_shardings,
+    )
+    del start  # the starting trainable set is in the fresh state, or not needed after a restore
+    if not start_step and is_main and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        run_folder.write_config(out, config, model_cfg, data.digests, data_vae)
 
     step_fn = train_step.jit_train_step(
         config,

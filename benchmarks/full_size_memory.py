@@ -265,7 +265,6 @@ def grpo_step(preset_name: str, group: int, new_tokens: int) -> None:
         "mask_ar": np.zeros((1, 16), np.int32),
         "mask_input": np.asarray([[1] * len(prompt_tokens) + [0] * (16 - len(prompt_tokens))], np.int32),
     }
-    images, prompts = (np.repeat(image, group, axis=0), {k: np.repeat(v, group, axis=0) for k, v in prompt.items()})
     sampler_cfg = model_cfg.replace(remat=False)
     generated = None
 
@@ -279,9 +278,9 @@ def grpo_step(preset_name: str, group: int, new_tokens: int) -> None:
         return generated.tokens
 
     sample_s = timed_twice(f"sample ({group} completions of up to {new_tokens} tokens, grammar, KV cache)", sample)
-    batch = grpo.rollout_batch(prompts, np.asarray(generated.tokens), 1)
+    batch = grpo.rollout_batch(image, prompt, np.asarray(generated.tokens), 1)
     print(f"sampled tokens: {int(batch['mask'].sum())} of {group * new_tokens}", flush=True)
-    batch.update(image=images, advantages=np.linspace(-1.5, 1.5, group).astype(np.float32))
+    batch["advantages"] = np.linspace(-1.5, 1.5, group).astype(np.float32)
     batch = jax.device_put(batch)
     step_fn = grpo.jit_grpo_step(config, model_cfg, tx, optim.schedule(config), grammar, 1)
 
@@ -291,7 +290,7 @@ def grpo_step(preset_name: str, group: int, new_tokens: int) -> None:
         return metrics["loss"]
 
     update_s = timed_twice(
-        f"GRPO update ({group} x (256 image + 16 prompt + {new_tokens} tokens), KL, remat)", one_step
+        f"GRPO update (256 image + 16 prompt tokens once, {group} x {new_tokens} sampled, KL, remat)", one_step
     )
     print(
         f"grpo step (compiled, without the reward): {sample_s + update_s:.1f} s = sample {sample_s:.1f} s + update {update_s:.1f} s"

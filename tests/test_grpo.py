@@ -131,20 +131,19 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def sampled(tokenizer):
-    """A random SMALL model, prompts of two lengths, 4 completions each sampled under the grammar."""
+    """A random SMALL model, prompts of two lengths, 2 completions each sampled under the grammar."""
     params = _random_params(SMALL)
     grammar = decoding.segment_grammar(tokenizer, SMALL.llm.vocab_size)
     texts = ["segment crack", "segment the long taping area please", "segment crack", "segment hole"]
     encoded = [tokenizer.encode_prompt(t, 16) for t in texts]
-    prompts = {k: np.repeat(np.stack([e[k] for e in encoded]), 2, axis=0) for k in ("tokens", "mask_ar", "mask_input")}
-    images = np.asarray(jax.random.uniform(jax.random.key(3), (8, 16, 16, 3), minval=-1, maxval=1))
+    prompts = {k: np.stack([e[k] for e in encoded]) for k in ("tokens", "mask_ar", "mask_input")}
+    images = np.asarray(jax.random.uniform(jax.random.key(3), (4, 16, 16, 3), minval=-1, maxval=1))
     generation = decoding.generate(
         SMALL, params, images, prompts["tokens"], prompts["mask_ar"], prompts["mask_input"], max_new_tokens=24,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar,
-        sampling=decoding.Sampling(temperature=1.3, top_p=0.95), rng=jax.random.key(5),
+        sampling=decoding.Sampling(temperature=1.3, top_p=0.95), rng=jax.random.key(5), samples_per_prompt=2,
     )  # fmt: skip
-    batch = grpo.rollout_batch(prompts, np.asarray(generation.tokens), tokenizer.eos_id)
-    batch["image"] = images
+    batch = grpo.rollout_batch(images, prompts, np.asarray(generation.tokens), tokenizer.eos_id)
     return params, grammar, batch, generation
 
 

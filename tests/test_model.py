@@ -422,3 +422,30 @@ def test_scanned_stacks_are_the_subtrees_the_model_stacks_over_depth():
     for stack, indices in layers.items():
         leaves = [shape for path, shape in scanned.items() if path.startswith(stack + "/")]
         assert leaves and {leaf.shape[0] for leaf in leaves} == {len(indices)}
+
+
+@pytest.mark.parametrize("preset, window", [("tiny", None), ("tiny-pg2", 6)])
+def test_continuation_logits_equal_the_full_forward_of_each_sequence(preset, window):
+    """GRPO's update: G continuations of each prompt, the prompt's prefix run once. Each row's logits equal
+    the training forward of [image | prompt | continuation] (prompts of two lengths, right-padded; a sliding
+    window small enough to cut into the prefix)."""
+    config = cfgs.preset(preset).replace(llm={"sliding_window": window})
+    params = model.init_params(config, jax.random.key(1))
+    rng = np.random.default_rng(2)
+    size, vocab, group, prompt_len, length = config.img.image_size, config.llm.vocab_size, 3, 6, 5
+    images = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    real = [6, 3]  # each prompt's real tokens
+    tokens = rng.integers(2, vocab, (2, prompt_len)).astype(np.int32)
+    mask_input = np.asarray([[1] * n + [0] * (prompt_len - n) for n in real], np.int32)
+    tokens *= mask_input
+    continuations = rng.integers(2, vocab, (2 * group, length)).astype(np.int32)
+    got = model.continuation_logits(config, params, images, tokens, 0 * mask_input, mask_input, continuations)
+    assert got.shape == (2 * group, length, vocab)
+    for row, continuation in enumerate(continuations):
+        prompt, n = row // group, real[row // group]
+        sequence = np.concatenate([tokens[prompt, :n], continuation])[None]
+        mask_ar = np.asarray([[0] * n + [1] * length], np.int32)
+        full = model.forward(config, params, images[prompt : prompt + 1], sequence, mask_ar, np.ones_like(mask_ar))
+        np.testing.assert_allclose(
+            np.asarray(got[row]), np.asarray(full[0, n - 1 : n - 1 + length]), atol=1e-4, rtol=1e-4
+        )

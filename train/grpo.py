@@ -19,7 +19,9 @@ DeepSeekMath's, arXiv:2402.03300). Each step:
    objective over the sampled tokens (mean per sequence, then over sequences), minus `--grpo-kl-coef` x
    the k3 estimate of KL(policy || reference), the reference being the frozen starting policy. Token
    log-probabilities come from a teacher-forced forward pass under the grammar's mask
-   (`paliseg.decoding.token_logprobs`), i.e. the distribution the samples were drawn from at temperature 1.
+   (`paliseg.decoding.token_logprobs`), i.e. the distribution the samples were drawn from at temperature 1;
+   as in sampling, each prompt's image and text run once for its K kept samples
+   (`model.continuation_logits`), not once per sample.
 
 On several devices of one host (`train.sharding`'s mesh, as supervised runs): the prompts are split over
 the devices for sampling and the kept samples for the update; `--mesh-fsdp` splits the parameters.
@@ -107,30 +109,17 @@ def sampled_mask(samples: np.ndarray, eos_id: int) -> np.ndarray:
     return ~(np.cumsum(samples == eos_id, axis=1) - (samples == eos_id) > 0)
 
 
-def rollout_batch(prompt: dict[str, np.ndarray], samples: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
-    """The teacher-forced inputs of sampled completions: each prompt (right-padded [N, P], as decoded)
-    followed directly by its sample [N, T] (pad after EOS), padded to P + T; `positions` [N, T] says
-    which output row predicts each sampled token, `mask` [N, T] which tokens were sampled (up to EOS)."""
-    count, prompt_len = prompt["tokens"].shape
-    length = samples.shape[1]
-    lengths = prompt["mask_input"].sum(axis=1).astype(np.int64)
-    sampled = sampled_mask(samples, eos_id)
-    tokens = np.zeros((count, prompt_len + length), np.int32)
-    mask_ar = np.zeros_like(tokens)
-    mask_input = np.zeros_like(tokens)
-    for row, n in enumerate(lengths):
-        tokens[row, :n] = prompt["tokens"][row, :n]
-        tokens[row, n : n + length] = samples[row]
-        mask_input[row, : n + length] = np.concatenate([np.ones(n, np.int32), sampled[row]])
-        mask_ar[row, n : n + length] = 1
-    positions = (lengths[:, None] - 1 + np.arange(length)[None, :]).astype(np.int32)
+def rollout_batch(
+    images: np.ndarray, prompts: dict[str, np.ndarray], samples: np.ndarray, eos_id: int
+) -> dict[str, np.ndarray]:
+    """The update's inputs: the B images and prompts (right-padded [B, P], as decoded) and the samples
+    [B * K, T] that continue them, K per prompt in prompt-major order (pad after EOS); `mask` [B * K, T]
+    says which tokens were sampled (up to EOS)."""
     return {
-        "tokens": tokens,
-        "mask_ar": mask_ar,
-        "mask_input": mask_input,
-        "positions": positions,
+        "image": images,
+        **{key: prompts[key] for key in ("tokens", "mask_ar", "mask_input")},
         "samples": samples.astype(np.int32),
-        "mask": sampled.astype(np.float32),
+        "mask": sampled_mask(samples, eos_id).astype(np.float32),
     }
 
 
@@ -140,13 +129,13 @@ def rollout_batch(prompt: dict[str, np.ndarray], samples: np.ndarray, eos_id: in
 def policy_logprobs(
     model_cfg: ModelConfig, params, batch: dict[str, jax.Array], grammar: decoding.SegmentGrammar, eos_id: int
 ) -> jax.Array:
-    """float32 [N, T]: the log-probability of each sampled token under `params` and the grammar (0 after
-    EOS), from one teacher-forced forward pass."""
-    logits = model.forward(
-        model_cfg, params, batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"]
-    )  # [N, P + T, V]
-    chosen = logits[jnp.arange(logits.shape[0])[:, None], batch["positions"]]  # [N, T, V]
-    return decoding.token_logprobs(chosen, batch["samples"], grammar, eos_id)
+    """float32 [B * K, T]: the log-probability of each sampled token under `params` and the grammar (0 after
+    EOS), teacher-forced; each prompt's image and text run once for its K samples
+    (`model.continuation_logits`)."""
+    logits = model.continuation_logits(
+        model_cfg, params, batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["samples"]
+    )
+    return decoding.token_logprobs(logits, batch["samples"], grammar, eos_id)
 
 
 def clipped_objective(
@@ -347,10 +336,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
             texts = [tokenizer.decode(sample) for sample in samples]
             rewards = rollouts.rewards(np.repeat(ids, group), texts).reshape(len(ids), group)
             columns = max_variance_subset(rewards, grpo.keep) if grpo.keep else np.tile(np.arange(group), (len(ids), 1))
-            kept = (np.arange(len(ids))[:, None] * group + columns).reshape(-1)  # rows of `samples`
-            batch = rollout_batch({k: v[kept // group] for k, v in prompts.items()}, samples[kept], tokenizer.eos_id)
-            advantages = group_advantages(np.take_along_axis(rewards, columns, axis=1))
-            batch.update(image=images[kept // group], advantages=advantages.reshape(-1))
+            kept = (np.arange(len(ids))[:, None] * group + columns).reshape(-1)  # rows of `samples`, prompt-major
+            batch = rollout_batch(images, prompts, samples[kept], tokenizer.eos_id)
+            batch["advantages"] = group_advantages(np.take_along_axis(rewards, columns, axis=1)).reshape(-1)
             state, metrics = step_fn(state, frozen, reference, batch)
             values = {key: float(value) for key, value in jax.device_get(metrics).items()}
             if not np.isfinite(values["loss"]):

@@ -45,6 +45,7 @@ from paliseg.model.paligemma import PaliGemma, make_attn_mask
 __all__ = [
     "PaliGemma",
     "WeightLayout",
+    "continuation_logits",
     "for_inference",
     "forward",
     "init_params",
@@ -94,6 +95,24 @@ def weight_layouts(config: ModelConfig) -> dict[str, WeightLayout]:
     is_box = lambda x: isinstance(x, LayoutBox)  # noqa: E731
     leaves = jax.tree_util.tree_flatten_with_path(_abstract_params(config), is_leaf=is_box)[0]
     return {"/".join(k.key for k in path): box.layout for path, box in leaves if is_box(box)}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def continuation_logits(
+    config: ModelConfig,
+    params: dict,
+    images: jax.Array,
+    tokens: jax.Array,
+    mask_ar: jax.Array,
+    mask_input: jax.Array,
+    continuations: jax.Array,
+) -> jax.Array:
+    """Logits [B*G,T,V] (float32) of continuations [B*G,T] of the B prompts (G each, prompt-major): the
+    forward of each [image | prompt | continuation] sequence, with each prompt's prefix run once
+    (`PaliGemma.continuation_logits`)."""
+    return PaliGemma(config).apply(
+        {"params": params}, images, tokens, mask_ar, mask_input, continuations, method=PaliGemma.continuation_logits
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "train"))

@@ -39,7 +39,8 @@ def sliding_window_mask(
 
 
 class PaliGemma(nn.Module):
-    """Methods: `__call__` (training forward, text logits), `embed_image`, `prefill`, `extend`.
+    """Methods: `__call__` (training forward, text logits), `embed_image`, `prefill`, `extend`,
+    `continuation_logits` (teacher-forced logits of several continuations of each prompt).
 
     `deterministic=False` turns dropout (and LoRA dropout) on; it then needs a `dropout` rng.
     """
@@ -100,6 +101,35 @@ class PaliGemma(nn.Module):
         last = jnp.take_along_axis(hidden, (seq_len - 1)[:, None, None], axis=1)[:, 0]
         key_valid = jnp.pad(mask_input.astype(bool), ((0, 0), (0, cache_size - length)))
         return self.llm.compute_logits(last), cache, key_valid, seq_len
+
+    def continuation_logits(self, images, tokens, mask_ar, mask_input, continuations):
+        """Teacher-forced logits [B*G,T,V] of continuations [B*G,T] of the B prompts, G each (rows b*G to
+        b*G+G-1 continue prompt b, as `decoding.generate(..., samples_per_prompt=G)` samples them); row t
+        predicts continuation token t. The image and the prompt run once per prompt and their keys and values
+        are shared by its G continuations, which attend to them as decoding does (the prompt's real slots,
+        then causally among themselves, positions `seq_len + t`): the full forward of each [prompt |
+        continuation] without repeating the prefix G times (GRPO's update)."""
+        x, prefix_ar, prefix_input = self._embed(images, tokens, mask_ar, mask_input)
+        hidden, (k, v) = self._run_sequence(x, prefix_ar, prefix_input)
+        seq_len = prefix_input.sum(axis=1)
+        last = jnp.take_along_axis(hidden, (seq_len - 1)[:, None, None], axis=1)  # [B,1,D]: predicts token 0
+        group = continuations.shape[0] // tokens.shape[0]
+        last, seq_len, key_valid = (jnp.repeat(a, group, axis=0) for a in (last, seq_len, prefix_input.astype(bool)))
+        cache = (jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1))  # [L,B*G,K,S,H]
+        inputs = continuations[:, :-1]  # the last token predicts nothing
+        rows, length = inputs.shape
+        positions = seq_len[:, None] + jnp.arange(length)[None, :]
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (rows, length, length))
+        mask = jnp.concatenate([jnp.broadcast_to(key_valid[:, None, :], (rows, length, key_valid.shape[1])), causal], 2)
+        local_mask = None
+        if self.config.llm.sliding_window is not None:
+            prefix_positions = cache_positions(0, prefix_input, prefix_input.shape[1])
+            keys = jnp.concatenate([jnp.repeat(prefix_positions, group, axis=0), positions], axis=1)
+            local_mask = sliding_window_mask(
+                mask, positions, keys, jnp.zeros_like(mask), self.config.llm.sliding_window
+            )
+        out, _ = self.llm(self.llm.embed_tokens(inputs), positions, mask, cache, local_mask=local_mask)
+        return self.llm.compute_logits(jnp.concatenate([last, out], axis=1))
 
     def extend(self, tokens, positions, key_valid, cache: KVCache, cache_index, key_positions=None):
         """One decoding step: tokens/positions [B,1] attend to the cache slots marked in key_valid [B,S]

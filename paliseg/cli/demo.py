@@ -133,7 +133,7 @@ class RlPlan:
     warmup_fraction: float = 0.0
 
 
-# The best recipe measured (README, "Measured: GRPO on the demo's task"): ~15 minutes on 2 quiet CPU cores.
+# The best recipe measured (README, "Measured: GRPO on the demo's task"): ~12 minutes on 2 quiet CPU cores.
 FULL_RL = RlPlan(steps=340, save_every=40, batch_size=16, group_size=16, keep=4)
 QUICK_RL = RlPlan(steps=40, save_every=20)
 

@@ -267,30 +267,77 @@ trainer.run(_rl_config(Path({data!r}), Path({init_run!r}), Path({out!r}), steps=
 """
 
 
-@pytest.mark.slow
-def test_two_device_grpo_run_matches_one_device(tiny_run, tmp_path):
-    """Two simulated CPU devices (FSDP 2: the params split, each device sampling and updating on one
-    prompt's group): the same rewards, losses and final params as one device."""
+def _assert_same_run(one: Path, other: Path) -> None:
+    """Two runs of the same GRPO config on different device layouts: the same samples (rewards), losses and
+    final params. atol: an Adam step is ~lr (1e-3); params whose gradient is zero up to rounding (SigLIP's
+    key bias: a constant added to every key's logit) take steps of rounding noise, which differs."""
+    rows_one, rows_other = _rows(one), _rows(other)
+    assert len(rows_one) == len(rows_other) == 2
+    for a, b in zip(rows_one, rows_other):
+        assert float(b["reward_mean"]) == pytest.approx(float(a["reward_mean"]), abs=1e-9)
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4, abs=1e-6)
+    (_, final_one), (_, final_other) = Run(one).load(2), Run(other).load(2)
+    for a, b in zip(jax.tree_util.tree_leaves(final_one), jax.tree_util.tree_leaves(final_other)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_run, tmp_path_factory):
+    """The reference: 2 steps of GRPO on one device."""
     data, init_run, _ = tiny_run
-    trainer.run(_rl_config(data, init_run, tmp_path / "one", steps=2))
+    out = tmp_path_factory.mktemp("grpo_one") / "run"
+    trainer.run(_rl_config(data, init_run, out, steps=2))
+    return out
+
+
+@pytest.mark.slow
+def test_two_device_grpo_run_matches_one_device(tiny_run, one_device, tmp_path):
+    """Two simulated CPU devices in one process, FSDP 2 (the params split, each device sampling and updating
+    on one prompt's group)."""
+    data, init_run, _ = tiny_run
     script = _SHARDED_GRPO.format(
         tests=str(REPO / "tests"), data=str(data), init_run=str(init_run), out=str(tmp_path / "two")
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=_env(2), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 device(s) (data 1 x fsdp 2)" in done.stderr
-    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
-        assert float(b["reward_mean"]) == pytest.approx(float(a["reward_mean"]), abs=1e-9)  # the same samples
-        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4, abs=1e-6)
-    (_, final_one), (_, final_two) = Run(tmp_path / "one").load(2), Run(tmp_path / "two").load(2)
-    # atol: an Adam step is ~lr (1e-3); params whose gradient is zero up to rounding (SigLIP's key bias: a
-    # constant added to every key's logit) take steps of rounding noise, which differs between the two.
-    for a, b in zip(jax.tree_util.tree_leaves(final_one), jax.tree_util.tree_leaves(final_two)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+    assert "2 device(s) (data 1 x fsdp 2), 1 process(es)" in done.stderr
+    _assert_same_run(one_device, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_process_grpo_run_matches_one_device(tiny_run, one_device, tmp_path):
+    """Multi-host as on a pod: two processes (one CPU device each) joined by jax.distributed through
+    `paliseg train --coordinator`, each loading, sampling and rewarding its prompt, FSDP over both."""
+    import socket
+
+    data, init_run, _ = tiny_run
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    args = ["train", "--objective", "grpo", "--init-run", str(init_run), "--init-step", "latest", "--data", str(data),
+            "--out", str(tmp_path / "multi"), "--trainable", "all", "--steps", "2", "--batch-size", "2",
+            "--save-every", "1", "--lr", "1e-3", "--workers", "1", "--no-augment", "--grpo-group-size", "4",
+            "--grpo-updates-per-batch", "2", "--grpo-max-new-tokens", "24", "--mesh-fsdp", "2",
+            "--coordinator", f"localhost:{port}", "--num-processes", "2"]  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "paliseg.cli.main", *args, "--process-id", str(i)],
+            env=_env(1),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in (0, 1)
+    ]
+    errors = [process.communicate(timeout=600)[1].decode() for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert "2 device(s) (data 1 x fsdp 2), 2 process(es)" in errors[0]
+    _assert_same_run(one_device, tmp_path / "multi")
 
 
 def wall_dataset(folder: Path, vae_path: Path, count: int = 4) -> Path:

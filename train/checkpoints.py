@@ -64,7 +64,7 @@ def restore_params(run_dir: str | os.PathLike, step: int, trainable_shapes: Any)
             f"{path}: not a checkpoint of this run's model config; {len(differ)} parameter(s) differ, "
             f"e.g. {'; '.join(differ[:3])}"
         )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # each process reads the whole tree
     abstract_state = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
         {"step": jax.ShapeDtypeStruct((), "int32"), "params": trainable_shapes},

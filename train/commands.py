@@ -33,8 +33,8 @@ outputs in RUN_DIR (--out):
 each image/prompt are sampled under the segmentation grammar, decoded to masks at the ground truth's
 resolution and rewarded with the per-image mask IoU `paliseg eval` reports (+ --grpo-box-weight x box
 mIoU); group-normalised advantages, the clipped policy-gradient loss, a KL penalty (--grpo-kl-coef) to the
-starting policy. Start it from a trained run: --init-run RUN --init-step best. It uses every device of
-its host (--batch-size prompts split over them, --mesh-fsdp as for supervised runs), one host only.
+starting policy. Start it from a trained run: --init-run RUN --init-step best. Devices and hosts as for
+supervised runs (--batch-size prompts split over the devices, --mesh-fsdp).
 
 examples:
   paliseg train --data data/cracks --data data/drywall --balance-prompts \\

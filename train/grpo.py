@@ -23,8 +23,9 @@ DeepSeekMath's, arXiv:2402.03300). Each step:
    as in sampling, each prompt's image and text run once for its K kept samples
    (`model.continuation_logits`), not once per sample.
 
-On several devices of one host (`train.sharding`'s mesh, as supervised runs): the prompts are split over
-the devices for sampling and the kept samples for the update; `--mesh-fsdp` splits the parameters.
+On several devices and hosts (`train.sharding`'s mesh, as supervised runs): each process loads its share
+of the prompts, the devices sample them and update on the kept samples, each process rewards its own
+(the step's metrics gather every process's); `--mesh-fsdp` splits the parameters.
 
 The forward passes are deterministic (no dropout): the ratio must compare the policy with itself. With one
 update per batch the ratio is exactly 1 and the gradient is the plain policy gradient; more updates
@@ -252,10 +253,6 @@ class Rollouts:
 
 def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """`train.trainer.run` for --objective grpo: the same run folder, checkpoints and resumption."""
-    if jax.process_count() > 1:
-        raise ValueError(
-            "--objective grpo runs in one process, on all its devices (multi-host GRPO is not implemented)"
-        )
     out = trainer.check_out_folder(config, resume)
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0
@@ -264,7 +261,9 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     model_cfg = param_sets.model_config(config)
     config = config.replace(tokenizer=trainer.tokenizer_path(config, model_cfg))
     tokenizer = trainer.load_tokenizer(config, model_cfg)
-    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size)
+    process, processes = jax.process_index(), jax.process_count()
+    is_main = process == 0
+    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, process, processes)
     if resume:
         run_folder.Run(out).check_same_data(data.digests)
     recorded_vae = run_folder.Run(out).vae if resume else run_folder.data_vae(config.data)
@@ -278,25 +277,27 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
             f"({mesh.devices.size}): each device samples and updates on its share of the prompts"
         )
     start = f"{config.init_run} step {config.init_step}" if config.init_run else (config.checkpoint or config.init)
-    console.info(
-        f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
-        f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
-        f"{rollouts.max_new_tokens} tokens per step"
-        + (f", updating on {grpo.keep} of each group's" if grpo.keep else "")
-        + f"; {mesh.devices.size} device(s) (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']})"
-    )
+    if is_main:
+        console.info(
+            f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
+            f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
+            f"{rollouts.max_new_tokens} tokens per step"
+            + (f", updating on {grpo.keep} of each group's" if grpo.keep else "")
+            + f"; {mesh.devices.size} device(s) (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), "
+            f"{processes} process(es)"
+        )
 
     tx = optim.optimizer(config, grpo.updates_per_batch)
     lr_schedule = optim.schedule(config, grpo.updates_per_batch)
     checkpoints = run_checkpoints.manager(out)
     placed = trainer.sharded_start(config, model_cfg, tx, mesh, checkpoints, start_step)
     frozen, reference, state = placed.frozen, placed.initial, placed.state  # reference: the frozen KL policy
-    if not start_step and not resume:
+    if not start_step and not resume and is_main:
         out.mkdir(parents=True, exist_ok=True)
         run_folder.write_config(out, config, model_cfg, data.digests, recorded_vae)
 
     grammar = decoding.segment_grammar(tokenizer, model_cfg.llm.vocab_size)
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES))  # [N, ...] over devices
+    rows = jax.sharding.NamedSharding(mesh, sharding.ROWS_SPEC)
     step_fn = jit_grpo_step(
         config, model_cfg, tx, lr_schedule, grammar, tokenizer.eos_id,
         in_shardings=(placed.state_shardings, placed.frozen_shardings, placed.state_shardings["params"], rows),
@@ -311,9 +312,10 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         "objective": config.objective, "train_config": config.to_json(), "model_config": model_cfg.to_dict(),
     }  # fmt: skip
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
-    log = trainer.MetricsLog(out, start_step, True, GRPO_FIELDS)
-    bar = console.progress_bar("grpo", total=config.steps, unit="step")
-    bar.update(start_step)
+    log = trainer.MetricsLog(out, start_step, is_main, GRPO_FIELDS)
+    bar = console.progress_bar("grpo", total=config.steps, unit="step") if is_main else None
+    if bar is not None:
+        bar.update(start_step)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     try:
@@ -325,40 +327,44 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
                 key: np.stack([rollouts.prompt(int(i))[key] for i in ids])
                 for key in ("tokens", "mask_ar", "mask_input")
             }
-            on_devices = jax.device_put((images, prompts), rows)  # each device samples its prompts' groups
+            on_devices = sharding.global_rows((images, prompts), mesh)  # each device samples its prompts' groups
             generated = decoding.generate(
                 sampler_cfg, param_sets.join(frozen, state["params"]), on_devices[0], on_devices[1]["tokens"],
                 on_devices[1]["mask_ar"], on_devices[1]["mask_input"], max_new_tokens=rollouts.max_new_tokens,
                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling,
                 rng=jax.random.fold_in(base_key, step), samples_per_prompt=group,
             )  # fmt: skip
-            samples = np.asarray(generated.tokens)  # [B * G, T], prompt-major
+            local = slice(process * len(ids) * group, (process + 1) * len(ids) * group)  # this process's rows
+            samples = sharding.all_rows(generated.tokens)[local]  # [B * G, T] of its B prompts, prompt-major
             texts = [tokenizer.decode(sample) for sample in samples]
             rewards = rollouts.rewards(np.repeat(ids, group), texts).reshape(len(ids), group)
             columns = max_variance_subset(rewards, grpo.keep) if grpo.keep else np.tile(np.arange(group), (len(ids), 1))
             kept = (np.arange(len(ids))[:, None] * group + columns).reshape(-1)  # rows of `samples`, prompt-major
             batch = rollout_batch(images, prompts, samples[kept], tokenizer.eos_id)
             batch["advantages"] = group_advantages(np.take_along_axis(rewards, columns, axis=1)).reshape(-1)
-            state, metrics = step_fn(state, frozen, reference, batch)
+            state, metrics = step_fn(state, frozen, reference, sharding.global_rows(batch, mesh))
             values = {key: float(value) for key, value in jax.device_get(metrics).items()}
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"step {step + 1}: the loss is {values['loss']}; lower --lr")
+            every = sharding.all_rows(rewards)  # [all prompts, G]: the step's metrics are over every process's
+            sampled = sharding.all_rows(sampled_mask(samples, tokenizer.eos_id).sum(keepdims=True))
             now = time.perf_counter()
             row = {
                 "step": step + 1,
                 **values,
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()),
-                "zero_variance_groups": float(np.mean(np.ptp(rewards, axis=1) == 0)),
-                "tokens_per_s": float(sampled_mask(samples, tokenizer.eos_id).sum()) / max(now - step_started, 1e-9),
-                "examples_per_s": len(ids) / max(now - step_started, 1e-9),
+                "reward_mean": float(every.mean()),
+                "reward_std": float(every.std()),
+                "zero_variance_groups": float(np.mean(np.ptp(every, axis=1) == 0)),
+                "tokens_per_s": float(sampled.sum()) / max(now - step_started, 1e-9),
+                "examples_per_s": config.batch_size / max(now - step_started, 1e-9),
                 "elapsed_s": now - started,
             }
             history.append(row)
             if (step + 1) % config.log_every == 0 or step + 1 == end_step:
                 log.write(row)
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 position = {"step": step + 1, "examples_seen": (step + 1) * config.batch_size}
                 run_checkpoints.save(
@@ -368,7 +374,8 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
     finally:
         checkpoints.close()
         log.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
     summary = trainer.run_summary(out, config, start_step, end_step, history)
     rewards = [row["reward_mean"] for row in history]
     summary.update(

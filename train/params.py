@@ -22,6 +22,7 @@ from flax import traverse_util
 from paliseg import config as model_configs
 from paliseg import model
 from paliseg.model import lora
+from train import sharding
 from train.config import TrainConfig
 
 Params = dict[str, Any]
@@ -91,13 +92,13 @@ def initial(config: TrainConfig, model_cfg: model_configs.ModelConfig, shardings
     base = _base_params(config, model_cfg)
     if config.trainable != "lora":
         frozen, trainable = split(base, config.trainable)
-        return jax.device_put((frozen, trainable), shardings) if shardings is not None else (frozen, trainable)
+        return sharding.place((frozen, trainable), shardings)
     # Only the adapters are initialised: jit drops the base's initialisers, whose results are unused.
     adapters = jax.jit(
         lambda key: split(model.init_params(model_cfg, key), "lora")[1],
         out_shardings=None if shardings is None else shardings[1],
     )(jax.random.key(config.seed))
-    return (jax.device_put(base, shardings[0]) if shardings is not None else base), adapters
+    return sharding.place(base, None if shardings is None else shardings[0]), adapters
 
 
 def _base_params(config: TrainConfig, model_cfg: model_configs.ModelConfig) -> Params:

@@ -19,12 +19,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from paliseg.config import SCANNED_STACKS
 
 MESH_AXES = ("data", "fsdp")
 BATCH_SPEC = PartitionSpec(None, MESH_AXES)  # batch arrays are [grad_accum, batch, ...]
+ROWS_SPEC = PartitionSpec(MESH_AXES)  # GRPO's [rows, ...] arrays (prompts, samples): rows split over devices
 _SCANNED = re.compile(rf"(^|/)({'|'.join(map(re.escape, SCANNED_STACKS))})(/|$)")
 
 
@@ -89,3 +91,32 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
         global_shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
         out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def global_rows(local: Any, mesh: Mesh) -> Any:
+    """This process's rows of [N, ...] arrays (a tree; processes in order) -> global arrays, rows split over
+    every device of the mesh."""
+    return multihost_utils.host_local_array_to_global_array(local, mesh, ROWS_SPEC)
+
+
+def all_rows(array: Any) -> np.ndarray:
+    """Every row, on every process: a global array's whole value, or this process's numpy rows concatenated
+    with the other processes' (in process order)."""
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host-local values that every process holds alike (a loaded checkpoint) as global arrays split as
+    `shardings` (None: left as they are). Across processes each one builds only its devices' pieces
+    (`jax.device_put` refuses devices of other processes)."""
+    if shardings is None:
+        return tree
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(
+        lambda value, sharding: jax.make_array_from_callback(
+            value.shape, sharding, lambda index: np.asarray(value[index])
+        ),
+        tree,
+        shardings,
+    )

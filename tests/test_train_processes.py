@@ -97,47 +97,18 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     assert read_losses(run_dir) == read_losses(tmp_path / "whole")
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    """Multi-host as on a pod: two processes (2 CPU devices each) joined by jax.distributed, each loading its
-    half of every batch, writing one sharded checkpoint together."""
+def _train_in_two_processes(args: list[str], out: Path) -> None:
+    """`paliseg train ARGS --out OUT` in two processes (2 CPU devices each) joined by jax.distributed."""
     import socket
 
-    data = make_dataset(tmp_path / "data")
-    single = trainer.run(tiny_config(data, tmp_path / "single", steps=2, save_every=2))
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    args = [
-        "--data",
-        str(data),
-        "--init",
-        "random",
-        "--preset",
-        "tiny",
-        "--seq-len",
-        "48",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--save-every",
-        "2",
-        "--lr",
-        "3e-3",
-        "--workers",
-        "2",
-        "--out",
-        str(tmp_path / "multi"),
-        "--coordinator",
-        f"localhost:{port}",
-        "--num-processes",
-        "2",
-    ]
+    command = [*args, "--out", str(out), "--coordinator", f"localhost:{port}", "--num-processes", "2"]
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "paliseg.cli.main", "train", *args, "--process-id", str(i)],
+            [sys.executable, "-m", "paliseg.cli.main", "train", *command, "--process-id", str(i)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -146,8 +117,35 @@ def test_two_processes_match_one_process(tmp_path):
     ]
     errors = [process.communicate(timeout=600)[1].decode() for process in processes]
     assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """Multi-host as on a pod: two processes (2 CPU devices each) joined by jax.distributed, each loading its
+    half of every batch, writing one sharded checkpoint together."""
+    data = make_dataset(tmp_path / "data")
+    single = trainer.run(tiny_config(data, tmp_path / "single", steps=2, save_every=2))
+    args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "2",
+            "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
+    _train_in_two_processes(args, tmp_path / "multi")
     multi = read_losses(tmp_path / "multi")
     assert sorted(multi) == [1, 2]
     for step, loss in enumerate(single["losses"], start=1):
         assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert (tmp_path / "multi" / "checkpoints" / "2" / "state").is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_lora_on_a_loaded_base(tmp_path):
+    """The usual pod run: LoRA on a base loaded from a checkpoint (here a run's), placed on a mesh that spans
+    both processes (FSDP 4): the losses of one process."""
+    data = make_dataset(tmp_path / "data")
+    trainer.run(tiny_config(data, tmp_path / "base", steps=2, save_every=2))
+    args = ["--data", str(data), "--init-run", str(tmp_path / "base"), "--init-step", "2", "--trainable", "lora",
+            "--steps", "2", "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
+    assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0
+    _train_in_two_processes([*args, "--mesh-fsdp", "4"], tmp_path / "multi")
+    single, multi = read_losses(tmp_path / "single"), read_losses(tmp_path / "multi")
+    assert sorted(multi) == sorted(single) == [1, 2]
+    for step, loss in single.items():
+        assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)

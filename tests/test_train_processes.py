@@ -133,19 +133,3 @@ def test_two_processes_match_one_process(tmp_path):
     for step, loss in enumerate(single["losses"], start=1):
         assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert (tmp_path / "multi" / "checkpoints" / "2" / "state").is_dir()
-
-
-@pytest.mark.slow
-def test_two_processes_fine_tune_lora_on_a_loaded_base(tmp_path):
-    """The usual pod run: LoRA on a base loaded from a checkpoint (here a run's), placed on a mesh that spans
-    both processes (FSDP 4): the losses of one process."""
-    data = make_dataset(tmp_path / "data")
-    trainer.run(tiny_config(data, tmp_path / "base", steps=2, save_every=2))
-    args = ["--data", str(data), "--init-run", str(tmp_path / "base"), "--init-step", "2", "--trainable", "lora",
-            "--steps", "2", "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
-    assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0
-    _train_in_two_processes([*args, "--mesh-fsdp", "4"], tmp_path / "multi")
-    single, multi = read_losses(tmp_path / "single"), read_losses(tmp_path / "multi")
-    assert sorted(multi) == sorted(single) == [1, 2]
-    for step, loss in single.items():
-        assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)

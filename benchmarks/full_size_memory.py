@@ -56,6 +56,7 @@ from paliseg.config import QuantizationConfig, preset  # noqa: E402
 from paliseg.model import quantization  # noqa: E402
 from train import optim  # noqa: E402
 from train import params as param_sets  # noqa: E402
+from train import run as run_folder  # noqa: E402
 from train import step as train_step  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 
@@ -177,7 +178,7 @@ def train(preset_name: str, batch: int, seq_len: int, quantize: str | None) -> N
         data=["-"], out="-", preset=preset_name, trainable="lora", batch_size=batch, seq_len=seq_len, steps=1000,
         quantization=QuantizationConfig(format=quantize),
     )  # fmt: skip
-    model_cfg = param_sets.model_config(config)
+    model_cfg = run_folder.model_config(config)
     start = time.perf_counter()
     frozen, trainable = jax.block_until_ready(param_sets.split(random_params(model_cfg), "lora"))
     tx = optim.optimizer(config)
@@ -244,7 +245,7 @@ def grpo_step(preset_name: str, group: int, new_tokens: int) -> None:
         data=["-"], out="-", preset=preset_name, trainable="lora", batch_size=1, steps=1000, objective="grpo",
         grpo=GrpoConfig(group_size=group, max_new_tokens=new_tokens),
     )  # fmt: skip
-    model_cfg = param_sets.model_config(config)
+    model_cfg = run_folder.model_config(config)
     start = time.perf_counter()
     init = jax.jit(lambda key: param_sets.split(model.init_params(model_cfg, key), "lora"))
     frozen, trainable = jax.block_until_ready(init(jax.random.key(0, impl="rbg")))

@@ -33,8 +33,10 @@ from converters.convert import ConvertConfig, convert
 from infer import sweep
 from paliseg import files
 from paliseg.cli.demo import FULL_RL, DemoPlan
+from train import commands as train_commands
 from train import config as train_config
-from train import grpo, trainer
+from train import grpo
+from train import run as run_folder
 from train.run import Run
 from vae.model import BUNDLED_VAE_PATH
 
@@ -64,7 +66,7 @@ def trained_seconds(run_dir: Path, step: int) -> float:
     """The run's wall-clock training time up to `step`, from its metrics.csv (elapsed_s restarts on resume)."""
     import csv
 
-    with open(run_dir / trainer.METRICS_FILE, newline="") as handle:
+    with open(run_dir / run_folder.METRICS_FILE, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
     restarts = [i for i in range(1, len(rows)) if float(rows[i]["elapsed_s"]) < float(rows[i - 1]["elapsed_s"])]
     ends = [i - 1 for i in restarts] + [len(rows) - 1]
@@ -119,12 +121,12 @@ def main() -> None:
         saved = Run(out / "run").train_config
         config = train_config.check_resume(saved, {k: v for k, v in requested.items() if k != "init_step"})
     else:
-        config = train_config.resolve(requested)
+        config = run_folder.resolve_config(requested)
     print(f"GRPO from {demo / 'run'} step {config.init_step}: {args.steps} steps of {args.batch_size} prompts x "
           f"{args.group_size} samples, lr {args.lr}, kl {args.kl_coef}, trainable {args.trainable}", flush=True)  # fmt: skip
     started = time.perf_counter()
     if not args.eval_only:
-        trainer.run(config, resume=resume)
+        train_commands.run(config, resume=resume)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     large = None

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vae
 from paliseg import decoding, images
-from train import config as train_config
 from train import data as train_data
-from train import grpo, trainer
+from train import grpo, loop
 from train import params as param_sets
+from train import run as run_folder
 from train.run import Run, data_vae
 from vae import identity
 
@@ -44,16 +44,16 @@ def main() -> None:
 
     run = Run(args.run)
     data_dir = args.data or run.train_config.data[0]
-    config = train_config.resolve(
+    config = run_folder.resolve_config(
         {"data": [data_dir], "split": args.split, "out": str(Path(args.run) / "headroom-unused"),
          "objective": "grpo", "init_run": args.run, "init_step": args.step, "trainable": "all", "remat": False}
     )  # fmt: skip
-    model_cfg = param_sets.model_config(config).replace(remat=False)
-    config = config.replace(tokenizer=trainer.tokenizer_path(config, model_cfg))
-    tokenizer = trainer.load_tokenizer(config, model_cfg)
+    model_cfg = run_folder.model_config(config).replace(remat=False)
+    config = config.replace(tokenizer=loop.tokenizer_path(config, model_cfg))
+    tokenizer = loop.load_tokenizer(config, model_cfg)
     data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size)
     rollouts = grpo.Rollouts(config, tokenizer, data, vae.load(identity.resolve(data_vae(config.data)).path))
-    params = param_sets.join(*param_sets.initial(config, model_cfg))
+    params = param_sets.join(*run_folder.initial_params(config, model_cfg))
     grammar = decoding.segment_grammar(tokenizer, model_cfg.llm.vocab_size)
     ids = np.arange(len(data))
     pixels = np.stack(

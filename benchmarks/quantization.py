@@ -41,8 +41,8 @@ from infer import sweep  # noqa: E402
 from infer.predictor import Predictor  # noqa: E402
 from paliseg import checkpoints, images, model, records, settings  # noqa: E402
 from paliseg.cli.main import main as paliseg_main  # noqa: E402
-from train import config as train_config  # noqa: E402
-from train import trainer  # noqa: E402
+from train import commands as train_commands  # noqa: E402
+from train import run as run_folder  # noqa: E402
 from train.run import Run  # noqa: E402
 from vae.model import BUNDLED_VAE_PATH  # noqa: E402
 
@@ -119,7 +119,7 @@ def mask_miou(run: Run, data: Path, out: Path, step: int, quantize: str | None, 
 
 def lora_finetune(demo: Path, out: Path, base: Path, base_dtype: str | None, steps: int) -> Run:
     run_dir = out / f"lora_{base_dtype or 'bf16'}"
-    config = train_config.resolve({
+    config = run_folder.resolve_config({
         "data": [str(demo / "data" / "shapes")], "out": str(run_dir), "checkpoint": str(base), "preset": "tiny",
         "trainable": "lora", "dtype": "bfloat16", "quantization": {"format": base_dtype}, "steps": steps,
         "save_every": steps, "batch_size": 16, "seq_len": 32, "lr": 3e-3, "warmup_fraction": 0.05,
@@ -128,7 +128,7 @@ def lora_finetune(demo: Path, out: Path, base: Path, base_dtype: str | None, ste
     print(f"$ paliseg train {' '.join(settings.to_argv(config))}", flush=True)
     started = (run_dir / "config.json").exists()
     if not started or Run(run_dir).steps[-1:] != [steps]:
-        trainer.run(config, resume=started)
+        train_commands.run(config, resume=started)
     return Run(run_dir)
 
 

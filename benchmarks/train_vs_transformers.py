@@ -42,7 +42,7 @@ from paliseg import allocator  # noqa: E402
 from paliseg import config as model_configs  # noqa: E402
 from paliseg.checkpoints.huggingface import config_to_hf  # noqa: E402
 from train import optim  # noqa: E402
-from train import params as param_sets  # noqa: E402
+from train import run as run_folder  # noqa: E402
 from train import step as train_step  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 
@@ -160,8 +160,8 @@ class Ours:
             grad_clip=1.0,
             batch_size=len(batch["tokens"]),
         )
-        model_cfg = param_sets.model_config(config)
-        self.frozen, trainable = param_sets.initial(config, model_cfg)
+        model_cfg = run_folder.model_config(config)
+        self.frozen, trainable = run_folder.initial_params(config, model_cfg)
         self.trainable_count = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
         tx = optim.optimizer(config)
         self.state = train_step.init_state(trainable, tx)

@@ -12,6 +12,7 @@ import pytest
 
 from paliseg.cli import demo
 from paliseg.cli.main import build_parser, main
+from train import run as run_folder
 from train.run import Run
 
 
@@ -72,11 +73,11 @@ def _check_printed_commands(summary, stderr, out):
             args = build_parser().parse_args(shlex.split(command)[1:])  # argparse exits on a bad line
             assert hasattr(args, "run")
     args = build_parser().parse_args(shlex.split(stages["train"]["commands"][0])[1:])
-    typed = train_config.resolve(settings.given(args, train_config.TrainConfig))
+    typed = run_folder.resolve_config(settings.given(args, train_config.TrainConfig))
     trained = Run(out / "run").train_config
     assert typed == dataclasses.replace(trained, tokenizer=None)  # the tokenizer: the preset's, filled in by training
     args = build_parser().parse_args(shlex.split(stages["grpo"]["commands"][0])[1:])
-    typed = train_config.resolve(settings.given(args, train_config.TrainConfig))
+    typed = run_folder.resolve_config(settings.given(args, train_config.TrainConfig))
     assert typed == Run(out / "rl").train_config
 
 

@@ -27,9 +27,12 @@ from metrics import scoring
 from paliseg import dataset, decoding, files, records, tokens
 from paliseg.cli.main import main
 from paliseg.tokenizer import Tokenizer
+from train import commands as train_commands
 from train import config as train_config
-from train import grpo, trainer
+from train import data as train_data
+from train import grpo
 from train import params as param_sets
+from train import run as run_folder
 from train.run import Run
 from vae import identity
 
@@ -198,11 +201,11 @@ def _rl_config(data: Path, init_run: Path, out: Path, **changes) -> train_config
         trainable="all", steps=3, batch_size=2, save_every=1, lr=1e-3, workers=1, augment=False,
         grpo={"group_size": 4, "updates_per_batch": 2, "max_new_tokens": 24},
     )  # fmt: skip
-    return train_config.resolve({**values, **changes})
+    return run_folder.resolve_config({**values, **changes})
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / trainer.METRICS_FILE, newline="") as handle:
+    with open(run_dir / run_folder.METRICS_FILE, newline="") as handle:
         return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "examples_per_s", "elapsed_s")}
                 for row in csv.DictReader(handle)]  # fmt: skip
 
@@ -217,11 +220,11 @@ def test_grpo_run_resumes_exactly_and_eval_reads_it(tiny_run, tmp_path):
     data, init_run, _ = tiny_run
     whole = _rl_config(data, init_run, tmp_path / "whole")
     assert whole.init_step == "4" and whole.preset == "tiny" and whole.seq_len == 48  # inherited, resolved
-    trainer.run(whole)
+    train_commands.run(whole)
     part = _rl_config(data, init_run, tmp_path / "part")
-    trainer.run(part, stop_after=2)
+    train_commands.run(part, stop_after=2)
     resumed = train_config.check_resume(Run(tmp_path / "part").train_config, {"out": str(tmp_path / "part")})
-    trainer.run(resumed, resume=True)
+    train_commands.run(resumed, resume=True)
     assert _rows(tmp_path / "whole") == _rows(tmp_path / "part") and len(_rows(tmp_path / "whole")) == 3
     _, final_whole = Run(tmp_path / "whole").load(3)
     _, final_part = Run(tmp_path / "part").load(3)
@@ -262,8 +265,8 @@ sys.path.insert(0, {tests!r})
 import jax
 assert len(jax.devices()) == 2, jax.devices()
 from test_grpo import _rl_config
-from train import trainer
-trainer.run(_rl_config(Path({data!r}), Path({init_run!r}), Path({out!r}), steps=2, mesh_fsdp=2))
+from train import commands as train_commands
+train_commands.run(_rl_config(Path({data!r}), Path({init_run!r}), Path({out!r}), steps=2, mesh_fsdp=2))
 """
 
 
@@ -292,7 +295,7 @@ def one_device(tiny_run, tmp_path_factory):
     """The reference: 2 steps of GRPO on one device."""
     data, init_run, _ = tiny_run
     out = tmp_path_factory.mktemp("grpo_one") / "run"
-    trainer.run(_rl_config(data, init_run, out, steps=2))
+    train_commands.run(_rl_config(data, init_run, out, steps=2))
     return out
 
 
@@ -368,14 +371,14 @@ def test_mean_reward_rises_on_a_toy_task(tmp_path):
     """A policy half-way through supervised training on a toy task (12 steps), then GRPO: the mean reward
     of the sampled completions rises."""
     data = wall_dataset(tmp_path / "data", vae.write_random_npz(tmp_path / "vae.npz", seed=0))
-    supervised = train_config.resolve(dict(
+    supervised = run_folder.resolve_config(dict(
         data=[str(data)], out=str(tmp_path / "sup"), init="random", preset="tiny", trainable="all", steps=12,
         batch_size=4, save_every=12, lr=3e-3, workers=1, seq_len=32, remat=False,
     ))  # fmt: skip
-    trainer.run(supervised)
+    train_commands.run(supervised)
     config = _rl_config(data, tmp_path / "sup", tmp_path / "rl", steps=24, lr=5e-4, warmup_fraction=0.0, remat=False,
                         grpo={"group_size": 8, "max_new_tokens": 24, "kl_coef": 0.0})  # fmt: skip
-    rewards = trainer.run(config)["rewards"]
+    rewards = train_commands.run(config)["rewards"]
     assert np.mean(rewards[-8:]) > np.mean(rewards[:8]) + 0.03, rewards
 
 
@@ -383,8 +386,6 @@ def test_data_examples_know_their_ground_truths_resolution(tmp_path):
     data = make_dataset(tmp_path / "data", vae.write_random_npz(tmp_path / "vae.npz", seed=0))
     items, _ = dataset.check_split(data, "train")
     sizes = {(item.width, item.height) for item in items}
-    config = train_config.resolve(dict(data=[str(data)], out="x", init="random", preset="tiny", seq_len=48))
-    examples = [
-        e for folder in trainer.train_data.read_examples(config, Tokenizer(SMALL.tokenizer_path)) for e in folder
-    ]
+    config = run_folder.resolve_config(dict(data=[str(data)], out="x", init="random", preset="tiny", seq_len=48))
+    examples = [e for folder in train_data.read_examples(config, Tokenizer(SMALL.tokenizer_path)) for e in folder]
     assert {(e.width, e.height) for e in examples} == sizes

@@ -22,9 +22,9 @@ from paliseg import config as model_configs
 from paliseg import dataset, files, images, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
+from train import commands as train_commands
 from train import config as train_config
-from train import params as param_sets
-from train import trainer
+from train import run as run_folder
 from train.run import Run
 from vae import identity
 
@@ -65,11 +65,11 @@ def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
     """(data dir, run dir with checkpoints at steps 2 and 4, VAE path): a tiny run trained in seconds."""
     vae_path = vae.write_random_npz(root / "vae.npz", seed=0)
     data = make_dataset(root / "data", vae_path)
-    config = train_config.resolve(dict(
+    config = run_folder.resolve_config(dict(
         data=[str(data)], out=str(root / "run"), init="random", preset="tiny", trainable="all", seq_len=48,
         steps=4, batch_size=2, save_every=2, lr=3e-3, workers=1,
     ))  # fmt: skip
-    trainer.run(config)
+    train_commands.run(config)
     return data, root / "run", vae_path
 
 
@@ -118,10 +118,10 @@ def swept(setup, tmp_path_factory):
     data, run_dir, vae_path = setup
     out = tmp_path_factory.mktemp("sweep") / "whole"
     loads, parsed = [], []
-    initial, from_dict = param_sets.initial, train_config.from_dict
+    initial, from_dict = run_folder.initial_params, train_config.from_dict
     with pytest.MonkeyPatch.context() as monkeypatch:
         calls = _count_decodes(monkeypatch)
-        monkeypatch.setattr(param_sets, "initial", lambda *args: loads.append(args) or initial(*args))
+        monkeypatch.setattr(run_folder, "initial_params", lambda *args: loads.append(args) or initial(*args))
         monkeypatch.setattr(train_config, "from_dict", lambda *args: parsed.append(args) or from_dict(*args))
         monkeypatch.setattr(sweep, "SCORE_CHUNK", 2)  # 3 images: a full chunk and a partial one
         report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)

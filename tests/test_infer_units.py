@@ -199,16 +199,14 @@ def test_step_0_of_a_lora_run_is_the_base_checkpoint(tmp_path):
 
     from paliseg import checkpoints, model
     from paliseg import config as model_configs
-    from train import config as train_config
-    from train import params as param_sets
     from train import run
 
     base_config = model_configs.preset("tiny")
     base_params = model.init_params(base_config, jax.random.key(3))
     base_path = checkpoints.save(tmp_path / "base", base_params, base_config)
-    config = train_config.resolve(dict(data=[str(tmp_path)], out=str(tmp_path / "run"), checkpoint=str(base_path),
+    config = run.resolve_config(dict(data=[str(tmp_path)], out=str(tmp_path / "run"), checkpoint=str(base_path),
                                        preset="tiny", trainable="lora", lora={"rank": 4}))  # fmt: skip
-    run.write_config(tmp_path / "run", config, param_sets.model_config(config), {}, None)
+    run.write_config(tmp_path / "run", config, run.model_config(config), {}, None)
     step0_config, step0 = run.Run(tmp_path / "run").load(0)
     assert not step0_config.lora.enabled
     flat, expected = checkpoints.tree.flatten(step0), checkpoints.tree.flatten(base_params)

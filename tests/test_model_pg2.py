@@ -12,9 +12,9 @@ from paliseg import config as cfgs
 from paliseg import model
 from paliseg.checkpoints.tree import flatten
 from paliseg.model import lora
-from train import config as train_config
 from train import optim
 from train import params as param_sets
+from train import run as run_folder
 from train import step as train_step
 
 
@@ -79,7 +79,7 @@ def test_lora_on_gemma2_starts_as_identity_and_merges_exactly():
 
 
 def _train_config(preset: str):
-    return train_config.resolve(
+    return run_folder.resolve_config(
         {"data": ["/d"], "out": "/run", "init": "random", "preset": preset, "warmup_fraction": 0.0, "lr": 3e-3}
     )
 
@@ -99,7 +99,7 @@ def _step_batch(images, tokens, mask_ar, mask_input):
 @pytest.mark.slow
 def test_lora_training_lowers_the_loss_on_tiny_pg2():
     config = _train_config("tiny-pg2")
-    model_cfg = param_sets.model_config(config)
+    model_cfg = run_folder.model_config(config)
     assert model_cfg.llm.post_norms and model_cfg.lora.enabled
     frozen, trainable = param_sets.random_init(config, model_cfg)
     tx = optim.optimizer(config)
@@ -116,7 +116,7 @@ def test_lora_training_lowers_the_loss_on_tiny_pg2():
 def test_lora_step_on_paligemma2_3b_shapes_lowers():
     """The real 3B step traces through every Gemma 2 feature and lowers to XLA, on abstract params only."""
     config = _train_config("paligemma2-3b-224")
-    model_cfg = param_sets.model_config(config)
+    model_cfg = run_folder.model_config(config)
     frozen, trainable = param_sets.abstract(config, model_cfg)
     assert flatten(frozen)["llm/layers/post_ffw_norm/scale"].shape == (26, 2304)
     tx = optim.optimizer(config)

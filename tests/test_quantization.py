@@ -21,9 +21,10 @@ from paliseg.cli.main import build_parser
 from paliseg.config import QuantizationConfig
 from paliseg.model import quantization
 from paliseg.model.quantization import NF4_BLOCK, NF4_LEVELS
+from train import commands as train_commands
 from train import config as train_config
-from train import optim, trainer
-from train import params as param_sets
+from train import optim
+from train import run as run_folder
 from train import step as train_step
 from train.run import Run
 
@@ -173,9 +174,9 @@ def dataset(tmp_path_factory) -> Path:
 
 def test_lora_step_over_a_quantized_base_trains_only_the_adapters(dataset):
     config_ = tiny_config(dataset, "/unused", augment=False, warmup_fraction=0.0, quantization={"format": "int8"})
-    model_cfg = param_sets.model_config(config_)
+    model_cfg = run_folder.model_config(config_)
     assert model_cfg.quantization.format == "int8"
-    frozen, trainable = param_sets.initial(config_, model_cfg)
+    frozen, trainable = run_folder.initial_params(config_, model_cfg)
     flat_trainable = traverse_util.flatten_dict(trainable, sep="/")
     assert flat_trainable and all(name.endswith(("_lora_a", "_lora_b")) for name in flat_trainable)
     assert any(quantization.is_quantized(leaf) for leaf in traverse_util.flatten_dict(frozen).values())
@@ -202,13 +203,13 @@ def test_lora_step_over_a_quantized_base_trains_only_the_adapters(dataset):
 def test_resume_over_a_quantized_checkpoint_gives_the_uninterrupted_losses_and_loads_quantized(dataset, tmp_path):
     from paliseg import checkpoints
 
-    base_cfg = param_sets.model_config(tiny_config(dataset, "/unused")).replace(lora={"rank": 0})
+    base_cfg = run_folder.model_config(tiny_config(dataset, "/unused")).replace(lora={"rank": 0})
     base = checkpoints.export_big_vision(tmp_path / "base.npz", model.init_params(base_cfg, jax.random.key(7)))
     settings = dict(init=None, checkpoint=str(base), quantization={"format": "nf4"}, steps=4, save_every=2)
-    whole = trainer.run(tiny_config(dataset, tmp_path / "whole", **settings))
+    whole = train_commands.run(tiny_config(dataset, tmp_path / "whole", **settings))
     cut = tiny_config(dataset, tmp_path / "cut", **settings)
-    trainer.run(cut, stop_after=3)  # interrupted after step 3: the last checkpoint is step 2
-    second = trainer.run(cut, resume=True)
+    train_commands.run(cut, stop_after=3)  # interrupted after step 3: the last checkpoint is step 2
+    second = train_commands.run(cut, resume=True)
     assert second["start_step"] == 2 and second["losses"] == whole["losses"][2:]  # bit-identical
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")
 
@@ -235,13 +236,15 @@ def test_flags_parse_and_validate():
     )  # fmt: skip
     from paliseg import settings
 
-    resolved = train_config.resolve(settings.given(args, train_config.TrainConfig))
+    resolved = run_folder.resolve_config(settings.given(args, train_config.TrainConfig))
     assert resolved.quantization == QuantizationConfig("nf4", skip_vision=True, double_scales=True)
-    assert param_sets.model_config(resolved).quantization == resolved.quantization
+    assert run_folder.model_config(resolved).quantization == resolved.quantization
     argv = settings.to_argv(resolved)
     assert argv[argv.index("--base-dtype") + 1] == "nf4" and "--quantization-double-scales" in argv
     with pytest.raises(ValueError, match="needs --trainable lora"):
-        train_config.resolve(dict(data=["d"], out="o", init="random", trainable="all", quantization={"format": "int8"}))
+        run_folder.resolve_config(
+            dict(data=["d"], out="o", init="random", trainable="all", quantization={"format": "int8"})
+        )
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--data", "d", "--out", "o", "--base-dtype", "int4"])
     for command in (["predict", "--image", "x.png"], ["serve"]):
@@ -259,7 +262,7 @@ def test_old_config_files_still_load(tmp_path):
     # a run folder written before quantization existed: no quantization key in either config
     train = train_config.TrainConfig(data=["d"], out=str(tmp_path), init="random", preset="tiny").to_json()
     del train["quantization"]
-    model_cfg = param_sets.model_config(train_config.from_dict(train)).to_dict()
+    model_cfg = run_folder.model_config(train_config.from_dict(train)).to_dict()
     del model_cfg["quantization"]
     (tmp_path / "config.json").write_text(json.dumps({"train": train, "model": model_cfg, "data_sha256": {}}))
     run = Run(tmp_path)
@@ -272,17 +275,17 @@ sys.path.insert(0, {tests!r})
 import jax
 assert len(jax.devices()) == 8, jax.devices()
 from test_train_run import tiny_config
-from train import trainer
+from train import commands as train_commands
 config = tiny_config({data!r}, {out!r}, steps=3, save_every=2, batch_size=8, mesh_fsdp=4, quantization={{"format": "nf4"}})
-trainer.run(config, stop_after=2)
-trainer.run(config, resume=True)  # restores the sharded checkpoint of step 2
+train_commands.run(config, stop_after=2)
+train_commands.run(config, resume=True)  # restores the sharded checkpoint of step 2
 """
 
 
 @pytest.mark.slow
 def test_fsdp_over_a_quantized_base_matches_one_device(tmp_path):
     data = make_dataset(tmp_path / "data")
-    single = trainer.run(tiny_config(data, tmp_path / "single", steps=3, save_every=2, batch_size=8,
+    single = train_commands.run(tiny_config(data, tmp_path / "single", steps=3, save_every=2, batch_size=8,
                                      quantization={"format": "nf4"}))  # fmt: skip
     script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), out=str(tmp_path / "sharded"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

@@ -36,11 +36,11 @@ def lora_run(tmp_path_factory) -> Path:
     """A LoRA run (tiny preset, seeded random base) with checkpoints at steps 2 and 4: the initial adapters
     plus 0.01 * step."""
     root = tmp_path_factory.mktemp("lora_run")
-    config = train_config.resolve(dict(data=[str(root)], out=str(root / "run"), init="random", preset="tiny",
+    config = run_folder.resolve_config(dict(data=[str(root)], out=str(root / "run"), init="random", preset="tiny",
                                        trainable="lora", lora_rank=2, seq_len=32))  # fmt: skip
-    model_cfg = param_sets.model_config(config)
+    model_cfg = run_folder.model_config(config)
     run_folder.write_config(root / "run", config, model_cfg, {str(root): "d1"}, VAE)
-    _, adapters = param_sets.initial(config, model_cfg)
+    _, adapters = run_folder.initial_params(config, model_cfg)
     for step in (2, 4):
         _save(root / "run", step, jax.tree.map(lambda a, step=step: a + 0.01 * step, adapters))
     return root / "run"
@@ -93,7 +93,7 @@ def test_best_step_round_trip(lora_run, tmp_path):
 
 
 def test_frozen_base_is_read_once_and_steps_differ(lora_run, monkeypatch):
-    initial = _count(monkeypatch, param_sets, "initial")
+    initial = _count(monkeypatch, run_folder, "initial_params")
     run = Run(lora_run)
     base_cfg, _base = run.load(0)  # the base with zero-effect adapters, merged
     lora_cfg, step2 = run.load(2, merge_lora=False)

@@ -14,6 +14,7 @@ from paliseg.cli.main import build_parser
 from paliseg.config import LoraConfig
 from paliseg.settings import setting
 from train import config as train_config
+from train import run as run_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +242,7 @@ def test_train_flags_fill_the_nested_lora_settings():
     args = _train_args(["--out", "r", "--lora-rank", "16", "--lora-targets", "q,v", "--lr", "1e-4"])
     requested = settings.given(args, train_config.TrainConfig)
     assert requested == {"out": "r", "lr": 1e-4, "lora": {"rank": 16, "targets": ["q", "v"]}}
-    config = train_config.resolve({**requested, "data": ["d"], "init": "random"})
+    config = run_folder.resolve_config({**requested, "data": ["d"], "init": "random"})
     assert config.lora == LoraConfig(rank=16, alpha=16.0, targets=("q", "v"))
 
 
@@ -266,12 +267,12 @@ def test_train_config_file_layers_under_flags(tmp_path):
     requested = settings.given(
         _train_args(["--out", "r", "--lora-rank", "32", "--init", "random", "--data", "d"]), train_config.TrainConfig
     )
-    config = train_config.resolve(requested, path)
+    config = run_folder.resolve_config(requested, path)
     assert (config.steps, config.lora.rank, config.lora.dropout, config.lora.alpha) == (50, 32, 0.1, 16.0)
 
 
 def test_train_to_argv_round_trips_through_the_command_line(tmp_path):
-    config = train_config.resolve(
+    config = run_folder.resolve_config(
         {
             "data": [str(tmp_path / "a"), str(tmp_path / "b")],
             "out": str(tmp_path / "run"),
@@ -287,4 +288,4 @@ def test_train_to_argv_round_trips_through_the_command_line(tmp_path):
     )
     argv = settings.to_argv(config)
     assert "--no-remat" in argv and "--no-augment" in argv and argv[argv.index("--lora-targets") + 1] == "q,img_fc1"
-    assert train_config.resolve(settings.given(_train_args(argv), train_config.TrainConfig)) == config
+    assert run_folder.resolve_config(settings.given(_train_args(argv), train_config.TrainConfig)) == config

@@ -15,7 +15,7 @@ import pytest
 from test_train_run import make_dataset, read_losses, tiny_config
 
 from paliseg.cli.main import main
-from train import trainer
+from train import commands as train_commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,10 +25,10 @@ sys.path.insert(0, {tests!r})
 import jax
 assert len(jax.devices()) == 8, jax.devices()
 from test_train_run import tiny_config
-from train import trainer
+from train import commands as train_commands
 config = tiny_config({data!r}, {out!r}, steps=3, save_every=2, batch_size=8, mesh_fsdp=4)
-trainer.run(config, stop_after=2)
-trainer.run(config, resume=True)  # restores the sharded checkpoint of step 2
+train_commands.run(config, stop_after=2)
+train_commands.run(config, resume=True)  # restores the sharded checkpoint of step 2
 """
 
 
@@ -42,7 +42,7 @@ def _env(**extra) -> dict[str, str]:
 @pytest.mark.slow
 def test_eight_device_data_fsdp_run_matches_one_device(tmp_path):
     data = make_dataset(tmp_path / "data")
-    single = trainer.run(tiny_config(data, tmp_path / "single", steps=3, save_every=2, batch_size=8))
+    single = train_commands.run(tiny_config(data, tmp_path / "single", steps=3, save_every=2, batch_size=8))
     script = _SHARDED_RUN.format(tests=str(REPO / "tests"), data=str(data), out=str(tmp_path / "sharded"))
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -124,7 +124,7 @@ def test_two_processes_match_one_process(tmp_path):
     """Multi-host as on a pod: two processes (2 CPU devices each) joined by jax.distributed, each loading its
     half of every batch, writing one sharded checkpoint together."""
     data = make_dataset(tmp_path / "data")
-    single = trainer.run(tiny_config(data, tmp_path / "single", steps=2, save_every=2))
+    single = train_commands.run(tiny_config(data, tmp_path / "single", steps=2, save_every=2))
     args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "2",
             "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
     _train_in_two_processes(args, tmp_path / "multi")

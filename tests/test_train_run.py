@@ -16,10 +16,12 @@ from PIL import Image
 from paliseg import files, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
+from train import commands as train_commands
 from train import config as train_config
 from train import data as train_data
-from train import optim, trainer
+from train import optim
 from train import params as param_sets
+from train import run as run_folder
 from train import step as train_step
 from train.run import Run
 
@@ -70,7 +72,7 @@ def tiny_config(dataset: Path, out: Path, **changes) -> train_config.TrainConfig
         workers=2,
     )
     values.update(changes)
-    return train_config.resolve(values)
+    return run_folder.resolve_config(values)
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
@@ -81,7 +83,7 @@ def read_losses(run_dir: Path) -> dict[int, float]:
 def _tokenizer(config):
     from paliseg.tokenizer import Tokenizer
 
-    return Tokenizer(param_sets.model_config(config).tokenizer_path)
+    return Tokenizer(run_folder.model_config(config).tokenizer_path)
 
 
 def test_each_process_loads_its_slice_of_the_global_batch(dataset):
@@ -110,7 +112,7 @@ def test_balanced_prompts_and_weighted_folders(tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
-    whole = trainer.run(tiny_config(dataset, tmp_path / "whole"))
+    whole = train_commands.run(tiny_config(dataset, tmp_path / "whole"))
     assert whole["checkpoint_steps"] == [3, 6] and len(whole["losses"]) == 6
 
     assert json.loads((tmp_path / "whole" / "config.json").read_text())["vae"] is None  # no conversion.json
@@ -119,10 +121,10 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     recorded = {"sha256": "1" * 64, "path": "/first/vae.npz"}
     files.write_json(dataset / records.CONVERSION_FILE, {"vae": recorded})
     try:
-        first = trainer.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
+        first = train_commands.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
         assert first["checkpoint_steps"] == [3]
         files.write_json(dataset / records.CONVERSION_FILE, {"vae": {"sha256": "2" * 64, "path": "/other.npz"}})
-        second = trainer.run(config, resume=True)
+        second = train_commands.run(config, resume=True)
     finally:
         (dataset / records.CONVERSION_FILE).unlink()
     assert second["start_step"] == 3
@@ -138,7 +140,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     try:
         annotations.write_bytes(original.replace(b"segment crack", b"segment cracks"))
         with pytest.raises(ValueError, match="changed since the run started"):
-            trainer.run(config.replace(steps=8), resume=True)
+            train_commands.run(config.replace(steps=8), resume=True)
     finally:
         annotations.write_bytes(original)
 
@@ -147,7 +149,7 @@ def test_trainable_sets_hold_only_their_parameters_in_float32(dataset):
     names = {}
     for trainable in ("lora", "attn", "all"):
         config = tiny_config(dataset, "/unused", trainable=trainable)
-        frozen, train = param_sets.abstract(config, param_sets.model_config(config))
+        frozen, train = param_sets.abstract(config, run_folder.model_config(config))
         flat = {"/".join(k): v for k, v in _flatten(train).items()}
         names[trainable] = set(flat)
         assert all(v.dtype == jnp.float32 for v in flat.values())
@@ -169,8 +171,8 @@ def _flatten(tree):
 
 def _step_inputs(dataset, **changes):
     config = tiny_config(dataset, "/unused", augment=False, **changes)
-    model_cfg = param_sets.model_config(config)
-    frozen, trainable = param_sets.initial(config, model_cfg)
+    model_cfg = run_folder.model_config(config)
+    frozen, trainable = run_folder.initial_params(config, model_cfg)
     tx = optim.optimizer(config)
     step = jax.jit(train_step.make_train_step(config, model_cfg, tx, optim.schedule(config)))
     from paliseg.tokenizer import Tokenizer
@@ -311,11 +313,11 @@ def test_lora_from_a_base_checkpoint_keeps_the_base_and_records_it(dataset, tmp_
     from paliseg import checkpoints as model_checkpoints
     from paliseg.checkpoints.tree import flatten
 
-    base_cfg = param_sets.model_config(tiny_config(dataset, "/unused")).replace(lora={"rank": 0})
+    base_cfg = run_folder.model_config(tiny_config(dataset, "/unused")).replace(lora={"rank": 0})
     base = model.init_params(base_cfg, jax.random.key(7))
     path = model_checkpoints.export_big_vision(tmp_path / "base.npz", base)
     config = tiny_config(dataset, tmp_path / "run", init=None, checkpoint=str(path), steps=2, save_every=2)
-    trainer.run(config)
+    train_commands.run(config)
 
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["checkpoint"] == str(path) and saved["init"] is None

@@ -14,19 +14,20 @@ from paliseg.config import LoraConfig
 from train import config as train_config
 from train import data as train_data
 from train import events, optim, sharding
+from train import run as run_folder
 from train.step import token_loss
 
 
 def _config(**changes):
     values = {"data": ["/d"], "out": "/run", "init": "random", "preset": "tiny"}
     values.update(changes)
-    return train_config.resolve(values)
+    return run_folder.resolve_config(values)
 
 
 def test_resolve_layers_defaults_file_and_flags(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"lr": 0.001, "steps": 7, "lora": {"rank": 4, "alpha": 2.0}}')
-    config = train_config.resolve(
+    config = run_folder.resolve_config(
         {"data": ["d"], "out": "r", "init": "random", "steps": 9, "lr": None, "lora": {"alpha": 8.0}}, path
     )
     assert (config.lr, config.steps, config.batch_size) == (0.001, 9, 8)
@@ -59,7 +60,7 @@ def test_unknown_config_file_key_names_the_file(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"learning_rate": 0.1}')
     with pytest.raises(ValueError, match=r"c\.json: unknown setting\(s\) learning_rate"):
-        train_config.resolve({"data": ["d"], "out": "r", "init": "random"}, path)
+        run_folder.resolve_config({"data": ["d"], "out": "r", "init": "random"}, path)
 
 
 def test_resume_refuses_changed_semantics_but_takes_execution_settings():
@@ -71,11 +72,10 @@ def test_resume_refuses_changed_semantics_but_takes_execution_settings():
 
 
 def test_dtype_sets_the_base_weights_and_the_matmuls_and_old_base_dtype_files_still_load(tmp_path):
-    from train import params
 
-    tiny = params.model_config(_config())
+    tiny = run_folder.model_config(_config())
     assert (tiny.param_dtype, tiny.compute_dtype) == ("float32", "float32")  # the preset's (default unchanged)
-    bf16 = params.model_config(_config(dtype="bfloat16"))
+    bf16 = run_folder.model_config(_config(dtype="bfloat16"))
     assert (bf16.param_dtype, bf16.compute_dtype, bf16.cache_dtype) == ("bfloat16",) * 3
     assert bf16.lora == tiny.lora and bf16.llm == tiny.llm
     (tmp_path / "old.json").write_text('{"base_dtype": "bfloat16"}')
@@ -93,11 +93,10 @@ def test_resume_compares_nested_settings():
 
 def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
     """Runs and config files written before the LoRA settings were nested (`lora_rank`, ...) load as before."""
-    from train import params
     from train.run import Run
 
     config = _config(lora={"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q", "img_fc1"]})
-    model_cfg = params.model_config(config)
+    model_cfg = run_folder.model_config(config)
     old = config.to_json()
     old.update({f"lora_{key}": value for key, value in old.pop("lora").items()})
     assert "lora" not in old and old["lora_rank"] == 4
@@ -105,7 +104,7 @@ def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
     run = Run(tmp_path)
     assert run.train_config == config and run.model_config == model_cfg
     (tmp_path / "c.json").write_text('{"lora_rank": 2, "lora_targets": ["v"]}')
-    from_file = train_config.resolve(
+    from_file = run_folder.resolve_config(
         {"data": ["d"], "out": "r", "init": "random", "lora": {"alpha": 4.0}}, tmp_path / "c.json"
     )
     assert from_file.lora == LoraConfig(rank=2, alpha=4.0, targets=("v",))

@@ -13,8 +13,11 @@ For the later stages (infer, eval), a run folder is one object, `train.run.Run`:
 
 To export a merged model: `paliseg.checkpoints.save(path, params, model_cfg)` on what `run.load` returns.
 
-Modules: `config` (TrainConfig, resolution and checks), `data` (deterministic input pipeline), `params`
-(trainable sets and initial params), `optim` (optax), `step` (loss and compiled step), `sharding` (mesh),
-`checkpoints` (orbax checkpoints), `run` (a run folder), `trainer` (the run loop), `grpo` (reinforcement
-fine-tuning with the mask-IoU reward, `--objective grpo`), `commands` (the CLI).
+To train from a program: `train.commands.run(train.run.resolve_config({...}))`, as `paliseg train` does.
+
+Modules, each importing only those before it: `config` (TrainConfig and its checks), `sharding` (mesh),
+`params` (trainable sets), `checkpoints` (orbax), `run` (a run folder, and where a new run starts),
+`data` (deterministic input pipeline), `optim` (optax), `step` (loss and compiled step), `loop` (the one
+run loop), the objectives `supervised` and `grpo` (reinforcement fine-tuning with the mask-IoU reward), and
+`commands` (the CLI, which picks the objective).
 """

@@ -93,21 +93,32 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
         )
 
 
+def run(config, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train (or continue) the run `config` describes with its --objective's step (`train.loop.run`);
+    returns the run's summary. `stop_after`: end this session after that many steps in total."""
+    from train import loop
+
+    if config.objective == "grpo":
+        from train.grpo import Grpo as objective
+    else:
+        from train.supervised import Supervised as objective
+    return loop.run(config, objective, resume, stop_after)
+
+
 def _train(args: argparse.Namespace) -> int:
     from paliseg import console
     from train import config as train_config
-    from train import trainer
-    from train.run import Run
+    from train import run as run_folder
 
     _initialize_distributed(args)
     requested = settings.given(args, TrainConfig)
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the settings from the run's config.json; drop --config")
-        config = train_config.check_resume(Run(args.out).train_config, requested)
+        config = train_config.check_resume(run_folder.Run(args.out).train_config, requested)
     else:
-        config = train_config.resolve(requested, args.config)
-    result = trainer.run(config, resume=args.resume)
+        config = run_folder.resolve_config(requested, args.config)
+    result = run(config, resume=args.resume)
     if not result["losses"]:
         console.report(
             {k: v for k, v in result.items() if k != "losses"},

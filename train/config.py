@@ -273,30 +273,18 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def resolve(overrides: dict[str, Any], config_file: str | os.PathLike | None = None) -> TrainConfig:
-    """Defaults, then the config file, then the explicitly given overrides (nested like the config, as
-    `settings.given` returns them; None means 'not given')."""
+def merge(overrides: dict[str, Any], config_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The settings of the config file, then the explicitly given overrides on top (nested like the config,
+    as `settings.given` returns them; None means 'not given'); `train.run.resolve_config` completes them."""
     values = load_file(config_file) if config_file is not None else {}
-    merged = settings.merge(values, overrides)
-    if merged.get("init_run"):
-        merged = _inherit_from_init_run(merged)
-    config = absolute_paths(from_dict(merged))
+    return settings.merge(values, overrides)
+
+
+def finish(values: dict[str, Any]) -> TrainConfig:
+    """The checked config of merged `values`, its paths made absolute."""
+    config = absolute_paths(from_dict(values))
     validate(config)
     return config
-
-
-def _inherit_from_init_run(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with the settings of INHERITED_FROM_INIT_RUN that are not given taken from the --init-run,
-    and --init-step resolved to a number: the run's config.json then names the exact starting point even
-    if the other run's best step changes later."""
-    from train.run import Run
-
-    run = Run(values["init_run"])
-    inherited = {key: getattr(run.train_config, key) for key in INHERITED_FROM_INIT_RUN if values.get(key) is None}
-    step = run.resolve_step(values.get("init_step", "best"))
-    if step and step not in run.steps:
-        raise ValueError(f"--init-step {step}: {run.dir} has no checkpoint at that step (saved: {run.steps})")
-    return {**values, **inherited, "init_step": str(step)}
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

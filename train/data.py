@@ -230,8 +230,9 @@ class TrainData:
         example_ids, jobs = self._jobs(step)
         return self._assemble(example_ids, [self._load_image(*job) for job in jobs])
 
-    def iterate(self, start_step: int, end_step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(step, batch) for start_step..end_step-1; images load `prefetch` steps ahead on `workers` threads."""
+    def iterate(self, start_step: int, end_step: int) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+        """(step, example ids, batch) for start_step..end_step-1 (ids and arrays as `example_ids` and `batch`
+        give them); images load `prefetch` steps ahead on `workers` threads."""
         with concurrent.futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="paliseg-data") as pool:
             pending: collections.deque = collections.deque()
             next_step = start_step
@@ -241,4 +242,4 @@ class TrainData:
                     pending.append((next_step, example_ids, [pool.submit(self._load_image, *job) for job in jobs]))
                     next_step += 1
                 step, example_ids, futures = pending.popleft()
-                yield step, self._assemble(example_ids, [future.result() for future in futures])
+                yield step, example_ids, self._assemble(example_ids, [future.result() for future in futures])

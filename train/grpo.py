@@ -31,7 +31,7 @@ The forward passes are deterministic (no dropout): the ratio must compare the po
 update per batch the ratio is exactly 1 and the gradient is the plain policy gradient; more updates
 compare against the log-probabilities of the policy that sampled (computed at the step's start).
 
-The run folder is a supervised run's (`train.trainer`): config.json, checkpoints every --save-every steps
+The run folder is a supervised run's (`train.loop`): config.json, checkpoints every --save-every steps
 (the same state: step, trainable params, optimizer state), exact --resume (the batch, the sampling key and
 so the completions are functions of the step), metrics.csv and TensorBoard with the GRPO_FIELDS. Step 0 is
 the starting policy (--init-run's checkpoint), so `paliseg eval` sweeps the run unchanged.
@@ -39,6 +39,7 @@ the starting policy (--init-run's checkpoint), so `paliseg eval` sweeps the run 
 
 from __future__ import annotations
 
+import csv
 import functools
 import time
 from collections.abc import Sequence
@@ -52,15 +53,15 @@ import optax
 
 import vae
 from metrics import scoring
-from paliseg import console, dataset, decoding, model
+from paliseg import dataset, decoding, model
 from paliseg.config import ModelConfig
 from paliseg.model import backend
-from train import checkpoints as run_checkpoints
 from train import data as train_data
-from train import optim, sharding, trainer
 from train import params as param_sets
 from train import run as run_folder
+from train import sharding
 from train.config import TrainConfig
+from train.loop import Context, Start
 from vae import identity
 
 GRPO_FIELDS = (
@@ -251,152 +252,103 @@ class Rollouts:
         )
 
 
-def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """`train.trainer.run` for --objective grpo: the same run folder, checkpoints and resumption."""
-    out = trainer.check_out_folder(config, resume)
-    saved_steps = run_checkpoints.list_steps(out) if resume else []
-    start_step = saved_steps[-1] if saved_steps else 0
-    if start_step >= config.steps:
-        return trainer.run_summary(out, config, start_step, start_step, [])
-    model_cfg = param_sets.model_config(config)
-    config = config.replace(tokenizer=trainer.tokenizer_path(config, model_cfg))
-    tokenizer = trainer.load_tokenizer(config, model_cfg)
-    process, processes = jax.process_index(), jax.process_count()
-    is_main = process == 0
-    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, process, processes)
-    if resume:
-        run_folder.Run(out).check_same_data(data.digests)
-    recorded_vae = run_folder.Run(out).vae if resume else run_folder.data_vae(config.data)
-    vae_model = vae.load(identity.resolve(recorded_vae, recorded_by="the --data folders").path)
-    rollouts = Rollouts(config, tokenizer, data, vae_model)
-    grpo, group = config.grpo, config.grpo.group_size
-    mesh = sharding.make_mesh(config.mesh_fsdp)
-    if config.batch_size % mesh.devices.size:
-        raise ValueError(
-            f"--batch-size {config.batch_size} (prompts per step) must be a multiple of the number of devices "
-            f"({mesh.devices.size}): each device samples and updates on its share of the prompts"
-        )
-    start = f"{config.init_run} step {config.init_step}" if config.init_run else (config.checkpoint or config.init)
-    if is_main:
-        console.info(
-            f"train (grpo): {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, trainable "
-            f"{config.trainable}, starting from {start}; {config.batch_size} prompts x {group} samples of up to "
-            f"{rollouts.max_new_tokens} tokens per step"
+class Grpo:
+    """GRPO's optimizer step (`train.loop.Objective`): sample, reward, update (see the module docstring)."""
+
+    name = "grpo"
+    fields = GRPO_FIELDS
+
+    def __init__(self, context: Context):
+        self.context = context
+        config = context.config
+        vae_model = vae.load(identity.resolve(context.vae, recorded_by="the --data folders").path)
+        self.rollouts = Rollouts(config, context.tokenizer, context.data, vae_model)
+        self.grammar = decoding.segment_grammar(context.tokenizer, context.model_cfg.llm.vocab_size)
+        self.sampler_cfg = context.model_cfg.replace(remat=False)
+        self.sampling = decoding.Sampling(config.grpo.temperature, config.grpo.top_p)
+        self.base_key = jax.random.fold_in(jax.random.key(config.seed), 7)  # apart from the other seeded streams
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.context.config.grpo.updates_per_batch
+
+    def describe(self) -> str:
+        config = self.context.config
+        grpo = config.grpo
+        start = f"{config.init_run} step {config.init_step}" if config.init_run else (config.checkpoint or config.init)
+        return (
+            f"starting from {start}; {config.batch_size} prompts x {grpo.group_size} samples of up to "
+            f"{self.rollouts.max_new_tokens} tokens per step"
             + (f", updating on {grpo.keep} of each group's" if grpo.keep else "")
-            + f"; {mesh.devices.size} device(s) (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), "
-            f"{processes} process(es)"
         )
 
-    tx = optim.optimizer(config, grpo.updates_per_batch)
-    lr_schedule = optim.schedule(config, grpo.updates_per_batch)
-    checkpoints = run_checkpoints.manager(out)
-    placed = trainer.sharded_start(config, model_cfg, tx, mesh, checkpoints, start_step)
-    frozen, reference, state = placed.frozen, placed.initial, placed.state  # reference: the frozen KL policy
-    if not start_step and not resume and is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        run_folder.write_config(out, config, model_cfg, data.digests, recorded_vae)
+    def compile(self, tx, lr_schedule, start: Start) -> None:
+        context = self.context
+        self.frozen, self.reference = start.frozen, start.initial  # reference: the KL's frozen policy
+        rows = jax.sharding.NamedSharding(context.mesh, sharding.ROWS_SPEC)
+        self.step_fn = jit_grpo_step(
+            context.config, context.model_cfg, tx, lr_schedule, self.grammar, context.tokenizer.eos_id,
+            in_shardings=(start.state_shardings, start.frozen_shardings, start.state_shardings["params"], rows),
+            out_shardings=(start.state_shardings, sharding.replicated(context.mesh)),
+        )  # fmt: skip
 
-    grammar = decoding.segment_grammar(tokenizer, model_cfg.llm.vocab_size)
-    rows = jax.sharding.NamedSharding(mesh, sharding.ROWS_SPEC)
-    step_fn = jit_grpo_step(
-        config, model_cfg, tx, lr_schedule, grammar, tokenizer.eos_id,
-        in_shardings=(placed.state_shardings, placed.frozen_shardings, placed.state_shardings["params"], rows),
-        out_shardings=(placed.state_shardings, sharding.replicated(mesh)),
-    )  # fmt: skip
-    sampler_cfg = model_cfg.replace(remat=False)
-    sampling = decoding.Sampling(grpo.temperature, grpo.top_p)
-    base_key = jax.random.fold_in(jax.random.key(config.seed), 7)  # apart from the other seeded streams
-    meta = {
-        "base_checkpoint": config.checkpoint, "init": config.init, "init_run": config.init_run,
-        "init_step": config.init_step, "preset": config.preset, "trainable": config.trainable,
-        "objective": config.objective, "train_config": config.to_json(), "model_config": model_cfg.to_dict(),
-    }  # fmt: skip
-    end_step = config.steps if stop_after is None else min(config.steps, stop_after)
-    log = trainer.MetricsLog(out, start_step, is_main, GRPO_FIELDS)
-    bar = console.progress_bar("grpo", total=config.steps, unit="step") if is_main else None
-    if bar is not None:
-        bar.update(start_step)
-    history: list[dict[str, float]] = []
-    started = time.perf_counter()
-    try:
-        for step in range(start_step, end_step):
-            step_started = time.perf_counter()
-            ids = data.example_ids(step)[0]
-            images = data.batch(step)["image"][0]
-            prompts = {
-                key: np.stack([rollouts.prompt(int(i))[key] for i in ids])
-                for key in ("tokens", "mask_ar", "mask_input")
-            }
-            on_devices = sharding.global_rows((images, prompts), mesh)  # each device samples its prompts' groups
-            generated = decoding.generate(
-                sampler_cfg, param_sets.join(frozen, state["params"]), on_devices[0], on_devices[1]["tokens"],
-                on_devices[1]["mask_ar"], on_devices[1]["mask_input"], max_new_tokens=rollouts.max_new_tokens,
-                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=grammar, sampling=sampling,
-                rng=jax.random.fold_in(base_key, step), samples_per_prompt=group,
-            )  # fmt: skip
-            local = slice(process * len(ids) * group, (process + 1) * len(ids) * group)  # this process's rows
-            samples = sharding.all_rows(generated.tokens)[local]  # [B * G, T] of its B prompts, prompt-major
-            texts = [tokenizer.decode(sample) for sample in samples]
-            rewards = rollouts.rewards(np.repeat(ids, group), texts).reshape(len(ids), group)
-            columns = max_variance_subset(rewards, grpo.keep) if grpo.keep else np.tile(np.arange(group), (len(ids), 1))
-            kept = (np.arange(len(ids))[:, None] * group + columns).reshape(-1)  # rows of `samples`, prompt-major
-            batch = rollout_batch(images, prompts, samples[kept], tokenizer.eos_id)
-            batch["advantages"] = group_advantages(np.take_along_axis(rewards, columns, axis=1)).reshape(-1)
-            state, metrics = step_fn(state, frozen, reference, sharding.global_rows(batch, mesh))
-            values = {key: float(value) for key, value in jax.device_get(metrics).items()}
-            if not np.isfinite(values["loss"]):
-                raise FloatingPointError(f"step {step + 1}: the loss is {values['loss']}; lower --lr")
-            every = sharding.all_rows(rewards)  # [all prompts, G]: the step's metrics are over every process's
-            sampled = sharding.all_rows(sampled_mask(samples, tokenizer.eos_id).sum(keepdims=True))
-            now = time.perf_counter()
-            row = {
-                "step": step + 1,
-                **values,
-                "reward_mean": float(every.mean()),
-                "reward_std": float(every.std()),
-                "zero_variance_groups": float(np.mean(np.ptp(every, axis=1) == 0)),
-                "tokens_per_s": float(sampled.sum()) / max(now - step_started, 1e-9),
-                "examples_per_s": config.batch_size / max(now - step_started, 1e-9),
-                "elapsed_s": now - started,
-            }
-            history.append(row)
-            if (step + 1) % config.log_every == 0 or step + 1 == end_step:
-                log.write(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}")
-            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-                position = {"step": step + 1, "examples_seen": (step + 1) * config.batch_size}
-                run_checkpoints.save(
-                    checkpoints, step + 1, state, {**meta, "step": step + 1, "data_position": position}
-                )
-        checkpoints.wait_until_finished()
-    finally:
-        checkpoints.close()
-        log.close()
-        if bar is not None:
-            bar.close()
-    summary = trainer.run_summary(out, config, start_step, end_step, history)
-    rewards = [row["reward_mean"] for row in history]
-    summary.update(
-        objective="grpo",
-        rewards=rewards,
-        first_reward=rewards[0] if rewards else None,
-        last_reward=rewards[-1] if rewards else None,
-    )
-    return summary
+    def step(self, step: int, state: Any, example_ids: np.ndarray, batch: dict[str, np.ndarray]) -> tuple[Any, dict]:
+        started = time.perf_counter()
+        context, group, keep = self.context, self.context.config.grpo.group_size, self.context.config.grpo.keep
+        tokenizer, mesh = context.tokenizer, context.mesh
+        ids, images = example_ids[0], batch["image"][0]  # GRPO runs with --grad-accum 1
+        prompts = {
+            key: np.stack([self.rollouts.prompt(int(i))[key] for i in ids])
+            for key in ("tokens", "mask_ar", "mask_input")
+        }
+        on_devices = sharding.global_rows((images, prompts), mesh)  # each device samples its prompts' groups
+        generated = decoding.generate(
+            self.sampler_cfg, param_sets.join(self.frozen, state["params"]), on_devices[0], on_devices[1]["tokens"],
+            on_devices[1]["mask_ar"], on_devices[1]["mask_input"], max_new_tokens=self.rollouts.max_new_tokens,
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, grammar=self.grammar, sampling=self.sampling,
+            rng=jax.random.fold_in(self.base_key, step), samples_per_prompt=group,
+        )  # fmt: skip
+        process = jax.process_index()
+        local = slice(process * len(ids) * group, (process + 1) * len(ids) * group)  # this process's rows
+        samples = sharding.all_rows(generated.tokens)[local]  # [B * G, T] of its B prompts, prompt-major
+        texts = [tokenizer.decode(sample) for sample in samples]
+        rewards = self.rollouts.rewards(np.repeat(ids, group), texts).reshape(len(ids), group)
+        columns = max_variance_subset(rewards, keep) if keep else np.tile(np.arange(group), (len(ids), 1))
+        kept = (np.arange(len(ids))[:, None] * group + columns).reshape(-1)  # rows of `samples`, prompt-major
+        update = rollout_batch(images, prompts, samples[kept], tokenizer.eos_id)
+        update["advantages"] = group_advantages(np.take_along_axis(rewards, columns, axis=1)).reshape(-1)
+        state, metrics = self.step_fn(state, self.frozen, self.reference, sharding.global_rows(update, mesh))
+        every = sharding.all_rows(rewards)  # [all prompts, G]: the step's metrics are over every process's
+        sampled = sharding.all_rows(sampled_mask(samples, tokenizer.eos_id).sum(keepdims=True))
+        return state, {
+            **metrics,
+            "reward_mean": float(every.mean()),
+            "reward_std": float(every.std()),
+            "zero_variance_groups": float(np.mean(np.ptp(every, axis=1) == 0)),
+            "tokens_per_s": float(sampled.sum()) / max(time.perf_counter() - started, 1e-9),
+        }
+
+    def postfix(self, row: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{row['reward_mean']:.3f}", "kl": f"{row['kl']:.4f}"}
+
+    def summarize(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        rewards = [row["reward_mean"] for row in history]
+        return {
+            "objective": "grpo",
+            "rewards": rewards,
+            "first_reward": rewards[0] if rewards else None,
+            "last_reward": rewards[-1] if rewards else None,
+        }
 
 
 def reward_plot(run_dir: str | Path, out: str | Path) -> Path:
     """reward_mean vs step of a GRPO run's metrics.csv, drawn to `out` (PNG)."""
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(Path(run_dir) / trainer.METRICS_FILE, newline="") as handle:
+    with open(Path(run_dir) / run_folder.METRICS_FILE, newline="") as handle:
         rows = list(csv.DictReader(handle))
     steps = [int(r["step"]) for r in rows]
     means = np.asarray([float(r["reward_mean"]) for r in rows])

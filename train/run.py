@@ -4,6 +4,7 @@
                                      the SHA-256 of each folder's annotations ("data_sha256") and the
                                      identity of the VAE that wrote their seg tokens ("vae", or null)
     RUN_DIR/checkpoints/<step>/      trainable params + optimizer state (orbax, `train.checkpoints`)
+    RUN_DIR/metrics.csv, tb/         the training metrics (`train.loop`)
     RUN_DIR/best.json                the best step, recorded by `paliseg eval` (`record_best`)
 
     run = Run("runs/r1")                  # config.json parsed once
@@ -16,24 +17,35 @@
 
 Step 0 is the base the run started from: the base checkpoint with zero-effect LoRA adapters, or the seeded
 random init of `--init random`. To export a merged model: `paliseg.checkpoints.save(path, params, model_cfg)`.
+
+Where a new run starts lives here too, since a run may start from another run's checkpoint (--init-run):
+`resolve_config` (its settings), `model_config` (the model it trains), `initial_params` (its step 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from paliseg import console, files
+import jax
+import jax.numpy as jnp
+
+from paliseg import checkpoints as base_checkpoints
+from paliseg import config as model_configs
+from paliseg import console, files, model
 from paliseg.config import ModelConfig
-from train import checkpoints
+from train import checkpoints, sharding
 from train import config as train_config
+from train import params as param_sets
 from vae import identity
 
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.json"
+METRICS_FILE = "metrics.csv"
 
 
 def is_run(run_dir: str | os.PathLike) -> bool:
@@ -163,10 +175,8 @@ class Run:
         the seeded random init) minus the trainable set; empty for `--trainable all`. Every step shares
         them: loaded once, then kept."""
         if self._frozen is None:
-            from train import params as param_sets
-
             all_trainable = self.train_config.trainable == "all"
-            self._frozen = {} if all_trainable else param_sets.initial(self.train_config, self.model_config)[0]
+            self._frozen = {} if all_trainable else initial_params(self.train_config, self.model_config)[0]
         return self._frozen
 
     def load(
@@ -180,12 +190,9 @@ class Run:
         very base: folding them in would quantize the sum anew. `frozen`: the run's `frozen_params`, when
         already in memory elsewhere.
         """
-        from paliseg import model
-        from train import params as param_sets
-
         step = self.resolve_step(None) if step is None else step
         if step == 0:
-            base, trainable = param_sets.initial(self.train_config, self.model_config)
+            base, trainable = initial_params(self.train_config, self.model_config)
             if self._frozen is None and frozen is None and self.train_config.trainable != "all":
                 self._frozen = base
         else:
@@ -203,3 +210,75 @@ class Run:
             params = model.merge_lora(params, model_cfg)
             model_cfg = model_cfg.replace(lora={"rank": 0})
         return model_cfg, params
+
+
+# --- where a new run starts -------------------------------------------------------------------------------
+
+
+def resolve_config(requested: dict[str, Any], config_file: str | os.PathLike | None = None) -> train_config.TrainConfig:
+    """A new run's settings: defaults, then the config file, then the `requested` flags (nested as
+    `settings.given` returns them; None: not given), then for an --init-run the settings of
+    INHERITED_FROM_INIT_RUN that are not given, taken from that run, and --init-step resolved to a number
+    (config.json then names the exact starting point even if the other run's best step changes later)."""
+    values = train_config.merge(requested, config_file)
+    if values.get("init_run"):
+        run = Run(values["init_run"])
+        inherited = {
+            key: getattr(run.train_config, key)
+            for key in train_config.INHERITED_FROM_INIT_RUN
+            if values.get(key) is None
+        }
+        step = run.resolve_step(values.get("init_step", "best"))
+        if step and step not in run.steps:
+            raise ValueError(f"--init-step {step}: {run.dir} has no checkpoint at that step (saved: {run.steps})")
+        values = {**values, **inherited, "init_step": str(step)}
+    return train_config.finish(values)
+
+
+def model_config(config: train_config.TrainConfig) -> ModelConfig:
+    """The model a run trains: the preset (or the --init-run's model) in the run's --dtype, with LoRA on for
+    `--trainable lora`, the run's remat and quantized base (--base-dtype)."""
+    if config.init_run:  # the model that run trained (an HF folder's config, say), not only its preset
+        base = Run(config.init_run).model_config.with_dtype(config.dtype)
+    else:
+        base = model_configs.preset(config.preset).with_dtype(config.dtype)
+    lora_config = config.lora if config.trainable == "lora" else dataclasses.replace(config.lora, rank=0)
+    return dataclasses.replace(base, lora=lora_config, remat=config.remat, quantization=config.quantization)
+
+
+def initial_params(
+    config: train_config.TrainConfig, model_cfg: ModelConfig, shardings: Any = None
+) -> tuple[dict, dict]:
+    """(frozen, trainable) at step 0: the base checkpoint (or the --init-run's checkpoint, its LoRA merged)
+    with fresh LoRA adapters (seeded), or a seeded random model for `--init random`. `shardings` is a
+    (frozen, trainable) pair of NamedSharding trees. A quantized base (`model_cfg.quantization`) is
+    quantized as it loads (the random init creates it quantized)."""
+    if config.init == "random":
+        return param_sets.random_init(config, model_cfg, shardings)
+    base = _base_params(config, model_cfg)
+    if config.trainable != "lora":
+        frozen, trainable = param_sets.split(base, config.trainable)
+        return sharding.place((frozen, trainable), shardings)
+    # Only the adapters are initialised: jit drops the base's initialisers, whose results are unused.
+    adapters = jax.jit(
+        lambda key: param_sets.split(model.init_params(model_cfg, key), "lora")[1],
+        out_shardings=None if shardings is None else shardings[1],
+    )(jax.random.key(config.seed))
+    return sharding.place(base, None if shardings is None else shardings[0]), adapters
+
+
+def _base_params(config: train_config.TrainConfig, model_cfg: ModelConfig) -> dict:
+    """The full tree a run starts from, without adapters: --checkpoint, or --init-run at --init-step."""
+    if config.init_run:
+        run = Run(config.init_run)
+        _, base = run.load(run.resolve_step(config.init_step))  # LoRA merged: the policy that run reached
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, model_cfg.param_dtype), base)
+    _, base = base_checkpoints.load(
+        config.checkpoint,
+        preset=config.preset,
+        vocab_size=model_cfg.llm.vocab_size,
+        param_dtype=model_cfg.param_dtype,
+        lora={"rank": 0},
+        quantization=model_cfg.quantization,  # quantized leaf by leaf as it loads
+    )
+    return base

@@ -257,22 +257,22 @@ class Demo:
 
     def _train_stage(self, stage: str, config, run_dir: Path):
         """`paliseg train` of `config` as a demo stage, resumed (with the run's own settings, as `paliseg train
-        --out RUN --resume`) when asked and `run_dir` holds a run: (the config it ran, trainer's result, start)."""
+        --out RUN --resume`) when asked and `run_dir` holds a run: (the config it ran, the run's summary, start)."""
+        from train import commands as train_commands
         from train import config as train_config
-        from train import trainer
         from train.run import Run, is_run
 
         started = self._stage(stage, [command_line("paliseg train", {}, settings.to_argv(config))])
         resume = self.resume and is_run(run_dir)
         if resume:
             config = train_config.check_resume(Run(run_dir).train_config, {"out": config.out})
-        return config, trainer.run(config, resume=resume), started
+        return config, train_commands.run(config, resume=resume), started
 
     def train(self) -> None:
-        from train import config as train_config
+        from train import run as run_folder
 
         plan = self.plan
-        config = train_config.resolve({
+        config = run_folder.resolve_config({
             "data": [str(self.paths.shapes)], "out": str(self.paths.run), "preset": "tiny", "init": "random",
             "trainable": "all", "steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
             "warmup_fraction": plan.warmup_fraction, "save_every": plan.save_every, "seq_len": plan.seq_len,
@@ -296,9 +296,9 @@ class Demo:
         )
 
     def rl_train(self, rl: RlPlan) -> None:
-        from train import config as train_config
+        from train import run as run_folder
 
-        config = train_config.resolve({
+        config = run_folder.resolve_config({
             "data": [str(self.paths.shapes)], "out": str(self.paths.rl), "objective": "grpo",
             "init_run": str(self.paths.run), "init_step": "best", "trainable": "all", "steps": rl.steps,
             "batch_size": rl.batch_size, "lr": rl.lr, "warmup_fraction": rl.warmup_fraction,

@@ -1,4 +1,10 @@
-"""The training run: data + base model -> checkpoints, metrics and TensorBoard events in RUN_DIR.
+"""The training loop, one for every objective: data + base model -> checkpoints and metrics in RUN_DIR.
+
+The loop owns what every run needs: the run folder (refusing to overwrite, exact `--resume`), the
+tokenizer, the data, the VAE record, the mesh, the optimizer, the sharded start, config.json, the
+metrics log, the progress bar, the NaN guard and the checkpoint cadence. An objective (`train.supervised`,
+`train.grpo`, chosen by `--objective` in `train.commands`) supplies only its step: what one optimizer
+step computes from the batch the loop hands it.
 
 Order matters for the user: everything that can be wrong with the settings or the data (bad values,
 missing files, examples longer than --seq-len, a batch that does not split over the devices) is checked
@@ -7,7 +13,7 @@ the same shapes and shardings, so it never recompiles.
 
 Outputs (process 0 writes the files; every process takes part in saving the sharded checkpoints):
     RUN_DIR/config.json (see train.run), RUN_DIR/checkpoints/<step>/ (see train.checkpoints),
-    RUN_DIR/metrics.csv (step, loss, lr, grad_norm, examples_per_s, elapsed_s), RUN_DIR/tb/ (TensorBoard).
+    RUN_DIR/metrics.csv (the objective's fields, one row per --log-every steps), RUN_DIR/tb/ (TensorBoard).
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
+import optax
 
+from paliseg import checkpoints as base_checkpoints
 from paliseg import console, files
+from paliseg.config import ModelConfig
 from paliseg.tokenizer import Tokenizer
 from train import checkpoints as run_checkpoints
 from train import data as train_data
@@ -31,19 +40,69 @@ from train import params as param_sets
 from train import run as run_folder
 from train import step as train_step
 from train.config import TrainConfig
-
-METRICS_FILE = "metrics.csv"
-METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "examples_per_s", "elapsed_s")
+from vae import identity
 
 
-def tokenizer_path(config: TrainConfig, model_cfg) -> str:
+@dataclasses.dataclass
+class Start:
+    """Where a run starts, placed on its mesh: the frozen params, the trainable set at step 0 (GRPO's KL
+    reference), the train state (fresh from it, or restored) and the trees' shardings."""
+
+    frozen: Any
+    initial: Any
+    state: Any
+    frozen_shardings: Any
+    state_shardings: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the loop has read and checked before an objective is built (nothing the size of the model yet)."""
+
+    config: TrainConfig
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    data: train_data.TrainData
+    vae: identity.VaeIdentity | None  # the VAE that wrote the data's seg tokens, as the run records it
+    mesh: jax.sharding.Mesh
+
+
+class Objective(Protocol):
+    """One kind of optimizer step. Built from the `Context` (it may check and load what it needs there),
+    then compiled once the params are placed; `step` runs one optimizer step on the batch of that step."""
+
+    name: str  # the progress bar's label
+    fields: tuple[str, ...]  # the columns of metrics.csv
+
+    def __init__(self, context: Context) -> None: ...
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per loop step (the lr schedule counts updates)."""
+
+    def describe(self) -> str:
+        """The objective's part of the run's first line on stderr."""
+
+    def compile(self, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, start: Start) -> None:
+        """Compile the step for `start`'s shardings; keep what the step needs (the frozen params...)."""
+
+    def step(self, step: int, state: Any, example_ids: np.ndarray, batch: dict[str, np.ndarray]) -> tuple[Any, dict]:
+        """(new state, metrics) of loop step `step` on this process's batch ([grad_accum, local, ...]);
+        the metrics may still be on the device (the loop fetches them while the next step runs)."""
+
+    def postfix(self, row: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows of a metrics row."""
+
+    def summarize(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """The objective's additions to the run's summary."""
+
+
+def tokenizer_path(config: TrainConfig, model_cfg: ModelConfig) -> str:
     """--tokenizer, else the one shipped in the base checkpoint's folder, else the preset's bundled one."""
     if config.tokenizer:
         return config.tokenizer
     if config.checkpoint:
-        from paliseg import checkpoints
-
-        path = checkpoints.default_tokenizer(config.checkpoint, model_cfg)
+        path = base_checkpoints.default_tokenizer(config.checkpoint, model_cfg)
     else:
         path = model_cfg.tokenizer_path
     if path is None:
@@ -51,12 +110,12 @@ def tokenizer_path(config: TrainConfig, model_cfg) -> str:
     return str(Path(path).absolute())
 
 
-def load_tokenizer(config: TrainConfig, model_cfg) -> Tokenizer:
-    path = config.tokenizer
-    tokenizer = Tokenizer(path)
+def load_tokenizer(config: TrainConfig, model_cfg: ModelConfig) -> Tokenizer:
+    """The run's tokenizer (`config.tokenizer`, resolved), refused when it has more pieces than the model."""
+    tokenizer = Tokenizer(config.tokenizer)
     if tokenizer.vocab_size > model_cfg.llm.vocab_size:
         raise ValueError(
-            f"{path}: {tokenizer.vocab_size} pieces, more than the model's vocabulary "
+            f"{config.tokenizer}: {tokenizer.vocab_size} pieces, more than the model's vocabulary "
             f"({model_cfg.llm.vocab_size}) of preset {config.preset}"
         )
     return tokenizer
@@ -75,11 +134,11 @@ def check_out_folder(config: TrainConfig, resume: bool) -> Path:
 class MetricsLog:
     """metrics.csv and TensorBoard events; on resume both drop whatever was logged after the checkpoint."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool, fields: tuple[str, ...] = METRIC_FIELDS):
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, fields: tuple[str, ...]):
         self.enabled, self.fields = enabled, fields
         if not enabled:
             return
-        self.path = run_dir / METRICS_FILE
+        self.path = run_dir / run_folder.METRICS_FILE
         kept = []
         if self.path.exists():
             with open(self.path, newline="") as handle:
@@ -108,25 +167,13 @@ class MetricsLog:
             self.tb.close()
 
 
-@dataclasses.dataclass
-class Start:
-    """Where a run starts, placed on its mesh: the frozen params, the trainable set at step 0 (GRPO's KL
-    reference), the train state (fresh from it, or restored) and the trees' shardings."""
-
-    frozen: Any
-    initial: Any
-    state: Any
-    frozen_shardings: Any
-    state_shardings: Any
-
-
-def sharded_start(config: TrainConfig, model_cfg, tx, mesh, checkpoints, start_step: int) -> Start:
+def sharded_start(config: TrainConfig, model_cfg: ModelConfig, tx, mesh, checkpoints, start_step: int) -> Start:
     """The params and state of step `start_step` (0: fresh), split over `mesh` (`train.sharding`)."""
     frozen_shapes, trainable_shapes = param_sets.abstract(config, model_cfg)
     frozen_shardings = sharding.tree_shardings(frozen_shapes, mesh)
     state_shapes = jax.eval_shape(lambda p: train_step.init_state(p, tx), trainable_shapes)
     state_shardings = sharding.tree_shardings(state_shapes, mesh)
-    frozen, initial = param_sets.initial(config, model_cfg, (frozen_shardings, state_shardings["params"]))
+    frozen, initial = run_folder.initial_params(config, model_cfg, (frozen_shardings, state_shardings["params"]))
     if start_step:
         abstract = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings
@@ -137,71 +184,56 @@ def sharded_start(config: TrainConfig, model_cfg, tx, mesh, checkpoints, start_s
     return Start(frozen, initial, state, frozen_shardings, state_shardings)
 
 
-def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or continue) the run described by `config`; returns a summary. `stop_after` ends this session
-    after that many steps in total, as an interruption would (tests use it to check resumption)."""
-    if config.objective == "grpo":
-        from train import grpo
-
-        return grpo.run(config, resume, stop_after)
+def run(
+    config: TrainConfig, objective_type: type[Objective], resume: bool = False, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train (or continue) the run described by `config` with `objective_type`'s step; returns a summary.
+    `stop_after` ends this session after that many steps in total, as an interruption would (tests use it
+    to check resumption)."""
     out = check_out_folder(config, resume)
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0  # a run killed before its first save starts over
     if start_step >= config.steps:
         return run_summary(out, config, start_step, start_step, [])
-    model_cfg = param_sets.model_config(config)
+    model_cfg = run_folder.model_config(config)
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
-    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, jax.process_index(), jax.process_count())
+    process, processes = jax.process_index(), jax.process_count()
+    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, process, processes)
     if resume:
         run_folder.Run(out).check_same_data(data.digests)
-    data_vae = None if resume else run_folder.data_vae(config.data)  # a resumed run keeps its record
+    recorded_vae = run_folder.Run(out).vae if resume else run_folder.data_vae(config.data)
     mesh = sharding.make_mesh(config.mesh_fsdp)
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
-    is_main = jax.process_index() == 0
+    objective = objective_type(Context(config, model_cfg, tokenizer, data, recorded_vae, mesh))
+    is_main = process == 0
     if is_main:
         console.info(
-            f"train: {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, "
+            f"{objective.name}: {len(data)} examples from {', '.join(config.data)}; preset {config.preset}, "
             f"trainable {config.trainable}"
             + (f" over a {config.quantization.format} base" if config.quantization.enabled else "")
-            + f", {mesh.devices.size} device(s) "
-            f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), {jax.process_count()} process(es)"
+            + f"; {objective.describe()}; {mesh.devices.size} device(s) "
+            f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}), {processes} process(es)"
         )
 
-    tx = optim.optimizer(config)
-    lr_schedule = optim.schedule(config)
+    tx = optim.optimizer(config, objective.updates_per_step)
     checkpoints = run_checkpoints.manager(out)
     start = sharded_start(config, model_cfg, tx, mesh, checkpoints, start_step)
-    frozen, state, frozen_shardings, state_shardings = (
-        start.frozen,
-        start.state,
-        start.frozen_shardings,
-        start.state_shardings,
-    )
-    del start  # the starting trainable set is in the fresh state, or not needed after a restore
     if not start_step and is_main and not resume:
         out.mkdir(parents=True, exist_ok=True)
-        run_folder.write_config(out, config, model_cfg, data.digests, data_vae)
+        run_folder.write_config(out, config, model_cfg, data.digests, recorded_vae)
+    objective.compile(tx, optim.schedule(config, objective.updates_per_step), start)
+    state = start.state
+    del start  # the objective keeps what its step needs; the rest (a fresh run's initial set) can go
 
-    step_fn = train_step.jit_train_step(
-        config,
-        model_cfg,
-        tx,
-        lr_schedule,
-        in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-    )
     meta = {
-        "base_checkpoint": config.checkpoint,
-        "init": config.init,
-        "preset": config.preset,
-        "trainable": config.trainable,
-        "train_config": config.to_json(),
-        "model_config": model_cfg.to_dict(),
-    }
+        "base_checkpoint": config.checkpoint, "init": config.init, "init_run": config.init_run,
+        "init_step": config.init_step, "preset": config.preset, "trainable": config.trainable,
+        "objective": config.objective, "train_config": config.to_json(), "model_config": model_cfg.to_dict(),
+    }  # fmt: skip
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
-    log = MetricsLog(out, start_step, is_main)
-    bar = console.progress_bar("train", total=config.steps, unit="step") if is_main else None
+    log = MetricsLog(out, start_step, is_main, objective.fields)
+    bar = console.progress_bar(objective.name, total=config.steps, unit="step") if is_main else None
     if bar is not None:
         bar.update(start_step)
     history: list[dict[str, float]] = []
@@ -226,26 +258,20 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
             log.write(row)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", ex_s=f"{row['examples_per_s']:.1f}")
+            bar.set_postfix(objective.postfix(row))
 
     try:
-        for step, local_batch in data.iterate(start_step, end_step):
-            state, metrics = step_fn(state, frozen, sharding.global_batch(local_batch, mesh))
+        for step, example_ids, batch in data.iterate(start_step, end_step):
+            state, metrics = objective.step(step, state, example_ids, batch)
             if pending is not None:
                 record(*pending)  # the previous step's metrics: fetched while this step runs
             pending = (step + 1, metrics)
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 record(*pending)
                 pending = None
+                position = {"step": step + 1, "examples_seen": (step + 1) * config.batch_size}
                 run_checkpoints.save(
-                    checkpoints,
-                    step + 1,
-                    state,
-                    {
-                        **meta,
-                        "step": step + 1,
-                        "data_position": {"step": step + 1, "examples_seen": (step + 1) * config.batch_size},
-                    },
+                    checkpoints, step + 1, state, {**meta, "step": step + 1, "data_position": position}
                 )
         if pending is not None:
             record(*pending)
@@ -255,7 +281,7 @@ def run(config: TrainConfig, resume: bool = False, stop_after: int | None = None
         log.close()
         if bar is not None:
             bar.close()
-    return run_summary(out, config, start_step, end_step, history)
+    return {**run_summary(out, config, start_step, end_step, history), **objective.summarize(history)}
 
 
 def run_summary(

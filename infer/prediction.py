@@ -2,7 +2,7 @@
 
 The parsing and the masks are `vae.text.texts_masks` (shared with the reinforcement fine-tuning reward).
 Model output is untrusted: `paliseg.tokens.parse_suffix` never raises and counts the chunks it rejects.
-Conventions (the sweep scores with them, the README quotes them):
+Conventions (the sweep scores with them, docs/metrics.md quotes them):
 - An empty text is a valid answer: "no object of this prompt here" (an empty mask).
 - A non-empty text with no valid object at all is an invalid prediction: `mask` is None, and the
   scoring gives it 0 on every metric (`metrics.scoring`).

@@ -1,6 +1,6 @@
 """Aggregate per-image scores, overall and per prompt.
 
-Conventions (quoted by the report and README):
+Conventions (quoted by the report and docs/metrics.md):
 - mIoU / mDice are means of the per-image scores (invalid predictions included, as 0).
 - cIoU (cumulative IoU) is the sum of intersections over the sum of unions, so large objects weigh more;
   when every union is 0 (all ground truths and predictions empty) it falls back to the mean IoU.

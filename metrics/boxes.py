@@ -1,6 +1,6 @@
 """Box overlap with optimal one-to-one matching.
 
-Conventions (quoted by the report and README):
+Conventions (quoted by the report and docs/metrics.md):
 - Boxes are pixel (x1, y1, x2, y2) with continuous coordinates: area = (x2 - x1) * (y2 - y1).
 - Predicted and ground-truth boxes are paired one to one by the Hungarian algorithm
   (`scipy.optimize.linear_sum_assignment`), maximising the total IoU.

@@ -1,6 +1,6 @@
 """Mask overlap at the ground truth's full resolution.
 
-Conventions (quoted by the report and README):
+Conventions (quoted by the report and docs/metrics.md):
 - Masks are compared pixel for pixel; prediction and ground truth must have the same height and width
   (a prediction is never resized to fit, so a size mismatch is a bug upstream and raises).
 - When both prediction and ground truth are empty there is nothing to get wrong: the score is `empty`

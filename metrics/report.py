@@ -1,7 +1,7 @@
 """Score reports (JSON, CSV, Markdown) and the plots the eval sweep draws.
 
 The conventions text is assembled from the "Conventions" sections of the metric modules' docstrings, so
-the report, the README and the code can never disagree.
+the report, docs/metrics.md and the code can never disagree.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from metrics import aggregate, boxes, masks, scoring
 from paliseg import console, files
 
-_CONVENTIONS_HEADER = "Conventions (quoted by the report and README):"
+_CONVENTIONS_HEADER = "Conventions (quoted by the report and docs/metrics.md):"
 
 
 def _conventions_of(module) -> list[str]:

@@ -1,6 +1,6 @@
 """One image's scores: mask IoU/Dice at full resolution and, when boxes are known, matched box scores.
 
-Conventions (quoted by the report and README):
+Conventions (quoted by the report and docs/metrics.md):
 - A missing or fully unparsable prediction (`pred_mask=None`) is never skipped: it scores 0 on every
   metric and is counted as invalid (`valid=False`). For the cumulative IoU it adds intersection 0 and
   union |gt|.

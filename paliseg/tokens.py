@@ -1,6 +1,6 @@
 """The seg-token codec: boxes <-> loc tokens, VAE codes <-> seg tokens, objects <-> suffix strings.
 
-Conventions are big_vision's (see README, "Formats"): loc tokens are ordered (y1, x1, y2, x2), each
+Conventions are big_vision's (see docs/formats.md): loc tokens are ordered (y1, x1, y2, x2), each
 `clip(round(v * 1023), 0, 1023)` of the coordinate normalised by the image height or width, decoded as
 `index / 1023`. An object is four loc tokens, sixteen seg tokens, then its label after one space:
 

@@ -38,7 +38,7 @@ supervised runs (--batch-size prompts split over the devices, --mesh-fsdp).
 
 examples:
   paliseg train --data data/cracks --data data/drywall --balance-prompts \\
-      --checkpoint models/paligemma-3b-pt-224.bf16.npz --tokenizer models/paligemma_tokenizer.model \\
+      --checkpoint models/paligemma-3b-pt-224.f16.npz --tokenizer models/paligemma_tokenizer.model \\
       --out runs/lora --steps 500 --batch-size 16 --grad-accum 2
   paliseg train --data data/cracks --init random --preset tiny --trainable all --lr 1e-3 --out runs/tiny
   paliseg train --data data/cracks --checkpoint models/paligemma2-10b-pt-224.b16.npz \\

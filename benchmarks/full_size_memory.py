@@ -54,14 +54,11 @@ from train_vs_transformers import lora_step_flops  # noqa: E402
 from paliseg import allocator, decoding, model  # noqa: E402
 from paliseg.config import QuantizationConfig, preset  # noqa: E402
 from paliseg.model import quantization  # noqa: E402
-from train import optim  # noqa: E402
+from train import optim, plan  # noqa: E402
 from train import params as param_sets  # noqa: E402
 from train import run as run_folder  # noqa: E402
 from train import step as train_step  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-
-# Dense bf16 peak of the accelerators the MFU line knows (FLOP/s): NVIDIA's datasheet figures, no sparsity.
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def peak_rss_gb() -> float:
@@ -213,8 +210,9 @@ def train(preset_name: str, batch: int, seq_len: int, quantize: str | None) -> N
     flops = lora_step_flops(model_cfg, batch, seq_len)
     print(f"train: {batch / seconds:.3f} examples/s, {flops / seconds / 1e12:.2f} TFLOP/s of useful work")
     kind = jax.devices()[0].device_kind
-    peak = next((value for name, value in BF16_PEAK.items() if name in kind), None)
-    if peak is not None:
+    known = plan.accelerator_of(kind)  # `paliseg plan`'s table: datasheet dense bf16 peaks
+    if known is not None:
+        peak = known.bf16_flops
         print(f"MFU: {flops / seconds / peak:.1%} of the {kind} bf16 peak ({peak / 1e12:.0f} TFLOP/s)")
     print(f"peak RSS: {peak_rss_gb():.2f} GB (goal < 20 GB)")
 

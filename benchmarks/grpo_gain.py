@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from converters import synthetic
 from converters.convert import ConvertConfig, convert
 from infer import sweep
+from infer.config import DecodingSettings, EvalSettings
 from paliseg import files
 from paliseg.cli.demo import FULL_RL, DemoPlan
 from train import commands as train_commands
@@ -132,14 +133,14 @@ def main() -> None:
     large = None
     if args.valid_images:  # first: the demo split's sweep below records the run's best step
         large_data = larger_valid_split(demo, out / "valid_large", args.valid_images)
-        large = sweep.evaluate_run(
-            run_dir=out / "run", data_dir=large_data, out_dir=out / "report_large", split="valid",
-            vae_path=BUNDLED_VAE_PATH, overwrite=True, ceiling=False, canvases=0,
-        )  # fmt: skip
-    report = sweep.evaluate_run(
-        run_dir=out / "run", data_dir=data, out_dir=out / "report", split="valid", vae_path=BUNDLED_VAE_PATH,
+        large = sweep.evaluate_run(EvalSettings(
+            run_dir=out / "run", data=large_data, out=out / "report_large", decoding=DecodingSettings(vae=BUNDLED_VAE_PATH),
+            overwrite=True, ceiling=False, canvases=0,
+        ))  # fmt: skip
+    report = sweep.evaluate_run(EvalSettings(
+        run_dir=out / "run", data=data, out=out / "report", decoding=DecodingSettings(vae=BUNDLED_VAE_PATH),
         overwrite=True,
-    )  # fmt: skip
+    ))  # fmt: skip
     eval_s = time.perf_counter() - started
     plot = grpo.reward_plot(out / "run", out / "reward_vs_step.png")
     last = Run(out / "run").steps[-1]

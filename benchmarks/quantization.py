@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 
 from infer import sweep  # noqa: E402
+from infer.config import DecodingSettings, EvalSettings  # noqa: E402
 from infer.predictor import Predictor  # noqa: E402
 from paliseg import checkpoints, images, model, records, settings  # noqa: E402
 from paliseg.cli.main import main as paliseg_main  # noqa: E402
@@ -107,10 +108,10 @@ def greedy_agreement(reference: list[str], other: list[str], tokenizer) -> tuple
 
 
 def mask_miou(run: Run, data: Path, out: Path, step: int, quantize: str | None, dtype: str | None) -> float:
-    report = sweep.evaluate_run(
-        run, data, out, split="valid", steps=[step], base=False, ceiling=False,
-        vae_path=BUNDLED_VAE_PATH, canvases=0, overwrite=True, dtype=dtype, quantize=quantize,
-    )  # fmt: skip
+    report = sweep.evaluate_run(EvalSettings(
+        run_dir=run, data=data, out=out, steps=str(step), base=False, ceiling=False, canvases=0, overwrite=True,
+        decoding=DecodingSettings(vae=BUNDLED_VAE_PATH, dtype=dtype, quantize=quantize),
+    ))  # fmt: skip
     [result] = report["steps"]
     if result["status"] != "ok":
         raise RuntimeError(f"step {step}: {result['error']}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from converters.config import ConvertConfig
 from paliseg import settings
+from paliseg.settings import setting
 
 _CONVERT_HELP = (
     "Convert Roboflow exports (COCO, YOLO, PaliGemma JSONL, mask folders) into annotation JSONL with loc + seg tokens."
@@ -19,12 +21,15 @@ inputs (detected per split, or forced with --format):
              components become instances (class: --mask-class, else the export's only COCO class)
   SRC may also be one split folder (e.g. cracks/valid). Several SRCs are written into one DIR.
 
-outputs:
+outputs (--output-format jsonl, the default):
   DIR/_annotations.<split>.jsonl      one record per image and prompt: image, prefix, suffix, mask, provenance
   DIR/images/<split>/<export>/...     hard links to the source images (copies across file systems)
   DIR/masks/<split>/<export>/<stem>.<prompt>.png   ground truth: union of the prompt's objects, 0/255
   DIR/conversion.json                 the summary printed at the end, and the SHA-256 of the VAE that wrote
                                       the seg tokens (train, eval, predict and `vae ceiling` use that VAE)
+  --output-format tfds: the same records as a TFDS dataset instead (dataset_info.json, paliseg-<split>.tfrecord-*
+  and .array_record-* shards; `tfds.builder_from_directory(DIR)`), plus conversion.json; both: the two side by
+  side. Every paliseg command reads either. DIR appears only when the conversion is finished.
 
 behaviour:
   Every prompt of an export's classes gets a record for every image of that export: images without the
@@ -35,11 +40,17 @@ behaviour:
   images, unknown categories, zero-area boxes, malformed lines, ...) are skipped and counted with file
   and position; --strict stops at the first one instead.
 
-example:
+Apache Beam (--beam, the last flag; what follows it are Beam pipeline options): the same conversion as a
+  pipeline, each worker loading SAM and the VAE once; the records equal a run in this process. Paths (the
+  exports, DIR, checkpoints) must be readable and writable by every worker.
+
+examples:
   paliseg convert ~/data/cracks ~/data/drywall --out data \\
       --prompt-map 'NewCracks*=segment crack' drywall-join='segment taping area' \\
       --label-map 'NewCracks*=crack' drywall-join=taping --box-masks fill
-  paliseg validate data"""
+  paliseg validate data
+  paliseg convert ~/data/boxes --out data-tfds --output-format both --sam-checkpoint models/sam_vit_b.pth \\
+      --sam-model vit_b --beam --direct_running_mode=multi_processing --direct_num_workers=2"""
 
 _VALIDATE_HELP = "Check every record of a converted dataset (images, masks, token counts, boxes)."
 _VALIDATE_EPILOG = """\
@@ -52,6 +63,14 @@ output: one `file:line: message` per problem, then a table per split; exit statu
 
 example:
   paliseg validate data --json | jq .splits"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateSettings:
+    """`paliseg validate DIR`."""
+
+    directory: str = setting(cli=False)  # the positional DIR
+    splits: list[str] | None = setting(None, "check only these splits (default: all)", metavar="SPLIT", items="spaced")
 
 
 def register(subparsers) -> None:
@@ -81,6 +100,12 @@ def register(subparsers) -> None:
     )
     settings.add_arguments(convert, ConvertConfig)  # the other settings: --out, --format, --objects, ...
     convert.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    convert.add_argument(
+        "--beam",
+        nargs=argparse.REMAINDER,
+        metavar="PIPELINE_OPTION",
+        help="run on Apache Beam with these pipeline options (the rest of the line; default runner: DirectRunner)",
+    )
     convert.set_defaults(run=_run_convert)
 
     validate = subparsers.add_parser(
@@ -91,7 +116,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     validate.add_argument("directory", metavar="DIR", help="a converted dataset folder")
-    validate.add_argument("--splits", nargs="+", metavar="SPLIT", help="check only these splits (default: all)")
+    settings.add_arguments(validate, ValidateSettings)
     validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     validate.set_defaults(run=_run_validate)
 
@@ -100,8 +125,6 @@ def _run_convert(args: argparse.Namespace) -> int:
     from converters.convert import convert, parse_map, summary_text
     from paliseg import console
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     given = settings.given(args, ConvertConfig)
     config = settings.from_dict(
         ConvertConfig,
@@ -110,6 +133,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             "sources": args.sources,
             "prompt_map": parse_map(args.prompt_map, "--prompt-map"),
             "label_map": parse_map(args.label_map, "--label-map"),
+            "beam": args.beam,
         },
         "flags",
     )
@@ -122,7 +146,8 @@ def _run_validate(args: argparse.Namespace) -> int:
     from converters.validate import result_json, result_text, validate
     from paliseg import console
 
-    checks = validate(args.directory, args.splits)
+    config = settings.from_args(args, ValidateSettings, directory=args.directory)
+    checks = validate(config.directory, config.splits)
     result = result_json(checks)
     console.report(result, result_text(checks), args.json)
     return 0 if result["ok"] else 1

@@ -2,7 +2,7 @@
 
 For every image of every split of every export:
   1. the image is decoded (a corrupt or missing image is a counted skip), its objects are brought to its
-     displayed frame (EXIF orientation applied, see `_Converter._read_image`) and get full-size
+     displayed frame (EXIF orientation applied, see `converters.worker.ImageConverter._read_image`) and get full-size
      masks: their own geometry (pycocotools rasterisation), or for box-only objects `--box-masks`: SAM
      (one image embedding, all boxes batched) or `fill` (the box itself);
   2. objects are grouped by prompt (`--prompt-map`, default `segment <class>`); each prompt of the export's
@@ -14,16 +14,24 @@ For every image of every split of every export:
      left-to-right;
   4. the record's ground truth mask is the union of the prompt's object masks at full resolution.
 
-Output layout (paths in records are relative to DIR):
-    DIR/_annotations.<split>.jsonl
-    DIR/images/<split>/<export>/<file>                  hard link to the source image, else a copy
-    DIR/masks/<split>/<export>/<stem>.<prompt-slug>.png  0/255 union mask of the record's prompt
+Images are numbered in reading order (`ImageJob`) and converted in chunks of `CHUNK_IMAGES` (one VAE batch
+per chunk) by an `ImageConverter` (`converters.worker`), which holds SAM and the VAE: in this process, or on
+Apache Beam workers with `--beam` (`converters.beam`), where each worker loads them once. Each image's result carries its
+records and the issues met; `Deduper` then keeps the first converted image of each output name, and
+`converters.output` writes the results into DIR (`--output-format`: JSONL with image and mask files, a
+TFDS dataset, or both). Both ways see the same chunks and replay the issues in image order, so they give
+the same records and counts.
+
+Output layout (paths in records are relative to DIR; `converters.output` and `paliseg.tfds_data`):
+    DIR/_annotations.<split>.jsonl                      (jsonl) one record per image and prompt
+    DIR/images/<split>/<export>/<file>                  (jsonl) hard link to the source image, else a copy
+    DIR/masks/<split>/<export>/<stem>.<prompt-slug>.png  (jsonl) 0/255 union mask of the record's prompt
+    DIR/dataset_info.json, DIR/paliseg-<split>.*        (tfds) the same records as TFDS examples
     DIR/conversion.json                                 the summary (counts, skips, settings) and the
                                                         VAE's identity ("vae": SHA-256 and path, `vae.identity`)
-Masks and images are written before the JSONL files, each atomically, so an interrupted run never leaves a
-record pointing at a missing file. An existing non-empty DIR is refused unless `overwrite`; with it, the
-files this run writes are replaced and any other `_annotations.*.jsonl` is removed (a stale split would
-otherwise be trained on), other files are left alone.
+Everything is written into a hidden folder beside DIR that becomes DIR only when the conversion finished,
+so an interrupted or failed run leaves nothing that looks like a dataset. An existing non-empty DIR is
+refused unless `overwrite`; with it, the earlier dataset in DIR is replaced and other files are left alone.
 
 Skipped objects (see `IssueLog`) are left out of both the suffix and the mask of their record, so the two
 always agree; an image whose every object of a prompt was skipped is a negative for that prompt.
@@ -35,39 +43,29 @@ import collections
 import dataclasses
 import fnmatch
 import itertools
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import vae
-from converters import geometry
-from converters.config import BOX_MASK_MODES, OBJECT_MODES, ConvertConfig
+from converters import output
+from converters.config import OBJECT_MODES, OUTPUT_FORMATS, ConvertConfig
 from converters.detect import read_export
-from converters.sources import ConversionError, IssueLog, SourceImage, SourceObject, SourceSplit
-from paliseg import console, files, images, records, tokens
+from converters.sources import ConversionError, IssueLog
+from converters.worker import (
+    CHUNK_IMAGES,
+    Deduper,
+    ImageConverter,
+    ImageJob,
+    ImageResult,
+    box_mask_mode,
+    label_of,
+    prompt_of,
+    replay,
+)
+from paliseg import console, records, tokens
 from vae import identity
-
-# VAE encodes are batched across images: flush once this many objects are waiting (a VAE batch bucket).
-ENCODE_BATCH = 128
-
-
-@dataclasses.dataclass
-class _Planned:
-    """A record waiting for its seg tokens: objects with their full-size masks."""
-
-    record: records.Record
-    split: str
-    width: int
-    height: int
-    label_of: dict[str, str]
-    objects: list[tuple[SourceObject, np.ndarray, str]]  # object, mask, where the mask came from
-    mask_path: Path
 
 
 def parse_map(entries: Sequence[str], option: str) -> dict[str, str]:
@@ -81,56 +79,14 @@ def parse_map(entries: Sequence[str], option: str) -> dict[str, str]:
     return mapping
 
 
-def _lookup(mapping: dict[str, str], class_name: str) -> str | None:
-    if class_name in mapping:
-        return mapping[class_name]
-    return next((v for k, v in mapping.items() if fnmatch.fnmatchcase(class_name, k)), None)
-
-
-class _BoxMasker:
-    """Masks for box-only objects: `fill` (the box) or SAM (one embedding per image)."""
-
+class _Conversion:
     def __init__(self, config: ConvertConfig, log: IssueLog):
-        self.log = log
-        self.mode = config.box_masks or ("sam" if config.sam_checkpoint else "fill")
-        if self.mode not in BOX_MASK_MODES:
-            raise ValueError(f"--box-masks {self.mode!r}: choose from {', '.join(BOX_MASK_MODES)}")
-        self.segmenter = None
-        if self.mode == "sam":
-            if config.sam_checkpoint is None:
-                raise ValueError("--box-masks sam needs --sam-checkpoint PATH (a segment-anything .pth file)")
-            from converters import sam
-
-            self.segmenter = sam.BoxSegmenter(sam.load_sam(config.sam_checkpoint, config.sam_model, config.sam_device))
-
-    @property
-    def needs_pixels(self) -> bool:
-        return self.segmenter is not None
-
-    def masks(
-        self, pixels: np.ndarray, width: int, height: int, objects: list[SourceObject]
-    ) -> list[tuple[np.ndarray, str]]:
-        """(mask, origin) per box-only object; an empty SAM mask falls back to the box (counted)."""
-        boxes = [o.box_xyxy for o in objects]
-        if self.segmenter is None:
-            return [(geometry.box_mask(b, width, height), "box_fill") for b in boxes]
-        results = []
-        for obj, mask in zip(objects, self.segmenter.masks_for_boxes(pixels, boxes)):
-            if mask.any():
-                results.append((mask, "box_sam"))
-            else:
-                self.log.warn(obj.where, "sam_empty_mask", "SAM gave an empty mask for the box: using the box itself")
-                results.append((geometry.box_mask(obj.box_xyxy, width, height), "box_fill"))
-        return results
-
-
-class _Converter:
-    def __init__(self, config: ConvertConfig, log: IssueLog):
-        self.config = config
-        self.log = log
-        self.out = Path(config.out)
         if config.objects not in OBJECT_MODES:
             raise ValueError(f"--objects {config.objects!r}: choose from {', '.join(OBJECT_MODES)}")
+        if config.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"--output-format {config.output_format!r}: choose from {', '.join(OUTPUT_FORMATS)}")
+        self.log = log
+        self.out = Path(config.out)
         self.exports = [(Path(s), read_export(s, config.format, config.mask_class)) for s in config.sources]
         self.tags = _export_tags([path for path, _ in self.exports])
         available = {s.split for _, splits in self.exports for s in splits}
@@ -138,16 +94,12 @@ class _Converter:
             raise ValueError(
                 f"--splits {', '.join(unknown)}: not in the sources (found: {', '.join(sorted(available))})"
             )
-        self._check_maps()
-        self.box_masker = _BoxMasker(config, log)
+        self.box_mask_mode = box_mask_mode(config)
         self.vae_identity = identity.identify(config.vae)  # recorded: the tokens need this very VAE
-        self.model = vae.load(config.vae)
-        self.records: dict[str, list[records.Record]] = collections.defaultdict(list)
-        self.pending: list[_Planned] = []
-        self.linked: set[Path] = set()
-        self.images_done: collections.Counter = collections.Counter()
-
-    # --- settings -------------------------------------------------------------------------------------
+        self.vae_source = str(Path(config.vae)) if config.vae is not None else str(vae.model.default_path())
+        self.config = config
+        self._check_maps()
+        self.splits_read: dict = {}
 
     def _classes(self) -> list[str]:
         return list(dict.fromkeys(c for _, splits in self.exports for s in splits for c in s.class_names))
@@ -162,7 +114,7 @@ class _Converter:
                     )
         slugs: dict[str, str] = {}
         for class_name in classes:
-            label = self.label(class_name)
+            label = label_of(self.config, class_name)
             try:
                 tokens.SegObject((0, 0, 1, 1), None, label)
             except ValueError:
@@ -170,259 +122,114 @@ class _Converter:
                     f"label {label!r} of class {class_name!r} is not a valid suffix label (no '<', '>', ';'); "
                     f"give one with --label-map {class_name!r}=LABEL"
                 ) from None
-            prompt = self.prompt(class_name)
+            prompt = prompt_of(self.config, class_name)
             if slugs.setdefault(records.prompt_slug(prompt), prompt) != prompt:
                 raise ValueError(
                     f"prompts {prompt!r} and {slugs[records.prompt_slug(prompt)]!r} share the mask file name "
                     f"'{records.prompt_slug(prompt)}'; make them differ in letters or digits"
                 )
 
-    def prompt(self, class_name: str) -> str:
-        return _lookup(self.config.prompt_map, class_name) or f"segment {class_name}"
-
-    def label(self, class_name: str) -> str:
-        return _lookup(self.config.label_map, class_name) or class_name
-
-    # --- the run --------------------------------------------------------------------------------------
-
-    def run(self) -> dict[str, Any]:
-        self._prepare_output()
-        start = time.perf_counter()
-        splits_read: dict = {}
+    def jobs(self, progress: bool) -> Iterator[ImageJob]:
+        """Every image to convert, numbered, read lazily from the exports (issues of the annotations are
+        counted as they are read); with `progress`, a progress bar per split."""
+        index, shards = 0, output.ShardPlan()
         for (path, splits), tag in zip(self.exports, self.tags):
             for split in splits:
                 if self.config.splits and split.split not in self.config.splits:
                     continue
-                splits_read.setdefault(str(path), {})[split.split] = {
+                self.splits_read.setdefault(str(path), {})[split.split] = {
                     "format": split.format,
                     "classes": split.class_names,
                     "images": split.count,
                 }
                 total = split.count if self.config.limit is None else min(split.count, self.config.limit)
-                images = itertools.islice(split.read(self.log), self.config.limit)
-                for image in console.progress(images, f"convert {tag}/{split.split}", total=total, unit="img"):
-                    self._plan_image(image, split, tag)
-                    if sum(len(p.objects) for p in self.pending) >= ENCODE_BATCH:
-                        self._flush()
-        self._flush()
-        if not self.records:
-            raise ConversionError(
-                f"no record was produced from {', '.join(map(str, self.config.sources))}: see the skipped items above"
-            )
-        for split, split_records in self.records.items():
-            records.write_records(
-                records.annotations_path(self.out, split), split_records, overwrite=self.config.overwrite
-            )
-        seconds = time.perf_counter() - start
-        summary = self._summary(splits_read, seconds)
-        files.write_json(self.out / records.CONVERSION_FILE, summary, overwrite=self.config.overwrite)
+                found = itertools.islice(split.read(self.log), self.config.limit)
+                if progress:
+                    found = console.progress(found, f"convert {tag}/{split.split}", total=total, unit="img")
+                for image, shard in zip(found, shards.run_of(split.split)):
+                    yield ImageJob(
+                        index, split.split, shard, tag, str(split.export), split.format, split.class_names, image
+                    )
+                    index += 1
+
+    def run(self) -> dict[str, Any]:
+        writer = output.DatasetWriter(self.out, self.config.output_format, self.config.overwrite)
+        start = time.perf_counter()
+        try:
+            if self.config.beam is None:
+                results = self._convert_here(writer)
+            else:
+                from converters import beam
+
+                worker_config = dataclasses.replace(self.config, vae=self.vae_identity.path)
+                results = beam.convert(worker_config, list(self.jobs(progress=False)), writer, self.config.beam)
+                for result in results:
+                    replay(self.log, result)
+            converted = [result for result in results if result.records is not None]
+            if not converted or not any(result.records for result in converted):
+                raise ConversionError(
+                    f"no record was produced from {', '.join(map(str, self.config.sources))}: see the skipped items above"
+                )
+            summary = self._summary(converted, time.perf_counter() - start)
+            writer.finish(converted, summary)
+        except BaseException:
+            writer.abort()
+            raise
         return summary
 
-    def _prepare_output(self) -> None:
-        if self.out.exists() and not self.out.is_dir():
-            raise files.OutputExistsError(self.out)
-        if self.out.is_dir() and any(self.out.iterdir()):
-            if not self.config.overwrite:
-                raise files.OutputExistsError(self.out)
-            for stale in self.out.glob(records.ANNOTATIONS_GLOB):  # splits this run may not write again
-                stale.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
+    def _convert_here(self, writer: output.DatasetWriter) -> list[ImageResult]:
+        converter, deduper, results = ImageConverter(self.config), Deduper(), []
+        jobs = self.jobs(progress=True)
+        while chunk := list(itertools.islice(jobs, CHUNK_IMAGES)):
+            for result in converter.convert(chunk):
+                result = deduper.admit(result)
+                replay(self.log, result)
+                writer.write(result)
+                results.append(result.light())
+        writer.close_shards()
+        return results
 
-    def _plan_image(self, image: SourceImage, split: SourceSplit, tag: str) -> None:
-        read = self._read_image(image)
-        if read is None:
-            return
-        pixels, image = read
-        image_rel = Path("images") / split.split / tag / image.name
-        if self.out / image_rel in self.linked:
-            self.log.skip(image.where, "duplicate_image", f"{image.name} was already converted for split {split.split}")
-            return
-        self._link(image.path, self.out / image_rel)
-        self.images_done[split.split] += 1
-
-        masked, box_only = [], []
-        for obj in image.objects:
-            x1, y1, x2, y2 = obj.box_xyxy
-            if min(x2 - x1, y2 - y1) < self.config.min_box_side:
-                self.log.skip(
-                    obj.where,
-                    "tiny_box",
-                    f"box {_rounded(obj.box_xyxy)} is under {self.config.min_box_side:g} px on a side",
-                )
-                continue
-            mask = geometry.object_mask(obj, image.width, image.height)
-            if mask is None:
-                box_only.append(obj)
-            elif not mask.any():
-                self.log.skip(obj.where, "empty_mask", "the polygon covers no pixel centre when rasterised")
-            else:
-                masked.append((obj, mask, geometry.shape_origin(obj.shape)))
-        if box_only:
-            made = self.box_masker.masks(pixels, image.width, image.height, box_only)
-            masked += [(obj, mask, origin) for obj, (mask, origin) in zip(box_only, made)]
-
-        by_prompt: dict[str, list] = {self.prompt(c): [] for c in split.class_names}
-        classes_of: dict[str, list[str]] = collections.defaultdict(list)
-        for c in split.class_names:
-            classes_of[self.prompt(c)].append(c)
-        for obj, mask, origin in masked:
-            locs = tokens.box_to_locs(obj.box_xyxy, image.width, image.height)
-            if locs[2] <= locs[0] or locs[3] <= locs[1]:
-                self.log.skip(
-                    obj.where,
-                    "degenerate_box",
-                    f"box {_rounded(obj.box_xyxy)} is thinner than one loc bin (1/1023 of the image)",
-                )
-                continue
-            by_prompt[self.prompt(obj.class_name)].append((obj, mask, origin))
-
-        stem = str(Path(image.name).with_suffix(""))
-        for prompt, objects in by_prompt.items():
-            if not objects and not self.config.negatives:
-                continue
-            mask_rel = Path("masks") / split.split / tag / f"{stem}.{records.prompt_slug(prompt)}.png"
-            extra = {
-                "source": str(split.export),
-                "source_format": split.format,
-                "source_image": image.name,
-                "source_id": image.source_id,
-                "width": image.width,
-                "height": image.height,
-                "classes": classes_of[prompt],
-            }
-            record = records.Record(image_rel.as_posix(), prompt, "", mask_rel.as_posix(), extra)
-            label_of = {c: self.label(c) for c in classes_of[prompt]}
-            self.pending.append(
-                _Planned(record, split.split, image.width, image.height, label_of, objects, self.out / mask_rel)
-            )
-
-    def _read_image(self, image: SourceImage) -> tuple[np.ndarray, SourceImage] | None:
-        """Decode the whole image (catches truncated files) and bring its annotations to the image's displayed
-        frame (`paliseg.images`); pixels only when SAM needs them. None: skipped (counted).
-
-        The annotated size says which frame the annotations describe: the displayed one (Roboflow exports,
-        and what annotation tools show; also when both frames have that size) is used as it is; the stored
-        one of an image with an orientation tag is turned to the displayed frame (`geometry.to_displayed_frame`,
-        a counted warning); neither is a `size_mismatch` skip."""
-        if not image.path.is_file():
-            self.log.skip(image.where, "missing_image", f"image {image.path} not found")
-            return None
-        try:
-            header = images.read_header(image.path, decode=not self.box_masker.needs_pixels)
-            pixels = np.asarray(images.read_image(image.path)) if self.box_masker.needs_pixels else np.zeros(0)
-        except images.ImageReadError as error:
-            self.log.skip(image.where, "corrupt_image", f"image {image.path} is not readable: {error.reason}")
-            return None
-        annotated = (image.width, image.height)
-        if annotated == header.displayed_size:
-            return pixels, image
-        (width, height), (stored_w, stored_h) = header.displayed_size, header.stored_size
-        if annotated == header.stored_size:
-            self.log.warn(image.where, "stored_frame_annotations",
-                          f"image {image.path} is shown turned (EXIF orientation {header.orientation}) as {width}x{height}; "
-                          f"its {stored_w}x{stored_h} annotations describe the stored frame and were turned with it")  # fmt: skip
-            return pixels, geometry.to_displayed_frame(image, header.orientation)
-        stored = (
-            f" ({stored_w}x{stored_h} as stored, EXIF orientation {header.orientation})"
-            if header.orientation != 1
-            else ""
-        )
-        self.log.skip(
-            image.where,
-            "size_mismatch",
-            f"image {image.path} is {width}x{height}{stored}, the annotation says {image.width}x{image.height}",
-        )
-        return None
-
-    def _link(self, source: Path, target: Path) -> None:
-        """Hard-link (or copy, across file systems) atomically: a temporary name, then a rename."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        os.unlink(tmp)
-        try:
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-        self.linked.add(target)
-
-    def _flush(self) -> None:
-        """Encode all waiting objects in one VAE batch, then finish their records and write their masks."""
-        if not self.pending:
-            return
-        masks, boxes = [], []
-        unions = []
-        for planned in self.pending:
-            union = np.zeros((planned.height, planned.width), bool)
-            for _, mask, _ in planned.objects:
-                union |= mask
-            unions.append(union)
-            for obj, mask, _ in planned.objects:
-                masks.append(union if self.config.objects == "merged" else mask)
-                boxes.append(obj.box_xyxy)
-        codes = iter(vae.masks_to_tokens(self.model, masks, boxes))
-        for planned, union in zip(self.pending, unions):
-            info_of, seg_objects = {}, []
-            for (obj, _, origin), seg in zip(planned.objects, codes):
-                locs = tokens.box_to_locs(obj.box_xyxy, planned.width, planned.height)
-                seg_object = tokens.SegObject(locs, tuple(int(v) for v in seg), planned.label_of[obj.class_name])
-                seg_objects.append(seg_object)
-                where = obj.where.removeprefix(planned.record.extra["source"] + os.sep)
-                info_of[id(seg_object)] = {
-                    "box": _rounded(obj.box_xyxy),
-                    "class": obj.class_name,
-                    "mask_from": origin,
-                    "annotation": where,
-                }
-            ordered = tokens.sort_objects(seg_objects)
-            planned.record.suffix = tokens.format_suffix(ordered)
-            planned.record.extra["objects"] = [info_of[id(o)] for o in ordered]
-            files.write_mask(planned.mask_path, union, overwrite=self.config.overwrite)
-            self.records[planned.split].append(planned.record)
-        self.pending = []
-
-    def _summary(self, splits_read: dict, seconds: float) -> dict[str, Any]:
+    def _summary(self, converted: list[ImageResult], seconds: float) -> dict[str, Any]:
+        by_split: dict[str, list[ImageResult]] = collections.defaultdict(list)
+        for result in converted:
+            by_split[result.split].append(result)
         splits = {}
-        for split in records.SPLITS + tuple(sorted(set(self.records) - set(records.SPLITS))):
-            if split not in self.records:
-                continue
+        for split in sorted(by_split, key=records.split_order):
             prompts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-            for record in self.records[split]:
+            for record in (r for result in by_split[split] for r in result.records):
                 count = len(record.extra["objects"])
                 prompts[record.prefix].update(records=1, objects=count, empty=int(count == 0))
+            if not prompts:
+                continue
             totals = sum(prompts.values(), collections.Counter())
             splits[split] = {
-                "images": self.images_done[split],
+                "images": len(by_split[split]),
                 "records": totals["records"],
                 "objects": totals["objects"],
                 "empty": totals["empty"],
                 "prompts": {p: {k: c[k] for k in ("records", "objects", "empty")} for p, c in sorted(prompts.items())},
             }
-        images = sum(self.images_done.values())
+        converted_images = len(converted)
         return {
             "out": str(self.out),
-            "sources": splits_read,
+            "sources": self.splits_read,
             "settings": {
                 "objects": self.config.objects,
-                "box_masks": self.box_masker.mode,
-                "sam_model": self.config.sam_model if self.box_masker.mode == "sam" else None,
-                "vae": self.model.source,
+                "box_masks": self.box_mask_mode,
+                "sam_model": self.config.sam_model if self.box_mask_mode == "sam" else None,
+                "vae": self.vae_source,
                 "negatives": self.config.negatives,
                 "min_box_side": self.config.min_box_side,
                 "limit": self.config.limit,
-                "prompts": {c: self.prompt(c) for c in self._classes()},
-                "labels": {c: self.label(c) for c in self._classes()},
+                "prompts": {c: prompt_of(self.config, c) for c in self._classes()},
+                "labels": {c: label_of(self.config, c) for c in self._classes()},
+                "output_format": self.config.output_format,
             },
             "vae": self.vae_identity.to_json(),
             "splits": splits,
             **self.log.to_json(),
             "seconds": round(seconds, 3),
-            "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+            "images_per_second": round(converted_images / seconds, 2) if seconds > 0 else None,
         }
 
 
@@ -439,14 +246,10 @@ def _export_tags(paths: list[Path]) -> list[str]:
     return tags
 
 
-def _rounded(box: Sequence[float]) -> list[float]:
-    return [round(float(v), 3) for v in box]
-
-
 def convert(config: ConvertConfig, log: IssueLog | None = None) -> dict[str, Any]:
     """Run a conversion; returns the summary (also written to `DIR/conversion.json`)."""
     log = log or IssueLog(strict=config.strict, echo=console.info)
-    return _Converter(config, log).run()
+    return _Conversion(config, log).run()
 
 
 def summary_text(summary: dict[str, Any]) -> str:

@@ -118,15 +118,16 @@ class IssueLog:
         self.examples: list[Issue] = []
 
     def skip(self, where: str, reason: str, message: str) -> None:
-        issue = Issue(where, reason, message, skipped=True)
-        if self.strict:
-            raise ConversionError(f"{issue} (--strict)")
-        self._add(issue, self.skipped)
+        self.record(Issue(where, reason, message, skipped=True))
 
     def warn(self, where: str, reason: str, message: str) -> None:
-        self._add(Issue(where, reason, message, skipped=False), self.warnings)
+        self.record(Issue(where, reason, message, skipped=False))
 
-    def _add(self, issue: Issue, counter: collections.Counter) -> None:
+    def record(self, issue: Issue) -> None:
+        """Count an issue (one logged elsewhere, e.g. by a worker, is replayed here)."""
+        if issue.skipped and self.strict:
+            raise ConversionError(f"{issue} (--strict)")
+        counter = self.skipped if issue.skipped else self.warnings
         counter[issue.reason] += 1
         if counter[issue.reason] <= self.keep:
             self.examples.append(issue)

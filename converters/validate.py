@@ -1,4 +1,4 @@
-"""`paliseg validate DIR`: check every record before a long training run trips on it.
+"""`paliseg validate DIR`: check every record before a long training run trips on it (JSONL or TFDS folder).
 
 Per record: the JSON line parses; the image decodes; the mask exists, decodes and has the image's size;
 the suffix parses into objects with exactly 4 loc and 16 seg tokens each and valid boxes (y2 > y1,
@@ -20,7 +20,7 @@ from paliseg import console, dataset, records, tokens
 @dataclasses.dataclass
 class SplitCheck:
     split: str
-    path: Path
+    location: str  # the split's annotation file, or its TFDS shards (`dataset.split_location`)
     records: int = 0
     objects: int = 0
     empty: int = 0
@@ -31,14 +31,15 @@ class SplitCheck:
 def validate(directory: str | Path, splits: Sequence[str] | None = None) -> list[SplitCheck]:
     directory = Path(directory)
     splits = list(splits or dataset.find_splits(directory))
-    paths = [dataset.split_file(directory, split) for split in splits]  # every split is there before any is checked
+    # every split is there before any is checked
+    locations = [dataset.split_location(directory, split) for split in splits]
     sizes: dataset.ImageSizes = {}
-    return [_check_split(split, path, sizes) for split, path in zip(splits, paths)]
+    return [_check_split(directory, split, location, sizes) for split, location in zip(splits, locations)]
 
 
-def _check_split(split: str, path: Path, sizes: dataset.ImageSizes) -> SplitCheck:
-    check = SplitCheck(split, path)
-    for parsed in console.progress(dataset.read_lines(path), f"validate {split}", unit="rec"):
+def _check_split(directory: Path, split: str, location: str, sizes: dataset.ImageSizes) -> SplitCheck:
+    check = SplitCheck(split, location)
+    for parsed in console.progress(dataset.read_lines(directory, split), f"validate {split}", unit="rec"):
         check.records += 1
         if isinstance(parsed, records.RecordError):
             problems = [str(parsed)]
@@ -88,7 +89,7 @@ def result_json(checks: list[SplitCheck]) -> dict[str, Any]:
         "ok": not any(c.problems for c in checks),
         "splits": {
             c.split: {
-                "file": str(c.path),
+                "file": c.location,
                 "records": c.records,
                 "objects": c.objects,
                 "empty": c.empty,

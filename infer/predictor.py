@@ -64,13 +64,13 @@ class Predictor:
             )
         import jax
 
-        from paliseg.model import backend
+        from paliseg.model import inference
 
         # One program serves every checkpoint: no recompute-in-backward (there is no backward), and the
         # params on one device whatever sharding they were restored with (a new sharding would retrace),
         # laid out as decoding on this backend wants them (the caller's params are left intact).
         params = jax.device_put(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        self.config, self.params = backend.for_inference(config.replace(remat=False), params)
+        self.config, self.params = inference.for_inference(config.replace(remat=False), params)
         self.tokenizer = tokenizer
         self.vae = vae_model if vae_model is not None else vae.load()
         self.batch_size = batch_size
@@ -208,10 +208,10 @@ def _quantized(config, params: dict, quantize: str | None) -> tuple[Any, dict]:
     """(config, params) with the projection weights quantized in `quantize` (None: as they are)."""
     if quantize is None or config.quantization.format == quantize:
         return config, params
-    from paliseg.model import quantization
+    from paliseg.model import quantize_params
 
     config = config.replace(quantization={"format": quantize})
-    return config, quantization.quantize_params(params, config)
+    return config, quantize_params(params, config)
 
 
 def _tokenizer(path: str | os.PathLike | None, config):

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from infer import outputs
+from infer.config import ServeConfig
 from infer.prediction import Prediction, from_text
 from paliseg import console, decoding, images
 
@@ -60,31 +61,6 @@ UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG covers MP
 _ASSETS = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript"),
            "/style.css": ("style.css", "text/css")}  # fmt: skip
 _FORM_OVERHEAD = 64 * 1024  # bytes of a request beyond the image: headers of the parts, the prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    """How requests are batched and what one request may hold."""
-
-    max_batch: int = 8  # jobs decoded together at most (the largest batch size)
-    max_wait_ms: float = 10.0  # how long the first job waits for others to join its batch
-    max_image_mb: float = 20.0  # the largest upload (413 above)
-    max_prompts: int = 8  # prompts per request
-    max_prompt_chars: int = 128  # characters per prompt (long prompts would compile programs of their own)
-
-    def __post_init__(self):
-        for name in ("max_batch", "max_prompts", "max_prompt_chars"):  # as the flags of `paliseg serve` say it
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.max_image_mb <= 0:
-            raise ValueError(
-                f"max-wait-ms must be at least 0 (got {self.max_wait_ms:g}) and max-image-mb more than 0 "
-                f"(got {self.max_image_mb:g})"
-            )
-
-    @property
-    def max_image_bytes(self) -> int:
-        return int(self.max_image_mb * 2**20)
 
 
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -297,7 +273,7 @@ def _read_upload(data: bytes, name: str, image_size: int) -> tuple[Image.Image, 
     return image, images.preprocess(image, image_size)
 
 
-def create_app(predictor, config: ServeConfig = ServeConfig(), info: dict[str, Any] | None = None) -> FastAPI:
+def create_app(predictor, config: ServeConfig, info: dict[str, Any] | None = None) -> FastAPI:
     """The web app around a loaded `infer.Predictor`. `info`: what /v1/info tells beyond the model's source
     and step (e.g. "prompts": suggestions for the page, "vae": the VAE's identity). Its lifespan starts the
     batching worker (and compiles every batch size) and stops it after the last request."""

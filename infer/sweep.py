@@ -1,7 +1,8 @@
 """The checkpoint sweep: score every checkpoint of a run on a whole split and record the best one.
 
     from infer import sweep
-    result = sweep.evaluate_run("runs/r1", "data/cracks", "reports/r1", split="valid")
+    from infer.config import EvalSettings
+    result = sweep.evaluate_run(EvalSettings(run_dir="runs/r1", data="data/cracks", out="reports/r1"))
     result["best"]  # {"step": 30, "metric": "miou", "value": 0.41, ...}, also in runs/r1/best.json
 
 What is scored, side by side:
@@ -16,7 +17,7 @@ no earlier run finished; scores are always recomputed from the cached texts (che
 paste-back). A checkpoint that cannot be loaded or decoded (another config, a truncated file) is reported
 and skipped; the sweep goes on. Records whose image or ground-truth mask cannot be read are counted skips
 (`paliseg.dataset.check`).
-The best checkpoint (by `metric` over all prompts; ties broken by the other metrics, then the earlier
+The best checkpoint (by --metric over all prompts; ties broken by the other metrics, then the earlier
 step) is recorded by the run (`train.run.Run.record_best`: RUN_DIR/best.json), which
 `Predictor.from_run(run_dir, "best")` and `paliseg predict --step best` read.
 
@@ -38,16 +39,15 @@ from typing import Any
 import numpy as np
 
 from infer import cache as prediction_cache
+from infer.config import METRICS, EvalSettings
 from infer.prediction import Prediction, from_texts, ground_truth, score
 from infer.predictor import Predictor
 from metrics import aggregate, scoring
-from paliseg import console, dataset, files, images, records
+from paliseg import console, dataset, files, images
 from paliseg.dataset import Item
 from train.run import Run
 from vae import identity
 
-# Metrics the best checkpoint can be chosen by (all: higher is better), keys of `metrics.aggregate`.
-METRICS = ("miou", "mdice", "ciou", "box_miou", "box_acc50", "box_acc75", "p10", "p50", "p90")
 SWEEP_FILE = "sweep.json"  # REPORT_DIR's identity: which run, data and split it reports on
 OWNED_FOLDERS = ("predictions", "steps", "ceiling", "plots", "canvases")  # what the sweep writes in REPORT_DIR
 SCORE_CHUNK = 32  # images scored together: their ground truths held, a step's masks one VAE batch
@@ -193,62 +193,36 @@ def pick_best(results: Sequence[StepResult], metric: str) -> StepResult | None:
     return max(candidates, key=rank)
 
 
-def evaluate_run(
-    run_dir: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    split: str = "valid",
-    steps: str | Sequence[int] = "all",
-    limit: int | None = None,
-    metric: str = "miou",
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    base: bool = True,
-    ceiling: bool = True,
-    vae_path: str | os.PathLike | None = None,
-    canvases: int = 4,
-    overwrite: bool = False,
-    on_step_done: Callable[[int], None] | None = None,
-    allow_vae_mismatch: bool = False,
-    dtype: str | None = None,
-    quantize: str | None = None,
-) -> dict[str, Any]:
-    """Score the checkpoints of `run_dir` on `data_dir`'s `split` and write the report into `out_dir`.
-
-    `steps`: "all" or a list of steps (0 = the base); `base`: also score step 0 with "all"; `limit`: the
-    first K records only; `max_new_tokens`: decoding budget (default: the run's --seq-len);
-    `canvases`: how many best and worst images of the best checkpoint to draw; `on_step_done(step)` is
-    called after each step's texts are cached (the demo's progress, the tests' crash). `vae_path`: the VAE
-    (default: the run's, see `vae_for`), `allow_vae_mismatch` lets it differ. `dtype`: the weights' and
-    matmuls' dtype (default: the run's); `quantize`: "int8" or "nf4", the projection weights quantized
-    (default: as the run trained). Returns the report's content
-    (see `infer.sweep_report.build`).
+def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Score the checkpoints of `config.run_dir` on its data's split and write the report into `config.out`
+    (the settings of `paliseg eval`: `infer.config.EvalSettings`). `on_step_done(step)` is called after each
+    step's texts are cached (the demo's progress, the tests' crash). Returns the report's content (see
+    `infer.sweep_report.build`).
     """
     import vae
     from infer import sweep_report
 
-    run = Run.open(run_dir)
-    run_dir, data_dir, out_dir = run.dir, Path(data_dir), Path(out_dir)
-    if metric not in METRICS:
-        raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    wanted = select_steps(steps, run.steps, base)
+    run = Run.open(config.run_dir)
+    run_dir, data_dir, out_dir, split = run.dir, Path(config.data), Path(config.out), config.split
+    wanted = select_steps(config.requested_steps, run.steps, config.base)
     if not wanted:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to score yet (and the base was not asked for)")
-    items, skips = dataset.check_split(data_dir, split, limit)
+    items, skips = dataset.check_split(data_dir, split, config.limit)
     if not items and not skips:
-        raise ValueError(f"{records.annotations_path(data_dir, split)}: the '{split}' split has no records")
+        raise ValueError(f"{dataset.split_location(data_dir, split)}: the '{split}' split has no records")
     if not items:
         raise ValueError(
-            f"{records.annotations_path(data_dir, split)}: no usable record ({len(skips)} skipped: "
+            f"{dataset.split_location(data_dir, split)}: no usable record ({len(skips)} skipped: "
             + "; ".join(f"{s.where}: {s.message}" for s in skips[:3])
             + ")"
         )
     for skip in skips:
         console.info(f"skipped {skip.where}: {skip.message}")
-    vae_file = vae_for(run, data_dir, vae_path, allow_vae_mismatch)
+    decoding = config.decoding
+    vae_file = vae_for(run, data_dir, decoding.vae, decoding.allow_vae_mismatch)
     claimed = {"run_dir": str(run_dir.absolute()), "data": str(data_dir.absolute()), "split": split}
-    _claim(out_dir, claimed, overwrite)
-    max_new_tokens = max_new_tokens or run.train_config.seq_len
+    _claim(out_dir, claimed, config.overwrite)
+    max_new_tokens = decoding.max_new_tokens or run.train_config.seq_len
     vae_model = vae.load(vae_file.path)
 
     results: list[StepResult] = []
@@ -257,20 +231,21 @@ def evaluate_run(
     for step in wanted:
         started = time.perf_counter()
         cache = prediction_cache.PredictionCache(
-            prediction_cache.step_path(out_dir, step), _fingerprint(run, step, max_new_tokens, dtype, quantize)
+            prediction_cache.step_path(out_dir, step),
+            _fingerprint(run, step, max_new_tokens, decoding.dtype, decoding.quantize),
         )
         cached = sum(item.key in cache for item in items)
         factory = lambda step=step: Predictor.from_run(  # noqa: E731 - the run keeps the frozen base for every step
             run,
             step,
             vae_model=vae_model,
-            batch_size=batch_size,
+            batch_size=config.batch_size,
             max_new_tokens=max_new_tokens,
-            dtype=dtype,
-            quantize=quantize,
+            dtype=decoding.dtype,
+            quantize=decoding.quantize,
         )
         try:
-            decoded = decode_step(factory, items, cache, batch_size, f"step {step}")
+            decoded = decode_step(factory, items, cache, config.batch_size, f"step {step}")
         except Exception as error:
             message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             console.info(f"step {step}: FAILED, skipped ({message})")
@@ -281,17 +256,18 @@ def evaluate_run(
         if on_step_done is not None:
             on_step_done(step)
 
-    scores, ceiling_scores, degenerate = _score(items, caches, vae_model, ceiling)
+    scores, ceiling_scores, degenerate = _score(items, caches, vae_model, config.ceiling)
     for result in results:
         if result.step in caches:
             result.summary = aggregate.summarize(scores[result.step])
-    best = pick_best(results, metric)
+    best = pick_best(results, config.metric)
     report = sweep_report.build(
-        run_dir=run_dir, data_dir=data_dir, out_dir=out_dir, split=split, limit=limit, metric=metric, items=items, skips=skips,
-        results=results, best=best, ceiling=None if ceiling_scores is None else aggregate.summarize(ceiling_scores),
-        degenerate=degenerate, max_new_tokens=max_new_tokens,
+        run_dir=run_dir, data_dir=data_dir, out_dir=out_dir, split=split, limit=config.limit, metric=config.metric,
+        items=items, skips=skips, results=results, best=best,
+        ceiling=None if ceiling_scores is None else aggregate.summarize(ceiling_scores), degenerate=degenerate,
+        max_new_tokens=max_new_tokens,
     )  # fmt: skip
-    sweep_report.write(out_dir, report, items, scores, ceiling_scores, caches, vae_model, canvases)
+    sweep_report.write(out_dir, report, items, scores, ceiling_scores, caches, vae_model, config.canvases)
     if best is not None:
         run.record_best(report["best"])
     return report

@@ -194,7 +194,7 @@ class ModelConfig:
     (`nothing_saveable`), trading compute for activation memory when training. `scan_layers` runs the
     layers as one scanned module whose params are stacked over depth (`layers/...` [L, ...], the checkpoint's
     tree); False gives one module per layer (`layers_0/...`, ...), big_vision's `scan=False`, each projection
-    weight stored as `backend.Matrices` (unless quantized), which `backend.for_inference` picks for decoding
+    weight stored as `kernels.Matrices` (unless quantized), which `inference.for_inference` picks for decoding
     on CPU. `quantization`: the frozen base's projection weights
     stored as int8 or NF4 (`QuantizationConfig`). `tokenizer` is the default
     tokenizer: a path, or the name of a file in `paliseg/assets/` (the tiny presets use the bundled one);

@@ -3,6 +3,12 @@
     DIR/_annotations.<split>.jsonl      one annotation record per line (`paliseg.records`)
     DIR/<record.image>, DIR/<record.mask>   the image and its ground-truth mask PNG, relative to the JSONL
 
+or the same records as a TFDS dataset (`paliseg.tfds_data`: DIR/dataset_info.json and the shards), whose
+examples hold each record's image and mask. This module is the one place that tells the two apart: the
+records it reads are equal either way, and their `image_path` / `mask_path` read the same pixels through
+`paliseg.images`, so every stage accepts both. A folder holding both (`paliseg convert --output-format
+both`) is read from its JSONL.
+
 `paliseg validate` reports every problem this module finds; eval, train and the VAE tools use the same
 checks to keep the usable records (`Item`) and count the others as named skips (`Skip`, by `reason`), so a
 record the one accepts the others accept too. Opening a folder or split that is not there is a clear error
@@ -12,13 +18,14 @@ that names the folder and lists the splits it has.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from paliseg import images, records
+from paliseg import images, records, tfds_data
 from paliseg import tokens as codec
 
 # Why a record cannot be used (Skip.reason), in the order they are checked.
@@ -31,23 +38,49 @@ MASK_SIZE = "mask_size"
 DUPLICATE = "duplicate"
 
 
+def is_converted(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds converted data: annotation JSONL files or a TFDS dataset."""
+    return bool(records.available_splits(directory)) or tfds_data.is_dataset(directory)
+
+
+def _is_tfds(directory: str | os.PathLike) -> bool:
+    return not records.available_splits(directory) and tfds_data.is_dataset(directory)
+
+
 def find_splits(directory: str | os.PathLike) -> list[str]:
     """The splits of a converted folder (known ones first); raises when it is not one."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: dataset folder not found")
-    found = records.available_splits(directory)
+    found = tfds_data.splits(directory) if _is_tfds(directory) else records.available_splits(directory)
     if not found:
-        raise FileNotFoundError(f"{directory}: not a converted dataset (no {records.ANNOTATIONS_GLOB} file)")
+        raise FileNotFoundError(
+            f"{directory}: not a converted dataset (no {records.ANNOTATIONS_GLOB} file, no TFDS {tfds_data.INFO_FILE})"
+        )
     return found
 
 
-def split_file(directory: str | os.PathLike, split: str) -> Path:
-    """The annotation file of `split`: "DIR: no split 'test'; found: train, valid" when it has none."""
+def _check_split(directory: str | os.PathLike, split: str) -> None:
+    """Raises "DIR: no split 'test'; found: train, valid" when the folder has no such split."""
     found = find_splits(directory)
     if split not in found:
         raise FileNotFoundError(missing_split(directory, split, found))
-    return records.annotations_path(directory, split)
+
+
+def split_location(directory: str | os.PathLike, split: str) -> str:
+    """Where a split's records are, for messages: its annotation file, or its TFDS shards."""
+    _check_split(directory, split)
+    if _is_tfds(directory):
+        return f"{Path(directory) / tfds_data.DATASET_NAME}-{split}.* (TFDS)"
+    return str(records.annotations_path(directory, split))
+
+
+def split_digest(directory: str | os.PathLike, split: str) -> str:
+    """SHA-256 identifying a split's records (a resumed run checks that its data did not change)."""
+    _check_split(directory, split)
+    if _is_tfds(directory):
+        return tfds_data.split_digest(directory, split)
+    return hashlib.sha256(records.annotations_path(directory, split).read_bytes()).hexdigest()
 
 
 def missing_split(directory: str | os.PathLike, split: str, found: Iterable[str]) -> str:
@@ -57,12 +90,24 @@ def missing_split(directory: str | os.PathLike, split: str, found: Iterable[str]
 
 def read_records(directory: str | os.PathLike, split: str) -> list[records.Record]:
     """Every record of a split; the first malformed line raises `records.RecordError` naming file:line."""
-    return records.read_records(split_file(directory, split))
+    _check_split(directory, split)
+    if _is_tfds(directory):
+        return tfds_data.read_records(directory, split)
+    return records.read_records(records.annotations_path(directory, split))
 
 
-def read_lines(path: str | os.PathLike) -> list[records.Record | records.RecordError]:
-    """Every non-blank line of an annotation file, parsed, with each malformed one's error in its place."""
+def read_source(path: str | os.PathLike, split: str) -> list[records.Record]:
+    """The records of an annotation JSONL file, or of `split` of a converted folder (JSONL or TFDS)."""
     path = Path(path)
+    return read_records(path, split) if path.is_dir() else records.read_records(path)
+
+
+def read_lines(directory: str | os.PathLike, split: str) -> list[records.Record | records.RecordError]:
+    """Every record of a split, with each malformed line's error in its place (a TFDS split has none)."""
+    _check_split(directory, split)
+    if _is_tfds(directory):
+        return list(tfds_data.read_records(directory, split))
+    path = records.annotations_path(directory, split)
     parsed: list[records.Record | records.RecordError] = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -94,7 +139,7 @@ class Inspection:
 ImageSizes = dict  # Path -> (width, height) | Problem: images shared by several records are decoded once
 
 
-def _image(path: Path, sizes: ImageSizes) -> tuple[int, int] | Problem:
+def _image(path: images.ImageFile, sizes: ImageSizes) -> tuple[int, int] | Problem:
     if path not in sizes:
         if not path.is_file():
             sizes[path] = Problem(MISSING_IMAGE, f"image {path} not found")

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from paliseg.config import ModelConfig
-from paliseg.model.backend import compiler_options, decoding_view
+from paliseg.model.inference import decoding_view
+from paliseg.model.kernels import compiler_options
 from paliseg.model.paligemma import PaliGemma, cache_positions
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import LOC_BINS, SEG_PER_OBJECT
@@ -305,7 +306,7 @@ def token_logprobs(
     return jnp.swapaxes(logprobs, 0, 1)
 
 
-# Compiled with the backend's options (`backend.compiler_options`, on CPU: no loop-invariant code
+# Compiled with the backend's options (`kernels.compiler_options`, on CPU: no loop-invariant code
 # motion). XLA:CPU gathers rows of a bfloat16 table inside a loop from a float32 copy of the whole table, and
 # hoisting that copy out of the token loop kept it alive for the whole decode: the embedding table's, 2.1 GB
 # for PaliGemma 3B (its decode peaked at 11.5 GB), or an extra 2.4 GB for PaliGemma 2 3B with nf4 (6.77 GB
@@ -337,26 +338,52 @@ def generate(
     `samples_per_prompt` = G decodes G completions of each prompt (rows b * G ... b * G + G - 1 of the
     result, as for prompts repeated G times) from one prefill of it: the image encoder and the prompt run
     once per prompt, not once per sample (GRPO's groups)."""
-    rng = jax.random.key(0) if rng is None else rng
-    return Generation(
-        **_compiled_generate()(
-            config,
-            params,
-            jnp.asarray(images),
-            jnp.asarray(tokens),
-            jnp.asarray(mask_ar),
-            jnp.asarray(mask_input),
-            None if grammar is None else grammar.arrays(),
-            None if sampling.greedy else jnp.float32(sampling.temperature),
-            jnp.float32(sampling.top_p),
-            rng,
-            max_new_tokens=max_new_tokens,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            return_logits=return_logits,
-            samples_per_prompt=samples_per_prompt,
-        )
-    )
+    args, static = _arguments(
+        config, params, images, tokens, mask_ar, mask_input, max_new_tokens=max_new_tokens, eos_id=eos_id,
+        pad_id=pad_id, grammar=grammar, sampling=sampling, rng=rng, return_logits=return_logits,
+        samples_per_prompt=samples_per_prompt,
+    )  # fmt: skip
+    return Generation(**_compiled_generate()(*args, **static))
+
+
+def lower_generate(
+    config: ModelConfig, params: dict, images, tokens, mask_ar, mask_input, **options
+) -> jax.stages.Lowered:
+    """`generate`'s program for these arguments (and its keywords), lowered, not run: the arrays may be
+    `jax.ShapeDtypeStruct`s, so its memory and FLOPs can be read without allocating the model (`paliseg plan`)."""
+    args, static = _arguments(config, params, images, tokens, mask_ar, mask_input, **options)
+    return _compiled_generate().lower(*args, **static)
+
+
+def _arguments(
+    config,
+    params,
+    images,
+    tokens,
+    mask_ar,
+    mask_input,
+    *,
+    max_new_tokens: int,
+    eos_id: int = 1,
+    pad_id: int = 0,
+    grammar: SegmentGrammar | None = None,
+    sampling: Sampling = Sampling(),
+    rng: jax.Array | None = None,
+    return_logits: bool = False,
+    samples_per_prompt: int = 1,
+) -> tuple[tuple, dict]:
+    """(positional, static keyword) arguments of `_generate` for `generate`'s."""
+    array = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)  # noqa: E731
+    args = (
+        config, params, array(images), array(tokens), array(mask_ar), array(mask_input),
+        None if grammar is None else grammar.arrays(),
+        None if sampling.greedy else jnp.float32(sampling.temperature),
+        jnp.float32(sampling.top_p),
+        jax.random.key(0) if rng is None else rng,
+    )  # fmt: skip
+    static = {"max_new_tokens": max_new_tokens, "eos_id": eos_id, "pad_id": pad_id, "return_logits": return_logits,
+              "samples_per_prompt": samples_per_prompt}  # fmt: skip
+    return args, static
 
 
 def prompt_length_bucket(length: int, multiple: int = 16) -> int:

@@ -1,22 +1,51 @@
-"""Atomic writes and the mask PNG convention shared by every stage.
+"""Atomic writes, the mask PNG convention shared by every stage, and files held inside a dataset.
 
 Nothing paliseg writes is ever half-written: content goes to a temporary file in the target folder and
 is renamed into place. Existing files are replaced only when the caller says so (`overwrite=True`).
+
+A `StoredFile` is an image or mask whose bytes live inside a dataset (a TFDS example) instead of on disk;
+the readers in `paliseg.images` take it wherever they take a path, so no stage needs to know where a
+record's files are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredFile:
+    """A file held inside a dataset, standing for the file at `path` in the JSONL layout. It answers the few
+    questions readers ask a `Path` (`name`, `stem`, `is_file()`, `read_bytes()`, `str`) the way that file
+    would; equal (and hashed) by `path`, so that records sharing an image share its decoded size."""
+
+    path: Path
+    read_bytes: Callable[[], bytes] = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    def is_file(self) -> bool:
+        return True  # the dataset holds it
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 class OutputExistsError(FileExistsError):
@@ -80,7 +109,14 @@ def write_image(path: str | os.PathLike, image: Image.Image, overwrite: bool = T
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, overwrite: bool = True) -> None:
     """Save a boolean HxW mask as a single-channel 0/255 PNG (read back with `paliseg.images.read_mask`)."""
+    write_bytes(path, mask_png(mask, path), overwrite=overwrite)
+
+
+def mask_png(mask: np.ndarray, name: str | os.PathLike = "mask") -> bytes:
+    """A boolean HxW mask as the bytes of a single-channel 0/255 PNG (the mask files' encoding)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"mask for {path} must be 2-D, got shape {mask.shape}")
-    write_image(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), overwrite)
+        raise ValueError(f"mask for {name} must be 2-D, got shape {mask.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -22,7 +22,8 @@ tools) goes through `read_image` / `read_mask` here, so they all agree on the fr
   REASON`, after a full decode (a truncated file is caught here, not later); over the size limit, its
   subclass `ImageTooLargeError`. Stages that skip unreadable inputs catch it and count the skip.
 - Bytes: `decode_image` reads an image file's content held in memory (an upload) the same way, naming it
-  as its caller says, and can restrict the decoders tried.
+  as its caller says, and can restrict the decoders tried. Every reader here also takes a
+  `paliseg.files.StoredFile` (an image or mask held inside a TFDS dataset) wherever it takes a path.
 
 Preprocessing for the model, as big_vision's fine-tuning colab: the aspect ratio is not kept (boxes are
 normalised per axis, so the loc tokens stay exact), bilinear resampling with antialiasing (PIL filters
@@ -42,6 +43,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from paliseg.files import StoredFile
+
+ImageFile = str | os.PathLike | StoredFile  # what the readers here read: a file, or one held in a dataset
 
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 # What turns the stored pixels into the displayed ones, per orientation value (ImageOps.exif_transpose's table).
@@ -70,9 +75,9 @@ _max_pixels: int | None = None  # set_max_image_pixels; None: the environment va
 class ImageReadError(ValueError):
     """An image (or mask) file that cannot be read: `PATH: cannot read image: REASON`."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: ImageFile, reason: str):
         super().__init__(f"{path}: cannot read image: {reason}")
-        self.path = Path(path)
+        self.path = Path(str(path))
         self.reason = reason
 
 
@@ -116,7 +121,7 @@ def max_image_pixels() -> int:
     return DEFAULT_MAX_IMAGE_PIXELS if not from_env else _positive(from_env, MAX_PIXELS_ENV)
 
 
-def _check_pixels(path: str | os.PathLike, size: tuple[int, int]) -> None:
+def _check_pixels(path: ImageFile, size: tuple[int, int]) -> None:
     limit = max_image_pixels()
     if size[0] * size[1] > limit:
         raise ImageTooLargeError(
@@ -149,7 +154,7 @@ class ImageHeader:
         return displayed_size(self.stored_size, self.orientation)
 
 
-def read_header(path: str | os.PathLike, decode: bool = False) -> ImageHeader:
+def read_header(path: ImageFile, decode: bool = False) -> ImageHeader:
     """The header of an image file, `ImageReadError` if unreadable or over the size limit. Cheap (no pixel
     decoding, except PNGs, where PIL looks for a late EXIF chunk) unless `decode`: then every pixel is
     decoded too, so that a truncated file fails here."""
@@ -163,7 +168,7 @@ def read_header(path: str | os.PathLike, decode: bool = False) -> ImageHeader:
 
 
 def _with_open(
-    path: str | os.PathLike | io.BytesIO,
+    path: ImageFile | io.BytesIO,
     use: Callable[[Image.Image], object],
     name: str | os.PathLike | None = None,
     formats: Sequence[str] | None = None,
@@ -172,6 +177,8 @@ def _with_open(
     it (`name`, default `path`); `formats`: the PIL decoders to try (None: all)."""
     name = path if name is None else name
     try:
+        if isinstance(path, StoredFile):
+            path = io.BytesIO(path.read_bytes())
         with Image.open(path, formats=None if formats is None else tuple(formats)) as image:
             _check_pixels(name, image.size)
             return use(image)
@@ -203,7 +210,7 @@ def _eight_bit(image: Image.Image, mode: str, background: tuple[int, int, int]) 
     return image.convert(mode)
 
 
-def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+def read_image(path: ImageFile, mode: str = "RGB") -> Image.Image:
     """The image at `path` in its displayed frame as an 8-bit "RGB" (photos) or "L" (grey) PIL image, every
     pixel decoded; `ImageReadError` naming the file otherwise. See the module docstring for the kinds."""
     if mode not in ("RGB", "L"):
@@ -219,7 +226,7 @@ def decode_image(data: bytes, name: str, mode: str = "RGB", formats: Sequence[st
     return _with_open(io.BytesIO(data), lambda image: _eight_bit(_displayed(image), mode, _WHITE), name, formats)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
+def read_mask(path: ImageFile) -> np.ndarray:
     """A mask file (any mode) as a boolean HxW array in its displayed frame: foreground is grey > 127, with
     transparent pixels as background."""
     return _with_open(path, lambda image: np.asarray(_eight_bit(_displayed(image), "L", _BLACK)) > 127)

@@ -5,15 +5,20 @@
 
 Paths are relative to the JSONL file. `mask` is the full-resolution ground-truth PNG (0/255), the union of
 the prompt's objects; an image with no object of the prompt has an empty suffix and an all-zero mask.
+
+A record read from a TFDS dataset (`paliseg.tfds_data`) is the same record, with its image and mask held in
+the dataset: `stored` gives their bytes, and `image_path` / `mask_path` are then `files.StoredFile`s, which
+`paliseg.images` reads like the files they stand for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +72,25 @@ class Record:
     # Where the record was read from, for messages and for resolving relative paths; not serialised.
     source: Path | None = dataclasses.field(default=None, compare=False)
     line: int | None = dataclasses.field(default=None, compare=False)
+    # The bytes of the record's files by relative path, when a dataset holds them (TFDS); None: on disk.
+    stored: Callable[[str], bytes] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}" if self.source is not None else "<record>"
 
-    def resolve(self, relative: str) -> Path:
+    def resolve(self, relative: str) -> Path | files.StoredFile:
         base = self.source.parent if self.source is not None else Path(".")
-        return base / relative
+        if self.stored is None:
+            return base / relative
+        return files.StoredFile(base / relative, functools.partial(self.stored, relative))
 
     @property
-    def image_path(self) -> Path:
+    def image_path(self) -> Path | files.StoredFile:
         return self.resolve(self.image)
 
     @property
-    def mask_path(self) -> Path | None:
+    def mask_path(self) -> Path | files.StoredFile | None:
         return self.resolve(self.mask) if self.mask else None
 
     def to_json(self) -> dict[str, Any]:

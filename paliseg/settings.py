@@ -9,13 +9,20 @@ flags given, and settings resolve as defaults < config file < flags with `merge`
 `to_argv(config)` is the inverse: the flags that reproduce a config (those of the fields that differ from
 the defaults).
 
+A field may also declare the values it accepts: choices, bounds (`at_least=1`, `above=0`, `at_most=N`,
+`below=1`) and `exclusive` groups (at most one given; one required when a member says `required=True`).
+argparse refuses a flag that breaks them, and `check(config)` refuses a config built in Python that does
+(a config class calls it from `__post_init__`), with the same flag names in the message.
+
 Types come from the annotations:
     int, float, str, Path           --x VALUE            (`X | None`: the same; None is "no value")
     Literal["a", "b"] or choices=   --x {a,b}            (rejected by argparse otherwise)
     bool                            --x when the default is off, --no-x when it is on (write the help for
                                     that flag), --x/--no-x with negatable=True
     list[X], tuple[X, ...]          --x A,B (items="comma"), --x A --x B ("repeated"), --x A B ("spaced")
-    a dataclass                     its fields, flags prefixed by the field name (defaults: the field's)
+    a dataclass                     its fields, flags prefixed by the field name (defaults: the field's);
+                                    with prefix=False the fields keep their own flag names (settings that
+                                    several commands share, e.g. the model of predict and serve)
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,9 +53,14 @@ class Setting:
     group: str | None = None  # title of the argparse argument group (a nested config's applies to its fields)
     exclusive: str | None = None  # flags sharing this name (within a group) are mutually exclusive
     negatable: bool = False  # bool: both --x and --no-x
-    required: bool = False
+    required: bool = False  # the flag must be given (in an exclusive group: one of the group's flags)
     items: Literal["comma", "repeated", "spaced"] = "comma"  # how a list is written
     cli: bool = True  # False: no derived flag (the command declares its own, or config files only)
+    at_least: float | None = None  # bounds of a number (of each item, for lists)
+    at_most: float | None = None
+    above: float | None = None  # a lower bound the value must exceed (a size, a rate: more than 0)
+    below: float | None = None  # an upper bound the value must stay under (a fraction: less than 1)
+    prefix: bool = True  # a nested config: False keeps its fields' own flag names (--dtype, not --x-dtype)
 
 
 def setting(default: Any = MISSING, help: str = "", **options: Any) -> Any:
@@ -67,6 +79,7 @@ class _Flag:
     """One leaf field of a config class, as a command-line flag."""
 
     path: tuple[str, ...]  # field names from the top config down
+    names: tuple[str, ...]  # the field names that make up the flag (`path` less the unprefixed configs')
     owner: str  # the class that declares the field, for messages
     option: Setting
     kind: Literal["bool", "value", "list"]
@@ -76,7 +89,7 @@ class _Flag:
 
     @property
     def dest(self) -> str:
-        return "_".join(self.path)
+        return "_".join(self.names)
 
     @property
     def key(self) -> str:
@@ -86,7 +99,7 @@ class _Flag:
     def name(self) -> str:
         if self.option.flag:
             return self.option.flag
-        base = "-".join(self.path).replace("_", "-")
+        base = "-".join(self.names).replace("_", "-")
         off = self.kind == "bool" and self.default is True and not self.option.negatable
         return f"--no-{base}" if off else f"--{base}"
 
@@ -116,6 +129,37 @@ class _Flag:
             return [self.name, *map(str, value)]
         return [self.name, self.text(value)]
 
+    def refusal(self, value: Any) -> str | None:
+        """What is wrong with one value (one item, for lists) by the declared choices and bounds, or None."""
+        option = self.option
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        if option.at_least is not None and value < option.at_least:
+            return f"must be at least {option.at_least:g}, got {value:g}"
+        if option.above is not None and value <= option.above:
+            return f"must be more than {option.above:g}, got {value:g}"
+        if option.at_most is not None and value > option.at_most:
+            return f"must be at most {option.at_most:g}, got {value:g}"
+        if option.below is not None and value >= option.below:
+            return f"must be less than {option.below:g}, got {value:g}"
+        return None
+
+    def checked_parse(self) -> Callable[[str], Any]:
+        """`parse` that refuses a value out of the declared bounds (argparse checks the choices itself)."""
+        option = self.option
+        if all(bound is None for bound in (option.at_least, option.at_most, option.above, option.below)):
+            return self.parse
+
+        def parse(text: str) -> Any:
+            value = self.parse(text)
+            problem = self.refusal(value)
+            if problem is not None:
+                raise argparse.ArgumentTypeError(problem)
+            return value
+
+        parse.__name__ = self.parse.__name__  # argparse names the type in "invalid int value"
+        return parse
+
     def help(self) -> str:
         text = self.option.help
         if self.choices and (self.option.metavar or self.kind == "list"):  # the metavar does not show them
@@ -125,7 +169,7 @@ class _Flag:
             text += f" (default: {self.text(self.default)})"
         return text.replace("%", "%%")  # argparse formats help with %
 
-    def add_to(self, container: Any) -> None:
+    def add_to(self, container: Any, required: bool) -> None:
         common: dict[str, Any] = {"dest": self.dest, "default": None, "help": self.help()}
         if self.kind == "bool":
             if self.option.negatable:
@@ -133,15 +177,16 @@ class _Flag:
             else:
                 container.add_argument(self.name, action="store_const", const=not self.default, **common)
             return
-        common.update(metavar=self.option.metavar, required=self.option.required or self.default is MISSING)
+        common.update(metavar=self.option.metavar, required=required)
+        parse = self.checked_parse()
         if self.kind == "value":
-            container.add_argument(self.name, type=self.parse, choices=self.choices, **common)
+            container.add_argument(self.name, type=parse, choices=self.choices, **common)
         elif self.option.items == "comma":
-            container.add_argument(self.name, type=_comma_list(self.parse, self.choices), **common)
+            container.add_argument(self.name, type=_comma_list(parse, self.choices), **common)
         elif self.option.items == "repeated":
-            container.add_argument(self.name, action="append", type=self.parse, choices=self.choices, **common)
+            container.add_argument(self.name, action="append", type=parse, choices=self.choices, **common)
         else:
-            container.add_argument(self.name, nargs="+", type=self.parse, choices=self.choices, **common)
+            container.add_argument(self.name, nargs="+", type=parse, choices=self.choices, **common)
 
 
 def _comma_list(parse: Callable[[str], Any], choices: tuple | None) -> Callable[[str], list]:
@@ -198,18 +243,23 @@ def _nested_class(cls: type, name: str) -> type | None:
 
 @functools.cache
 def _flags(cls: type) -> tuple[_Flag, ...]:
-    return tuple(_walk(cls, (), MISSING, None))
+    return tuple(_walk(cls, (), (), MISSING, None))
 
 
-def _walk(cls: type, prefix: tuple[str, ...], parent_default: Any, group: str | None):
+def _walk(cls: type, prefix: tuple[str, ...], names: tuple[str, ...], parent_default: Any, group: str | None):
     for field in dataclasses.fields(cls):
         option = field.metadata.get(_METADATA_KEY)
         where = f"{cls.__name__}.{field.name}"
         default = _default_of(field, parent_default)
         nested = _nested_class(cls, field.name)
         if nested is not None:
+            prefixed = option is None or option.prefix
             yield from _walk(
-                nested, prefix + (field.name,), default, option.group if option and option.group else group
+                nested,
+                prefix + (field.name,),
+                names + (field.name,) if prefixed else names,
+                default,
+                option.group if option and option.group else group,
             )
             continue
         if option is None:
@@ -217,7 +267,9 @@ def _walk(cls: type, prefix: tuple[str, ...], parent_default: Any, group: str | 
         if not option.group and group:
             option = dataclasses.replace(option, group=group)
         if not option.cli:  # the command declares it: its type needs no command-line form here
-            yield _Flag(prefix + (field.name,), cls.__name__, option, "value", str, None, default)
+            yield _Flag(
+                prefix + (field.name,), names + (field.name,), cls.__name__, option, "value", str, None, default
+            )
             continue
         annotation = _hints(cls)[field.name]
         if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None` is read as X
@@ -234,31 +286,80 @@ def _walk(cls: type, prefix: tuple[str, ...], parent_default: Any, group: str | 
             parse, choices = _scalar(annotation, where)
         if option.choices is not None:
             choices = tuple(option.choices)
-        yield _Flag(prefix + (field.name,), cls.__name__, option, kind, parse, choices, default)
+        yield _Flag(prefix + (field.name,), names + (field.name,), cls.__name__, option, kind, parse, choices, default)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, groups: dict[str, Any] | None = None) -> dict[str, Any]:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    groups: dict[str, Any] | None = None,
+    only: Collection[str] | None = None,
+) -> dict[str, Any]:
     """Add a flag per field of `cls` (recursively) to `parser`; returns the argument groups by title.
 
     Pass `groups` to put flags into groups made already; add a command's own flags to the returned ones.
+    `only`: the fields to add (a nested config's name adds all of its fields), for a command that takes
+    some of another command's settings (`paliseg plan` takes the model and batch settings of `train`).
     """
     groups = {} if groups is None else groups
     exclusive: dict[tuple[str | None, str], Any] = {}
+    members = _exclusive_groups(cls)
     for flag in _flags(cls):
-        if not flag.option.cli:
+        if not flag.option.cli or (only is not None and flag.path[0] not in only and flag.key not in only):
             continue
         container = parser
         if flag.option.group is not None:
             if flag.option.group not in groups:
                 groups[flag.option.group] = parser.add_argument_group(flag.option.group)
             container = groups[flag.option.group]
-        if flag.option.exclusive is not None:
-            key = (flag.option.group, flag.option.exclusive)
-            if key not in exclusive:
-                exclusive[key] = container.add_mutually_exclusive_group()
-            container = exclusive[key]
-        flag.add_to(container)
+        if flag.option.exclusive is None:
+            flag.add_to(container, required=flag.option.required or flag.default is MISSING)
+            continue
+        key = (flag.option.group, flag.option.exclusive)
+        if key not in exclusive:
+            required = any(member.option.required for member in members[key])
+            exclusive[key] = container.add_mutually_exclusive_group(required=required)
+        flag.add_to(exclusive[key], required=False)  # argparse: the group is required, not its flags
     return groups
+
+
+def _exclusive_groups(cls: type) -> dict[tuple[str | None, str], list[_Flag]]:
+    """The flags of each exclusive group of `cls`, by (argument group, exclusive name)."""
+    found: dict[tuple[str | None, str], list[_Flag]] = {}
+    for flag in _flags(cls):
+        if flag.option.exclusive is not None:
+            found.setdefault((flag.option.group, flag.option.exclusive), []).append(flag)
+    return found
+
+
+def check(config: Any) -> None:
+    """Raise ValueError naming every setting of `config` that its declaration refuses (`refusals`)."""
+    problems = refusals(config)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def refusals(config: Any) -> list[str]:
+    """Every setting of `config` that its declaration refuses (choices, bounds, exclusive groups), by its
+    flag: what argparse refuses on the command line, for configs built in Python. None is "no value" and
+    passes."""
+    problems = []
+    for flag in _flags(type(config)):
+        value = lookup(config, flag.key)
+        if value is None or not flag.option.cli:
+            continue
+        for item in value if flag.kind == "list" else [value]:
+            problem = flag.refusal(item)
+            if problem is not None:
+                problems.append(f"{flag.name} {problem}")
+                break
+    for members in _exclusive_groups(type(config)).values():
+        given = [flag.name for flag in members if not _same(lookup(config, flag.key), flag.default)]
+        if len(given) > 1:
+            problems.append(f"{' and '.join(given)} are exclusive")
+        elif not given and any(flag.option.required for flag in members):
+            problems.append(f"one of {', '.join(flag.name for flag in members)} is required")
+    return problems
 
 
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -272,6 +373,12 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
                 node = node.setdefault(name, {})
             node[flag.path[-1]] = value
     return values
+
+
+def from_args(args: argparse.Namespace, cls: type, **by_hand: Any) -> Any:
+    """The config of a command's parsed flags over the defaults, with `by_hand` the settings it takes through
+    arguments of its own (a positional argument, a field with cli=False)."""
+    return from_dict(cls, {**given(args, cls), **by_hand}, "flags")
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

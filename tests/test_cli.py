@@ -9,7 +9,7 @@ import pytest
 
 from paliseg.cli import main as cli
 
-COMMANDS = ["convert", "validate", "vae", "train", "predict", "eval", "serve", "score", "visualize", "demo"]
+COMMANDS = ["convert", "validate", "vae", "train", "plan", "predict", "eval", "serve", "score", "visualize", "demo"]
 
 
 def test_top_level_help_lists_every_command(capsys):

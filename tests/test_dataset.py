@@ -100,5 +100,5 @@ def test_a_malformed_line_names_file_and_line(tmp_path):
     path.write_text(path.read_text() + "\n" + '{"image": "a.png", "prefix": \n')
     with pytest.raises(records.RecordError, match=f"^{path}:4: not valid JSON"):
         dataset.check_split(tmp_path, "valid")
-    parsed = dataset.read_lines(path)
+    parsed = dataset.read_lines(tmp_path, "valid")
     assert [type(p).__name__ for p in parsed] == ["Record", "Record", "RecordError"]

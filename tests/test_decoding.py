@@ -6,17 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SMALL, random_params
 
-from paliseg import config as cfgs
 from paliseg import decoding, model
-from paliseg.checkpoints.tree import flatten, unflatten
 from paliseg.tokenizer import Tokenizer
 from paliseg.tokens import parse_suffix
 
-SMALL = cfgs.preset("tiny").replace(
-    img={"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "image_size": 16},
-    llm={"width": 64, "depth": 2, "mlp_dim": 128, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16},
-)
 # Gemma 2: post-norms, both soft-caps, heads * head_dim != width, a query scalar != head_dim, and a window
 # (6) far shorter than the sequence (4 image + 16 prompt + 8 decoded tokens) on layers 0 and 2.
 SMALL_PG2 = SMALL.replace(
@@ -32,25 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def params():
-    return _random_params(SMALL)
-
-
-def _random_params(config):
-    """Weights re-drawn with a large std (as in the transformers oracle) so that greedy decoding of a
-    random model does not repeat one token. With Gemma 2's post-norms, as there: small embeddings (else the
-    residual stream stays the last token's embedding) and a final norm of (1 + 4)."""
-    flat = flatten(model.init_params(config, jax.random.key(0)))
-    keys = jax.random.split(jax.random.key(1), len(flat))
-
-    def draw(key, name, value):
-        mean, std = 0.0, (0.1 if value.ndim == 1 or "norm" in name else 0.3)
-        if config.llm.post_norms and name == "llm/embedder/input_embedding":
-            std = 0.02
-        if config.llm.post_norms and name == "llm/final_norm/scale":
-            mean = 4.0
-        return mean + jax.random.normal(key, value.shape) * std
-
-    return unflatten({name: draw(key, name, value) for key, (name, value) in zip(keys, flat.items())})
+    return random_params(SMALL)
 
 
 def _prompts(tokenizer, texts, length=16):
@@ -65,7 +42,7 @@ def _images(batch, seed=0):
 @pytest.mark.parametrize("generation", [1, 2])
 def test_kv_cache_logits_equal_full_recompute_at_every_step(tokenizer, params, generation):
     config = SMALL if generation == 1 else SMALL_PG2
-    params = params if generation == 1 else _random_params(SMALL_PG2)
+    params = params if generation == 1 else random_params(SMALL_PG2)
     prompts = _prompts(tokenizer, ["segment crack", "detect drywall ; taping area ; joint", "caption en"])
     images = _images(3)
     steps = 8

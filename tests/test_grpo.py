@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import SMALL, make_masked_dataset, random_params, rl_config, train_tiny_run
 from PIL import Image
-from test_decoding import SMALL, _random_params
-from test_infer_run import make_dataset, train_tiny_run
 
 import vae
 from infer.prediction import from_text, score
@@ -135,7 +134,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def sampled(tokenizer):
     """A random SMALL model, prompts of two lengths, 2 completions each sampled under the grammar."""
-    params = _random_params(SMALL)
+    params = random_params(SMALL)
     grammar = decoding.segment_grammar(tokenizer, SMALL.llm.vocab_size)
     texts = ["segment crack", "segment the long taping area please", "segment crack", "segment hole"]
     encoded = [tokenizer.encode_prompt(t, 16) for t in texts]
@@ -195,15 +194,6 @@ def test_zero_learning_rate_changes_nothing(tokenizer, sampled):
 # --- runs ------------------------------------------------------------------------------------------------
 
 
-def _rl_config(data: Path, init_run: Path, out: Path, **changes) -> train_config.TrainConfig:
-    values = dict(
-        data=[str(data)], out=str(out), objective="grpo", init_run=str(init_run), init_step="latest",
-        trainable="all", steps=3, batch_size=2, save_every=1, lr=1e-3, workers=1, augment=False,
-        grpo={"group_size": 4, "updates_per_batch": 2, "max_new_tokens": 24},
-    )  # fmt: skip
-    return run_folder.resolve_config({**values, **changes})
-
-
 def _rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / run_folder.METRICS_FILE, newline="") as handle:
         return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "examples_per_s", "elapsed_s")}
@@ -218,10 +208,10 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_grpo_run_resumes_exactly_and_eval_reads_it(tiny_run, tmp_path):
     data, init_run, _ = tiny_run
-    whole = _rl_config(data, init_run, tmp_path / "whole")
+    whole = rl_config(data, init_run, tmp_path / "whole")
     assert whole.init_step == "4" and whole.preset == "tiny" and whole.seq_len == 48  # inherited, resolved
     train_commands.run(whole)
-    part = _rl_config(data, init_run, tmp_path / "part")
+    part = rl_config(data, init_run, tmp_path / "part")
     train_commands.run(part, stop_after=2)
     resumed = train_config.check_resume(Run(tmp_path / "part").train_config, {"out": str(tmp_path / "part")})
     train_commands.run(resumed, resume=True)
@@ -264,9 +254,9 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import jax
 assert len(jax.devices()) == 2, jax.devices()
-from test_grpo import _rl_config
+from helpers import rl_config
 from train import commands as train_commands
-train_commands.run(_rl_config(Path({data!r}), Path({init_run!r}), Path({out!r}), steps=2, mesh_fsdp=2))
+train_commands.run(rl_config(Path({data!r}), Path({init_run!r}), Path({out!r}), steps=2, mesh_fsdp=2))
 """
 
 
@@ -295,7 +285,7 @@ def one_device(tiny_run, tmp_path_factory):
     """The reference: 2 steps of GRPO on one device."""
     data, init_run, _ = tiny_run
     out = tmp_path_factory.mktemp("grpo_one") / "run"
-    train_commands.run(_rl_config(data, init_run, out, steps=2))
+    train_commands.run(rl_config(data, init_run, out, steps=2))
     return out
 
 
@@ -376,14 +366,14 @@ def test_mean_reward_rises_on_a_toy_task(tmp_path):
         batch_size=4, save_every=12, lr=3e-3, workers=1, seq_len=32, remat=False,
     ))  # fmt: skip
     train_commands.run(supervised)
-    config = _rl_config(data, tmp_path / "sup", tmp_path / "rl", steps=24, lr=5e-4, warmup_fraction=0.0, remat=False,
+    config = rl_config(data, tmp_path / "sup", tmp_path / "rl", steps=24, lr=5e-4, warmup_fraction=0.0, remat=False,
                         grpo={"group_size": 8, "max_new_tokens": 24, "kl_coef": 0.0})  # fmt: skip
     rewards = train_commands.run(config)["rewards"]
     assert np.mean(rewards[-8:]) > np.mean(rewards[:8]) + 0.03, rewards
 
 
 def test_data_examples_know_their_ground_truths_resolution(tmp_path):
-    data = make_dataset(tmp_path / "data", vae.write_random_npz(tmp_path / "vae.npz", seed=0))
+    data = make_masked_dataset(tmp_path / "data", vae.write_random_npz(tmp_path / "vae.npz", seed=0))
     items, _ = dataset.check_split(data, "train")
     sizes = {(item.width, item.height) for item in items}
     config = run_folder.resolve_config(dict(data=[str(data)], out="x", init="random", preset="tiny", seq_len=48))

@@ -12,65 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import PROMPT, train_tiny_run
 from PIL import Image
 
 import vae
 from infer import sweep
+from infer.config import DecodingSettings, EvalSettings
 from infer.prediction import from_text
 from infer.predictor import Predictor
 from paliseg import config as model_configs
 from paliseg import dataset, files, images, model, records, tokens
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
-from train import commands as train_commands
 from train import config as train_config
 from train import run as run_folder
 from train.run import Run
 from vae import identity
 
 pytestmark = pytest.mark.slow
-PROMPT = "segment crack"
-
-
-def make_dataset(folder: Path, vae_path: Path) -> Path:
-    """A converted-data folder in the real layout: images, 0/255 GT masks, VAE-token suffixes, the VAE's
-    identity in conversion.json; 4 train records and 3 valid ones (one of them a negative: empty suffix,
-    empty mask), images of varied sizes."""
-    vae_model = vae.MaskVAE.from_npz(vae_path)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("valid", 3)):
-        out = []
-        for index in range(count):
-            width, height = 64 + 8 * index, 48 + 4 * index
-            pixels = np.full((height, width, 3), 40, np.uint8)
-            mask = np.zeros((height, width), bool)
-            objects = []
-            if not (split == "valid" and index == 2):
-                x1, y1 = rng.integers(0, width // 2), rng.integers(0, height // 2)
-                x2, y2 = x1 + rng.integers(10, width // 2), y1 + rng.integers(10, height // 2)
-                pixels[y1:y2, x1:x2] = 220
-                mask[y1:y2, x1:x2] = True
-                seg = vae.mask_to_tokens(vae_model, mask, (x1, y1, x2, y2))
-                objects.append(tokens.SegObject(tokens.box_to_locs((x1, y1, x2, y2), width, height), seg, "crack"))
-            name = f"{split}_{index}"
-            files.write_image(folder / "images" / f"{name}.png", Image.fromarray(pixels))
-            files.write_mask(folder / "masks" / f"{name}.png", mask)
-            out.append(records.Record(f"images/{name}.png", PROMPT, tokens.format_suffix(objects), f"masks/{name}.png"))
-        records.write_records(records.annotations_path(folder, split), out)
-    files.write_json(folder / records.CONVERSION_FILE, {"vae": identity.identify(vae_path).to_json()})
-    return folder
-
-
-def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
-    """(data dir, run dir with checkpoints at steps 2 and 4, VAE path): a tiny run trained in seconds."""
-    vae_path = vae.write_random_npz(root / "vae.npz", seed=0)
-    data = make_dataset(root / "data", vae_path)
-    config = run_folder.resolve_config(dict(
-        data=[str(data)], out=str(root / "run"), init="random", preset="tiny", trainable="all", seq_len=48,
-        steps=4, batch_size=2, save_every=2, lr=3e-3, workers=1,
-    ))  # fmt: skip
-    train_commands.run(config)
-    return data, root / "run", vae_path
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +70,12 @@ def _stable(report: dict) -> dict:
     return report
 
 
+def _sweep(run_dir: Path, data: Path, out: Path, vae_path: Path, canvases: int = 2) -> EvalSettings:
+    """`paliseg eval RUN_DIR --data DATA --out OUT --vae VAE --batch-size 2 --canvases N`."""
+    return EvalSettings(run_dir=run_dir, data=data, out=out, decoding=DecodingSettings(vae=vae_path), batch_size=2,
+                        canvases=canvases)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def swept(setup, tmp_path_factory):
     """An uninterrupted sweep of the run: (report, report dir, decoded images per decode call, how many
@@ -124,7 +89,7 @@ def swept(setup, tmp_path_factory):
         monkeypatch.setattr(run_folder, "initial_params", lambda *args: loads.append(args) or initial(*args))
         monkeypatch.setattr(train_config, "from_dict", lambda *args: parsed.append(args) or from_dict(*args))
         monkeypatch.setattr(sweep, "SCORE_CHUNK", 2)  # 3 images: a full chunk and a partial one
-        report = sweep.evaluate_run(run_dir, data, out, vae_path=vae_path, batch_size=2, canvases=2)
+        report = sweep.evaluate_run(_sweep(run_dir, data, out, vae_path))
     assert len(parsed) == 1  # the run's config.json is parsed once per sweep, not per checkpoint
     return report, out, calls, len(loads)
 
@@ -143,11 +108,10 @@ def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swep
 
     calls.clear()
     with pytest.raises(Crash):
-        sweep.evaluate_run(run_dir, data, tmp_path / "cut", vae_path=vae_path, batch_size=2, canvases=2,
-                           on_step_done=crash_after_step_2)  # fmt: skip
+        sweep.evaluate_run(_sweep(run_dir, data, tmp_path / "cut", vae_path), on_step_done=crash_after_step_2)
     assert sum(calls) == 2 * 3 and not (tmp_path / "cut" / "report.json").exists()
     calls.clear()
-    resumed = sweep.evaluate_run(run_dir, data, tmp_path / "cut", vae_path=vae_path, batch_size=2, canvases=2)
+    resumed = sweep.evaluate_run(_sweep(run_dir, data, tmp_path / "cut", vae_path))
     assert calls == [2, 1]  # only step 4 was decoded (3 records in batches of 2)
     assert [(s["decoded"], s["cached"]) for s in resumed["steps"]] == [(0, 3), (0, 3), (3, 0)]
     assert _stable(resumed) | {"title": ""} == _stable(whole) | {"title": ""}
@@ -155,14 +119,15 @@ def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swep
         assert (tmp_path / "cut" / name).read_text() == (whole_dir / name).read_text()
 
     calls.clear()
-    again = sweep.evaluate_run(run_dir, data, tmp_path / "cut", vae_path=vae_path, batch_size=2, canvases=0)
+    again = sweep.evaluate_run(_sweep(run_dir, data, tmp_path / "cut", vae_path, canvases=0))
     assert calls == [] and _stable(again) == _stable(resumed)
 
     # A report folder of this run is not reused for another data folder without --overwrite.
     other = tmp_path / "other_data"
     shutil.copytree(data, other)
     with pytest.raises(FileExistsError, match="--overwrite"):
-        sweep.evaluate_run(run_dir, other, tmp_path / "cut", vae_path=vae_path)
+        sweep.evaluate_run(EvalSettings(run_dir=run_dir, data=other, out=tmp_path / "cut",
+                                        decoding=DecodingSettings(vae=vae_path)))  # fmt: skip
 
 
 def test_report_files_best_json_and_scores(setup, swept):

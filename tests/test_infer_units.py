@@ -13,7 +13,7 @@ from PIL import Image
 import vae
 from infer import cache as prediction_cache
 from infer import outputs, sweep
-from infer.commands import parse_steps
+from infer.config import parse_steps
 from infer.prediction import from_text
 from paliseg import files, records, tokens
 

@@ -157,7 +157,7 @@ def test_weight_layouts_describe_every_contracted_weight_of_the_real_trees(prese
 
 
 def test_weight_layout_refuses_an_equation_that_does_not_describe_its_weight():
-    from paliseg.model.layers import WeightLayout
+    from paliseg.model.layouts import WeightLayout
 
     assert WeightLayout.of("...D,PDF->P...F", ("gate", "up")).fused
     for equation in ("...D,NDH->...NK", "BD,DF->BF", "...D,PDF->...F"):
@@ -211,7 +211,7 @@ def test_lora_starts_as_identity_and_merges_exactly(tiny, targets):
     trained = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape), adapters)
     adapted = model.forward(config, lora.join_params(base_params, trained), images, tokens, mask_ar, mask_input)
     assert np.abs(adapted - reference).max() > 0.1
-    merged = lora.merge_lora(lora.join_params(base_params, trained), config)
+    merged = model.merge_lora(lora.join_params(base_params, trained), config)
     assert not any(lora.is_lora_path(k) for k in flatten(merged))
     np.testing.assert_allclose(
         model.forward(base_config, merged, images, tokens, mask_ar, mask_input), adapted, atol=2e-4, rtol=1e-4
@@ -220,7 +220,7 @@ def test_lora_starts_as_identity_and_merges_exactly(tiny, targets):
 
 def test_low_rank_gradients_equal_autodiff():
     """`low_rank` writes its backward by hand (for XLA:CPU's sake); it must be the same math."""
-    from paliseg.model.backend import low_rank
+    from paliseg.model.kernels import low_rank
 
     x, a, b, cotangent = (
         jax.random.normal(k, s)
@@ -235,9 +235,9 @@ def test_low_rank_gradients_equal_autodiff():
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (1, 24), (2, 1, 24)])
 def test_weight_einsum_single_row_equals_plain_einsum(shape):
-    """A single bfloat16 row takes a detour through a padded dot (see `backend.weight_einsum`); the result is
+    """A single bfloat16 row takes a detour through a padded dot (see `kernels.weight_einsum`); the result is
     the same numbers in the same shape as the plain einsum's, for one row or several."""
-    from paliseg.model.backend import weight_einsum
+    from paliseg.model.kernels import weight_einsum
 
     kx, kw = jax.random.split(jax.random.key(3))
     x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
@@ -254,10 +254,10 @@ def test_weight_einsum_single_row_equals_plain_einsum(shape):
 @pytest.mark.parametrize("as_matrices", [False, True])
 def test_fused_weight_einsum_equals_each_part_alone(as_matrices):
     """A fused weight contracts part by part, as the checkpoint stores it (training) or as `Matrices`
-    (unscanned inference layers, `backend.for_inference`); either way each part's result is its own einsum's,
+    (unscanned inference layers, `inference.for_inference`); either way each part's result is its own einsum's,
     for one row (the padded path) or several."""
-    from paliseg.model.backend import Matrices, weight_einsum
-    from paliseg.model.layers import WeightLayout
+    from paliseg.model.kernels import Matrices, weight_einsum
+    from paliseg.model.layouts import WeightLayout
 
     kx, kw = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, (1, 3, 24)).astype(jnp.bfloat16)
@@ -280,8 +280,8 @@ def test_fused_weight_einsum_equals_each_part_alone(as_matrices):
 def test_matrices_contract_several_input_axes_in_the_weights_order():
     """`...NH,NHD->...D` (the attention output): the weight becomes one [D, N*H] matrix and x's two
     trailing axes are flattened in the same order."""
-    from paliseg.model.backend import Matrices, weight_einsum
-    from paliseg.model.layers import WeightLayout
+    from paliseg.model.kernels import Matrices, weight_einsum
+    from paliseg.model.layouts import WeightLayout
 
     kx, kw = jax.random.split(jax.random.key(5))
     x = jax.random.normal(kx, (2, 7, 3, 4))

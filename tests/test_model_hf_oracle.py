@@ -16,12 +16,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from paliseg import checkpoints, decoding, model  # noqa: E402
-from paliseg.checkpoints.tree import flatten  # noqa: E402
+from paliseg import checkpoints, decoding, model
+from paliseg.checkpoints.tree import flatten
 
 pytestmark = pytest.mark.oracle
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -72,7 +72,7 @@ def test_lora_on_gemma2_starts_as_identity_and_merges_exactly():
     trained = lora.join_params(base, jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape), adapters))
     adapted = model.forward(config, trained, images, tokens, mask_ar, mask_input)
     assert np.abs(adapted - reference).max() > 0.1
-    merged = lora.merge_lora(trained, config)
+    merged = model.merge_lora(trained, config)
     np.testing.assert_allclose(
         model.forward(base_config, merged, images, tokens, mask_ar, mask_input), adapted, atol=2e-4, rtol=1e-4
     )

@@ -13,15 +13,14 @@ import os
 
 import numpy as np
 import pytest
+import torch
+import transformers
 from PIL import Image
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from paliseg import images as image_ops  # noqa: E402
-from paliseg.cli import main as cli  # noqa: E402
-from paliseg.config import TINY_TOKENIZER, TINY_VOCAB_SIZE  # noqa: E402
-from paliseg.tokenizer import Tokenizer  # noqa: E402
+from paliseg import images as image_ops
+from paliseg.cli import main as cli
+from paliseg.config import TINY_TOKENIZER, TINY_VOCAB_SIZE
+from paliseg.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.oracle
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

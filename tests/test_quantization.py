@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from test_train_run import make_dataset, read_losses, tiny_config
+from helpers import make_dataset, read_losses, tiny_config
 
 from paliseg import config, model
 from paliseg.cli.main import build_parser
@@ -118,7 +118,7 @@ def test_quantized_forward_is_the_forward_on_the_dequantized_weights(preset, qua
         lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params
     )
     cfg = plain.replace(quantization=quant)
-    quantized = quantization.quantize_params(params, cfg)
+    quantized = model.quantize_params(params, cfg)
     # the load-time transform gives the tree the quantized model creates
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), model.param_shapes(cfg))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), quantized) == shapes
@@ -138,7 +138,7 @@ def test_quantized_forward_is_the_forward_on_the_dequantized_weights(preset, qua
 
 @pytest.mark.slow
 def test_unscanned_inference_and_bf16_compute_read_quantized_weights():
-    from paliseg.model import backend
+    from paliseg.model import inference
 
     plain = config.preset("tiny").with_dtype("bfloat16")
     cfg = plain.replace(quantization={"format": "nf4"})
@@ -148,7 +148,7 @@ def test_unscanned_inference_and_bf16_compute_read_quantized_weights():
         plain, quantization.cast(quantization.dequantize_params(quantized), jnp.bfloat16), *inputs
     )
     unscanned = cfg.replace(scan_layers=False)  # the layout for_inference gives unquantized models on CPU
-    layers = backend.unstack_layers(quantized)  # each layer's codes and scales apart
+    layers = inference.unstack_layers(quantized)  # each layer's codes and scales apart
     np.testing.assert_allclose(model.forward(cfg, quantized, *inputs), reference, rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(model.forward(unscanned, layers, *inputs), reference, rtol=2e-2, atol=2e-2)
     assert model.for_inference(cfg, quantized)[0] == cfg  # quantized: the scan dequantizes layer by layer
@@ -162,7 +162,7 @@ def test_a_checkpoint_loads_quantized_leaf_by_leaf(tmp_path):
     _, plain = checkpoints.load(path, preset="tiny")
     cfg, loaded = checkpoints.load(path, preset="tiny", quantization={"format": "int8"})
     assert cfg.quantization == QuantizationConfig("int8")
-    expected = quantization.quantize_params(plain, cfg)
+    expected = model.quantize_params(plain, cfg)
     assert jax.tree.structure(loaded) == jax.tree.structure(expected)
     jax.tree.map(np.testing.assert_array_equal, loaded, expected)
 
@@ -274,7 +274,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import jax
 assert len(jax.devices()) == 8, jax.devices()
-from test_train_run import tiny_config
+from helpers import tiny_config
 from train import commands as train_commands
 config = tiny_config({data!r}, {out!r}, steps=3, save_every=2, batch_size=8, mesh_fsdp=4, quantization={{"format": "nf4"}})
 train_commands.run(config, stop_after=2)

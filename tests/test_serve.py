@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from helpers import PROMPT, train_tiny_run
 from PIL import Image
-from test_infer_run import PROMPT, train_tiny_run
 
 from infer import serve
 from paliseg import decoding, images
@@ -36,13 +36,16 @@ TIMEOUT = 120  # seconds for any one request (the first of a batch size may comp
 
 @dataclasses.dataclass
 class StubPredictor:
-    """Records each decoding call (its prompts and padded batch size); answers each prompt with itself."""
+    """Records each decoding call (its prompts and padded batch size); answers each prompt with itself. Each
+    call sets `entered`, then waits for `gate`: a test holds the worker inside a decode while it queues jobs."""
 
     constrain: bool | None = None
     calls: list = dataclasses.field(default_factory=list)
+    entered: threading.Event = dataclasses.field(default_factory=threading.Event)
     gate: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def decode_texts(self, pixels, prompts, batch_size):
+        self.entered.set()
         self.gate.wait(10)
         self.calls.append((list(prompts), batch_size))
         return [decoding.Decoded(f"text of {p}", ()) for p in prompts]
@@ -61,7 +64,7 @@ def test_batcher_groups_queued_jobs_pads_to_a_size_and_never_mixes_grammars():
     batcher.start()
     pixels = np.zeros((2, 2, 3), np.float32)
     first = batcher.submit(pixels, "segment a")  # the worker takes it alone and blocks on the gate
-    time.sleep(0.2)
+    assert stub.entered.wait(10)
     prompts = ["segment b", "caption en", "segment c", "segment d", "segment e", "segment f", "detect g"]
     futures = [batcher.submit(pixels, p) for p in prompts]
     stub.gate.set()

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from converters import commands as converters_commands
+from converters.config import ConvertConfig
+from infer import config as infer_config
+from metrics import commands as metrics_commands
 from paliseg import settings
+from paliseg.cli import demo
 from paliseg.cli.main import build_parser
 from paliseg.config import LoraConfig
 from paliseg.settings import setting
+from train import commands as train_commands
 from train import config as train_config
 from train import run as run_folder
+from vae import commands as vae_commands
+from vae.training import VaeTrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +192,75 @@ def test_to_argv_refuses_what_no_flag_can_say():
         settings.to_argv(Example(weights=None, inner=Inner(names=("a,b",))))
 
 
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    dtype: str | None = setting(None, "a dtype", choices=("f32", "bf16"))
+    steps: int = setting(4, "steps", metavar="N", at_least=1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Checked:
+    size: int = setting(1, "a size", at_least=1)
+    rate: float = setting(0.5, "a rate", above=0, at_most=1)
+    sizes: list[int] = setting([1], "sizes", at_least=0)
+    fast: bool = setting(False, "go fast", exclusive="speed")
+    slow: bool = setting(False, "go slow", exclusive="speed")
+    left: str | None = setting(None, "from the left", exclusive="side", required=True)
+    right: str | None = setting(None, "from the right", exclusive="side", required=True)
+    shared: Shared = setting(Shared(), prefix=False)
+
+    def __post_init__(self):
+        settings.check(self)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--size", "0"], "argument --size: must be at least 1, got 0"),
+        (["--rate", "0"], "argument --rate: must be more than 0, got 0"),
+        (["--rate", "1.5"], "argument --rate: must be at most 1, got 1.5"),
+        (["--sizes", "2,-1"], "argument --sizes: must be at least 0, got -1"),
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--size", "x"], "argument --size: invalid int value: 'x'"),
+        (["--fast", "--slow"], "argument --slow: not allowed with argument --fast"),
+        (["--left", "a", "--right", "b"], "argument --right: not allowed with argument --left"),
+        ([], "one of the arguments --left --right is required"),
+    ],
+)
+def test_bounds_and_exclusive_groups_are_refused_at_parse_time(argv, message, capsys):
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, Checked)
+    needed = [] if "--left" in argv or not argv else ["--left", "a"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + needed)
+    assert message in capsys.readouterr().err
+
+
+def test_check_refuses_in_python_what_argparse_refuses_on_the_command_line():
+    assert Checked(left="a", size=5, rate=1.0, sizes=[0, 3], fast=True).size == 5
+    with pytest.raises(ValueError) as refused:
+        Checked(left="a", size=0, rate=0.0, sizes=[2, -1], fast=True, slow=True, shared=Shared(dtype="f16"))
+    assert str(refused.value) == (
+        "--size must be at least 1, got 0; --rate must be more than 0, got 0; --sizes must be at least 0, got -1; "
+        "--dtype must be one of f32, bf16, got 'f16'; --fast and --slow are exclusive"
+    )
+    with pytest.raises(ValueError, match=r"^one of --left, --right is required$"):
+        Checked()
+    with pytest.raises(ValueError, match=r"^--left and --right are exclusive$"):
+        Checked(left="a", right="b")
+
+
+def test_an_unprefixed_nested_config_keeps_its_flag_names():
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, Checked)
+    args = parser.parse_args(["--left", "a", "--dtype", "bf16", "--steps", "7"])
+    assert args.dtype == "bf16"  # the dest of the flag, not of the field's path
+    assert settings.given(args, Checked) == {"left": "a", "shared": {"dtype": "bf16", "steps": 7}}
+    config = settings.from_dict(Checked, settings.given(args, Checked))
+    assert config.shared == Shared(dtype="bf16", steps=7)
+    assert settings.to_argv(config) == ["--left", "a", "--dtype", "bf16", "--steps", "7"]
+
+
 def test_a_field_without_a_declaration_is_an_error():
     @dataclasses.dataclass
     class Undeclared:
@@ -289,3 +367,137 @@ def test_train_to_argv_round_trips_through_the_command_line(tmp_path):
     argv = settings.to_argv(config)
     assert "--no-remat" in argv and "--no-augment" in argv and argv[argv.index("--lora-targets") + 1] == "q,img_fc1"
     assert run_folder.resolve_config(settings.given(_train_args(argv), train_config.TrainConfig)) == config
+
+
+# Every subcommand's flags come from its settings classes.
+
+COMMAND_SETTINGS = {
+    "convert": (ConvertConfig,),
+    "validate": (converters_commands.ValidateSettings,),
+    "train": (train_config.TrainConfig, train_commands.ProcessSettings, train_config.PlanConfig),
+    "plan": (train_config.TrainConfig, train_config.PlanConfig),
+    "predict": (infer_config.PredictSettings,),
+    "eval": (infer_config.EvalSettings,),
+    "serve": (infer_config.ServeSettings,),
+    "score": (metrics_commands.ScoreSettings,),
+    "visualize": (metrics_commands.VisualizeSettings,),
+    "demo": (demo.DemoSettings,),
+    "vae train": (vae_commands.TrainOutput, VaeTrainConfig),
+    "vae ceiling": (vae_commands.CeilingSettings,),
+    "vae download": (vae_commands.DownloadSettings,),
+    "vae encode": (vae_commands.EncodeSettings,),
+}
+# Flags a command declares itself: none changes what it computes (--beam: where it runs, the files equal;
+# --config, --resume, --overwrite: where the settings come from; --plan: print the plan instead of running),
+# and convert's maps (CLASS=VALUE pairs, fields the command parses itself).
+COMMAND_ONLY = {
+    "--help", "--json", "--beam", "--config", "--resume", "--overwrite", "--plan", "--prompt-map", "--label-map",
+}  # fmt: skip
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser by its name ("vae train" for a nested one)."""
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> dict[str, argparse.ArgumentParser]:
+        found = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    children = walk(sub, f"{prefix}{name} ")
+                    found.update(children or {f"{prefix}{name}": sub})
+        return found
+
+    return walk(build_parser(), "")
+
+
+def test_every_subcommand_has_settings():
+    assert sorted(_subparsers()) == sorted(COMMAND_SETTINGS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_SETTINGS))
+def test_every_flag_of_a_command_is_a_field_of_its_settings(command):
+    parser, classes = _subparsers()[command], COMMAND_SETTINGS[command]
+    options = [action for action in parser._actions if action.option_strings]
+    mapped = {}
+    for action in options:
+        if set(action.option_strings) & COMMAND_ONLY:
+            continue
+        args = argparse.Namespace(**{other.dest: None for other in parser._actions})
+        setattr(args, action.dest, action.const if action.const is not None else "x")
+        found = [(cls.__name__, key) for cls in classes for key in settings.leaves(cls, settings.given(args, cls))]
+        assert len(found) == 1, (command, action.option_strings, found)
+        mapped[action.option_strings[0]] = found[0]
+    assert len(mapped) == len(set(mapped.values()))  # one flag per field
+    flags = {option for action in options for option in action.option_strings}
+    assert ("--json" in flags) == (command != "serve")  # every command that reports a result (serve serves)
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_SETTINGS))
+def test_no_help_restates_a_default_or_a_measured_time(command):
+    parser = _subparsers()[command]
+    for action in parser._actions:
+        text = action.help or ""
+        assert text.count("(default") <= 1, (command, action.option_strings, text)
+        assert not re.search(r"default \d", text), (command, action.option_strings, text)  # "(default 8)"
+    assert "minute" not in parser.format_help()
+
+
+def _settings_of(command: str, argv: list[str]):
+    return settings.from_args(build_parser().parse_args([command, *argv]), COMMAND_SETTINGS[command][0])
+
+
+def test_predict_and_serve_flags_fill_their_settings():
+    config = _settings_of(
+        "predict", ["--run", "r", "--image", "i.jpg", "--prompt", "a", "--prompt", "b", "--no-canvas", "--raw",
+                    "--dtype", "float32", "--no-constrain", "--batch-size", "2"],
+    )  # fmt: skip
+    assert config.model == infer_config.ModelSettings(run_dir=Path("r"))
+    assert (config.image, config.prompt, config.canvas, config.raw, config.constrain) == (
+        Path("i.jpg"), ("a", "b"), False, True, False,
+    )  # fmt: skip
+    assert (config.decoding.dtype, config.batch_size, config.out) == ("float32", 2, None)
+    assert _settings_of("predict", settings.to_argv(config)) == config  # what the demo prints runs the same
+    serve = _settings_of("serve", ["--checkpoint", "c", "--max-batch", "4", "--port", "0", "--no-access-log"])
+    assert serve.server == infer_config.ServeConfig(max_batch=4) and (serve.port, serve.access_log) == (0, False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--image", "i.jpg", "--out", "o"],  # no model
+        ["predict", "--run", "r", "--checkpoint", "c", "--image", "i.jpg", "--out", "o"],
+        ["predict", "--run", "r", "--image", "i.jpg", "--batch-size", "0"],
+        ["eval", "r", "--data", "d", "--out", "o", "--metric", "accuracy"],
+        ["eval", "r", "--data", "d", "--out", "o", "--canvases", "-1"],
+        ["serve", "--run", "r", "--port", "70000"],
+        ["serve", "--run", "r", "--max-image-mb", "0"],
+        ["score", "--pred", "p", "--gt", "g", "--prompt", "x", "--prompt-from-name"],
+        ["score", "--pred", "p", "--gt", "g", "--empty-score", "2"],
+        ["visualize", "--data", "d", "--out", "o", "--limit", "0"],
+        ["demo", "--resume", "--overwrite"],
+    ],
+)
+def test_commands_refuse_bad_settings_at_parse_time(argv, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert f"paliseg {argv[0]}: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: infer_config.EvalSettings(run_dir=Path("r"), data=Path("d"), out=Path("o"), metric="accuracy"),
+         "--metric must be one of miou, mdice"),
+        (lambda: infer_config.EvalSettings(run_dir=Path("r"), data=Path("d"), out=Path("o"), steps="best"),
+         "--steps must be 'all' or comma-separated step numbers"),
+        (lambda: infer_config.PredictSettings(model=infer_config.ModelSettings(), image=Path("i"), raw=True),
+         "one of --run, --checkpoint is required"),
+        (lambda: infer_config.PredictSettings(model=infer_config.ModelSettings(checkpoint=Path("c")), image=Path("i")),
+         "--out DIR is required (or --raw alone"),
+        (lambda: infer_config.ServeConfig(max_wait_ms=-1.0), "--max-wait-ms must be at least 0, got -1"),
+        (lambda: demo.DemoSettings(resume=True, overwrite=True), "--resume and --overwrite are exclusive"),
+    ],
+)  # fmt: skip
+def test_settings_built_in_python_are_checked_as_the_flags_are(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_run import make_dataset, read_losses, tiny_config
+from helpers import make_dataset, read_losses, tiny_config
 
 from paliseg.cli.main import main
 from train import commands as train_commands
@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import jax
 assert len(jax.devices()) == 8, jax.devices()
-from test_train_run import tiny_config
+from helpers import tiny_config
 from train import commands as train_commands
 config = tiny_config({data!r}, {out!r}, steps=3, save_every=2, batch_size=8, mesh_fsdp=4)
 train_commands.run(config, stop_after=2)

@@ -3,7 +3,6 @@ errors before compilation, the CLI, and the loader the later stages use."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import make_dataset, read_losses, tiny_config
 
-from paliseg import files, model, records, tokens
+from paliseg import files, model, records
 from paliseg.cli.main import main
 from train import checkpoints as run_checkpoints
 from train import commands as train_commands
-from train import config as train_config
 from train import data as train_data
 from train import optim
 from train import params as param_sets
@@ -25,59 +23,10 @@ from train import run as run_folder
 from train import step as train_step
 from train.run import Run
 
-PROMPTS = ("segment crack", "segment taping area")
-
-
-def make_dataset(folder: Path, count: int = 12, seed: int = 0, prompts=PROMPTS) -> Path:
-    """A converted-data folder in the real layout: images + _annotations.train.jsonl with seg suffixes.
-    Each image is a dark background with one bright rectangle, and the suffix locates that rectangle."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "images").mkdir(exist_ok=True)
-    out = []
-    for i in range(count):
-        size = 48
-        x1, y1 = rng.integers(0, size // 2, 2)
-        x2, y2 = x1 + rng.integers(8, size // 2), y1 + rng.integers(8, size // 2)
-        pixels = np.full((size, size, 3), 30, np.uint8)
-        pixels[y1:y2, x1:x2] = rng.integers(150, 255, 3)
-        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
-        prompt = prompts[i % len(prompts)]
-        obj = tokens.SegObject(
-            tokens.box_to_locs((x1, y1, x2, y2), size, size),
-            tuple(int(v) for v in rng.integers(0, 128, 16)),
-            prompt.split(" ", 1)[1],
-        )
-        out.append(records.Record(f"images/{i}.png", prompt, tokens.format_suffix([obj])))
-    records.write_records(records.annotations_path(folder, "train"), out)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "set")
-
-
-def tiny_config(dataset: Path, out: Path, **changes) -> train_config.TrainConfig:
-    values = dict(
-        data=[str(dataset)],
-        out=str(out),
-        init="random",
-        preset="tiny",
-        seq_len=48,
-        steps=6,
-        batch_size=4,
-        save_every=3,
-        lr=3e-3,
-        workers=2,
-    )
-    values.update(changes)
-    return run_folder.resolve_config(values)
-
-
-def read_losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
 
 
 def _tokenizer(config):

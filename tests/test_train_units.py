@@ -39,16 +39,19 @@ def test_resolve_layers_defaults_file_and_flags(tmp_path):
     "changes, message",
     [
         ({"batch_size": 6, "grad_accum": 4}, "multiple of --grad-accum"),
-        ({"lr": -1.0}, "--lr must be positive"),
+        ({"lr": -1.0}, "--lr must be more than 0, got -1"),
         ({"trainable": "head"}, "--trainable must be one of"),
         ({"lora": {"targets": ["q", "qq"]}}, r"lora: unknown LoRA targets \['qq'\]"),
         ({"lora": {"targets": []}}, "--lora-targets must be a non-empty subset"),
         ({"lora": {"rank": 0}}, "--lora-rank must be at least 1"),
-        ({"b1": 1.0}, "--b1 and --b2"),
+        ({"b1": 1.0}, "--b1 must be less than 1, got 1"),
         ({"label_smoothing": 1.0}, "--label-smoothing"),
         ({"checkpoint": "/base.npz"}, "exactly one of --checkpoint BASE or --init random"),
         ({"preset": "huge"}, "--preset must be one of"),
         ({"data_weights": [1.0, 2.0]}, "2 values for 1 --data folders"),
+        ({"warmup_fraction": 1.0}, "--warmup-fraction must be less than 1, got 1"),
+        ({"grpo": {"group_size": 1}}, "--grpo-group-size must be at least 2, got 1"),
+        ({"objective": "grpo", "grpo": {"keep": 8}}, r"--grpo-keep must be at most --grpo-group-size \(4\), got 8"),
     ],
 )
 def test_bad_settings_are_named(changes, message):
@@ -212,7 +215,8 @@ def test_crc32c_known_value():
 @pytest.mark.oracle
 @pytest.mark.slow
 def test_event_files_read_back_with_tensorflow(tmp_path):
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
     writer = events.ScalarWriter(tmp_path, purge_step=4)
     writer.scalar("train/loss", 1.25, 4)
     writer.scalar("train/loss", 0.5, 5)

@@ -9,12 +9,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import vae
 from vae import masks as vae_masks
 from vae import model as vae_model
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 
@@ -229,8 +229,6 @@ def test_decoder_matches_the_torch_reference_on_random_tokens(flax_vae, torch_va
 @pytest.mark.parametrize("weights", ["random", "bundled"])
 def test_oracle_on_real_crack_masks(roboflow_dir, random_npz, weights):
     path = random_npz if weights == "random" else vae_model.BUNDLED_VAE_PATH
-    if not path.is_file():
-        pytest.skip(f"{path} not built yet")
     flax_vae, torch_vae = vae.load(path), TorchMaskVAE.from_npz(path)
     crops = np.stack([vae_masks.crop_to_64(m, b) for m, b in real_crack_crops(roboflow_dir)])
     tokens = flax_vae.encode(crops)
@@ -239,8 +237,6 @@ def test_oracle_on_real_crack_masks(roboflow_dir, random_npz, weights):
 
 
 def test_bundled_vae_is_the_default_and_round_trips_simple_shapes(tmp_path, monkeypatch):
-    if not vae_model.BUNDLED_VAE_PATH.is_file():
-        pytest.skip("bundled VAE not built yet")
     monkeypatch.chdir(tmp_path)  # no models/vae-oid.npz here
     monkeypatch.delenv("PALISEG_MODELS", raising=False)
     model = vae.load()
@@ -308,7 +304,8 @@ def test_encode_and_decode_reject_wrong_shapes_and_values(flax_vae):
 @pytest.mark.oracle
 @pytest.mark.parametrize("shape", [(480, 640), (37, 23), (12, 200), (64, 64), (300, 9)])
 def test_antialiased_resize_matches_tf_image_resize(shape):
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
     rng = np.random.default_rng(sum(shape))
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     crop = (yy - shape[0] / 2) ** 2 / (shape[0] / 3) ** 2 + (xx - shape[1] / 2) ** 2 / (shape[1] / 3) ** 2 < 1

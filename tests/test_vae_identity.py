@@ -11,11 +11,10 @@ import pytest
 
 import vae
 from converters import synthetic
-from paliseg import records
+from paliseg import downloads, records
 from paliseg.cli.main import main
 from train import run as run_folder
 from vae import identity
-from vae import model as vae_model
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,8 @@ def elsewhere(tmp_path, monkeypatch, vaes) -> Path:
 
 def test_conversion_json_records_the_vae(converted, vaes):
     recorded = json.loads((converted / records.CONVERSION_FILE).read_text())["vae"]
-    assert recorded == {"sha256": vae_model.sha256(vaes[0]), "path": str(vaes[0].absolute())}
-    assert identity.of_data(converted) == identity.VaeIdentity(vae_model.sha256(vaes[0]), str(vaes[0].absolute()))
+    assert recorded == {"sha256": downloads.sha256_of(vaes[0]), "path": str(vaes[0].absolute())}
+    assert identity.of_data(converted) == identity.VaeIdentity(downloads.sha256_of(vaes[0]), str(vaes[0].absolute()))
     assert identity.VaeIdentity.from_json(recorded, "x") == identity.of_data(converted)
 
 
@@ -68,7 +67,7 @@ def test_resolve_finds_the_recorded_vae_or_says_which_is_needed(vaes, elsewhere,
     data_vae, other = vaes
     recorded = identity.identify(data_vae)
     default = identity.identify(None)
-    assert default.sha256 == vae_model.sha256(other) and default.path == str(elsewhere / "models" / "vae-oid.npz")
+    assert default.sha256 == downloads.sha256_of(other) and default.path == str(elsewhere / "models" / "vae-oid.npz")
 
     assert identity.resolve(None) == default  # nothing recorded: today's default search
     assert identity.resolve(None, data_vae) == recorded
@@ -119,7 +118,7 @@ def test_ceiling_uses_the_recorded_vae_from_another_folder(converted, vaes, else
     canvas = elsewhere / "canvas"
     code, _, err = ceiling("--vae", str(vaes[1]), "--canvas", str(canvas))
     assert code == 1 and not canvas.exists()
-    assert vae_model.sha256(vaes[0]) in err and vae_model.sha256(vaes[1]) in err and "--allow-vae-mismatch" in err
+    assert downloads.sha256_of(vaes[0]) in err and downloads.sha256_of(vaes[1]) in err and "--allow-vae-mismatch" in err
 
     code, result, err = ceiling("--vae", str(vaes[1]), "--allow-vae-mismatch")
     assert code == 0 and result["vae"] == str(vaes[1].absolute()) and "warning" in err

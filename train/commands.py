@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from paliseg import settings
-from train.config import EXECUTION, INPUTS, TrainConfig
+from paliseg.settings import setting
+from train.config import EXECUTION, INPUTS, PLAN, PlanConfig, TrainConfig
 
 _DESCRIPTION = """\
 Fine-tune PaliGemma on converted data: LoRA adapters (default), the Gemma attention (big_vision's colab
@@ -54,6 +56,20 @@ several hosts (TPU pod slice, GPU nodes): start the same command on every host w
 every host reads its own slice of each batch; --out must be a folder every host can write (GCS or NFS)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    """How this process joins a run over several hosts (`jax.distributed`): not a setting of the run."""
+
+    distributed: bool = setting(
+        False, "multi-host: call jax.distributed.initialize() and let it find the peers", group=EXECUTION
+    )
+    coordinator: str | None = setting(None, "multi-host: address of process 0", metavar="HOST:PORT", group=EXECUTION)
+    num_processes: int | None = setting(
+        None, "multi-host: number of processes", metavar="N", at_least=1, group=EXECUTION
+    )
+    process_id: int | None = setting(None, "multi-host: this process's index", metavar="I", at_least=0, group=EXECUTION)
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -69,27 +85,26 @@ def register(subparsers) -> None:
     io.add_argument("--config", metavar="FILE", help="JSON file of settings; flags override it")
     io.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     io.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    run = groups[EXECUTION]
-    run.add_argument(
-        "--distributed",
-        action="store_true",
-        help="multi-host: call jax.distributed.initialize() and let it find the peers",
+    settings.add_arguments(parser, ProcessSettings, groups)
+    plan = settings.add_arguments(parser, PlanConfig, groups)[PLAN]
+    plan.add_argument(
+        "--plan", action="store_true", help="print the memory and time of this run's step (`paliseg plan`) and exit"
     )
-    run.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
-    run.add_argument("--num-processes", metavar="N", type=int, help="multi-host: number of processes")
-    run.add_argument("--process-id", metavar="I", type=int, help="multi-host: this process's index")
     parser.set_defaults(run=_train)
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
-    explicit = (args.coordinator, args.num_processes, args.process_id)
+    processes = settings.from_args(args, ProcessSettings)
+    explicit = (processes.coordinator, processes.num_processes, processes.process_id)
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise ValueError("multi-host needs all of --coordinator, --num-processes and --process-id")
-    if args.distributed or args.coordinator:
+    if processes.distributed or processes.coordinator:
         import jax
 
         jax.distributed.initialize(
-            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+            coordinator_address=processes.coordinator,
+            num_processes=processes.num_processes,
+            process_id=processes.process_id,
         )
 
 
@@ -118,6 +133,10 @@ def _train(args: argparse.Namespace) -> int:
         config = train_config.check_resume(run_folder.Run(args.out).train_config, requested)
     else:
         config = run_folder.resolve_config(requested, args.config)
+    if args.plan:
+        from train import plan_commands
+
+        return plan_commands.report(config, plan_commands.plan_settings(args), args.json)
     result = run(config, resume=args.resume)
     if not result["losses"]:
         console.report(

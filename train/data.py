@@ -22,13 +22,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from paliseg import dataset, images, records
+from paliseg import tokens as codec
 from train.config import TrainConfig
+from vae.masks import crop_to_64
+from vae.model import MASK_SIZE
 
 TEXT_FIELDS = ("tokens", "mask_ar", "mask_loss", "mask_input")
 
@@ -53,7 +55,9 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
     too_long: list[tuple[str, int]] = []
     for folder in config.data:
         examples = []
-        for checked in dataset.check(dataset.read_records(folder, config.split), masks=False):
+        # The mask loss reads the ground-truth masks: a missing or unreadable one is refused here, not mid-run.
+        masks = config.mask_loss_weight > 0
+        for checked in dataset.check(dataset.read_records(folder, config.split), masks=masks):
             if isinstance(checked, dataset.Skip):
                 unusable.append(checked)
                 continue
@@ -66,7 +70,7 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
             fields = {key: np.asarray(text[key][:-1], np.int32) for key in TEXT_FIELDS}
             examples.append(Example(record, fields, checked.width, checked.height))
         if not examples and not too_long and not unusable:
-            raise ValueError(f"{dataset.split_file(folder, config.split)}: no training examples")
+            raise ValueError(f"{dataset.split_location(folder, config.split)}: no training examples")
         per_folder.append(examples)
     if unusable:
         counts = ", ".join(f"{reason}: {count}" for reason, count in dataset.skip_counts(unusable).items())
@@ -87,12 +91,43 @@ def read_examples(config: TrainConfig, tokenizer) -> list[list[Example]]:
     return per_folder
 
 
-def annotation_digests(config: TrainConfig) -> dict[str, str]:
-    """SHA-256 of each --data folder's annotation file: a resumed run checks its data did not change."""
+def mask_loss_fields(seq_len: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The shape and dtype of each of an example's mask-loss arrays (`mask_loss_targets`). Its objects get
+    a fixed number of slots: the most objects with seg tokens (4 loc + 16 seg tokens each) `seq_len` tokens
+    hold, so every example fits and the step's shapes depend on the config only."""
+    slots = seq_len // (4 + codec.SEG_PER_OBJECT)
     return {
-        folder: hashlib.sha256(dataset.split_file(folder, config.split).read_bytes()).hexdigest()
-        for folder in config.data
+        "seg_positions": ((slots, codec.SEG_PER_OBJECT), np.int32),
+        "target_masks": ((slots, MASK_SIZE, MASK_SIZE), np.float32),
+        "target_objects": ((slots,), np.float32),
     }
+
+
+def mask_loss_targets(example: Example, seg_ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """The mask loss's targets of one example (`train.step.mask_loss`): its objects with seg tokens, in suffix
+    order, in zero-padded slots (`mask_loss_fields`): `seg_positions` int32 [slots, 16], the index in
+    `tokens[1:]` (the step's targets) of each seg token; `target_masks` float32 [slots, 64, 64], the
+    ground-truth mask cropped to the object's box (its loc tokens) and resized as the VAE's encoder sees it
+    (`vae.masks.crop_to_64`); `target_objects` float32 [slots], 1 for a real object. The record's mask is the
+    union of its prompt's objects, the mask `paliseg eval` scores against."""
+    text, record = example.text, example.record
+    suffix_segs = np.isin(text["tokens"], seg_ids) & (text["mask_loss"] == 1)
+    positions = (np.flatnonzero(suffix_segs) - 1).reshape(-1, codec.SEG_PER_OBJECT)
+    objects = [o for o in codec.parse_suffix(record.suffix, require_seg=False).objects if o.seg is not None]
+    targets = {key: np.zeros(shape, dtype) for key, (shape, dtype) in mask_loss_fields(seq_len).items()}
+    if objects:
+        mask = dataset.read_mask(record, example.width, example.height)
+        targets["seg_positions"][: len(objects)] = positions
+        targets["target_objects"][: len(objects)] = 1.0
+        for slot, obj in enumerate(objects):
+            box = codec.locs_to_box(obj.locs, example.width, example.height)
+            targets["target_masks"][slot] = crop_to_64(mask, box)
+    return targets
+
+
+def annotation_digests(config: TrainConfig) -> dict[str, str]:
+    """SHA-256 of each --data folder's split: a resumed run checks its data did not change."""
+    return {folder: dataset.split_digest(folder, config.split) for folder in config.data}
 
 
 def _length(tokenizer, record: records.Record) -> int:
@@ -192,6 +227,7 @@ class TrainData:
         self.digests = annotation_digests(config)
         self.examples = [example for examples in self.per_folder for example in examples]
         self.sampler = make_sampler(config, self.per_folder)
+        self.seg_ids = tokenizer.seg_ids  # where the mask loss's targets are (`mask_loss_targets`)
         local = config.micro_batch_size // process_count
         slots = np.arange(config.batch_size).reshape(config.grad_accum, config.micro_batch_size)
         self.local_slots = slots[:, process_index * local : (process_index + 1) * local]  # [accum, local]
@@ -214,6 +250,11 @@ class TrainData:
         batch = {"image": np.stack(loaded).reshape(*shape, *loaded[0].shape)}
         for key in TEXT_FIELDS:
             batch[key] = np.stack([self.examples[int(e)].text[key] for e in example_ids.ravel()]).reshape(*shape, -1)
+        if self.config.mask_loss_weight > 0:
+            seq_len = self.config.seq_len
+            targets = [mask_loss_targets(self.examples[int(e)], self.seg_ids, seq_len) for e in example_ids.ravel()]
+            for key, (field_shape, _) in mask_loss_fields(seq_len).items():
+                batch[key] = np.stack([t[key] for t in targets]).reshape(*shape, *field_shape)
         return batch
 
     def example_ids(self, step: int) -> np.ndarray:

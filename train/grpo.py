@@ -55,7 +55,7 @@ import vae
 from metrics import scoring
 from paliseg import dataset, decoding, model
 from paliseg.config import ModelConfig
-from paliseg.model import backend
+from paliseg.model import kernels
 from train import data as train_data
 from train import params as param_sets
 from train import run as run_folder
@@ -216,7 +216,7 @@ def jit_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id, **jit_kwa
     return jax.jit(
         make_grpo_step(config, model_cfg, tx, lr_schedule, grammar, eos_id),
         donate_argnums=(0,),
-        compiler_options=backend.compiler_options(),
+        compiler_options=kernels.compiler_options(),
         **jit_kwargs,
     )
 

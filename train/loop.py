@@ -167,18 +167,43 @@ class MetricsLog:
             self.tb.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The frozen params and the train state as ShapeDtypeStructs split over the mesh (`sharding` set):
+    what `sharded_start` fills and the step is compiled for. `train.plan` plans from it, allocating nothing."""
+
+    frozen: Any
+    state: Any
+
+    @property
+    def frozen_shardings(self) -> Any:
+        return jax.tree.map(lambda leaf: leaf.sharding, self.frozen)
+
+    @property
+    def state_shardings(self) -> Any:
+        return jax.tree.map(lambda leaf: leaf.sharding, self.state)
+
+
+def layout(config: TrainConfig, model_cfg: ModelConfig, tx, mesh) -> Layout:
+    """The run's params and state on `mesh` (`train.sharding`), as shapes."""
+
+    def placed(shapes):
+        shardings = sharding.tree_shardings(shapes, mesh)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    frozen_shapes, trainable_shapes = param_sets.abstract(config, model_cfg)
+    return Layout(
+        placed(frozen_shapes), placed(jax.eval_shape(lambda p: train_step.init_state(p, tx), trainable_shapes))
+    )
+
+
 def sharded_start(config: TrainConfig, model_cfg: ModelConfig, tx, mesh, checkpoints, start_step: int) -> Start:
     """The params and state of step `start_step` (0: fresh), split over `mesh` (`train.sharding`)."""
-    frozen_shapes, trainable_shapes = param_sets.abstract(config, model_cfg)
-    frozen_shardings = sharding.tree_shardings(frozen_shapes, mesh)
-    state_shapes = jax.eval_shape(lambda p: train_step.init_state(p, tx), trainable_shapes)
-    state_shardings = sharding.tree_shardings(state_shapes, mesh)
+    shapes = layout(config, model_cfg, tx, mesh)
+    frozen_shardings, state_shardings = shapes.frozen_shardings, shapes.state_shardings
     frozen, initial = run_folder.initial_params(config, model_cfg, (frozen_shardings, state_shardings["params"]))
     if start_step:
-        abstract = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, state_shardings
-        )
-        state = run_checkpoints.restore_state(checkpoints, start_step, abstract)
+        state = run_checkpoints.restore_state(checkpoints, start_step, shapes.state)
     else:
         state = jax.jit(lambda p: train_step.init_state(p, tx), out_shardings=state_shardings)(initial)
     return Start(frozen, initial, state, frozen_shardings, state_shardings)

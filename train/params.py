@@ -38,7 +38,8 @@ def split(params: Params, trainable: str) -> tuple[Params, Params]:
     """(frozen, trainable) nested dicts; the trainable leaves cast to float32."""
     flat = traverse_util.flatten_dict(params, sep="/")
     frozen = {k: v for k, v in flat.items() if not is_trainable(trainable, k)}
-    train = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items() if is_trainable(trainable, k)}
+    as_float32 = lambda leaf: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), leaf)  # noqa: E731 (`Matrices` too)
+    train = {k: as_float32(v) for k, v in flat.items() if is_trainable(trainable, k)}
     if not train:
         raise ValueError(f"--trainable {trainable}: no parameter of the model is in this set")
     return traverse_util.unflatten_dict(frozen, sep="/"), traverse_util.unflatten_dict(train, sep="/")

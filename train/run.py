@@ -206,10 +206,16 @@ class Run:
             base = self.frozen_params() if frozen is None else frozen
         params = param_sets.join(base, trainable)
         model_cfg = self.model_config
-        if merge_lora and model_cfg.lora.enabled and not model_cfg.quantization.enabled:
+        if merge_lora and merges_lora(model_cfg):
             params = model.merge_lora(params, model_cfg)
             model_cfg = model_cfg.replace(lora={"rank": 0})
         return model_cfg, params
+
+
+def merges_lora(model_cfg: ModelConfig) -> bool:
+    """Whether `Run.load` folds a run's adapters into its base by default: LoRA on, over a base that is not
+    quantized (folded into a quantized base, the sum would be quantized anew)."""
+    return model_cfg.lora.enabled and not model_cfg.quantization.enabled
 
 
 # --- where a new run starts -------------------------------------------------------------------------------

@@ -5,10 +5,18 @@ Loss as big_vision (`trainers/proj/paligemma/train.py`): the model reads `tokens
 then over the batch. Label smoothing gives the target `1 - ls` and every other class `ls / (V - 1)`; it is
 computed from logsumexp and the logit sum, so no [B, T, V] one-hot or log-prob array is built.
 
+With --mask-loss-weight W, the loss is token loss + W x mask loss. Cross-entropy makes every wrong seg code
+equally wrong and never shows the model the mask its codes draw; the mask loss does, differentiably, under
+the same teacher forcing: at each of an object's 16 seg positions, the model's distribution over the 128
+seg codes (softmax of their logits only) gives the expected code vector (probabilities x codebook), the
+run's VAE decoder (frozen) draws the 64x64 mask of the object's box from them, and soft Dice (or BCE)
+compares it with the ground truth as the VAE's encoder sees it (`train.data.mask_loss_targets`). It
+reaches only the seg positions' seg-code logits: loc and label positions get no gradient from it.
+
 The step takes a batch shaped [grad_accum, micro_batch, ...], scans over the micro-batches summing
 gradients (so memory is one micro-batch's), averages them, and applies the optimizer. Gradients exist only
 for the trainable parameters. Dropout keys derive from (seed, step, micro-batch): nothing random is carried
-in the state, so a resumed run draws the same masks.
+in the state, so a resumed run draws the same dropout masks.
 """
 
 from __future__ import annotations
@@ -22,11 +30,16 @@ import optax
 
 from paliseg import model
 from paliseg.config import ModelConfig
-from paliseg.model import backend
+from paliseg.model import kernels
 from train import params as param_sets
 from train.config import TrainConfig
+from vae import model as vae_model
 
 State = dict[str, Any]  # {"step": int32 [], "params": trainable tree, "opt_state": optax state}
+MASK_LOSS_METRICS = ("token_loss", "mask_loss")  # the loss's parts, logged with --mask-loss-weight
+# What the mask loss reads besides the batch: {"decoder": the VAE decoder's params, "codebook": float32
+# [128, D], "seg_ids": int32 [128], the token id of each seg code}; None without the mask loss.
+MaskVae = dict[str, Any]
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, mask_loss: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -45,10 +58,61 @@ def token_loss(logits: jax.Array, targets: jax.Array, mask_loss: jax.Array, labe
     return jnp.mean(per_example)
 
 
+def mask_vae(vae: vae_model.MaskVAE, seg_ids) -> MaskVae:
+    """The mask loss's frozen inputs: `vae`'s decoder and codebook, and the tokenizer's `seg_ids`."""
+    return {
+        "decoder": vae.params["decoder"],
+        "codebook": vae.params["codebook"],
+        "seg_ids": jnp.asarray(seg_ids, jnp.int32),
+    }
+
+
+def mask_vae_shapes() -> MaskVae:
+    """`mask_vae`'s shapes, for planning and lowering the step without a VAE file."""
+    decoder = jax.eval_shape(
+        vae_model.MaskDecoder().init,
+        jax.random.key(0),
+        jnp.zeros((1, vae_model.GRID, vae_model.GRID, vae_model.CODE_DIM)),
+    )["params"]
+    return {
+        "decoder": decoder,
+        "codebook": jax.ShapeDtypeStruct((vae_model.CODEBOOK_SIZE, vae_model.CODE_DIM), jnp.float32),
+        "seg_ids": jax.ShapeDtypeStruct((vae_model.CODEBOOK_SIZE,), jnp.int32),
+    }
+
+
+def mask_loss(logits: jax.Array, batch: dict[str, jax.Array], vae: MaskVae, kind: str = "dice") -> jax.Array:
+    """Per-example mean over its objects of the loss between the mask each object's seg-code distributions
+    decode to and its target mask, then the batch mean (an example without objects adds 0). `logits`
+    [B, T, V] predict `tokens[:, 1:]`; the batch holds `train.data.mask_loss_fields` ([B, K, ...])."""
+    positions = batch["seg_positions"]  # [B, K, 16]
+    size, slots, per_object = positions.shape
+    seg_logits = jnp.take(logits.astype(jnp.float32), vae["seg_ids"], axis=-1)  # [B, T, 128]
+    at_segs = jnp.take_along_axis(seg_logits, positions.reshape(size, slots * per_object, 1), axis=1)
+    vectors = jax.nn.softmax(at_segs, axis=-1) @ vae["codebook"]  # the expected code vectors [B, K * 16, D]
+    grid = vectors.reshape(size * slots, vae_model.GRID, vae_model.GRID, -1)
+    drawn = vae_model.MaskDecoder().apply({"params": vae["decoder"]}, grid)  # [B * K, 64, 64] logits
+    targets = batch["target_masks"].reshape(drawn.shape)
+    if kind == "dice":
+        per_mask = vae_model.soft_dice_loss(drawn, targets)
+    else:
+        scaled = vae_model.SOFT_MASK_SCALE * drawn
+        per_mask = jnp.mean(optax.sigmoid_binary_cross_entropy(scaled, targets), axis=(1, 2))
+    valid = batch["target_objects"]
+    per_example = jnp.sum(per_mask.reshape(size, slots) * valid, axis=-1) / jnp.clip(jnp.sum(valid, axis=-1), 1.0)
+    return jnp.mean(per_example)
+
+
 def example_loss(
-    model_cfg: ModelConfig, full_params, batch: dict[str, jax.Array], rng: jax.Array, label_smoothing: float
-) -> jax.Array:
-    """The training loss of one micro-batch ([B, ...] arrays) under the full parameter tree."""
+    config: TrainConfig,
+    model_cfg: ModelConfig,
+    full_params,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    vae: MaskVae | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training loss of one micro-batch ([B, ...] arrays) under the full parameter tree, and its parts
+    ({"token_loss", "mask_loss"} with --mask-loss-weight, else {})."""
     logits = model.forward(
         model_cfg,
         full_params,
@@ -59,7 +123,11 @@ def example_loss(
         train=True,
         rng=rng,
     )
-    return token_loss(logits, batch["tokens"][:, 1:], batch["mask_loss"][:, 1:], label_smoothing)
+    tokens = token_loss(logits, batch["tokens"][:, 1:], batch["mask_loss"][:, 1:], config.label_smoothing)
+    if not config.mask_loss_weight:
+        return tokens, {}
+    masks = mask_loss(logits, batch, vae, config.mask_loss)
+    return tokens + config.mask_loss_weight * masks, {"token_loss": tokens, "mask_loss": masks}
 
 
 def init_state(trainable, tx: optax.GradientTransformation) -> State:
@@ -68,28 +136,31 @@ def init_state(trainable, tx: optax.GradientTransformation) -> State:
 
 def make_train_step(
     config: TrainConfig, model_cfg: ModelConfig, tx: optax.GradientTransformation, lr_schedule: optax.Schedule
-) -> Callable[[State, Any, dict[str, jax.Array]], tuple[State, dict]]:
-    """step(state, frozen, batch) -> (new state, metrics {loss, grad_norm, lr}); not yet jit-compiled."""
+) -> Callable[..., tuple[State, dict]]:
+    """step(state, frozen, batch, vae=None) -> (new state, metrics {loss, grad_norm, lr}, with the mask loss
+    also {token_loss, mask_loss}); `vae` (`mask_vae`) only with --mask-loss-weight. Not yet jit-compiled."""
     base_key = jax.random.key(config.seed)
 
-    def micro_loss(trainable, frozen, micro, rng):
-        return example_loss(model_cfg, param_sets.join(frozen, trainable), micro, rng, config.label_smoothing)
+    def micro_loss(trainable, frozen, micro, rng, vae):
+        return example_loss(config, model_cfg, param_sets.join(frozen, trainable), micro, rng, vae)
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(state: State, frozen, batch: dict[str, jax.Array]):
+    def step(state: State, frozen, batch: dict[str, jax.Array], vae: MaskVae | None = None):
         step_key = jax.random.fold_in(base_key, state["step"])
 
         def accumulate(carry, micro_and_index):
-            loss_sum, grad_sum = carry
+            loss_sum, parts_sum, grad_sum = carry
             micro, index = micro_and_index
-            loss, grads = grad_fn(state["params"], frozen, micro, jax.random.fold_in(step_key, index))
-            return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+            (loss, parts), grads = grad_fn(state["params"], frozen, micro, jax.random.fold_in(step_key, index), vae)
+            parts_sum = jax.tree_util.tree_map(jnp.add, parts_sum, parts)
+            return (loss_sum + loss, parts_sum, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
         accum = config.grad_accum
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), (batch, jnp.arange(accum))
+        no_parts = {key: jnp.zeros((), jnp.float32) for key in MASK_LOSS_METRICS} if config.mask_loss_weight else {}
+        (loss_sum, parts_sum, grad_sum), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), no_parts, zeros), (batch, jnp.arange(accum))
         )
         grads = jax.tree_util.tree_map(lambda g: g / accum, grad_sum)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -99,6 +170,7 @@ def make_train_step(
             "opt_state": opt_state,
         }
         metrics = {"loss": loss_sum / accum, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state["step"])}
+        metrics.update({key: value / accum for key, value in parts_sum.items()})
         return new_state, metrics
 
     return step
@@ -116,6 +188,6 @@ def jit_train_step(
     return jax.jit(
         make_train_step(config, model_cfg, tx, lr_schedule),
         donate_argnums=(0,),
-        compiler_options=backend.compiler_options(),
+        compiler_options=kernels.compiler_options(),
         **jit_kwargs,
     )

@@ -7,11 +7,62 @@ Registered by paliseg.cli.main. Light at the top (argparse, paliseg.settings): `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from paliseg import settings
+from paliseg.settings import setting
+from vae.ceiling import OBJECT_MODES
 
 _VAE_HELP = "the VAE npz (vae-oid layout); default: models/vae-oid.npz if present, else the bundled VAE"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutput:
+    """Where `paliseg vae train` reads and writes (its training settings: vae.training.VaeTrainConfig)."""
+
+    out: Path = setting(help="output npz", metavar="OUT", required=True)
+    split: str = setting("train", "split of converted datasets / COCO exports with split folders", metavar="SPLIT")
+    float16: bool = setting(False, "store the weights as float16 (half the size)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingSettings:
+    """`paliseg vae ceiling DATASET`."""
+
+    dataset: Path = setting(cli=False)  # the positional DATASET
+    vae: Path | None = setting(
+        None, "the VAE npz (vae-oid layout); default: a converted dataset's own (see below), else "
+        "models/vae-oid.npz if present, else the bundled VAE", metavar="NPZ")  # fmt: skip
+    allow_vae_mismatch: bool = setting(
+        False, "use --vae even though its SHA-256 differs from the dataset's recorded VAE (a warning, not an error)"
+    )
+    split: str | None = setting(None, "split to score (default: valid if present, else the first)", metavar="SPLIT")
+    objects: str = setting(
+        "instance", "one token group per object, or one per image for the union", choices=OBJECT_MODES
+    )
+    limit: int | None = setting(None, "score only the first N images", metavar="N", at_least=1)
+    canvas: Path | None = setting(None, "write ground truth | round-trip canvases here", metavar="DIR")
+    canvas_count: int = setting(8, "images on the canvas (the worst half and a spread)", metavar="N", at_least=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadSettings:
+    """`paliseg vae download`."""
+
+    dir: Path | None = setting(None, "target folder (default: ./models or $PALISEG_MODELS)", metavar="DIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    """`paliseg vae encode MASK_PNG`."""
+
+    mask: Path = setting(cli=False)  # the positional MASK_PNG
+    box: list[float] | None = setting(
+        None, "pixel box X1 Y1 X2 Y2 (default: the tight box of the whole mask)", metavar="N", items="spaced"
+    )
+    vae: Path | None = setting(None, _VAE_HELP, metavar="NPZ")
+
 
 _TRAIN_EPILOG = """\
 MASK_SOURCES (any mix; batches sample all their object crops uniformly):
@@ -69,14 +120,8 @@ def register(subparsers) -> None:
         epilog=_TRAIN_EPILOG,
     )
     train.add_argument("sources", nargs="+", metavar="MASK_SOURCES", help="see below")
-    train.add_argument("--out", type=Path, required=True, help="output npz")
-    train.add_argument(
-        "--split",
-        default="train",
-        help="split of converted datasets / COCO exports with split folders (default: train)",
-    )
+    settings.add_arguments(train, TrainOutput)
     settings.add_arguments(train, VaeTrainConfig)  # a flag per field: --steps, --batch-size, ...
-    train.add_argument("--float16", action="store_true", help="store the weights as float16 (half the size)")
     train.add_argument("--resume", action="store_true", help="continue from OUT.state")
     train.add_argument("--overwrite", action="store_true", help="replace OUT (and start over) if it exists")
     train.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -91,26 +136,7 @@ def register(subparsers) -> None:
         epilog=_CEILING_EPILOG,
     )
     ceiling.add_argument("dataset", type=Path, metavar="DATASET")
-    ceiling.add_argument(
-        "--vae",
-        type=Path,
-        default=None,
-        help="the VAE npz (vae-oid layout); default: a converted dataset's own (see below), else "
-        "models/vae-oid.npz if present, else the bundled VAE",
-    )
-    ceiling.add_argument(
-        "--allow-vae-mismatch",
-        action="store_true",
-        help="use --vae even though its SHA-256 differs from the dataset's recorded VAE (a warning, not an error)",
-    )
-    ceiling.add_argument("--split", default=None, help="split to score (default: valid if present, else the first)")
-    ceiling.add_argument("--objects", choices=("instance", "merged"), default="instance",
-                         help="one token group per object (default) or one per image for the union")  # fmt: skip
-    ceiling.add_argument("--limit", type=int, default=None, help="score only the first N images")
-    ceiling.add_argument("--canvas", type=Path, default=None, help="write ground truth | round-trip canvases here")
-    ceiling.add_argument(
-        "--canvas-count", type=int, default=8, help="images on the canvas (default: 8, the worst half and a spread)"
-    )
+    settings.add_arguments(ceiling, CeilingSettings)
     ceiling.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ceiling.set_defaults(run=_run_ceiling)
 
@@ -123,7 +149,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  paliseg vae download\n  paliseg vae ceiling data/cracks --vae models/vae-oid.npz",
     )
-    download.add_argument("--dir", type=Path, default=None, help="target folder (default: ./models or $PALISEG_MODELS)")
+    settings.add_arguments(download, DownloadSettings)
     download.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     download.set_defaults(run=_run_download)
 
@@ -136,9 +162,7 @@ def register(subparsers) -> None:
         epilog="example:\n  paliseg vae encode masks/a.segment_crack.png --box 10 20 300 90",
     )
     encode.add_argument("mask", type=Path, metavar="MASK_PNG")
-    encode.add_argument("--box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), default=None,
-                        help="pixel box (default: the tight box of the whole mask)")  # fmt: skip
-    encode.add_argument("--vae", type=Path, default=None, help=_VAE_HELP)
+    settings.add_arguments(encode, EncodeSettings)
     encode.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     encode.set_defaults(run=_run_encode)
 
@@ -149,10 +173,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from paliseg import console
     from vae import training
 
-    config = settings.from_dict(training.VaeTrainConfig, settings.given(args, training.VaeTrainConfig), "flags")
+    config = settings.from_args(args, training.VaeTrainConfig)
+    output = settings.from_args(args, TrainOutput)
     summary = training.train(
-        args.sources, args.out, config, resume=args.resume, overwrite=args.overwrite,
-        dtype=np.float16 if args.float16 else np.float32, split=args.split,
+        args.sources, output.out, config, resume=args.resume, overwrite=args.overwrite,
+        dtype=np.float16 if output.float16 else np.float32, split=output.split,
     )  # fmt: skip
     miou = "n/a" if summary["holdout_miou"] is None else f"{summary['holdout_miou']:.4f}"  # None: no held-out crop
     human = (
@@ -172,33 +197,36 @@ def _run_ceiling(args: argparse.Namespace) -> int:
     from paliseg import console, dataset
     from vae import ceiling, identity, sources
 
-    recorded = identity.of_data(args.dataset)  # None for exports and mask folders: nothing encoded yet
-    model = vae.load(identity.resolve(recorded, args.vae, args.allow_vae_mismatch, str(args.dataset)).path)
+    config = settings.from_args(args, CeilingSettings, dataset=args.dataset)
+    recorded = identity.of_data(config.dataset)  # None for exports and mask folders: nothing encoded yet
+    model = vae.load(identity.resolve(recorded, config.vae, config.allow_vae_mismatch, str(config.dataset)).path)
     counts: collections.Counter = collections.Counter()
     results = []
     skipped: list[dataset.Skip] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", vae.DegenerateBoxWarning)  # counted and reported instead
-        found = sources.samples(args.dataset, args.split, args.limit, skipped=skipped)
+        found = sources.samples(config.dataset, config.split, config.limit, skipped=skipped)
         for sample in console.progress(found, desc="round trip", unit="img"):
-            results.append(ceiling.round_trip(model, sample, args.objects, counts))
+            results.append(ceiling.round_trip(model, sample, config.objects, counts))
     for skip in skipped:
         console.info(f"skipped {skip.where}: {skip.message}")
     if not results:
         raise ValueError(
-            f"{args.dataset}: no images to score" + (f" ({len(skipped)} record(s) skipped)" if skipped else "")
+            f"{config.dataset}: no images to score" + (f" ({len(skipped)} record(s) skipped)" if skipped else "")
         )
     summary = ceiling.summarize(results, counts)
     if skipped:
         summary["skipped_by_reason"] = dataset.skip_counts(skipped)
-    summary.update({"dataset": str(args.dataset), "split": args.split, "vae": model.source, "objects": args.objects})
-    if args.canvas is not None:
-        summary["canvas"] = str(ceiling.write_canvas(args.canvas, results, args.canvas_count))
+    summary.update(
+        {"dataset": str(config.dataset), "split": config.split, "vae": model.source, "objects": config.objects}
+    )
+    if config.canvas is not None:
+        summary["canvas"] = str(ceiling.write_canvas(config.canvas, results, config.canvas_count))
     rows = [[p, s["images"], s["objects"], s["miou"], s["ciou"]] for p, s in summary["prompts"].items()]
     overall = summary["overall"]
     rows.append(["all", overall["images"], overall["objects"], overall["miou"], overall["ciou"]])
     human = (
-        f"round-trip ceiling of {args.dataset} ({args.objects} objects, VAE {model.source}):\n"
+        f"round-trip ceiling of {config.dataset} ({config.objects} objects, VAE {model.source}):\n"
         + console.markdown_table(["prompt", "images", "objects", "mIoU", "cIoU"], rows)
         + (f"\ndegenerate boxes (empty masks): {dict(counts)}" if counts else "")
         + (f"\nskipped records: {summary['skipped_by_reason']}" if skipped else "")
@@ -213,7 +241,7 @@ def _run_download(args: argparse.Namespace) -> int:
     from paliseg import console, downloads
 
     asset = next(a for a in downloads.ASSETS if a.name == "vae-oid.npz")
-    directory = args.dir or downloads.models_dir()
+    directory = settings.from_args(args, DownloadSettings).dir or downloads.models_dir()
     try:
         path = downloads.fetch(asset, directory)
     except downloads.DownloadError as error:
@@ -233,12 +261,15 @@ def _run_encode(args: argparse.Namespace) -> int:
     from paliseg import tokens as codec
     from vae.masks import tight_box
 
-    model = vae.load(args.vae)
-    mask = images.read_mask(args.mask)
+    config = settings.from_args(args, EncodeSettings, mask=args.mask)
+    if config.box is not None and len(config.box) != 4:
+        raise ValueError(f"--box takes four numbers X1 Y1 X2 Y2, got {len(config.box)}")
+    model = vae.load(config.vae)
+    mask = images.read_mask(config.mask)
     height, width = mask.shape
-    box = tuple(args.box) if args.box else tight_box(mask)
+    box = tuple(config.box) if config.box else tight_box(mask)
     if box is None:
-        raise ValueError(f"{args.mask}: the mask is empty; pass --box")
+        raise ValueError(f"{config.mask}: the mask is empty; pass --box")
     seg = vae.mask_to_tokens(model, mask, box)
     locs = codec.box_to_locs(box, width, height)
     text = codec.SegObject(locs, seg, "").to_text()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from paliseg import console, downloads, records
-from vae.model import BUNDLED_VAE_PATH, RELEASED_VAE_NAME, default_path, sha256
+from vae.model import BUNDLED_VAE_PATH, RELEASED_VAE_NAME, default_path
 
 MISMATCH_FLAG = "--allow-vae-mismatch"
 
@@ -56,7 +56,7 @@ def identify(path: str | os.PathLike | None = None) -> VaeIdentity:
     path = Path(default_path() if path is None else path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: VAE file not found")
-    return VaeIdentity(sha256(path), str(path.absolute()))
+    return VaeIdentity(downloads.sha256_of(path), str(path.absolute()))
 
 
 def of_data(folder: str | os.PathLike) -> VaeIdentity | None:
@@ -99,7 +99,7 @@ def resolve(
         return identify(None)
     candidates = [Path(recorded.path), downloads.models_dir() / RELEASED_VAE_NAME, BUNDLED_VAE_PATH]
     for candidate in dict.fromkeys(path.absolute() for path in candidates):
-        if candidate.is_file() and sha256(candidate) == recorded.sha256:
+        if candidate.is_file() and downloads.sha256_of(candidate) == recorded.sha256:
             return VaeIdentity(recorded.sha256, str(candidate))
     raise FileNotFoundError(
         f"the seg tokens of {recorded_by} were written with the VAE of SHA-256 {recorded.sha256}, found at "

@@ -16,7 +16,6 @@ the random test files are interchangeable. Flax module names mirror the torch ke
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 from collections.abc import Mapping
@@ -186,6 +185,19 @@ class MaskDecoder(nn.Module):
         return interleave_phases(logits)[..., 0]
 
 
+# The decoder's logits are about +-1; sigmoid(4 x logit) makes them soft masks of 0.98 / 0.02.
+SOFT_MASK_SCALE = 4.0
+
+
+def soft_dice_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
+    """float [N]: 1 - the soft Dice of decoder logits [N, 64, 64] (as sigmoid(SOFT_MASK_SCALE x logits))
+    with masks [N, 64, 64] in [0, 1], smoothed by 1 so that an empty mask drawn empty costs about 0. Per
+    mask, not per pixel: a thin object's overlap counts as much as a large one's."""
+    soft = jax.nn.sigmoid(SOFT_MASK_SCALE * logits)
+    overlap = jnp.sum(soft * masks, axis=(1, 2))
+    return 1.0 - (2.0 * overlap + 1.0) / (jnp.sum(soft, axis=(1, 2)) + jnp.sum(masks, axis=(1, 2)) + 1.0)
+
+
 def quantize(latents: jax.Array, codebook: jax.Array) -> jax.Array:
     """[N, 4, 4, D] latents -> int32 [N, 16]: index of the nearest codebook row (squared L2), raster order."""
     flat = latents.reshape(-1, latents.shape[-1])
@@ -316,14 +328,6 @@ def write_random_npz(path: str | os.PathLike, seed: int = 0) -> Path:
     np.savez(buffer, **state)
     files.write_bytes(path, buffer.getvalue())
     return Path(path)
-
-
-def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def kind_of(path: Path) -> str:
         raise FileNotFoundError(f"{path}: no such file or folder")
     if not path.is_dir():
         raise ValueError(f"{path}: expected a folder (converted dataset, COCO export or mask PNGs)")
-    if records.available_splits(path):
+    if dataset.is_converted(path):
         return "records"
     if (path / records.COCO_ANNOTATIONS_FILE).is_file():
         return "coco"

@@ -47,6 +47,7 @@ from vae.model import (
     quantize,
     random_params,
     save_npz,
+    soft_dice_loss,
 )
 from vae.synthetic import synthetic_crops
 
@@ -192,9 +193,7 @@ def make_train_step(config: VaeTrainConfig):
     def loss_fn(params, codebook, batch):
         latents, quantized, codes, logits = _forward(params, codebook, batch)
         reconstruction = jnp.mean((logits - (2.0 * batch - 1.0)) ** 2)
-        soft = jax.nn.sigmoid(4.0 * logits)  # logits of +-1 -> 0.98 / 0.02
-        overlap = jnp.sum(soft * batch, axis=(1, 2))
-        dice = jnp.mean(1.0 - (2.0 * overlap + 1.0) / (jnp.sum(soft, axis=(1, 2)) + jnp.sum(batch, axis=(1, 2)) + 1.0))
+        dice = jnp.mean(soft_dice_loss(logits, batch))
         commitment = jnp.mean((latents - jax.lax.stop_gradient(quantized)) ** 2)
         flat = latents.reshape(-1, CODE_DIM)
         loss = reconstruction + config.dice_weight * dice + config.commitment * commitment

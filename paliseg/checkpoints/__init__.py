@@ -22,6 +22,7 @@ Writers: `save` (ours, with an optional tokenizer copy), `export_big_vision` (np
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,13 @@ import numpy as np
 from paliseg.checkpoints import big_vision
 from paliseg.checkpoints.big_vision import read_npz, write_npz
 from paliseg.checkpoints.huggingface import config_from_hf, read_hf, write_hf
-from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, save
+from paliseg.checkpoints.native import TOKENIZER, is_native, read_native, read_native_config, save
 from paliseg.checkpoints.tree import check_tree, to_device
 from paliseg.config import ModelConfig
 from paliseg.config import preset as get_preset
 
 __all__ = [
+    "check_sizes",
     "config_from_hf",
     "default_tokenizer",
     "export_big_vision",
@@ -87,13 +89,37 @@ def load(
     if config_changes:
         config = config.replace(**config_changes)
     config = config.with_dtype(dtype)
+    _check_tree(kind, path, flat, config, preset)
+    return config, to_device(flat, config)
+
+
+def check_sizes(path: str | os.PathLike, config: ModelConfig, preset: str) -> None:
+    """Raise ValueError when the checkpoint at `path` does not have the sizes of `config`, the model of
+    preset `preset` (a run of that preset could not start from it), naming what differs and the presets
+    that fit. Reads the npz's headers, config.json or paliseg.json, no weight: `paliseg plan` checks a
+    checkpoint in milliseconds, before anything is compiled."""
+    kind = kind_of(path)
+    if kind == "big_vision":
+        _check_tree(kind, path, big_vision.read_shapes(path), config, preset)
+        return
+    if kind == "hf":
+        stored = config_from_hf(json.loads((Path(path) / "config.json").read_text()), str(Path(path) / "config.json"))
+        # loading trims the padded embedding of Hugging Face files to the model's vocabulary
+        stored = stored.replace(llm={"vocab_size": min(stored.llm.vocab_size, config.llm.vocab_size)})
+    else:
+        stored = read_native_config(path)
+    found = big_vision.describe_config(stored)
+    if found != big_vision.describe_config(config):
+        raise ValueError(_hint(path, found, config, preset))
+
+
+def _check_tree(kind: str, path: str | os.PathLike, flat: dict, config: ModelConfig, preset: str | None) -> None:
     try:
         check_tree(flat, config, str(path))
     except ValueError as error:
         if kind != "big_vision":
             raise
-        raise ValueError(f"{error}\n{_npz_hint(path, flat, config, preset)}") from None
-    return config, to_device(flat, config)
+        raise ValueError(f"{error}\n{_hint(path, big_vision.describe(flat), config, preset)}") from None
 
 
 def _npz_preset(path: str | os.PathLike, flat: dict) -> str:
@@ -101,17 +127,18 @@ def _npz_preset(path: str | os.PathLike, flat: dict) -> str:
     names = big_vision.matching_presets(flat)
     if len(names) != 1:
         found = f"it matches the presets {', '.join(names)}" if names else "no preset has its sizes"
-        raise ValueError(f"{path}: {big_vision.summary(flat)}; {found}: pass a preset (--preset)")
+        raise ValueError(f"{path}: {big_vision.summary(big_vision.describe(flat))}; {found}: pass a preset (--preset)")
     return names[0]
 
 
-def _npz_hint(path: str | os.PathLike, flat: dict, config: ModelConfig, preset: str | None) -> str:
-    """What the file is, how it differs from the preset's sizes, and the presets it does fit."""
-    found, wanted = big_vision.describe(flat), big_vision.describe_config(config)
+def _hint(path: str | os.PathLike, found: dict, config: ModelConfig, preset: str | None) -> str:
+    """What the file is (its `big_vision.describe` sizes), how it differs from the preset's sizes, and the
+    presets it does fit."""
+    wanted = big_vision.describe_config(config)
     differ = ", ".join(f"{key} {found[key]} (preset: {wanted[key]})" for key in wanted if found[key] != wanted[key])
-    names = big_vision.matching_presets(flat)
+    names = big_vision.presets_with(found)
     advice = f"use --preset {' or '.join(names)}" if names else "no preset has these sizes"
-    lines = [f"{path} is {big_vision.summary(flat)}"]
+    lines = [f"{path} is {big_vision.summary(found)}"]
     if differ:
         lines.append(f"  it differs from preset {preset or '(given)'} in: {differ}")
     return "\n".join([*lines, f"  {advice}"])

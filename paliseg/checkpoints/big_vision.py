@@ -18,10 +18,12 @@ presets a file fits, for the error when a file and a preset disagree and for loa
 from __future__ import annotations
 
 import bisect
+import contextlib
 import io
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -113,26 +115,51 @@ class JoinedPieces(io.RawIOBase):
         super().close()
 
 
-def read_npz(path: str | os.PathLike) -> Flat:
-    """Flat numpy params of a big_vision npz (or its `.part*` pieces), bf16 as `ml_dtypes.bfloat16`."""
+@contextlib.contextmanager
+def _archive(path: str | os.PathLike) -> Iterator[np.lib.npyio.NpzFile]:
+    """The npz `path` (or its `.part*` pieces) opened; an unreadable file is a ValueError naming it."""
     files = pieces(path)
     if not files:
         raise FileNotFoundError(f"checkpoint not found: {path} (nor {path}.part* pieces)")
     source = files[0] if len(files) == 1 else io.BufferedReader(JoinedPieces(files), buffer_size=1 << 20)
-    flat = {}
     try:
         with np.load(source, allow_pickle=False) as archive:
-            for key in archive.files:
-                value = archive[key]
-                if value.dtype == np.dtype("V2"):
-                    value = value.view(ml_dtypes.bfloat16)
-                flat[key.removeprefix(_PREFIX)] = value
+            yield archive
     except (ValueError, OSError, EOFError) as error:
         names = ", ".join(p.name for p in files)
         raise ValueError(f"{path}: not a readable npz ({names}): {error}") from error
     finally:
         if source is not files[0]:
             source.close()
+
+
+def _stored_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if dtype == np.dtype("V2") else dtype
+
+
+def read_npz(path: str | os.PathLike) -> Flat:
+    """Flat numpy params of a big_vision npz (or its `.part*` pieces), bf16 as `ml_dtypes.bfloat16`."""
+    flat = {}
+    with _archive(path) as archive:
+        for key in archive.files:
+            value = archive[key]
+            flat[key.removeprefix(_PREFIX)] = value.view(_stored_dtype(value.dtype))
+    return flat
+
+
+def read_shapes(path: str | os.PathLike) -> Flat:
+    """`read_npz`'s tree with each array's shape and dtype but no data (a read-only broadcast of one value),
+    from the members' headers: enough for `describe` and `tree.check_tree`, in milliseconds for any size."""
+    flat = {}
+    with _archive(path) as archive:
+        for key in archive.files:
+            with archive.zip.open(key + ".npy") as member:
+                version = np.lib.format.read_magic(member)
+                header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = header(member)
+            flat[key.removeprefix(_PREFIX)] = np.broadcast_to(np.zeros((), _stored_dtype(dtype)), shape)
     return flat
 
 
@@ -201,13 +228,17 @@ def describe_config(config: ModelConfig) -> dict[str, int]:
 
 def matching_presets(flat: Flat) -> list[str]:
     """The presets whose trees have the sizes and generation of `flat`."""
-    found = describe(flat)
-    return [name for name, config in PRESETS.items() if describe_config(config) == found]
+    return presets_with(describe(flat))
 
 
-def summary(flat: Flat) -> str:
-    """E.g. 'a PaliGemma 2 checkpoint (post-norm keys present): LLM width 2304, depth 26; 224 px'."""
-    sizes = describe(flat)
+def presets_with(sizes: dict[str, int | None]) -> list[str]:
+    """The presets of these sizes and generation (`describe`'s)."""
+    return [name for name, config in PRESETS.items() if describe_config(config) == sizes]
+
+
+def summary(sizes: dict[str, int | None]) -> str:
+    """E.g. 'a PaliGemma 2 checkpoint (post-norm keys present): LLM width 2304, depth 26; 224 px' for the
+    sizes `describe` reads."""
     why = "post-norm keys present" if sizes["generation"] == 2 else "no post-norm keys"
     return (
         f"a PaliGemma {sizes['generation']} checkpoint ({why}): LLM width {sizes['width']}, depth {sizes['depth']}, "

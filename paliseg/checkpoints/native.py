@@ -56,11 +56,15 @@ def save(
     return path
 
 
-def read_native(path: str | os.PathLike) -> tuple[ModelConfig, Flat]:
+def read_native_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint folder's paliseg.json."""
     path = Path(path).absolute()
     meta = json.loads((path / MARKER).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path / MARKER}: not a paliseg checkpoint (format {meta.get('format')!r})")
-    config = ModelConfig.from_dict(meta["config"])
-    params = ocp.StandardCheckpointer().restore(path / "params")
-    return config, flatten(params)
+    return ModelConfig.from_dict(meta["config"])
+
+
+def read_native(path: str | os.PathLike) -> tuple[ModelConfig, Flat]:
+    config = read_native_config(path)
+    return config, flatten(ocp.StandardCheckpointer().restore(Path(path).absolute() / "params"))

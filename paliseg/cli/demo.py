@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from paliseg import settings  # light: the standard library only
+from paliseg.settings import setting
 
 _DESCRIPTION = """\
 Run the whole pipeline offline on bundled data and watch a model learn: a synthetic-shapes dataset in
 Roboflow COCO format -> convert (loc + seg tokens with the bundled VAE) -> train a small `tiny` PaliGemma
 from scratch -> eval every checkpoint (report, plots, canvases) -> predict on real crack and drywall
 photos. Before each stage it prints the command line that does the same: copy one to rerun that stage
-alone. No GPU, no download. The full run takes about 15 minutes on 2 CPU cores, --quick about 3."""
+alone. No GPU, no download; how long each stage takes on 2 CPU cores: docs/results.md."""
 
 _EPILOG = """\
 what it shows:
@@ -62,8 +63,8 @@ outputs in OUT:
   demo.json                       the summary: mIoU at step 0 and at the best step, timings, file paths
 
 examples:
-  paliseg demo --quick                 a 3-minute run into demo_out/
-  paliseg demo --out /tmp/demo         the full run (about 15 minutes)
+  paliseg demo --quick                 a smaller run into demo_out/
+  paliseg demo --out /tmp/demo         the full run
   paliseg demo --out /tmp/demo --resume   continue it after an interruption
   paliseg demo --rl                    then GRPO from the best step (mask-IoU reward), evaluated too"""
 
@@ -112,6 +113,14 @@ class DemoPlan:
         """The plan a demo recorded in its demo.json."""
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in plan.items()})
 
+    def train_settings(self, data: Path, out: Path) -> dict[str, Any]:
+        """The `paliseg train` settings of the supervised stage (`train.run.resolve_config` completes them)."""
+        return {
+            "data": [str(data)], "out": str(out), "preset": "tiny", "init": "random", "trainable": "all",
+            "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "warmup_fraction": self.warmup_fraction,
+            "save_every": self.save_every, "seq_len": self.seq_len, "seed": self.seed, "remat": False,
+        }  # fmt: skip
+
 
 FULL = DemoPlan(train_images=3000, valid_images=48, steps=2000, save_every=250)
 QUICK = DemoPlan(train_images=600, valid_images=24, steps=300, save_every=75)
@@ -132,10 +141,49 @@ class RlPlan:
     kl_coef: float = 0.0
     warmup_fraction: float = 0.0
 
+    def train_settings(self, data: Path, init_run: Path, out: Path, seed: int) -> dict[str, Any]:
+        """The `paliseg train --objective grpo` settings of the stage, from `init_run`'s best step."""
+        return {
+            "data": [str(data)], "out": str(out), "objective": "grpo", "init_run": str(init_run), "init_step": "best",
+            "trainable": "all", "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+            "warmup_fraction": self.warmup_fraction, "save_every": self.save_every, "seed": seed, "remat": False,
+            "grpo": {"group_size": self.group_size, "keep": self.keep, "temperature": self.temperature,
+                     "kl_coef": self.kl_coef},
+        }  # fmt: skip
 
-# The best recipe measured (README, "Measured: GRPO on the demo's task"): ~12 minutes on 2 quiet CPU cores.
+
+# The best recipe measured (docs/results.md, "GRPO on the demo's task").
 FULL_RL = RlPlan(steps=340, save_every=40, batch_size=16, group_size=16, keep=4)
 QUICK_RL = RlPlan(steps=40, save_every=20)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    """`paliseg demo`: where it runs, how big, whether GRPO follows, and what happens to an earlier demo's OUT."""
+
+    out: Path = setting(Path("demo_out"), "output folder", metavar="DIR")
+    quick: bool = setting(False, "a smaller run: fewer images and steps")
+    rl: bool = setting(
+        False, "then continue from the supervised best step with reinforcement fine-tuning (GRPO, the mask IoU "
+        "as the reward) and evaluate that run too",
+    )  # fmt: skip
+    resume: bool = setting(False, "continue an interrupted demo in --out", exclusive="earlier demo")
+    overwrite: bool = setting(False, "delete an earlier demo's --out and start again", exclusive="earlier demo")
+
+    def __post_init__(self):
+        settings.check(self)
+
+    @property
+    def mode(self) -> str:
+        return ("quick" if self.quick else "full") + (" + rl" if self.rl else "")
+
+    @property
+    def plan(self) -> DemoPlan:
+        return QUICK if self.quick else FULL
+
+    @property
+    def rl_plan(self) -> RlPlan:
+        return QUICK_RL if self.quick else FULL_RL
 
 
 class Layout:
@@ -173,7 +221,7 @@ class Demo:
 
         self.paths, self.plan, self.resume = Layout(out), plan, resume
         # Always the bundled VAE, never models/vae-oid.npz: the figures must not depend on what is downloaded.
-        self.vae = str(BUNDLED_VAE_PATH)
+        self.vae = BUNDLED_VAE_PATH
         self.stages: dict[str, dict[str, Any]] = {}
         self.count = 5
 
@@ -271,12 +319,7 @@ class Demo:
     def train(self) -> None:
         from train import run as run_folder
 
-        plan = self.plan
-        config = run_folder.resolve_config({
-            "data": [str(self.paths.shapes)], "out": str(self.paths.run), "preset": "tiny", "init": "random",
-            "trainable": "all", "steps": plan.steps, "batch_size": plan.batch_size, "lr": plan.lr,
-            "warmup_fraction": plan.warmup_fraction, "save_every": plan.save_every, "seq_len": plan.seq_len,
-            "seed": plan.seed, "remat": False})  # fmt: skip
+        config = run_folder.resolve_config(self.plan.train_settings(self.paths.shapes, self.paths.run))
         config, result, started = self._train_stage("train", config, self.paths.run)
         steps = ", ".join(map(str, result["checkpoint_steps"]))
         done = (
@@ -298,13 +341,8 @@ class Demo:
     def rl_train(self, rl: RlPlan) -> None:
         from train import run as run_folder
 
-        config = run_folder.resolve_config({
-            "data": [str(self.paths.shapes)], "out": str(self.paths.rl), "objective": "grpo",
-            "init_run": str(self.paths.run), "init_step": "best", "trainable": "all", "steps": rl.steps,
-            "batch_size": rl.batch_size, "lr": rl.lr, "warmup_fraction": rl.warmup_fraction,
-            "save_every": rl.save_every, "seed": self.plan.seed, "remat": False,
-            "grpo": {"group_size": rl.group_size, "keep": rl.keep, "temperature": rl.temperature,
-                     "kl_coef": rl.kl_coef}})  # fmt: skip
+        paths = self.paths
+        config = run_folder.resolve_config(rl.train_settings(paths.shapes, paths.run, paths.rl, self.plan.seed))
         config, result, started = self._train_stage("grpo", config, self.paths.rl)
         steps = ", ".join(map(str, result["checkpoint_steps"]))
         done = (
@@ -318,13 +356,15 @@ class Demo:
 
     def evaluate(self, rl: bool = False) -> dict[str, Any]:
         from infer import sweep
+        from infer.config import DecodingSettings, EvalSettings
 
         name = "eval (grpo)" if rl else "eval"
         run, out = (self.paths.rl, self.paths.rl_report) if rl else (self.paths.run, self.paths.report)
-        data, split = self.paths.shapes, "valid"
-        started = self._stage(name, [command_line("paliseg eval", {
-            "run_dir": run, "--data": data, "--split": split, "--out": out, "--vae": self.vae})])  # fmt: skip
-        report = sweep.evaluate_run(run_dir=run, data_dir=data, out_dir=out, split=split, vae_path=self.vae)
+        config = EvalSettings(run_dir=run, data=self.paths.shapes, out=out, decoding=DecodingSettings(vae=self.vae))
+        started = self._stage(
+            name, [command_line("paliseg eval", {"run_dir": run}, settings.to_argv(config, ["run_dir"]))]
+        )
+        report = sweep.evaluate_run(config)
         best = report["best"]
         self._done(
             name,
@@ -336,18 +376,19 @@ class Demo:
         return report
 
     def predict(self) -> None:
-        import vae
         from infer import outputs
-        from infer.predictor import Predictor
+        from infer.commands import load_predictor
+        from infer.config import DecodingSettings, ModelSettings, PredictSettings
         from paliseg import records
 
-        image = records.annotations_path(self.paths.real, "valid")
-        started = self._stage("predict", [command_line("paliseg predict", {
-            "--run": self.paths.run, "--step": "best", "--image": image, "--out": self.paths.predict,
-            "--vae": self.vae})])  # fmt: skip
-        jobs = outputs.jobs_for(source=image, prompts=[])
-        predictor = Predictor.from_run(run_dir=self.paths.run, step="best", vae_model=vae.load(self.vae))
-        result = outputs.predict_set(predictor=predictor, jobs=jobs, out=self.paths.predict, overwrite=self.resume)
+        config = PredictSettings(
+            model=ModelSettings(run_dir=self.paths.run, step="best"), image=records.annotations_path(self.paths.real, "valid"),
+            out=self.paths.predict, overwrite=self.resume, decoding=DecodingSettings(vae=self.vae),
+        )  # fmt: skip
+        started = self._stage("predict", [command_line("paliseg predict", {}, settings.to_argv(config))])
+        jobs = outputs.jobs_for(config.image, config.prompt)
+        predictor, _ = load_predictor(config.model, config.decoding, batch_size=config.batch_size)
+        result = outputs.predict_set(predictor, jobs, config.out, canvases=config.canvas, overwrite=config.overwrite)
         self._done(
             "predict",
             started,
@@ -498,29 +539,25 @@ def summary_text(summary: dict[str, Any]) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     from paliseg import console, files
 
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite are exclusive")
-    mode = ("quick" if args.quick else "full") + (" + rl" if args.rl else "")
-    plan = QUICK if args.quick else FULL
+    config = settings.from_args(args, DemoSettings)
     started = time.perf_counter()
-    out = Path(args.out)
-    _prepare_out(out, args.resume, args.overwrite)
-    demo = Demo(out, plan, args.resume)
+    _prepare_out(config.out, config.resume, config.overwrite)
+    demo = Demo(config.out, config.plan, config.resume)
     demo.synthetic_data()
     demo.convert()
-    if args.rl:
+    if config.rl:
         demo.count += 2
     demo.train()
     report = demo.evaluate()
     rl_report = None
-    if args.rl:
-        demo.rl_train(QUICK_RL if args.quick else FULL_RL)
+    if config.rl:
+        demo.rl_train(config.rl_plan)
         rl_report = demo.evaluate(rl=True)
     demo.predict()
-    summary = summarize(demo, report, time.perf_counter() - started, mode)
+    summary = summarize(demo, report, time.perf_counter() - started, config.mode)
     if rl_report is not None:
         summary["rl"] = rl_summary(demo, rl_report)
-    files.write_json(out / SUMMARY_FILE, summary)
+    files.write_json(config.out / SUMMARY_FILE, summary)
     console.report(summary, summary_text(summary), args.json)
     return 0
 
@@ -534,15 +571,6 @@ def register(subparsers) -> None:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
-    parser.add_argument("--quick", action="store_true", help="a smaller run: about 3 minutes on 2 CPU cores")
-    parser.add_argument(
-        "--rl",
-        action="store_true",
-        help="then continue from the supervised best step with reinforcement fine-tuning (GRPO, the mask IoU "
-        "as the reward) and evaluate that run too",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-    parser.add_argument("--overwrite", action="store_true", help="delete an earlier demo's --out and start again")
+    settings.add_arguments(parser, DemoSettings)  # a flag per field: --out, --quick, --rl, --resume, --overwrite
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.set_defaults(run=run_demo)

@@ -17,6 +17,7 @@ _STAGE_COMMAND_MODULES = (
     "converters.commands",  # convert, validate
     "vae.commands",  # vae {train,ceiling,encode,download}
     "train.commands",  # train
+    "train.plan_commands",  # plan
     "infer.commands",  # predict, eval, serve
     "metrics.commands",  # score, visualize
     "paliseg.cli.demo",  # demo

@@ -15,17 +15,30 @@ Public API:
   `logits[:, :-1]` with `tokens[:, 1:]` under `mask_loss[:, 1:]`.
 - `PaliGemma(cfg)` is the module (methods `__call__`, `embed_image`, `prefill`, `extend`); decoding lives
   in `paliseg.decoding`.
-- LoRA: `paliseg.model.lora` (`LoRA`, `split_params`, `join_params`, `merge_lora`); see its docstring.
+- LoRA: `paliseg.model.lora` (`LoRA`, `split_params`, `join_params`; see its docstring) and `merge_lora`.
 - `param_shapes(cfg)`: the expected tree of `jax.ShapeDtypeStruct`, without allocating.
 - `weight_layouts(cfg)`: {'/'-joined path: `WeightLayout`} for every weight that is contracted (each
   `layers.Einsum`'s, and the embedding table): its axis letters (`LPKDH`: scanned layers, fused parts, ...),
   which contract with the input (`.contracted`: reduce over these for per-output-channel scales), which the
   output keeps, and each part's LoRA target. Read off the einsum equations during an abstract init (no
   memory; cached per config), so it cannot disagree with the forward pass.
+- `quantize_params(params, cfg)`: a loaded tree with the weights `cfg.quantization` quantizes quantized
+  (`paliseg.model.quantization`).
 - `for_inference(cfg, params)`: the config and params to decode with. On CPU the layers unscanned
   (`scan_layers=False`: `llm/layers_0/...`, each layer in buffers of its own, each projection weight as
-  row-major matrices, `backend.Matrices`), which XLA:CPU decodes faster (see there). This and the model's
-  other CPU workarounds live in `paliseg.model.backend`.
+  row-major matrices, `kernels.Matrices`), which XLA:CPU decodes faster (see there).
+
+The modules, each importing only those listed before it:
+
+    layouts       what a weight's axes mean (`WeightLayout`), read off its einsum
+    quantization  quantized weights (`QuantizedWeight`) and how they are made
+    kernels       how the contractions run on XLA:CPU (`weight_einsum`, `Matrices`, `low_rank`, ...)
+    layers        how a module reads its params (`read`, `Module`) and the weight contraction (`Einsum`)
+    lora          the LoRA adapter module and the split of a tree into base and adapters
+    siglip, gemma, paligemma    the model
+    params        the param tree of a config (`init_params`, `param_shapes`, `weight_layouts`) and the tree
+                  transforms that need its layouts (`merge_lora`, `quantize_params`)
+    inference     the config and params to decode with (`for_inference`, `decoding_view`)
 """
 
 from __future__ import annotations
@@ -33,14 +46,13 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-from flax.core import meta
 
 from paliseg.config import ModelConfig
-from paliseg.model.backend import for_inference
-from paliseg.model.layers import LayoutBox, WeightLayout
-from paliseg.model.lora import join_params, merge_lora, split_params
+from paliseg.model.inference import for_inference
+from paliseg.model.layouts import WeightLayout
+from paliseg.model.lora import join_params, split_params
 from paliseg.model.paligemma import PaliGemma, make_attn_mask
+from paliseg.model.params import init_params, merge_lora, param_shapes, quantize_params, weight_layouts
 
 __all__ = [
     "PaliGemma",
@@ -53,48 +65,10 @@ __all__ = [
     "make_attn_mask",
     "merge_lora",
     "param_shapes",
+    "quantize_params",
     "split_params",
     "weight_layouts",
 ]
-
-
-def _dummy_inputs(config: ModelConfig):
-    size = config.img.image_size
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    return images, tokens, tokens, jnp.ones((1, 2), jnp.int32)
-
-
-def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-    """Random parameters (jit-compiled, so no float32 copy of a bf16 model is ever materialised).
-
-    Compiled with the non-partitionable threefry: with jax's default (partitionable) the XLA compile of
-    the ~30 random initialisers takes 2.5x longer on CPU, and init is compiled once per config."""
-    model = PaliGemma(config)
-    init = jax.jit(lambda key: meta.unbox(model.init(key, *_dummy_inputs(config))["params"]))
-    with jax.threefry_partitionable(False):
-        return init(rng)
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_params(config: ModelConfig) -> dict:
-    """The params of an init that allocates nothing, weights still boxed with their `WeightLayout`."""
-    model = PaliGemma(config)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs(config)))["params"]
-
-
-def param_shapes(config: ModelConfig) -> dict:
-    """Cached: treat the result as read-only."""
-    return meta.unbox(_abstract_params(config))
-
-
-@functools.lru_cache(maxsize=16)
-def weight_layouts(config: ModelConfig) -> dict[str, WeightLayout]:
-    """Every contracted weight's layout, by '/'-joined param path (see the module docstring). Cached: treat
-    the result as read-only."""
-    is_box = lambda x: isinstance(x, LayoutBox)  # noqa: E731
-    leaves = jax.tree_util.tree_flatten_with_path(_abstract_params(config), is_leaf=is_box)[0]
-    return {"/".join(k.key for k in path): box.layout for path, box in leaves if is_box(box)}
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
-from paliseg.model import backend
-from paliseg.model.layers import WeightLayout, with_layout
+from paliseg.model import kernels, layers
+from paliseg.model.layouts import WeightLayout, with_layout
 from paliseg.model.lora import projections
 
 # big_vision's mask value: finite, so fully masked rows (padding queries) give no NaN.
@@ -49,7 +49,7 @@ def soft_cap(x: jax.Array, cap: float) -> jax.Array:
     return cap * jnp.tanh(x / cap) if cap else x
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(layers.Module):
     """x / rms(x) * (1 + scale), in float32."""
 
     eps: float
@@ -57,7 +57,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = backend.stored(self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.dtype(self.param_dtype)))
+        scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), jnp.dtype(self.param_dtype))
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return x * (1.0 + scale.astype(jnp.float32))
@@ -73,7 +73,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(layers.Module):
     config: ModelConfig
     deterministic: bool = True
 
@@ -112,7 +112,7 @@ class Attention(nn.Module):
         return out, (k, v)
 
 
-class FeedForward(nn.Module):
+class FeedForward(layers.Module):
     """GeGLU: (gelu(x@W_gate) * x@W_up) @ W_down, with gate/up fused in `gating_einsum` [2,D,F]."""
 
     config: ModelConfig
@@ -130,7 +130,7 @@ class FeedForward(nn.Module):
         return lora(linear)(nn.gelu(gate, approximate=True) * up)
 
 
-class Block(nn.Module):
+class Block(layers.Module):
     config: ModelConfig
     deterministic: bool = True
 
@@ -158,7 +158,7 @@ class Block(nn.Module):
         return x + drop(post_norm("post_ffw_norm")(h)).astype(jnp.float32), new_kv
 
 
-class Gemma(nn.Module):
+class Gemma(layers.Module):
     """Methods: `embed_tokens`, `__call__` (the layers over embeddings), `compute_logits`."""
 
     config: ModelConfig
@@ -220,6 +220,12 @@ class Gemma(nn.Module):
 
 
 class Embedder(nn.Module):
+    """The token table (`input_embedding` [V,D]), also the tied output projection.
+
+    Unlike the model's other modules (`layers.Module`) it reads its param itself (`layers.read`): `encode`
+    gathers the tokens' rows from the table as stored and reads only those, as the decoder's storage view
+    is meant to be sliced (`inference.storage_view`), rather than a read of the whole table."""
+
     vocab_size: int
     width: int
     param_dtype: str
@@ -238,12 +244,12 @@ class Embedder(nn.Module):
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """Token embeddings scaled by sqrt(width) (the scale rounded to the table's dtype, as Gemma does)."""
-        rows = backend.stored(self.input_embedding[tokens])
+        rows = layers.read(self.input_embedding[tokens])
         return (rows * jnp.asarray(self.width**0.5, rows.dtype)).astype(jnp.float32)
 
     def decode(self, hidden: jax.Array) -> jax.Array:
         """Tied output projection in compute dtype, accumulated into float32 logits (no f32 copy of the
         table, which would be 2 GB for the real vocabulary)."""
         dtype = jnp.dtype(self.compute_dtype)
-        table = backend.stored(self.input_embedding).astype(dtype)
-        return backend.weight_einsum(self.DECODE, hidden.astype(dtype), table, result_dtype=jnp.float32)
+        table = layers.read(self.input_embedding).astype(dtype)
+        return kernels.weight_einsum(self.DECODE, hidden.astype(dtype), table, result_dtype=jnp.float32)

@@ -1,129 +1,53 @@
-"""The model's weight contractions (`Einsum`) and what each weight's axes mean (`WeightLayout`).
+"""How the model's modules read their params (`read`, `Module`) and contract their weights (`Einsum`).
 
-Every matmul against a weight is written where it is used, as an einsum over the weight in its checkpoint
-layout, as in google-deepmind/gemma's `layers.Einsum` and big_vision's `models/ppp/gemma.py`:
+The tree `apply` is given may hold a param otherwise than the computation uses it: a projection weight
+quantized (`paliseg.model.quantization`), or any bfloat16 param as the uint16 storage view the decoder
+slices under the layer scan (`inference.storage_view`). `read` turns either back, and `Module.param`
+returns every param read, so a module body only calls `self.param` and computes with what it gets.
 
-    q = Einsum((N, D, H), "...D,NDH->...NH", ("q",), name="q_einsum")(x)
-
-The equation also describes the weight: `Einsum` creates its param boxed with the `WeightLayout` read off
-the equation (`with_layout`, a flax `AxisMetadata` like `nn.with_partitioning`), `nn.scan` prepends the
-layer axis `L` to it, and `paliseg.model.weight_layouts` collects the boxes of an abstract init. So the
-forward pass, the initialiser, LoRA (`lora.merge_lora`) and anything else that needs to know which axes of
-a weight are contracted (e.g. per-output-channel quantisation scales) read one description.
+Every matmul against a weight is an `Einsum` written where it is used, over the weight in its checkpoint
+layout, e.g. `Einsum((N, D, H), "...D,NDH->...NH", ("q",), name="q_einsum")(x)`; the equation also gives
+the weight's `WeightLayout` (`paliseg.model.layouts`), and `kernels.weight_einsum` computes it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
-from flax.core import meta
 
-from paliseg.config import LoraConfig, QuantizationConfig
-from paliseg.model import backend, quantization
-
-LAYERS = "L"  # the axis nn.scan stacks layers on
-PARTS = "P"  # the leading axis of a fused weight
+from paliseg.config import QuantizationConfig
+from paliseg.model import kernels, quantization
+from paliseg.model.layouts import WeightLayout, with_layout
 
 
-@dataclasses.dataclass(frozen=True)
-class WeightLayout:
-    """One letter per axis of a weight (`axes`, e.g. `LPKDH` for Gemma's scanned `kv_einsum/w`); `inputs`:
-    the axes contracted with x's trailing axes (in x's order); `outputs`: the axes the result keeps (in its
-    order); the others (`L`, `P`) are batch axes. `targets` names the LoRA target (`LoraConfig.targets`)
-    of each part: one per index of `P`, or one for an unfused weight; () when LoRA never adapts it."""
-
-    axes: str
-    inputs: str
-    outputs: str
-    targets: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, equation: str, targets: tuple[str, ...] = ()) -> WeightLayout:
-        """The layout of the weight (second operand) of `...<x axes>,<weight axes>->[P]...<result axes>`."""
-        operands, _, result = equation.partition("->")
-        x_axes, _, axes = operands.partition(",")
-        leading, dots, outputs = result.partition("...")
-        inputs, parts = x_axes.removeprefix("..."), PARTS if axes.startswith(PARTS) else ""
-        described = sorted(axes) == sorted(parts + inputs + outputs)
-        if not (x_axes.startswith("...") and dots and leading == parts and described):
-            raise ValueError(
-                f"{equation!r} does not describe a weight: expected '...<x>,<weight>->...<result>' (fused: "
-                "'...<x>,P<weight>->P...<result>'), the weight's axes being x's and the result's"
-            )
-        return cls(axes, inputs, outputs, tuple(targets))
-
-    @property
-    def fused(self) -> bool:
-        return PARTS in self.axes
-
-    @property
-    def batch(self) -> str:
-        """The axes neither contracted nor kept (`L`, `P`), in order."""
-        return "".join(c for c in self.axes if c not in self.inputs + self.outputs)
-
-    @property
-    def contracted(self) -> tuple[int, ...]:
-        """The indices of the axes contracted with the input: reduce over these for per-output scales."""
-        return tuple(self.axes.index(c) for c in self.inputs)
-
-    def adapted_parts(self, lora: LoraConfig) -> tuple[int, ...]:
-        """The parts `lora` adapts (indices into `targets`)."""
-        return tuple(i for i, target in enumerate(self.targets) if lora.adapts(target))
-
-    def initializer(self, distribution: str = "truncated_normal") -> nn.initializers.Initializer:
-        """Variance scaling by fan-in over the input axes, each part of a fused weight on its own."""
-        index = lambda letters: tuple(self.axes.index(c) for c in letters)  # noqa: E731
-        return nn.initializers.variance_scaling(
-            1.0, "fan_in", distribution, index(self.inputs), index(self.outputs), index(self.batch)
-        )
-
-    def lora_delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        """A@B laid out like the weight, for LoRA's A [<batch> <inputs> R] and B [<batch> R <outputs>]
-        (`P` then counts the adapted parts only)."""
-        batch = self.batch
-        return jnp.einsum(f"{batch}{self.inputs}R,{batch}R{self.outputs}->{self.axes}", a, b)
+def read(param):
+    """`param` as the model computes with it: a quantized weight dequantized (float32), a storage view's
+    uint16 bits as their bfloat16 (`kernels.from_storage`), anything else as it is."""
+    if quantization.is_quantized(param):
+        return param.dequantize()
+    return kernels.from_storage(param)
 
 
-class LayoutBox(struct.PyTreeNode, meta.AxisMetadata):
-    """A param boxed with its layout (only in what `init` returns; `apply` reads plain arrays)."""
+class Module(nn.Module):
+    """A flax module whose `self.param` returns the param `read`. The model's modules derive from it, so
+    under the layer scan each layer reads its own slice of the stored params (one layer dequantized or
+    bitcast at a time)."""
 
-    value: Any
-    layout: WeightLayout = struct.field(pytree_node=False)
-
-    def unbox(self) -> Any:
-        return self.value
-
-    def replace_boxed(self, val: Any) -> LayoutBox:
-        return self.replace(value=val)
-
-    def add_axis(self, index: int, params: dict) -> LayoutBox:  # nn.scan stacked the layers on axis `index`
-        axes = self.layout.axes
-        return self.replace(layout=dataclasses.replace(self.layout, axes=axes[:index] + LAYERS + axes[index:]))
-
-    def remove_axis(self, index: int, params: dict) -> LayoutBox:
-        axes = self.layout.axes
-        return self.replace(layout=dataclasses.replace(self.layout, axes=axes[:index] + axes[index + 1 :]))
+    @nn.nowrap
+    def param(self, name: str, init_fn, *init_args, **init_kwargs):
+        return read(super().param(name, init_fn, *init_args, **init_kwargs))
 
 
-def with_layout(init: nn.initializers.Initializer, layout: WeightLayout) -> nn.initializers.Initializer:
-    """`init` whose result is boxed with `layout`, for `paliseg.model.weight_layouts`."""
-    return lambda *args: LayoutBox(init(*args), layout)
-
-
-class Einsum(nn.Module):
+class Einsum(Module):
     """`einsum(equation, x, w)` in compute dtype over the weight `w` [shape] this module owns, plus an
     optional bias over the result's trailing axes (flax's Dense layouts: SigLIP has biases, Gemma none).
 
-    With `quantization` on, the weight is created quantized (`paliseg.model.quantization`) and
-    `backend.weight_einsum` dequantizes it here, where it is used; decoding on CPU may hand the weight in
-    as `backend.Matrices` (`backend.for_inference`).
+    With `quantization` on, the weight is created quantized (`paliseg.model.quantization`) and read
+    (dequantized) here, where it is used; decoding on CPU may store the weight as `kernels.Matrices`
+    (`matrices`, set for the unscanned layers `inference.for_inference` makes).
     A fused weight leads with its parts axis and returns one result per part, a tuple: `...D,PKDH->P...KH`
-    runs as `...D,KDH->...KH` on each part (`backend.weight_einsum`). `targets` names the
+    runs as `...D,KDH->...KH` on each part (`kernels.weight_einsum`). `targets` names the
     parts for LoRA (`WeightLayout`; the adapters are `lora.LoRA`, which wraps this module).
     """
 
@@ -135,7 +59,7 @@ class Einsum(nn.Module):
     weight_name: str = "w"
     bias: bool = False
     quantization: QuantizationConfig = QuantizationConfig()
-    matrices: bool = False  # the weight stored as `backend.Matrices` (unscanned layers: `backend.for_inference`)
+    matrices: bool = False  # the weight stored as `kernels.Matrices`
 
     @property
     def layout(self) -> WeightLayout:
@@ -146,12 +70,11 @@ class Einsum(nn.Module):
         layout = self.layout
         path = "/".join((*self.scope.path, self.weight_name))
         init = quantization.initializer(layout.initializer(), self.quantization, path, layout)
-        init = with_layout(backend.Matrices.initializer(init, layout) if self.matrices else init, layout)
+        init = with_layout(kernels.Matrices.initializer(init, layout) if self.matrices else init, layout)
         weight = self.param(self.weight_name, init, self.shape, jnp.dtype(self.param_dtype))
         dtype = jnp.dtype(self.compute_dtype)
-        y = backend.weight_einsum(self.equation, x.astype(dtype), weight)
+        y = kernels.weight_einsum(self.equation, x.astype(dtype), weight)
         if self.bias:
             shape = tuple(self.shape[layout.axes.index(c)] for c in layout.outputs)
-            bias = self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.param_dtype))
-            y = y + backend.stored(bias).astype(dtype)
+            y = y + self.param("bias", nn.initializers.zeros, shape, jnp.dtype(self.param_dtype)).astype(dtype)
         return y

@@ -10,8 +10,9 @@ float32 params created beside the base weight, in the same dict, and only for th
     llm/layers/attn/kv_einsum/w_lora_a    [L, 1, D, r]   (targets {k}: only part 0 of the fused [2,K,D,H])
     llm/layers/mlp/gating_einsum_lora_a   [L, 2, D, r]   (targets gate and up: one adapter per part)
 
-Training updates only A and B (`split_params` / `join_params`), and the base is never copied. `merge_lora`
-folds the adapters into the weights, laid out by `paliseg.model.weight_layouts`.
+Training updates only A and B (`split_params` / `join_params`), and the base is never copied.
+`paliseg.model.merge_lora` folds the adapters into the weights (it sits above the model, whose weight
+layouts it reads).
 """
 
 from __future__ import annotations
@@ -23,25 +24,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from paliseg.config import LoraConfig, ModelConfig
-from paliseg.model import backend
-from paliseg.model.layers import PARTS, Einsum
+from paliseg.model import kernels, layers
 
 Params = dict[str, Any]
 LORA_A = "_lora_a"
 LORA_B = "_lora_b"
 
 
-class LoRA(nn.Module):
+class LoRA(layers.Module):
     """`base(x)` plus `scale * (dropout(x) @ A) @ B` on each part of `base` that `config` targets.
 
     It shares `base`'s scope, so A and B (`<weight>_lora_a`, `<weight>_lora_b`) sit beside the weight; a
     fused weight gets one adapter per adapted part, stacked on a leading axis of A and B."""
 
-    base: Einsum
+    base: layers.Einsum
     config: LoraConfig
     deterministic: bool = True
 
@@ -73,7 +72,7 @@ class LoRA(nn.Module):
         rows = x.reshape(-1, math.prod(inputs))
         for index, part in enumerate(parts):
             part_a, part_b = (a[index], b[index]) if layout.fused else (a, b)
-            delta = backend.low_rank(
+            delta = kernels.low_rank(
                 rows, part_a.reshape(rows.shape[1], -1).astype(dtype), part_b.reshape(lora.rank, -1).astype(dtype)
             )
             outputs[part] = outputs[part] + (delta * lora.scale).astype(dtype).reshape(outputs[part].shape)
@@ -83,7 +82,7 @@ class LoRA(nn.Module):
 def projections(config: ModelConfig, deterministic: bool) -> tuple[Any, Any]:
     """(`Einsum`, `LoRA`) bound to the model's dtypes, quantization and LoRA settings, for `lora(einsum(...))`."""
     einsum = functools.partial(
-        Einsum,
+        layers.Einsum,
         param_dtype=config.param_dtype,
         compute_dtype=config.compute_dtype,
         quantization=config.quantization,
@@ -109,32 +108,3 @@ def join_params(base: Params, lora: Params) -> Params:
     flat = traverse_util.flatten_dict(base, sep="/")
     flat.update(traverse_util.flatten_dict(lora, sep="/"))
     return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def merge_lora(params: Params, config: ModelConfig) -> Params:
-    """Fold every adapter into its weight (W += alpha/rank * A@B, in the weight's dtype) and drop the LoRA
-    leaves: the result loads into a model with LoRA disabled and computes the same function."""
-    from paliseg.model import weight_layouts  # the package imports this module
-
-    layouts = weight_layouts(config)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    merged = {k: v for k, v in flat.items() if not is_lora_path(k)}
-    for path in [k for k in flat if k.endswith(LORA_A)]:
-        weight_path = path[: -len(LORA_A)]
-        if weight_path not in layouts or weight_path not in flat:
-            raise ValueError(f"LoRA param {path} has no known base weight")
-        layout, weight = layouts[weight_path], flat[weight_path]
-        a, b = (jnp.asarray(flat[weight_path + suffix], jnp.float32) for suffix in (LORA_A, LORA_B))
-        delta = layout.lora_delta(a, b) * config.lora.scale
-        if layout.fused:  # the adapters cover the adapted parts only
-            axis, parts = layout.axes.index(PARTS), layout.adapted_parts(config.lora)
-            if delta.shape[axis] != len(parts):
-                raise ValueError(f"{path} adapts {delta.shape[axis]} parts but LoRA targets give {len(parts)}")
-            index = (slice(None),) * axis + (np.asarray(parts),)
-            delta = jnp.zeros(weight.shape, jnp.float32).at[index].set(delta)
-        merged[weight_path] = (jnp.asarray(weight, jnp.float32) + delta).astype(weight.dtype)
-    return traverse_util.unflatten_dict(merged, sep="/")
-
-
-def count_params(params: Params) -> int:
-    return int(sum(np.prod(np.shape(v)) for v in traverse_util.flatten_dict(params).values()))

@@ -9,11 +9,11 @@ that the prefix stays fully bidirectional (`sliding_window_mask`).
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
+from paliseg.model import layers
 from paliseg.model.gemma import Gemma, KVCache
 from paliseg.model.siglip import Siglip
 
@@ -38,7 +38,7 @@ def sliding_window_mask(
     return mask & (near | exempt)
 
 
-class PaliGemma(nn.Module):
+class PaliGemma(layers.Module):
     """Methods: `__call__` (training forward, text logits), `embed_image`, `prefill`, `extend`,
     `continuation_logits` (teacher-forced logits of several continuations of each prompt).
 

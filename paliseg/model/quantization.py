@@ -20,29 +20,28 @@ Formats (`quantize` / `QuantizedWeight.dequantize`, exact inverses up to the rou
   `double_scales`, the float32 block scales are themselves stored as int8 around the mean of each output
   channel's scales (QLoRA's double quantization, with one group per output channel instead of 256 scales).
 
-The model reads weights through `backend.stored`, which dequantizes a `QuantizedWeight` (to float32; the
+The model reads its params through `layers.read`, which dequantizes a `QuantizedWeight` (to float32; the
 projection casts to its compute dtype): inside the layer scan it sees one layer's slice of the codes, so
-only that layer is ever dequantized. `quantize_params` is the load-time transform of a normal checkpoint;
-a model whose config asks for quantization also creates its weights quantized (`initializer`), so its
-`init_params` and `param_shapes` have the same tree. Quantized weights are never trained (LoRA over them
-is), and `QuantizedWeight` is a pytree, so jit, sharding and `nn.scan` handle its arrays as any other.
+only that layer is ever dequantized. `paliseg.model.quantize_params` is the load-time transform of a normal
+checkpoint (it sits above the model, whose weight layouts it reads); a model whose config asks for
+quantization also creates its weights quantized (`initializer`), so its `init_params` and `param_shapes`
+have the same tree. Quantized weights are never trained (LoRA over them is), and `QuantizedWeight` is a
+pytree, so jit, sharding and `nn.scan` handle its arrays as any other.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct, traverse_util
+from flax import struct
 
-from paliseg.config import ModelConfig, QuantizationConfig
-
-if TYPE_CHECKING:
-    from paliseg.model.layers import WeightLayout
+from paliseg.config import QuantizationConfig
+from paliseg.model.layouts import WeightLayout
 
 NF4_BLOCK = 64
 # bitsandbytes' NF4 code (`create_normal_map(offset=0.9677083)`, as QLoRA's reference implementation).
@@ -169,21 +168,6 @@ def initializer(init: Callable, config: QuantizationConfig, path: str, layout: W
 
 def is_quantized(leaf: Any) -> bool:
     return isinstance(leaf, QuantizedWeight)
-
-
-def quantize_params(params: dict, config: ModelConfig) -> dict:
-    """A normal param tree of `config`'s model (e.g. a loaded checkpoint) with the weights
-    `config.quantization` quantizes quantized; the other leaves are the same arrays. Leaf by leaf, so the
-    float weights are never copied all at once."""
-    from paliseg.model import weight_layouts
-
-    layouts = weight_layouts(config)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    out = {}
-    for path, leaf in flat.items():
-        axes = None if is_quantized(leaf) else quantizes(config.quantization, path, layouts.get(path))
-        out[path] = leaf if axes is None else quantize(leaf, config.quantization, axes)
-    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def dequantize_params(params: dict) -> dict:

@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from paliseg.config import ModelConfig
-from paliseg.model import backend
-from paliseg.model.layers import WeightLayout, with_layout
+from paliseg.model import kernels, layers
+from paliseg.model.layouts import WeightLayout, with_layout
 from paliseg.model.lora import projections
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(layers.Module):
     """LayerNorm computed in float32 whatever the activation dtype (params `scale`, `bias`)."""
 
     eps: float
@@ -40,15 +40,15 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        scale = backend.stored(self.param("scale", nn.initializers.ones, (width,), jnp.dtype(self.param_dtype)))
-        bias = backend.stored(self.param("bias", nn.initializers.zeros, (width,), jnp.dtype(self.param_dtype)))
+        scale = self.param("scale", nn.initializers.ones, (width,), jnp.dtype(self.param_dtype))
+        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.dtype(self.param_dtype))
         x = x.astype(jnp.float32)
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(layers.Module):
     """flax's `MultiHeadDotProductAttention` layouts: `query`/`key`/`value` kernels [D,N,H], `out` [N,H,D],
     each with a bias."""
 
@@ -74,7 +74,7 @@ class SelfAttention(nn.Module):
         return lora(dense((n, h, d), "...NH,NHD->...D", ("img_o",), name="out"))(out)
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(layers.Module):
     config: ModelConfig
     deterministic: bool = True
 
@@ -88,7 +88,7 @@ class EncoderBlock(nn.Module):
         return x, None
 
 
-class MlpBlock(nn.Module):
+class MlpBlock(layers.Module):
     config: ModelConfig
     deterministic: bool = True
 
@@ -101,7 +101,7 @@ class MlpBlock(nn.Module):
         return lora(dense((f, d), "...F,FD->...D", ("img_fc2",), name="Dense_1"))(nn.gelu(h, approximate=True))
 
 
-class Encoder(nn.Module):
+class Encoder(layers.Module):
     config: ModelConfig
     deterministic: bool = True
 
@@ -137,7 +137,7 @@ def sincos2d_init(key: jax.Array, shape: tuple[int, int, int], dtype=jnp.float32
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None].astype(dtype)
 
 
-class PatchEmbedding(nn.Module):
+class PatchEmbedding(layers.Module):
     """The stride-p p x p VALID convolution (`kernel` HWIO, `bias`): the contraction `...YXC,YXCD->...D` (its
     layout), computed as one matmul over the patches flattened to Y*X*C values (faster on CPU than the
     convolution; an einsum over the three axes would sum them in another order)."""
@@ -153,15 +153,15 @@ class PatchEmbedding(nn.Module):
         param_dtype, dtype = jnp.dtype(self.config.param_dtype), jnp.dtype(self.config.compute_dtype)
         layout = WeightLayout.of(self.EQUATION)
         kernel = self.param("kernel", with_layout(layout.initializer(), layout), (p, p, 3, cfg.width), param_dtype)
-        bias = backend.stored(self.param("bias", nn.initializers.zeros, (cfg.width,), param_dtype))
+        bias = self.param("bias", nn.initializers.zeros, (cfg.width,), param_dtype)
         batch = images.shape[0]
         patches = images.reshape(batch, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, grid * grid, p * p * 3).astype(dtype)
-        kernel = backend.stored(kernel).reshape(p * p * 3, cfg.width).astype(dtype)
-        return backend.weight_einsum("...K,KD->...D", patches, kernel) + bias.astype(dtype)
+        kernel = kernel.reshape(p * p * 3, cfg.width).astype(dtype)
+        return kernels.weight_einsum("...K,KD->...D", patches, kernel) + bias.astype(dtype)
 
 
-class Siglip(nn.Module):
+class Siglip(layers.Module):
     """images [B,H,W,3] in [-1,1] -> image embeddings [B, num_patches, llm width] (float32)."""
 
     config: ModelConfig
@@ -174,7 +174,7 @@ class Siglip(nn.Module):
         x = PatchEmbedding(self.config, name="embedding")(images).astype(jnp.float32)
         init = sincos2d_init if cfg.posemb_init == "sincos2d" else nn.initializers.normal(stddev=cfg.width**-0.5)
         pos = self.param("pos_embedding", init, (1, cfg.num_patches, cfg.width), jnp.dtype(param_dtype))
-        x = x + backend.stored(pos).astype(jnp.float32)
+        x = x + pos.astype(jnp.float32)
         x = Encoder(self.config, self.deterministic, name="Transformer")(x)
         head = einsum((cfg.width, self.config.llm.width), "...D,DE->...E", weight_name="kernel", bias=True, name="head")
         return head(x).astype(jnp.float32)

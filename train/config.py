@@ -213,8 +213,8 @@ class TrainConfig:
     mask_loss_weight: float = setting(
         0.0,
         "loss = token loss + W x mask loss: each object's seg-token distributions (teacher-forced) as expected "
-        "codebook vectors, decoded by the run's frozen VAE and compared with the ground-truth mask in the object's "
-        "box (train.step); 0 trains on tokens only",
+        "codebook vectors, drawn by the run's frozen VAE decoder and compared with the ground-truth mask in the "
+        "object's box (the data's mask files); 0 trains on tokens only",
         metavar="W",
         at_least=0,
         group=OPTIMISATION,

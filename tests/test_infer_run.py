@@ -281,7 +281,7 @@ def _plain_tokenizer(path: Path) -> Path:
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(["segment crack in the wall"] * 50 + ["a b c d e f g h"] * 50), model_writer=buffer,
-        vocab_size=24, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+        vocab_size=23, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
     )  # fmt: skip
     path.write_bytes(buffer.getvalue())
     return path

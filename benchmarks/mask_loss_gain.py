@@ -4,7 +4,8 @@ overall and per class; `--grpo` then runs the demo's GRPO stage from each one's 
 gain is printed last.
 
     .venv/bin/paliseg demo --out demo_out          # once: the data, and the run without the mask loss
-    .venv/bin/python benchmarks/mask_loss_gain.py --demo demo_out [--weight 1] [--mask-loss dice|bce] [--grpo]
+    .venv/bin/python benchmarks/mask_loss_gain.py --demo demo_out [--weight 1] [--mask-loss dice|bce] \
+        [--mask-loss-codes straight-through|expected] [--grpo]
 
 "without" is the demo's own run (the recipe with W = 0: exactly today's token loss) when the steps and
 checkpoints asked for are the demo's; otherwise (`--steps N`, a short check) it is trained too, in
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--out", help="where the runs and reports go (default: DEMO/mask_loss_gain)")
     parser.add_argument("--weight", type=float, default=1.0, help="--mask-loss-weight of the run with it")
     parser.add_argument("--mask-loss", default="dice", choices=("dice", "bce"))
+    parser.add_argument("--mask-loss-codes", default="straight-through", choices=("straight-through", "expected"))
     parser.add_argument("--steps", type=int, help="optimizer steps of both runs (default: the demo's)")
     parser.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the demo's)")
     parser.add_argument("--valid-images", type=int, default=480, help="the larger valid split's size")
@@ -97,11 +99,13 @@ def main() -> None:
     steps, save_every = args.steps or plan.steps, args.save_every or plan.save_every
     demo_data = demo / "data" / "shapes"
     recipe = {**plan.train_settings(demo_data, out), "steps": steps, "save_every": save_every}
-    with_mask = {**recipe, "mask_loss_weight": args.weight, "mask_loss": args.mask_loss}
+    with_mask = {**recipe, "mask_loss_weight": args.weight, "mask_loss": args.mask_loss,
+                 "mask_loss_codes": args.mask_loss_codes}  # fmt: skip
     runs = {"without": demo / "run" if (steps, save_every) == (plan.steps, plan.save_every) else out / "without",
             "with": out / "with"}  # fmt: skip
     print(f"the demo's recipe ({steps} steps of {plan.batch_size}, lr {plan.lr}, seed {plan.seed}) without the mask "
-          f"loss ({runs['without']}) and with {args.weight:g} x {args.mask_loss} ({runs['with']})", flush=True)  # fmt: skip
+          f"loss ({runs['without']}) and with {args.weight:g} x {args.mask_loss}, {args.mask_loss_codes} codes "
+          f"({runs['with']})", flush=True)  # fmt: skip
     session_s = {}
     if runs["without"] != demo / "run":
         session_s["without"] = train(recipe, runs["without"])
@@ -127,7 +131,7 @@ def main() -> None:
         before, after = results["grpo_without"]["large_split"]["miou"], results["grpo_with"]["large_split"]["miou"]
         print(f"after GRPO: mask mIoU {before:.3f} -> {after:.3f}: {after - before:+.3f}")
     before, after = results["without"]["large_split"]["miou"], results["with"]["large_split"]["miou"]
-    print(f"supervised gain of {args.weight:g} x {args.mask_loss} mask loss: mask mIoU {before:.3f} -> {after:.3f} "
+    print(f"supervised gain of {args.weight:g} x {args.mask_loss} mask loss ({args.mask_loss_codes}): mask mIoU {before:.3f} -> {after:.3f} "
           f"on {args.valid_images} valid images: {after - before:+.3f}")  # fmt: skip
 
 

@@ -60,8 +60,10 @@ def _numpy_loss(drawn: np.ndarray, targets: np.ndarray, valid: np.ndarray, kind:
     return float(per_example.mean())
 
 
-@pytest.mark.parametrize("kind", ["dice", "bce"])
-def test_mask_loss_equals_a_direct_numpy_computation(masked, kind):
+@pytest.mark.parametrize(
+    ("kind", "codes"), [("dice", "straight-through"), ("bce", "straight-through"), ("dice", "expected")]
+)
+def test_mask_loss_equals_a_direct_numpy_computation(masked, kind, codes):
     rng = np.random.default_rng(0)
     model = vae.load(masked[1])
     size, length, vocab, slots = 2, 40, 160, 2
@@ -73,12 +75,13 @@ def test_mask_loss_equals_a_direct_numpy_computation(masked, kind):
         "target_masks": rng.uniform(0, 1, (size, slots, 64, 64)).astype(np.float32),
         "target_objects": np.asarray([[1, 1], [1, 0]], np.float32),
     }
-    got = train_step.mask_loss(jnp.asarray(logits), batch, train_step.mask_vae(model, seg_ids), kind)
+    got = train_step.mask_loss(jnp.asarray(logits), batch, train_step.mask_vae(model, seg_ids), kind, codes)
 
     at_segs = logits[np.arange(size)[:, None, None], positions][..., seg_ids].astype(np.float64)  # [B, K, 16, 128]
     probs = np.exp(at_segs - at_segs.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    vectors = probs @ np.asarray(model.params["codebook"], np.float64)  # the expected code vectors
+    codebook = np.asarray(model.params["codebook"], np.float64)
+    vectors = codebook[at_segs.argmax(-1)] if codes == "straight-through" else probs @ codebook
     grid = jnp.asarray(vectors.reshape(size * slots, 4, 4, -1), jnp.float32)
     drawn = np.asarray(MaskDecoder().apply({"params": model.params["decoder"]}, grid)).reshape(size, slots, 64, 64)
     expected = _numpy_loss(drawn, batch["target_masks"], batch["target_objects"], kind)
@@ -110,17 +113,16 @@ def test_targets_and_gradient_reach_only_the_seg_positions(masked):
     assert not np.asarray(grads)[..., other_columns].any()  # only the seg codes' logits
 
 
-def test_one_hot_distributions_give_the_loss_of_the_decoded_ground_truth_tokens(masked):
+@pytest.mark.parametrize("codes", ["straight-through", "expected"])
+def test_one_hot_distributions_give_the_loss_of_the_decoded_ground_truth_tokens(masked, codes):
     data, vae_path = masked
     train, tokenizer = _train_data(data, mask_loss_weight=1.0)
     example_ids = train.example_ids(0)[0]
     batch = _micro(train.batch(0))
     targets = np.asarray(batch["tokens"][:, 1:])
-    logits = 1e4 * jax.nn.one_hot(
-        targets, tokenizer.vocab_size
-    )  # softmax of the seg codes: exactly the teacher-forced code
+    logits = 1e4 * jax.nn.one_hot(targets, tokenizer.vocab_size)  # the seg codes' softmax: the teacher's code
     model = vae.load(vae_path)
-    got = train_step.mask_loss(logits, batch, train_step.mask_vae(model, tokenizer.seg_ids))
+    got = train_step.mask_loss(logits, batch, train_step.mask_vae(model, tokenizer.seg_ids), codes=codes)
 
     segs = [codec.parse_suffix(train.examples[int(i)].record.suffix).objects[0].seg for i in example_ids]
     drawn = model.decode(np.asarray(segs))[:, None]  # [B, 1 object, 64, 64]
@@ -178,6 +180,7 @@ def test_a_run_with_the_mask_loss_records_it_and_resumes_exactly(masked, tmp_pat
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "whole")
     saved = json.loads((tmp_path / "cut" / "config.json").read_text())["train"]
     assert saved["mask_loss_weight"] == 0.5 and saved["mask_loss"] == "bce"
+    assert saved["mask_loss_codes"] == "straight-through"
     header = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["step", "loss", "token_loss", "mask_loss"]
     with pytest.raises(ValueError, match="started with other settings"):

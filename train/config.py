@@ -225,6 +225,14 @@ class TrainConfig:
         choices=("dice", "bce"),
         group=OPTIMISATION,
     )
+    mask_loss_codes: str = setting(
+        "straight-through",
+        "what the mask loss decodes at each seg position: the most likely code, with the gradient of the "
+        "expected one (straight-through: the loss is that of the mask greedy decoding draws), or the expected "
+        "code vector (probabilities x codebook)",
+        choices=("straight-through", "expected"),
+        group=OPTIMISATION,
+    )
     seed: int = setting(0, "seeds data order, augmentation, adapters, dropout", metavar="S", group=OPTIMISATION)
     augment: bool = setting(
         True, "turn off the photometric augmentation (brightness, contrast, saturation)", group=OPTIMISATION

@@ -8,10 +8,13 @@ computed from logsumexp and the logit sum, so no [B, T, V] one-hot or log-prob a
 With --mask-loss-weight W, the loss is token loss + W x mask loss. Cross-entropy makes every wrong seg code
 equally wrong and never shows the model the mask its codes draw; the mask loss does, differentiably, under
 the same teacher forcing: at each of an object's 16 seg positions, the model's distribution over the 128
-seg codes (softmax of their logits only) gives the expected code vector (probabilities x codebook), the
-run's VAE decoder (frozen) draws the 64x64 mask of the object's box from them, and soft Dice (or BCE)
-compares it with the ground truth as the VAE's encoder sees it (`train.data.mask_loss_targets`). It
-reaches only the seg positions' seg-code logits: loc and label positions get no gradient from it.
+seg codes (softmax of their logits only) picks a code vector, the run's VAE decoder (frozen) draws the 64x64
+mask of the object's box from the 16, and soft Dice (or BCE) compares it with the ground truth as the VAE's
+encoder sees it (`train.data.mask_loss_targets`). The code vector is the most likely code's, differentiated
+as the expected one (probabilities x codebook; straight-through), so the loss is that of the mask greedy
+decoding would draw: decoding the expected vectors instead (`--mask-loss-codes expected`) lets a blend of
+codes draw a mask no single code draws, and measured worse. The loss reaches only the seg positions'
+seg-code logits: loc and label positions get no gradient from it.
 
 The step takes a batch shaped [grad_accum, micro_batch, ...], scans over the micro-batches summing
 gradients (so memory is one micro-batch's), averages them, and applies the optimizer. Gradients exist only
@@ -81,15 +84,27 @@ def mask_vae_shapes() -> MaskVae:
     }
 
 
-def mask_loss(logits: jax.Array, batch: dict[str, jax.Array], vae: MaskVae, kind: str = "dice") -> jax.Array:
+def mask_loss(
+    logits: jax.Array,
+    batch: dict[str, jax.Array],
+    vae: MaskVae,
+    kind: str = "dice",
+    codes: str = "straight-through",
+) -> jax.Array:
     """Per-example mean over its objects of the loss between the mask each object's seg-code distributions
     decode to and its target mask, then the batch mean (an example without objects adds 0). `logits`
-    [B, T, V] predict `tokens[:, 1:]`; the batch holds `train.data.mask_loss_fields` ([B, K, ...])."""
+    [B, T, V] predict `tokens[:, 1:]`; the batch holds `train.data.mask_loss_fields` ([B, K, ...]). `codes`:
+    decode the most likely codes with the expected vectors' gradient (straight-through), or the expected
+    vectors (`--mask-loss-codes`)."""
     positions = batch["seg_positions"]  # [B, K, 16]
     size, slots, per_object = positions.shape
     seg_logits = jnp.take(logits.astype(jnp.float32), vae["seg_ids"], axis=-1)  # [B, T, 128]
     at_segs = jnp.take_along_axis(seg_logits, positions.reshape(size, slots * per_object, 1), axis=1)
-    vectors = jax.nn.softmax(at_segs, axis=-1) @ vae["codebook"]  # the expected code vectors [B, K * 16, D]
+    weights = jax.nn.softmax(at_segs, axis=-1)
+    if codes == "straight-through":
+        most_likely = jax.nn.one_hot(jnp.argmax(at_segs, axis=-1), weights.shape[-1])
+        weights = most_likely + weights - jax.lax.stop_gradient(weights)
+    vectors = weights @ vae["codebook"]  # [B, K * 16, D]
     grid = vectors.reshape(size * slots, vae_model.GRID, vae_model.GRID, -1)
     drawn = vae_model.MaskDecoder().apply({"params": vae["decoder"]}, grid)  # [B * K, 64, 64] logits
     targets = batch["target_masks"].reshape(drawn.shape)
@@ -126,7 +141,7 @@ def example_loss(
     tokens = token_loss(logits, batch["tokens"][:, 1:], batch["mask_loss"][:, 1:], config.label_smoothing)
     if not config.mask_loss_weight:
         return tokens, {}
-    masks = mask_loss(logits, batch, vae, config.mask_loss)
+    masks = mask_loss(logits, batch, vae, config.mask_loss, config.mask_loss_codes)
     return tokens + config.mask_loss_weight * masks, {"token_loss": tokens, "mask_loss": masks}
 
 

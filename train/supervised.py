@@ -53,7 +53,8 @@ class Supervised:
         described = f"batch {config.batch_size} in {config.grad_accum} micro-batch(es)"
         if config.mask_loss_weight:
             described += (
-                f"; + {config.mask_loss_weight:g} x {config.mask_loss} mask loss through the VAE {self.vae_path}"
+                f"; + {config.mask_loss_weight:g} x {config.mask_loss} mask loss ({config.mask_loss_codes} codes) "
+                f"through the VAE {self.vae_path}"
             )
         return described
 

@@ -14,7 +14,6 @@ costs on one machine (on more machines, workers add their cores).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,13 +30,9 @@ from paliseg import dataset  # noqa: E402
 
 def box_only_export(root: Path, count: int) -> Path:
     synthetic.write_synthetic_coco(
-        root, n_train=count, n_valid=0, seed=0, config=synthetic.ShapesConfig(256, ("ellipse", "rectangle"), (2, 3))
-    )
-    path = root / "train" / "_annotations.coco.json"
-    data = json.loads(path.read_text())
-    for annotation in data["annotations"]:
-        annotation["segmentation"] = []
-    path.write_text(json.dumps(data))
+        root, n_train=count, n_valid=0, seed=0, config=synthetic.ShapesConfig(256, ("ellipse", "rectangle"), (2, 3)),
+        box_only=True,
+    )  # fmt: skip
     return root
 
 

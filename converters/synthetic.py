@@ -253,8 +253,10 @@ def coco_split(
     image_format: str,
     overwrite: bool,
     on_image: Callable[[], None] | None = None,
+    box_only: bool = False,
 ) -> dict:
-    """Write one split folder (images + `_annotations.coco.json`); returns its COCO dict."""
+    """Write one split folder (images + `_annotations.coco.json`); returns its COCO dict. `box_only`: boxes
+    without polygons (`segmentation: []`), as Roboflow exports box-annotated data (the drywall set)."""
     folder = Path(out_dir) / split
     categories = [{"id": 0, "name": project, "supercategory": "none"}]
     categories += [{"id": i, "name": name, "supercategory": project} for i, name in enumerate(config.classes, start=1)]
@@ -282,7 +284,7 @@ def coco_split(
                     "category_id": category_ids[obj.class_name],
                     "bbox": list(obj.bbox_xywh),
                     "area": int(obj.mask.sum()),
-                    "segmentation": [list(obj.polygon)],
+                    "segmentation": [] if box_only else [list(obj.polygon)],
                     "iscrowd": 0,
                 }
             )
@@ -316,11 +318,12 @@ def write_synthetic_coco(
     image_format: str = "jpg",
     overwrite: bool = False,
     on_image: Callable[[], None] | None = None,
+    box_only: bool = False,
 ) -> dict[str, int]:
     """Write OUT/train and OUT/valid as a Roboflow COCO export; returns {split: number of images}.
 
     `on_image` is called after each image (a progress bar's update). Existing files are refused unless
-    `overwrite`. `image_format` "jpg" is what Roboflow exports (lossy: the painted pixels blur a little at the
+    `overwrite`. `box_only` writes boxes without polygons (SAM or `--box-masks fill` gives their masks). `image_format` "jpg" is what Roboflow exports (lossy: the painted pixels blur a little at the
     edges); "png" keeps them exact."""
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
@@ -328,7 +331,7 @@ def write_synthetic_coco(
         raise ValueError(f"the project name {project!r} must differ from the class names (it is the placeholder)")
     counts = {records.TRAIN_SPLIT: n_train, records.VALID_SPLIT: n_valid}
     for split, count in counts.items():
-        coco_split(out_dir, split, count, config, seed, project, image_format, overwrite, on_image)
+        coco_split(out_dir, split, count, config, seed, project, image_format, overwrite, on_image, box_only)
     return counts
 
 

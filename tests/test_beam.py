@@ -38,13 +38,9 @@ def polygon_export(root: Path) -> Path:
 
 def box_only_export(root: Path) -> Path:
     synthetic.write_synthetic_coco(
-        root, n_train=7, n_valid=0, seed=5, config=synthetic.ShapesConfig(64, ("ellipse", "rectangle"), (1, 3))
-    )
-    path = root / "train" / "_annotations.coco.json"
-    data = json.loads(path.read_text())
-    for annotation in data["annotations"]:
-        annotation["segmentation"] = []
-    path.write_text(json.dumps(data))
+        root, n_train=7, n_valid=0, seed=5, config=synthetic.ShapesConfig(64, ("ellipse", "rectangle"), (1, 3)),
+        box_only=True,
+    )  # fmt: skip
     return root
 
 

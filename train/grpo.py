@@ -62,7 +62,6 @@ from train import run as run_folder
 from train import sharding
 from train.config import TrainConfig
 from train.loop import Context, Start
-from vae import identity
 
 GRPO_FIELDS = (
     "step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction", "zero_variance_groups",
@@ -261,8 +260,7 @@ class Grpo:
     def __init__(self, context: Context):
         self.context = context
         config = context.config
-        vae_model = vae.load(identity.resolve(context.vae, recorded_by="the --data folders").path)
-        self.rollouts = Rollouts(config, context.tokenizer, context.data, vae_model)
+        self.rollouts = Rollouts(config, context.tokenizer, context.data, context.load_vae())
         self.grammar = decoding.segment_grammar(context.tokenizer, context.model_cfg.llm.vocab_size)
         self.sampler_cfg = context.model_cfg.replace(remat=False)
         self.sampling = decoding.Sampling(config.grpo.temperature, config.grpo.top_p)

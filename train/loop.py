@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import optax
 
+import vae
 from paliseg import checkpoints as base_checkpoints
 from paliseg import console, files
 from paliseg.config import ModelConfig
@@ -63,8 +64,13 @@ class Context:
     model_cfg: ModelConfig
     tokenizer: Tokenizer
     data: train_data.TrainData
-    vae: identity.VaeIdentity | None  # the VAE that wrote the data's seg tokens, as the run records it
+    recorded_vae: identity.VaeIdentity | None  # the VAE that wrote the data's seg tokens, as the run records it
     mesh: jax.sharding.Mesh
+
+    def load_vae(self) -> vae.MaskVAE:
+        """The VAE that wrote the data's seg tokens (`recorded_vae`, found where it is recorded), for an
+        objective that decodes the model's seg tokens into masks."""
+        return vae.load(identity.resolve(self.recorded_vae, recorded_by="the --data folders").path)
 
 
 class Objective(Protocol):
@@ -226,8 +232,11 @@ def run(
     process, processes = jax.process_index(), jax.process_count()
     data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, process, processes)
     if resume:
-        run_folder.Run(out).check_same_data(data.digests)
-    recorded_vae = run_folder.Run(out).vae if resume else run_folder.data_vae(config.data)
+        saved = run_folder.Run(out)  # config.json read once
+        saved.check_same_data(data.digests)
+        recorded_vae = saved.vae
+    else:
+        recorded_vae = run_folder.data_vae(config.data)
     mesh = sharding.make_mesh(config.mesh_fsdp)
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
     objective = objective_type(Context(config, model_cfg, tokenizer, data, recorded_vae, mesh))

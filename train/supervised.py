@@ -9,11 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 
-import vae
 from train import sharding
 from train import step as train_step
 from train.loop import Context, Start
-from vae import identity
 
 FIELDS = ("step", "loss", "lr", "grad_norm", "examples_per_s", "elapsed_s")
 
@@ -44,8 +42,9 @@ class Supervised:
         self.fields = FIELDS
         self.mask_vae: tuple = ()  # the step's last argument with --mask-loss-weight
         if context.config.mask_loss_weight > 0:  # the VAE that wrote the data's tokens decodes the model's
-            self.vae_path = identity.resolve(context.vae, recorded_by="the --data folders").path
-            self.mask_vae = (train_step.mask_vae(vae.load(self.vae_path), context.tokenizer.seg_ids),)
+            model = context.load_vae()
+            self.vae_source = model.source
+            self.mask_vae = (train_step.mask_vae(model, context.tokenizer.seg_ids),)
             self.fields = FIELDS[:2] + train_step.MASK_LOSS_METRICS + FIELDS[2:]
 
     def describe(self) -> str:
@@ -54,7 +53,7 @@ class Supervised:
         if config.mask_loss_weight:
             described += (
                 f"; + {config.mask_loss_weight:g} x {config.mask_loss} mask loss ({config.mask_loss_codes} codes) "
-                f"through the VAE {self.vae_path}"
+                f"through the VAE {self.vae_source}"
             )
         return described
 

@@ -17,6 +17,7 @@ from infer.config import (
     ServeSettings,
 )
 from paliseg import settings
+from train.config import ProcessSettings
 
 _PREDICT_HELP = (
     "Predict boxes and full-resolution masks for images and prompts, with a run's checkpoint or any checkpoint."
@@ -70,6 +71,11 @@ outputs in REPORT_DIR:
 a checkpoint that fails to load or decode is reported and skipped; unreadable images and masks are
 counted skips (listed in the report).
 
+every device decodes its share of each batch (--batch-size rounded up to a multiple of the devices). On
+several hosts start the same command on each with --distributed or --coordinator/--num-processes/
+--process-id, as for `paliseg train`: each host reads its share of the images, process 0 writes the report
+(RUN_DIR and --data readable by every host). The report is the one a single device writes.
+
 examples:
   paliseg eval runs/r1 --data data/cracks --out runs/r1/eval
   paliseg eval runs/r1 --data data/cracks --split test --steps 100,200 --limit 50 --out /tmp/quick --json
@@ -113,6 +119,7 @@ def register(subparsers) -> None:
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `paliseg train` run folder")
     groups = settings.add_arguments(evaluate, EvalSettings)
     groups[INPUTS_OUTPUTS].add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    settings.add_arguments(evaluate, ProcessSettings)
 
     serve = _subcommand(subparsers, "serve", _SERVE_HELP, _SERVE_EPILOG, run_serve)
     settings.add_arguments(serve, ServeSettings)
@@ -216,9 +223,13 @@ def _predict_text(result: dict) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     from infer import sweep
     from paliseg import console
+    from train import sharding
 
     config = settings.from_args(args, EvalSettings, run_dir=args.run_dir)
+    sharding.join_processes(settings.from_args(args, ProcessSettings))
     report = sweep.evaluate_run(config)
+    if report is None:  # another process than 0: it decoded its share, process 0 wrote the report
+        return 0
     console.report(report, _eval_text(report, config.out), args.json)
     return 0
 

@@ -54,7 +54,11 @@ class Predictor:
         source: str = "<params>",
         step: int | None = None,
         constrain: bool | None = None,
+        mesh=None,
     ):
+        """`mesh`: decode each batch split over its devices, of every process (`train.sharding.make_mesh`;
+        `paliseg eval` across devices and hosts); the batch size is rounded up to a multiple of them. None:
+        one device."""
         import vae
 
         if tokenizer.vocab_size > config.llm.vocab_size:
@@ -65,12 +69,18 @@ class Predictor:
         import jax
 
         from paliseg.model import inference
+        from train import sharding
 
         # One program serves every checkpoint: no recompute-in-backward (there is no backward), and the
         # params on one device whatever sharding they were restored with (a new sharding would retrace),
-        # laid out as decoding on this backend wants them (the caller's params are left intact).
-        params = jax.device_put(params, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        # laid out as decoding on this backend wants them (the caller's params are left intact); with a
+        # mesh, then copied to each of its devices.
+        params = jax.device_put(params, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         self.config, self.params = inference.for_inference(config.replace(remat=False), params)
+        self.mesh = mesh
+        if mesh is not None:
+            self.params = sharding.place(self.params, jax.tree.map(lambda _: sharding.replicated(mesh), self.params))
+            batch_size = -(-batch_size // mesh.size) * mesh.size
         self.tokenizer = tokenizer
         self.vae = vae_model if vae_model is not None else vae.load()
         self.batch_size = batch_size
@@ -153,26 +163,40 @@ class Predictor:
         self, images: Sequence[np.ndarray], prompts: Sequence[str], batch_size: int | None = None
     ) -> list[decoding.Decoded]:
         """Preprocessed images ([S, S, 3] in [-1, 1], S = the config's image size) and prompts -> decoded
-        texts with their objects' confidences, in batches of `batch_size` (default: the predictor's; a short
-        last batch is padded with copies of its first item)."""
-        from paliseg import decoding
+        texts with their objects' confidences, in batches of `batch_size` (default: the predictor's; with a
+        mesh, a multiple of its devices; a short last batch is padded with copies of its first item)."""
 
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         size = batch_size or self.batch_size
         texts: list[decoding.Decoded] = []
         for start in range(0, len(images), size):
-            batch_images = list(images[start : start + size])
-            batch_prompts = list(prompts[start : start + size])
-            real = len(batch_images)
-            batch_images += [batch_images[0]] * (size - real)
-            batch_prompts += [batch_prompts[0]] * (size - real)
-            decoded = decoding.predict_texts(
-                self.config, self.params, self.tokenizer, np.stack(batch_images), batch_prompts,
-                max_new_tokens=self.max_new_tokens, constrain=self.constrain,
-            )  # fmt: skip
-            texts += decoded[:real]
+            batch_images = padded(images[start : start + size], size)
+            decoded = self.decode_batch(
+                batch_images[self.local_rows(size)], padded(prompts[start : start + size], size)
+            )
+            texts += decoded[: len(images[start : start + size])]
         return texts
+
+    def local_rows(self, size: int) -> slice:
+        """The rows of a batch of `size` whose images this process loads (`decode_batch`)."""
+        from train import sharding
+
+        return slice(None) if self.mesh is None else sharding.local_rows(size)
+
+    def decode_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[decoding.Decoded]:
+        """One batch: this process's rows of preprocessed images (`local_rows` of the batch) and every row's
+        prompt -> every row's decoded text."""
+        from paliseg import decoding
+        from train import sharding
+
+        pixels = np.stack(images)
+        if self.mesh is not None:
+            pixels = sharding.global_rows(pixels, self.mesh)
+        return decoding.predict_texts(
+            self.config, self.params, self.tokenizer, pixels, prompts, max_new_tokens=self.max_new_tokens,
+            constrain=self.constrain,
+        )  # fmt: skip
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         from paliseg import images
@@ -202,6 +226,11 @@ class Predictor:
             degenerate,
             [item.chunk_scores for item in decoded],
         )
+
+
+def padded(rows: Sequence, size: int) -> list:
+    """`rows` filled up to `size` with copies of the first: a short last batch runs the same program."""
+    return list(rows) + [rows[0]] * (size - len(rows))
 
 
 def _quantized(config, params: dict, quantize: str | None) -> tuple[Any, dict]:

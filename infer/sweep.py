@@ -41,7 +41,7 @@ import numpy as np
 from infer import cache as prediction_cache
 from infer.config import METRICS, EvalSettings
 from infer.prediction import Prediction, from_texts, ground_truth, score
-from infer.predictor import Predictor
+from infer.predictor import Predictor, padded
 from metrics import aggregate, scoring
 from paliseg import console, dataset, files, images
 from paliseg.dataset import Item
@@ -121,30 +121,47 @@ def _claim(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
 
 def decode_step(
     predictor_factory: Callable[[], Predictor],
-    items: Sequence[Item],
-    cache: prediction_cache.PredictionCache,
-    batch_size: int,
+    todo: Sequence[Item],
+    cache: prediction_cache.PredictionCache | None,
     progress_desc: str,
 ) -> int:
-    """Decode the items the cache does not hold yet, appending each batch to it. Returns how many."""
-    todo = [item for item in items if item.key not in cache]
+    """Decode `todo` (the items the cache does not hold yet), appending each batch to the cache (None: on
+    the processes that do not write the report). Each batch is split over the predictor's devices: this
+    process loads only its rows' images. Returns how many were decoded."""
     if not todo:
         return 0
     predictor = predictor_factory()
+    size = predictor.batch_size
     bar = console.progress_bar(progress_desc, total=len(todo), unit="image")
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            pixels = [predictor.preprocess(images.read_image(item.record.image_path)) for item in batch]
-            decoded = predictor.decode_texts(pixels, [item.record.prefix for item in batch])
-            cache.append(
-                {"key": item.key, "text": one.text, "chunk_scores": list(one.chunk_scores)}
-                for item, one in zip(batch, decoded)
-            )
+        for start in range(0, len(todo), size):
+            batch = todo[start : start + size]
+            rows = padded(batch, size)
+            pixels = [
+                predictor.preprocess(images.read_image(item.record.image_path))
+                for item in rows[predictor.local_rows(size)]
+            ]
+            decoded = predictor.decode_batch(pixels, [item.record.prefix for item in rows])[: len(batch)]
+            if cache is not None:
+                cache.append(
+                    {"key": item.key, "text": one.text, "chunk_scores": list(one.chunk_scores)}
+                    for item, one in zip(batch, decoded)
+                )
             bar.update(len(batch))
     finally:
         bar.close()
     return len(todo)
+
+
+def agreed_todo(items: Sequence[Item], cache: prediction_cache.PredictionCache | None) -> list[Item]:
+    """The items to decode: those the report writer's cache (process 0's) lacks, told to every process."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    missing = np.asarray([cache is not None and item.key not in cache for item in items], bool)
+    if jax.process_count() > 1:
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    return [item for item, needed in zip(items, missing) if needed]
 
 
 def predictions_of(
@@ -193,14 +210,21 @@ def pick_best(results: Sequence[StepResult], metric: str) -> StepResult | None:
     return max(candidates, key=rank)
 
 
-def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | None = None) -> dict[str, Any]:
+def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | None = None) -> dict[str, Any] | None:
     """Score the checkpoints of `config.run_dir` on its data's split and write the report into `config.out`
     (the settings of `paliseg eval`: `infer.config.EvalSettings`). `on_step_done(step)` is called after each
     step's texts are cached (the demo's progress, the tests' crash). Returns the report's content (see
     `infer.sweep_report.build`).
+
+    Every device decodes its share of each batch; across processes (`jax.distributed`, as `paliseg train`
+    joins them) each one loads only its rows' images, and process 0 alone keeps the cache, scores and
+    writes the report (the others return None). The report is the one one device writes.
     """
+    import jax
+
     import vae
     from infer import sweep_report
+    from train import sharding
 
     run = Run.open(config.run_dir)
     run_dir, data_dir, out_dir, split = run.dir, Path(config.data), Path(config.out), config.split
@@ -220,8 +244,11 @@ def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | Non
         console.info(f"skipped {skip.where}: {skip.message}")
     decoding = config.decoding
     vae_file = vae_for(run, data_dir, decoding.vae, decoding.allow_vae_mismatch)
-    claimed = {"run_dir": str(run_dir.absolute()), "data": str(data_dir.absolute()), "split": split}
-    _claim(out_dir, claimed, config.overwrite)
+    writer = jax.process_index() == 0
+    if writer:
+        claimed = {"run_dir": str(run_dir.absolute()), "data": str(data_dir.absolute()), "split": split}
+        _claim(out_dir, claimed, config.overwrite)
+    mesh = sharding.make_mesh() if jax.device_count() > 1 else None
     max_new_tokens = decoding.max_new_tokens or run.train_config.seq_len
     vae_model = vae.load(vae_file.path)
 
@@ -230,11 +257,11 @@ def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | Non
 
     for step in wanted:
         started = time.perf_counter()
-        cache = prediction_cache.PredictionCache(
-            prediction_cache.step_path(out_dir, step),
-            _fingerprint(run, step, max_new_tokens, decoding.dtype, decoding.quantize),
+        fingerprint = _fingerprint(run, step, max_new_tokens, decoding.dtype, decoding.quantize)
+        cache = (
+            prediction_cache.PredictionCache(prediction_cache.step_path(out_dir, step), fingerprint) if writer else None
         )
-        cached = sum(item.key in cache for item in items)
+        todo = agreed_todo(items, cache)
         factory = lambda step=step: Predictor.from_run(  # noqa: E731 - the run keeps the frozen base for every step
             run,
             step,
@@ -243,18 +270,21 @@ def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | Non
             max_new_tokens=max_new_tokens,
             dtype=decoding.dtype,
             quantize=decoding.quantize,
+            mesh=mesh,
         )
         try:
-            decoded = decode_step(factory, items, cache, config.batch_size, f"step {step}")
+            decoded = decode_step(factory, todo, cache, f"step {step}")
         except Exception as error:
             message = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             console.info(f"step {step}: FAILED, skipped ({message})")
-            results.append(StepResult(step, "failed", cached=cached, error=message))
+            results.append(StepResult(step, "failed", cached=len(items) - len(todo), error=message))
             continue
         caches[step] = cache
-        results.append(StepResult(step, "ok", decoded, cached, time.perf_counter() - started))
+        results.append(StepResult(step, "ok", decoded, len(items) - len(todo), time.perf_counter() - started))
         if on_step_done is not None:
             on_step_done(step)
+    if not writer:
+        return None
 
     scores, ceiling_scores, degenerate = _score(items, caches, vae_model, config.ceiling)
     for result in results:

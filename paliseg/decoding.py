@@ -23,11 +23,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from paliseg.config import ModelConfig
 from paliseg.model.inference import decoding_view
@@ -432,7 +433,7 @@ def predict_texts(
     config: ModelConfig,
     params: dict,
     tokenizer: Tokenizer,
-    images: np.ndarray,
+    images: np.ndarray | jax.Array,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 64,
@@ -441,14 +442,16 @@ def predict_texts(
     rng: jax.Array | None = None,
 ) -> list[Decoded]:
     """Images [B,H,W,3] in [-1,1] and one prompt per image -> decoded suffixes with per-object confidences.
-    `constrain=None` uses the grammar for every batch whose prompts all start with "segment"."""
+    `constrain=None` uses the grammar for every batch whose prompts all start with "segment". `images` may be
+    a global array split over several devices and processes (`infer.predictor.Predictor` with a mesh): every
+    process passes every prompt and gets every row's text."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     if constrain is None:
         constrain = all(is_segment_prompt(p) for p in prompts)
     longest = max(len(tokenizer.encode(p, bos=True) + tokenizer.encode("\n")) for p in prompts)
     encoded = [tokenizer.encode_prompt(p, prompt_length_bucket(longest)) for p in prompts]
-    batch = {k: np.stack([e[k] for e in encoded]) for k in ("tokens", "mask_ar", "mask_input")}
+    batch = {k: _split_like(np.stack([e[k] for e in encoded]), images) for k in ("tokens", "mask_ar", "mask_input")}
     grammar = segment_grammar(tokenizer, config.llm.vocab_size) if constrain else None
     out = generate(
         config,
@@ -464,5 +467,18 @@ def predict_texts(
         sampling=sampling,
         rng=rng,
     )
-    tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+    tokens, logprobs = _every_row(out.tokens), _every_row(out.logprobs)
     return [Decoded(tokenizer.decode(row), chunk_scores(tokenizer, row, lp)) for row, lp in zip(tokens, logprobs)]
+
+
+def _split_like(rows: np.ndarray, images) -> Any:
+    """The prompts' rows, split over the devices as the images are: a batch split over the devices of
+    several processes is one global array, and each process places only its own rows."""
+    if not isinstance(images, jax.Array) or len(images.sharding.device_set) == 1:
+        return rows
+    return jax.make_array_from_callback(rows.shape, images.sharding, lambda index: rows[index])
+
+
+def _every_row(array: jax.Array) -> np.ndarray:
+    """A decoded array's rows, all of them on every process (a batch split over several processes)."""
+    return np.asarray(array if array.is_fully_addressable else multihost_utils.process_allgather(array, tiled=True))

@@ -5,6 +5,12 @@ started with tests/ on sys.path imports them too (it cannot use the fixtures of 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -151,3 +157,54 @@ def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
     ))  # fmt: skip
     train_commands.run(config)
     return data, root / "run", vae_path
+
+
+# --- jobs of several processes ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_processes(argv: list[str], logs: Path, processes: int = 2, devices: int = 2, timeout: float = 600) -> None:
+    """`paliseg ARGV` as one job of `processes` processes (`devices` CPU devices each) joined by
+    jax.distributed, as on hosts of a pod. Each one's output goes to a file LOGS/process_<i>.log, not a pipe:
+    a pipe nobody reads while the harness waits for another process fills up and blocks its writer, and
+    the others then wait for it in a collective forever. Fails, with the logs' tails, when a process exits
+    non-zero or the deadline passes (the others are stopped: they would wait for the missing one). A stopped
+    process gets SIGABRT first, so its log ends with every thread's Python stack (faulthandler): where it
+    waited."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONFAULTHANDLER="1")  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    logs.mkdir(parents=True, exist_ok=True)
+    started = []
+    for index in range(processes):
+        joined = ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(index)]
+        with open(logs / f"process_{index}.log", "wb") as log:
+            command = [sys.executable, "-m", "paliseg.cli.main", *argv, *joined]
+            started.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in started) and time.monotonic() < deadline:
+            if any(p.returncode not in (None, 0) for p in started):
+                break
+            time.sleep(0.2)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGABRT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            process.wait()
+    codes = [process.returncode for process in started]
+    tails = "".join(
+        f"\n--- process {i} ---\n" + (logs / f"process_{i}.log").read_text(errors="replace")[-6000:]
+        for i in range(processes)
+    )
+    assert codes == [0] * processes, (
+        f"exit codes {codes} (killed: past the {timeout} s deadline, or a peer failed){tails}"
+    )

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PROMPT, train_tiny_run
+from helpers import PROMPT, run_processes, train_tiny_run
 from PIL import Image
 
 import vae
 from infer import sweep
+from infer.cache import PredictionCache, step_path
 from infer.config import DecodingSettings, EvalSettings
 from infer.prediction import from_text
 from infer.predictor import Predictor
@@ -42,15 +43,16 @@ def setup(tmp_path_factory):
 
 
 def _count_decodes(monkeypatch) -> list[int]:
-    """Patch the decoder to record how many images each call decodes."""
+    """Patch the prediction cache to record how many decoded records each batch adds."""
     calls: list[int] = []
-    original = Predictor.decode_texts
+    original = PredictionCache.append
 
-    def counting(self, images, prompts):
-        calls.append(len(images))
-        return original(self, images, prompts)
+    def counting(self, entries):
+        entries = list(entries)
+        calls.append(len(entries))
+        return original(self, entries)
 
-    monkeypatch.setattr(Predictor, "decode_texts", counting)
+    monkeypatch.setattr(PredictionCache, "append", counting)
     return calls
 
 
@@ -128,6 +130,33 @@ def test_sweep_resumes_after_a_crash_and_equals_an_uninterrupted_one(setup, swep
     with pytest.raises(FileExistsError, match="--overwrite"):
         sweep.evaluate_run(EvalSettings(run_dir=run_dir, data=other, out=tmp_path / "cut",
                                         decoding=DecodingSettings(vae=vae_path)))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_eval_split_over_two_processes_writes_the_one_device_report(setup, swept, tmp_path):
+    """`paliseg eval` in 2 processes of 2 devices each, joined as `paliseg train` joins them: each batch (2,
+    rounded up to 4: a row per device) is split over the 4 devices, each process loads its rows' images, and
+    process 0 writes the report one device wrote, from the same decoded texts."""
+    data, run_dir, vae_path = setup
+    whole, whole_dir, _, _ = swept
+    out = tmp_path / "multi"
+    argv = ["eval", str(run_dir), "--data", str(data), "--out", str(out), "--vae", str(vae_path), "--batch-size", "2"]
+    run_processes(argv, tmp_path / "logs")
+    multi = json.loads((out / "report.json").read_text())
+    assert _stable(multi) | {"title": ""} == _stable(whole) | {"title": ""}
+    for step in (0, 2, 4):
+        multi_texts, one_texts = (
+            {entry["key"]: entry for entry in _cached(step_path(f, step))} for f in (out, whole_dir)
+        )
+        assert {k: e["text"] for k, e in multi_texts.items()} == {k: e["text"] for k, e in one_texts.items()}
+        for key, entry in one_texts.items():  # confidences: the same up to float rounding in another batch shape
+            assert multi_texts[key]["chunk_scores"] == pytest.approx(entry["chunk_scores"], rel=1e-5)
+        assert len(one_texts) == 3
+
+
+def _cached(path: Path) -> list[dict]:
+    """The decoded records of a prediction cache file (its first line is the fingerprint)."""
+    return [json.loads(line) for line in path.read_text().splitlines()[1:]]
 
 
 def test_report_files_best_json_and_scores(setup, swept):

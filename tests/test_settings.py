@@ -19,7 +19,6 @@ from paliseg.cli import demo
 from paliseg.cli.main import build_parser
 from paliseg.config import LoraConfig
 from paliseg.settings import setting
-from train import commands as train_commands
 from train import config as train_config
 from train import run as run_folder
 from vae import commands as vae_commands
@@ -374,10 +373,10 @@ def test_train_to_argv_round_trips_through_the_command_line(tmp_path):
 COMMAND_SETTINGS = {
     "convert": (ConvertConfig,),
     "validate": (converters_commands.ValidateSettings,),
-    "train": (train_config.TrainConfig, train_commands.ProcessSettings, train_config.PlanConfig),
+    "train": (train_config.TrainConfig, train_config.ProcessSettings, train_config.PlanConfig),
     "plan": (train_config.TrainConfig, train_config.PlanConfig),
     "predict": (infer_config.PredictSettings,),
-    "eval": (infer_config.EvalSettings,),
+    "eval": (infer_config.EvalSettings, train_config.ProcessSettings),
     "serve": (infer_config.ServeSettings,),
     "score": (metrics_commands.ScoreSettings,),
     "visualize": (metrics_commands.VisualizeSettings,),

@@ -1,6 +1,6 @@
 """Fine-tuning across processes: 8 simulated CPU devices (data x FSDP) and two processes joined by
 jax.distributed give the losses of one device, and a training process killed mid-run resumes to exactly
-the losses of an uninterrupted run."""
+the losses of an uninterrupted run (with other --workers; its data workers die with it)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset, read_losses, tiny_config
+from helpers import make_dataset, read_losses, run_processes, tiny_config
 
 from paliseg.cli.main import main
 from train import commands as train_commands
@@ -73,13 +73,11 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
         "2",
         "--lr",
         "3e-3",
-        "--workers",
-        "2",
     ]
-    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    assert main(["train", *args, "--workers", "0", "--out", str(tmp_path / "whole")]) == 0
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "paliseg.cli.main", "train", *args, "--out", str(run_dir)]
+    command = [sys.executable, "-m", "paliseg.cli.main", "train", *args, "--workers", "2", "--out", str(run_dir)]
     process = subprocess.Popen(
         command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -93,30 +91,25 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert main(["train", "--out", str(run_dir), "--resume"]) == 0
+    deadline = time.monotonic() + 30
+    while _live_processes(session=process.pid):  # its data workers (and their resource tracker) exit with it
+        assert time.monotonic() < deadline, f"processes of the killed run still alive: {_live_processes(process.pid)}"
+        time.sleep(0.1)
+    assert main(["train", "--out", str(run_dir), "--resume", "--workers", "1"]) == 0
     assert read_losses(run_dir) == read_losses(tmp_path / "whole")
 
 
-def _train_in_two_processes(args: list[str], out: Path) -> None:
-    """`paliseg train ARGS --out OUT` in two processes (2 CPU devices each) joined by jax.distributed."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    command = [*args, "--out", str(out), "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "paliseg.cli.main", "train", *command, "--process-id", str(i)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in (0, 1)
-    ]
-    errors = [process.communicate(timeout=600)[1].decode() for process in processes]
-    assert [p.returncode for p in processes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+def _live_processes(session: int) -> list[int]:
+    """The processes of a session that have not exited (zombies, exited but not yet reaped, do not count)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:  # exited meanwhile
+            continue
+        if int(sid) == session and state != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
 
 
 @pytest.mark.slow
@@ -127,9 +120,25 @@ def test_two_processes_match_one_process(tmp_path):
     single = train_commands.run(tiny_config(data, tmp_path / "single", steps=2, save_every=2))
     args = ["--data", str(data), "--init", "random", "--preset", "tiny", "--seq-len", "48", "--steps", "2",
             "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
-    _train_in_two_processes(args, tmp_path / "multi")
+    run_processes(["train", *args, "--out", str(tmp_path / "multi")], tmp_path / "logs")
     multi = read_losses(tmp_path / "multi")
     assert sorted(multi) == [1, 2]
     for step, loss in enumerate(single["losses"], start=1):
         assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert (tmp_path / "multi" / "checkpoints" / "2" / "state").is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_lora_on_a_loaded_base(tmp_path):
+    """The usual pod run: LoRA on a base loaded from a checkpoint (here a run's), placed on a mesh that spans
+    both processes (FSDP 4): the losses of one process."""
+    data = make_dataset(tmp_path / "data")
+    train_commands.run(tiny_config(data, tmp_path / "base", steps=2, save_every=2))
+    args = ["--data", str(data), "--init-run", str(tmp_path / "base"), "--init-step", "2", "--trainable", "lora",
+            "--steps", "2", "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
+    assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0
+    run_processes(["train", *args, "--mesh-fsdp", "4", "--out", str(tmp_path / "multi")], tmp_path / "logs")
+    single, multi = read_losses(tmp_path / "single"), read_losses(tmp_path / "multi")
+    assert sorted(multi) == sorted(single) == [1, 2]
+    for step, loss in single.items():
+        assert multi[step] == pytest.approx(loss, rel=1e-5, abs=1e-6)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from paliseg import settings
-from paliseg.settings import setting
-from train.config import EXECUTION, INPUTS, PLAN, PlanConfig, TrainConfig
+from train.config import INPUTS, PLAN, PlanConfig, ProcessSettings, TrainConfig
 
 _DESCRIPTION = """\
 Fine-tune PaliGemma on converted data: LoRA adapters (default), the Gemma attention (big_vision's colab
@@ -56,20 +54,6 @@ several hosts (TPU pod slice, GPU nodes): start the same command on every host w
 every host reads its own slice of each batch; --out must be a folder every host can write (GCS or NFS)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ProcessSettings:
-    """How this process joins a run over several hosts (`jax.distributed`): not a setting of the run."""
-
-    distributed: bool = setting(
-        False, "multi-host: call jax.distributed.initialize() and let it find the peers", group=EXECUTION
-    )
-    coordinator: str | None = setting(None, "multi-host: address of process 0", metavar="HOST:PORT", group=EXECUTION)
-    num_processes: int | None = setting(
-        None, "multi-host: number of processes", metavar="N", at_least=1, group=EXECUTION
-    )
-    process_id: int | None = setting(None, "multi-host: this process's index", metavar="I", at_least=0, group=EXECUTION)
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -93,21 +77,6 @@ def register(subparsers) -> None:
     parser.set_defaults(run=_train)
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    processes = settings.from_args(args, ProcessSettings)
-    explicit = (processes.coordinator, processes.num_processes, processes.process_id)
-    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
-        raise ValueError("multi-host needs all of --coordinator, --num-processes and --process-id")
-    if processes.distributed or processes.coordinator:
-        import jax
-
-        jax.distributed.initialize(
-            coordinator_address=processes.coordinator,
-            num_processes=processes.num_processes,
-            process_id=processes.process_id,
-        )
-
-
 def run(config, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train (or continue) the run `config` describes with its --objective's step (`train.loop.run`);
     returns the run's summary. `stop_after`: end this session after that many steps in total."""
@@ -124,8 +93,9 @@ def _train(args: argparse.Namespace) -> int:
     from paliseg import console
     from train import config as train_config
     from train import run as run_folder
+    from train import sharding
 
-    _initialize_distributed(args)
+    sharding.join_processes(settings.from_args(args, ProcessSettings))
     requested = settings.given(args, TrainConfig)
     if args.resume:
         if args.config:

@@ -509,3 +509,28 @@ def validate(config: TrainConfig) -> None:
     )
     if problems:
         raise ValueError("bad training settings:\n  " + "\n  ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSettings:
+    """How this process joins the others of a job over several hosts (`jax.distributed`; `paliseg train` and
+    `paliseg eval`): not a setting of the run."""
+
+    distributed: bool = setting(
+        False, "multi-host: call jax.distributed.initialize() and let it find the peers", group=EXECUTION
+    )
+    coordinator: str | None = setting(None, "multi-host: address of process 0", metavar="HOST:PORT", group=EXECUTION)
+    num_processes: int | None = setting(
+        None, "multi-host: number of processes", metavar="N", at_least=1, group=EXECUTION
+    )
+    process_id: int | None = setting(None, "multi-host: this process's index", metavar="I", at_least=0, group=EXECUTION)
+
+    def __post_init__(self):
+        settings.check(self)
+        explicit = (self.coordinator, self.num_processes, self.process_id)
+        if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+            raise ValueError("multi-host needs all of --coordinator, --num-processes and --process-id")
+
+    @property
+    def joins(self) -> bool:
+        return self.distributed or self.coordinator is not None

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from paliseg.config import SCANNED_STACKS
+from train.config import ProcessSettings
 
 MESH_AXES = ("data", "fsdp")
 BATCH_SPEC = PartitionSpec(None, MESH_AXES)  # batch arrays are [grad_accum, batch, ...]
@@ -36,6 +37,17 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mes
     if len(devices) % fsdp:
         raise ValueError(f"--mesh-fsdp {fsdp} does not divide the number of devices ({len(devices)})")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), MESH_AXES)
+
+
+def join_processes(processes: ProcessSettings) -> None:
+    """Join the job's other processes (`jax.distributed.initialize`) when the settings ask for it; before
+    anything touches a device."""
+    if processes.joins:
+        jax.distributed.initialize(
+            coordinator_address=processes.coordinator,
+            num_processes=processes.num_processes,
+            process_id=processes.process_id,
+        )
 
 
 def path_name(key_path) -> str:
@@ -97,6 +109,13 @@ def global_rows(local: Any, mesh: Mesh) -> Any:
     """This process's rows of [N, ...] arrays (a tree; processes in order) -> global arrays, rows split over
     every device of the mesh."""
     return multihost_utils.host_local_array_to_global_array(local, mesh, ROWS_SPEC)
+
+
+def local_rows(count: int) -> slice:
+    """The rows of a [count, ...] batch that this process holds when `global_rows` splits it over every
+    device (processes in order, each with the same number of devices)."""
+    share = count // jax.process_count()
+    return slice(jax.process_index() * share, (jax.process_index() + 1) * share)
 
 
 def all_rows(array: Any) -> np.ndarray:

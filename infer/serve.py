@@ -392,13 +392,13 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, access_log: b
 
 def run_prompts(run) -> list[str]:
     """The distinct prompts of a run's training data (every split), in their first order: the page's suggestions."""
-    from paliseg import records
+    from paliseg import dataset
 
     found: dict[str, None] = {}
     for folder in run.train_config.data:
-        for split in records.available_splits(folder):
-            try:
-                found |= dict.fromkeys(r.prefix for r in records.read_records(records.annotations_path(folder, split)))
-            except (OSError, ValueError):  # data moved or changed since training: no suggestions from it
-                continue
+        try:
+            for split in dataset.find_splits(folder):  # a JSONL or a TFDS folder
+                found |= dict.fromkeys(r.prefix for r in dataset.read_records(folder, split))
+        except (OSError, ValueError):  # data moved or changed since training: no suggestions from it
+            continue
     return list(found)

@@ -17,10 +17,12 @@ import vae
 from converters import synthetic
 from converters.convert import ConvertConfig, convert
 from converters.sources import ConversionError
+from infer import serve
 from paliseg import dataset, images, records, tfds_data, tokens
 from paliseg.cli.main import main
 from train import commands as train_commands
 from train import run as run_folder
+from train.run import Run
 
 SPLITS = ("train", "valid")
 
@@ -186,6 +188,8 @@ def test_train_and_eval_on_the_tfds_folder_equal_the_jsonl_folder(tmp_path, caps
     runs = {kind: _tiny_run(tmp_path / kind, tmp_path / f"run-{kind}") for kind in ("jsonl", "tfds")}
     losses = {kind: _losses(run) for kind, run in runs.items()}
     assert len(losses["tfds"]) == 4 and losses["tfds"] == losses["jsonl"]
+    prompts = {kind: serve.run_prompts(Run(run)) for kind, run in runs.items()}  # `paliseg serve`'s suggestions
+    assert prompts["tfds"] == prompts["jsonl"] == ["segment rectangle"]
 
     reports = {}
     for kind in ("jsonl", "tfds"):

@@ -164,19 +164,20 @@ def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_processes(argv: list[str], logs: Path, processes: int = 2, devices: int = 2, timeout: float = 600) -> None:
+def run_processes(
+    argv: list[str], logs: Path, processes: int = 2, devices: int = 2, timeout: float = 600, env: dict | None = None
+) -> None:
     """`paliseg ARGV` as one job of `processes` processes (`devices` CPU devices each) joined by
-    jax.distributed, as on hosts of a pod. Each one's output goes to a file LOGS/process_<i>.log, not a pipe:
-    a pipe nobody reads while the harness waits for another process fills up and blocks its writer, and
-    the others then wait for it in a collective forever. Fails, with the logs' tails, when a process exits
+    jax.distributed, as on hosts of a pod. Each one's output goes to a file LOGS/process_<i>.log (a pipe
+    could fill while the harness waits for another process). Fails, with the logs' tails, when a process exits
     non-zero or the deadline passes (the others are stopped: they would wait for the missing one). A stopped
     process gets SIGABRT first, so its log ends with every thread's Python stack (faulthandler): where it
-    waited."""
+    waited. `env`: more environment variables."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONFAULTHANDLER="1")  # fmt: skip
+               PYTHONFAULTHANDLER="1", **(env or {}))  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     logs.mkdir(parents=True, exist_ok=True)
     started = []

@@ -131,13 +131,17 @@ def test_two_processes_match_one_process(tmp_path):
 @pytest.mark.slow
 def test_two_processes_fine_tune_lora_on_a_loaded_base(tmp_path):
     """The usual pod run: LoRA on a base loaded from a checkpoint (here a run's), placed on a mesh that spans
-    both processes (FSDP 4): the losses of one process."""
+    both processes (FSDP 4): the losses of one process. The processes keep no persistent compilation cache
+    on CPUs (`train.sharding.join_processes`: with one, process 0 alone loaded its cached train step, and
+    the two compilations waited in different collectives forever)."""
     data = make_dataset(tmp_path / "data")
     train_commands.run(tiny_config(data, tmp_path / "base", steps=2, save_every=2))
     args = ["--data", str(data), "--init-run", str(tmp_path / "base"), "--init-step", "2", "--trainable", "lora",
             "--steps", "2", "--batch-size", "4", "--save-every", "2", "--lr", "3e-3", "--workers", "2"]  # fmt: skip
     assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0
-    run_processes(["train", *args, "--mesh-fsdp", "4", "--out", str(tmp_path / "multi")], tmp_path / "logs")
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    run_processes(["train", *args, "--mesh-fsdp", "4", "--out", str(tmp_path / "multi")], tmp_path / "logs", env=cache)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
     single, multi = read_losses(tmp_path / "single"), read_losses(tmp_path / "multi")
     assert sorted(multi) == sorted(single) == [1, 2]
     for step, loss in single.items():

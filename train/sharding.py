@@ -41,13 +41,23 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mes
 
 def join_processes(processes: ProcessSettings) -> None:
     """Join the job's other processes (`jax.distributed.initialize`) when the settings ask for it; before
-    anything touches a device."""
-    if processes.joins:
-        jax.distributed.initialize(
-            coordinator_address=processes.coordinator,
-            num_processes=processes.num_processes,
-            process_id=processes.process_id,
-        )
+    anything is compiled.
+
+    On CPUs the persistent compilation cache is turned off in a job of several processes: JAX keys a CPU
+    executable by its device assignment, which differs per process, so only process 0 finds the programs
+    it cached in an earlier run while the others compile theirs anew, and XLA:CPU does not always order
+    the collectives of the two compilations alike: the processes then wait in different collectives for
+    each other, forever (the two-process test hung so in 3 of 4 runs with a warm cache, 0 of 12 without).
+    JAX strips the assignment from the key on GPUs; TPUs and GPUs keep the cache."""
+    if not processes.joins:
+        return
+    jax.distributed.initialize(
+        coordinator_address=processes.coordinator,
+        num_processes=processes.num_processes,
+        process_id=processes.process_id,
+    )
+    if jax.default_backend() == "cpu":
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 def path_name(key_path) -> str:

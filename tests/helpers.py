@@ -126,7 +126,7 @@ def tiny_config(dataset: Path, out: Path, **changes) -> train_config.TrainConfig
         batch_size=4,
         save_every=3,
         lr=3e-3,
-        workers=2,
+        workers=0,  # no worker processes to start: tests that need them ask (tests/test_grain_input.py)
     )
     values.update(changes)
     return run_folder.resolve_config(values)
@@ -136,7 +136,7 @@ def rl_config(data: Path, init_run: Path, out: Path, **changes) -> train_config.
     """GRPO from `init_run`'s latest checkpoint: 3 steps of 2 images, 4 completions each."""
     values = dict(
         data=[str(data)], out=str(out), objective="grpo", init_run=str(init_run), init_step="latest",
-        trainable="all", steps=3, batch_size=2, save_every=1, lr=1e-3, workers=1, augment=False,
+        trainable="all", steps=3, batch_size=2, save_every=1, lr=1e-3, workers=0, augment=False,
         grpo={"group_size": 4, "updates_per_batch": 2, "max_new_tokens": 24},
     )  # fmt: skip
     return run_folder.resolve_config({**values, **changes})
@@ -153,7 +153,7 @@ def train_tiny_run(root: Path) -> tuple[Path, Path, Path]:
     data = make_masked_dataset(root / "data", vae_path)
     config = run_folder.resolve_config(dict(
         data=[str(data)], out=str(root / "run"), init="random", preset="tiny", trainable="all", seq_len=48,
-        steps=4, batch_size=2, save_every=2, lr=3e-3, workers=1,
+        steps=4, batch_size=2, save_every=2, lr=3e-3, workers=0,
     ))  # fmt: skip
     train_commands.run(config)
     return data, root / "run", vae_path

@@ -35,30 +35,6 @@ def _tokenizer(config):
     return Tokenizer(run_folder.model_config(config).tokenizer_path)
 
 
-def test_each_process_loads_its_slice_of_the_global_batch(dataset):
-    config = tiny_config(dataset, "/unused", batch_size=8, grad_accum=2)
-    whole = train_data.TrainData(config, _tokenizer(config), 16).batch(5)
-    halves = [train_data.TrainData(config, _tokenizer(config), 16, process, 2).batch(5) for process in (0, 1)]
-    for key, value in whole.items():
-        assert value.shape[:2] == (2, 4) and halves[0][key].shape[:2] == (2, 2)
-        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves], axis=1), value)
-
-
-def test_balanced_prompts_and_weighted_folders(tmp_path):
-    big = make_dataset(tmp_path / "big", count=30, prompts=("segment crack",))
-    small = make_dataset(tmp_path / "small", count=3, seed=1, prompts=("segment taping area",))
-
-    def share_of_small(**changes) -> float:
-        config = tiny_config(big, "/unused", data=[str(big), str(small)], batch_size=10, **changes)
-        data = train_data.TrainData(config, _tokenizer(config), 16)
-        prompts = [data.examples[i].record.prefix for s in range(30) for i in data.sampler.indices(s)]
-        return prompts.count("segment taping area") / len(prompts)
-
-    assert share_of_small() == pytest.approx(3 / 33, abs=0.01)  # uniform over examples: exact per epoch
-    assert share_of_small(balance_prompts=True) == pytest.approx(0.5, abs=0.07)
-    assert share_of_small(data_weights=[3.0, 1.0]) == pytest.approx(0.25, abs=0.07)
-
-
 @pytest.mark.slow
 def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
     whole = train_commands.run(tiny_config(dataset, tmp_path / "whole"))
@@ -73,6 +49,14 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(dataset, tmp_path):
         first = train_commands.run(config, stop_after=4)  # "interrupted" after step 4; the last checkpoint is step 3
         assert first["checkpoint_steps"] == [3]
         files.write_json(dataset / records.CONVERSION_FILE, {"vae": {"sha256": "2" * 64, "path": "/other.npz"}})
+        meta_file = tmp_path / "cut" / "checkpoints" / "3" / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        assert meta["data_state"] == {"global_next_index": 12}  # step 3 of 4 examples
+        meta_file.write_text(json.dumps({**meta, "data_state": {"global_next_index": 8}}))
+        with pytest.raises(ValueError, match="checkpoint 3: its data state"):
+            train_commands.run(config, resume=True)
+        del meta["data_state"]  # as a checkpoint written before data states were saved: resumes from its step
+        meta_file.write_text(json.dumps(meta))
         second = train_commands.run(config, resume=True)
     finally:
         (dataset / records.CONVERSION_FILE).unlink()

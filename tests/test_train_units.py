@@ -116,29 +116,6 @@ def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
         train_config.load_file(tmp_path / "both.json")
 
 
-def test_sampler_is_a_function_of_the_step_and_covers_each_epoch():
-    sampler = train_data.Sampler([np.arange(10)], [1.0], seed=3, global_batch=4)
-    first = [sampler.indices(s) for s in range(5)]
-    # Epoch 0 is the first 10 draws: a permutation of all examples.
-    assert sorted(np.concatenate(first)[:10].tolist()) == list(range(10))
-    fresh = train_data.Sampler([np.arange(10)], [1.0], seed=3, global_batch=4)
-    np.testing.assert_array_equal(fresh.indices(4), first[4])  # random access = sequential (resume)
-    np.testing.assert_array_equal(sampler.indices(2), first[2])  # and backwards
-    other_seed = train_data.Sampler([np.arange(10)], [1.0], seed=4, global_batch=4)
-    assert any((other_seed.indices(s) != first[s]).any() for s in range(5))
-
-
-def test_weighted_groups_follow_their_weights():
-    big, small = np.arange(0, 90), np.arange(90, 100)
-    sampler = train_data.Sampler([big, small], [1.0, 1.0], seed=0, global_batch=50)
-    drawn = np.concatenate([sampler.indices(s) for s in range(40)])
-    share_small = np.mean(drawn >= 90)
-    assert 0.45 < share_small < 0.55  # balanced although the group is 9x smaller
-    # The small group cycles through whole epochs: every member drawn about equally often.
-    counts = np.bincount(drawn[drawn >= 90] - 90, minlength=10)
-    assert counts.max() - counts.min() <= 1
-
-
 def test_augmentation_is_seeded_and_bounded():
     config = _config()
     image = np.random.default_rng(0).uniform(-1, 1, (8, 8, 3)).astype(np.float32)

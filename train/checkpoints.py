@@ -1,10 +1,12 @@
 """A run folder's checkpoints (orbax); `train.run.Run` is how the later stages read a run folder.
 
     RUN_DIR/checkpoints/<step>/state trainable params + optimizer state + step (orbax, sharded, atomic)
-    RUN_DIR/checkpoints/<step>/meta  JSON: step, data position, base checkpoint, both configs
+    RUN_DIR/checkpoints/<step>/meta  JSON: step, data state, base checkpoint, both configs
 
-Every checkpoint is kept (the sweep scores each). The data position is the step itself: the input pipeline
-is a pure function of the step (see `train.data`), so nothing else is needed to resume exactly.
+Every checkpoint is kept (the sweep scores each). The data state (`train.data.TrainData.state`) is where
+the input pipeline resumes: it is a pure function of the step, so `--resume` reads exactly the batches an
+uninterrupted run reads, whatever --workers; a checkpoint written before data states were saved has none
+and resumes from its step.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract_state:
     """The saved state of `step`, laid out as `abstract_state` (ShapeDtypeStructs with shardings)."""
     restored = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+
+def restore_meta(run_dir: str | os.PathLike, step: int) -> dict[str, Any]:
+    """The JSON saved with the checkpoint of `step`."""
+    with manager(run_dir) as checkpoints:
+        return checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def list_steps(run_dir: str | os.PathLike) -> list[int]:

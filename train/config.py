@@ -256,8 +256,16 @@ class TrainConfig:
 
     save_every: int = setting(25, "checkpoint every N steps, all kept", metavar="N", at_least=1, group=EXECUTION)
     log_every: int = setting(1, "write metrics every N steps", metavar="N", at_least=1, group=EXECUTION)
-    workers: int = setting(4, "image-loading threads", metavar="N", at_least=1, group=EXECUTION)
-    prefetch: int = setting(2, "batches loaded ahead", metavar="N", at_least=1, group=EXECUTION)
+    workers: int = setting(
+        2,
+        "data-loading processes (grain workers; 0: load in the training process)",
+        metavar="N",
+        at_least=0,
+        group=EXECUTION,
+    )
+    prefetch: int = setting(
+        2, "batches each loading process prepares at a time", metavar="N", at_least=1, group=EXECUTION
+    )
     mesh_fsdp: int = setting(
         1,
         "devices that share one copy of the model (FSDP); the others replicate it (data parallel)",

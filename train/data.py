@@ -1,30 +1,51 @@
-"""The training input pipeline: annotation JSONL -> batches of images and token arrays.
+"""The training input pipeline on grain: annotation records -> batches of images and token arrays.
 
-Why not tf.data: a deterministic, index-based pipeline makes `--resume` exact by construction and free to
-checkpoint. The batch of step `s` is a pure function of (config, s):
+The batch of step `s` is a pure function of (config, s), which makes `--resume` exact:
 
-- which examples: a sampler draws, per step, a group for each slot of the global batch (groups are the
-  whole data, the `--data` folders under `--data-weights`, or the prompts under `--balance-prompts`), and
-  takes the group's next example from a permutation that is a function of (seed, group, epoch). The only
-  state is how many examples each group has given so far, which `seek(step)` replays in milliseconds.
-- how each image is augmented: brightness, contrast and saturation factors seeded by (seed, step, slot).
-
-So the iterator position is the step number, and a resumed run reads exactly the batches an uninterrupted
-one would. Importing TensorFlow would cost seconds and memory for none of this. Images are decoded and
-resized with PIL (via `paliseg.images`, the model's own preprocessing) in a thread pool, a few steps ahead.
+- Which example fills each slot: the global batch of step s is elements s*B .. s*B+B-1 of one infinite
+  sample order, a grain `MapDataset` of example ids (`sample_order`). Its groups (the whole data, the
+  --data folders under --data-weights, or the prompts under --balance-prompts) each repeat their members,
+  shuffled anew every epoch (grain's `shuffle` seeded by (seed, group), then `repeat`), so each example
+  comes once per epoch of its group. Several groups are interleaved by grain's `mix`, which is
+  deterministic where the old hand-written sampler drew a group per slot at random: in every window of
+  sum(proportions) elements each group has exactly its share (grain scales the weights to integers, the
+  smallest to 100, so a weight holds to 1%). Element n costs O(groups) to compute: no replay on resume.
+- How each example is loaded: `TrainData.load(example_id, step, slot)`, the one function of its slot:
+  the image decoded and resized with PIL (`paliseg.images`, the model's own preprocessing), photometric
+  jitter seeded by (seed, 3, step, slot), its token arrays and mask-loss targets (no tf.data: TensorFlow
+  would cost seconds and memory for none of this).
 
 Multi-host: the global batch is laid out [grad_accum, micro_batch]; process p of P loads the slice
-p/P..(p+1)/P of every micro-batch, which `jax.make_array_from_process_local_data` reassembles.
+p/P..(p+1)/P of every micro-batch (`local_slots`), which `jax.make_array_from_process_local_data`
+reassembles. Each process reads its own grain dataset: its element j is local slot j % L of step j // L,
+batched by L = grad_accum x micro_batch / P.
+
+Workers: `--workers N` grain worker processes (`mp_prefetch`, started with spawn) each load whole
+batches (worker i the steps i, i+N, ...), which grain hands back in step order, so the batches do not
+depend on N; 0 loads them in the training process. Each loading process works on `--prefetch` batches
+at a time, in threads. A worker costs about a second of CPU to start (a fresh interpreter importing
+grain, which imports JAX without initialising any device, numpy and PIL) and some 200 MB; it exits with
+the training process, even one killed by SIGKILL (`_exit_with_parent`).
+
+The data state saved with each checkpoint (`state`): grain's own iterator state is that of the interleave
+of its workers' iterators, so it depends on --workers (a 2-worker state does not restore a 1-worker
+iterator: grain raises IndexError). The checkpoint holds instead the state grain's `ElasticIterator`
+keeps, the index of the next element of the sample order, which depends on neither --workers nor the
+number of processes; a run resumed with other --workers reads the same batches.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-from collections.abc import Iterator, Sequence
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator
 
+import grain
 import numpy as np
+from absl import flags
 
 from paliseg import dataset, images, records
 from paliseg import tokens as codec
@@ -135,55 +156,14 @@ def _length(tokenizer, record: records.Record) -> int:
     return int(np.sum(tokenizer.encode_example(record.prefix, record.suffix, longest)["mask_input"]))
 
 
-class Sampler:
-    """Which example fills each slot of the global batch at each step (see the module docstring)."""
-
-    def __init__(self, group_members: Sequence[np.ndarray], weights: Sequence[float], seed: int, global_batch: int):
-        self.group_members = [np.asarray(m, np.int64) for m in group_members]
-        self.weights = np.asarray(weights, np.float64) / np.sum(weights)
-        self.seed = seed
-        self.global_batch = global_batch
-        self._step = 0
-        self._taken = np.zeros(len(self.group_members), np.int64)  # examples drawn per group before _step
-        self._permutations: dict[tuple[int, int], np.ndarray] = {}
-
-    def _groups(self, step: int) -> np.ndarray:
-        if len(self.group_members) == 1:
-            return np.zeros(self.global_batch, np.int64)
-        return np.random.default_rng([self.seed, 1, step]).choice(len(self.weights), self.global_batch, p=self.weights)
-
-    def _permutation(self, group: int, epoch: int) -> np.ndarray:
-        key = (group, epoch)
-        if key not in self._permutations:
-            if len(self._permutations) > 64:
-                self._permutations.clear()
-            self._permutations[key] = np.random.default_rng([self.seed, 2, group, epoch]).permutation(
-                len(self.group_members[group])
-            )
-        return self._permutations[key]
-
-    def seek(self, step: int) -> None:
-        if step < self._step:
-            self._step, self._taken[:] = 0, 0
-        while self._step < step:
-            self._taken += np.bincount(self._groups(self._step), minlength=len(self.group_members))
-            self._step += 1
-
-    def indices(self, step: int) -> np.ndarray:
-        """Example ids (into the concatenation of all groups' members) for the global batch of `step`."""
-        self.seek(step)
-        groups = self._groups(step)
-        taken = self._taken.copy()
-        out = np.empty(self.global_batch, np.int64)
-        for slot, group in enumerate(groups):
-            size = len(self.group_members[group])
-            epoch, offset = divmod(int(taken[group]), size)
-            out[slot] = self.group_members[group][self._permutation(group, epoch)[offset]]
-            taken[group] += 1
-        return out
+def _group_seed(seed: int, group: int) -> int:
+    """The 32-bit shuffle seed of a group (grain adds the epoch to it)."""
+    return int(np.random.SeedSequence([seed, 2, group]).generate_state(1)[0])
 
 
-def make_sampler(config: TrainConfig, per_folder: list[list[Example]]) -> Sampler:
+def sample_order(config: TrainConfig, per_folder: list[list[Example]]) -> grain.MapDataset:
+    """The sample order (see the module docstring): element n, slot n % B of step n // B, is an example id
+    (an index into the concatenation of the folders' examples); infinite."""
     offsets = np.cumsum([0] + [len(examples) for examples in per_folder])
     if config.balance_prompts:
         by_prompt: dict[str, list[int]] = collections.defaultdict(list)
@@ -197,7 +177,11 @@ def make_sampler(config: TrainConfig, per_folder: list[list[Example]]) -> Sample
         weights = list(config.data_weights)
     else:
         groups, weights = [np.arange(offsets[-1])], [1.0]
-    return Sampler(groups, weights, config.seed, config.batch_size)
+    streams = [
+        grain.MapDataset.source(members).shuffle(seed=_group_seed(config.seed, group)).repeat()
+        for group, members in enumerate(groups)
+    ]
+    return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, config: TrainConfig) -> np.ndarray:
@@ -226,7 +210,7 @@ class TrainData:
         self.per_folder = read_examples(config, tokenizer)
         self.digests = annotation_digests(config)
         self.examples = [example for examples in self.per_folder for example in examples]
-        self.sampler = make_sampler(config, self.per_folder)
+        self.order = sample_order(config, self.per_folder)
         self.seg_ids = tokenizer.seg_ids  # where the mask loss's targets are (`mask_loss_targets`)
         local = config.micro_batch_size // process_count
         slots = np.arange(config.batch_size).reshape(config.grad_accum, config.micro_batch_size)
@@ -235,52 +219,109 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _load_image(self, example_id: int, step: int, slot: int) -> np.ndarray:
-        record = self.examples[example_id].record
+    def load(self, example_id: int, step: int, slot: int) -> dict[str, np.ndarray]:
+        """The arrays of example `example_id` in slot `slot` of step `step`'s global batch: "image" float32
+        [size, size, 3], the TEXT_FIELDS and, with the mask loss, its targets (`mask_loss_targets`)."""
+        example = self.examples[example_id]
         try:
-            image = images.preprocess(images.read_image(record.image_path), self.image_size)
+            image = images.preprocess(images.read_image(example.record.image_path), self.image_size)
         except ValueError as error:
-            raise ValueError(f"{record.where}: {error}") from None
+            raise ValueError(f"{example.record.where}: {error}") from None
         if self.config.augment:
             image = augment(image, np.random.default_rng([self.config.seed, 3, step, slot]), self.config)
-        return image
-
-    def _assemble(self, example_ids: np.ndarray, loaded: list[np.ndarray]) -> dict[str, np.ndarray]:
-        shape = self.local_slots.shape
-        batch = {"image": np.stack(loaded).reshape(*shape, *loaded[0].shape)}
-        for key in TEXT_FIELDS:
-            batch[key] = np.stack([self.examples[int(e)].text[key] for e in example_ids.ravel()]).reshape(*shape, -1)
+        loaded = {"image": image, **example.text}
         if self.config.mask_loss_weight > 0:
-            seq_len = self.config.seq_len
-            targets = [mask_loss_targets(self.examples[int(e)], self.seg_ids, seq_len) for e in example_ids.ravel()]
-            for key, (field_shape, _) in mask_loss_fields(seq_len).items():
-                batch[key] = np.stack([t[key] for t in targets]).reshape(*shape, *field_shape)
-        return batch
+            loaded.update(mask_loss_targets(example, self.seg_ids, self.config.seq_len))
+        return loaded
+
+    def _element(self, index: int) -> dict[str, np.ndarray]:
+        """Element `index` of this process's grain dataset: local slot index % L of step index // L."""
+        step, local = divmod(index, self.local_slots.size)
+        slot = int(self.local_slots.flat[local])
+        example_id = int(self.order[step * self.config.batch_size + slot])
+        return {"example_id": np.int64(example_id), **self.load(example_id, step, slot)}
+
+    def _stack(self, elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """A step's elements -> its batch, [grad_accum, local_micro_batch, ...]."""
+        shape = self.local_slots.shape
+        return {
+            key: np.stack([e[key] for e in elements]).reshape(*shape, *value.shape)
+            for key, value in elements[0].items()
+        }
+
+    def _steps(self, start_step: int, end_step: int) -> grain.MapDataset:
+        per_step = self.local_slots.size
+        return (
+            grain.MapDataset.range(start_step * per_step, end_step * per_step)
+            .map(self._element)
+            .batch(per_step, batch_fn=self._stack)
+        )
 
     def example_ids(self, step: int) -> np.ndarray:
         """int [grad_accum, local_micro_batch]: which examples (indices into `examples`) this process's batch
         of `step` holds."""
-        return self.sampler.indices(step)[self.local_slots]
-
-    def _jobs(self, step: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        example_ids = self.example_ids(step)
-        return example_ids, [(int(e), step, int(s)) for e, s in zip(example_ids.ravel(), self.local_slots.ravel())]
+        first = step * self.config.batch_size
+        return np.asarray([self.order[first + int(slot)] for slot in self.local_slots.flat]).reshape(
+            self.local_slots.shape
+        )
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's batch of `step`, loaded in the calling thread."""
-        example_ids, jobs = self._jobs(step)
-        return self._assemble(example_ids, [self._load_image(*job) for job in jobs])
+        batch = self._steps(step, step + 1)[0]
+        del batch["example_id"]
+        return batch
+
+    def state(self, step: int) -> dict[str, int]:
+        """The data state a checkpoint of `step` saves (see the module docstring)."""
+        return {"global_next_index": step * self.config.batch_size}
+
+    def check_state(self, state: dict[str, int] | None, step: int) -> None:
+        """Refuse a checkpoint of `step` whose saved data state is another step's; a checkpoint written before
+        data states were saved has none (None) and resumes from its step."""
+        if state is not None and state != self.state(step):
+            raise ValueError(
+                f"checkpoint {step}: its data state {state} is not that of step {step} ({self.state(step)}; "
+                f"--batch-size {self.config.batch_size})"
+            )
 
     def iterate(self, start_step: int, end_step: int) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
         """(step, example ids, batch) for start_step..end_step-1 (ids and arrays as `example_ids` and `batch`
-        give them); images load `prefetch` steps ahead on `workers` threads."""
-        with concurrent.futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="paliseg-data") as pool:
-            pending: collections.deque = collections.deque()
-            next_step = start_step
-            while next_step < end_step or pending:
-                while next_step < end_step and len(pending) < self.config.prefetch:
-                    example_ids, jobs = self._jobs(next_step)
-                    pending.append((next_step, example_ids, [pool.submit(self._load_image, *job) for job in jobs]))
-                    next_step += 1
-                step, example_ids, futures = pending.popleft()
-                yield step, example_ids, self._assemble(example_ids, [future.result() for future in futures])
+        give them), loaded `--prefetch` steps ahead by `--workers` grain worker processes."""
+        _accept_absl_defaults()
+        prefetch = self.config.prefetch
+        batches = self._steps(start_step, end_step).to_iter_dataset(
+            grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+        )
+        batches = batches.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=self.config.workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=_exit_with_parent,
+        )
+        iterator = iter(batches)
+        try:
+            for step, shared in zip(range(start_step, end_step), iterator):
+                # A worker's arrays arrive in shared memory, unlinked when their array is freed: plain copies
+                # free them now, whatever the step keeps (a copy costs little beside the decoding).
+                batch = {key: np.array(value) for key, value in shared.items()}
+                yield step, batch.pop("example_id"), batch
+        finally:
+            iterator.close()
+
+
+def _accept_absl_defaults() -> None:
+    """grain 0.2.18 reads an absl flag when it starts worker processes, which fails in a program that never
+    parsed absl flags (paliseg has its own settings): their defaults stand."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """A grain worker's start: exit when the training process does. grain's workers stop when the iterator
+    is closed; a killed training process never closes it, and its workers would run on."""
+    del worker_index, worker_count
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="paliseg-parent-watch", daemon=True).start()

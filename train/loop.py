@@ -237,6 +237,8 @@ def run(
         recorded_vae = saved.vae
     else:
         recorded_vae = run_folder.data_vae(config.data)
+    if start_step:
+        data.check_state(run_checkpoints.restore_meta(out, start_step).get("data_state"), start_step)
     mesh = sharding.make_mesh(config.mesh_fsdp)
     sharding.check_batch(config.batch_size, config.grad_accum, mesh)
     objective = objective_type(Context(config, model_cfg, tokenizer, data, recorded_vae, mesh))
@@ -303,9 +305,8 @@ def run(
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 record(*pending)
                 pending = None
-                position = {"step": step + 1, "examples_seen": (step + 1) * config.batch_size}
                 run_checkpoints.save(
-                    checkpoints, step + 1, state, {**meta, "step": step + 1, "data_position": position}
+                    checkpoints, step + 1, state, {**meta, "step": step + 1, "data_state": data.state(step + 1)}
                 )
         if pending is not None:
             record(*pending)

@@ -130,7 +130,11 @@ def local_rows(count: int) -> slice:
 
 def all_rows(array: Any) -> np.ndarray:
     """Every row, on every process: a global array's whole value, or this process's numpy rows concatenated
-    with the other processes' (in process order)."""
+    with the other processes' (in process order). float64 rows travel as their bits: JAX (without x64) would
+    round them to float32 across processes only, and a metric would then differ from one process's."""
+    if isinstance(array, np.ndarray) and array.dtype == np.float64:
+        bits = multihost_utils.process_allgather(np.ascontiguousarray(array).view(np.uint32), tiled=True)
+        return np.asarray(bits).view(np.float64)
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 

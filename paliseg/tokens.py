@@ -89,9 +89,14 @@ class SegObject:
         return f"{text} {self.label}" if self.label else text
 
 
+def reading_order(obj: SegObject) -> tuple:
+    """The sort key of training suffixes: top-to-bottom, then left-to-right, then by size and label."""
+    return obj.locs, obj.label, obj.seg or ()
+
+
 def sort_objects(objects: Iterable[SegObject]) -> list[SegObject]:
-    """Deterministic reading order: top-to-bottom, then left-to-right, then by size and label."""
-    return sorted(objects, key=lambda o: (o.locs, o.label, o.seg or ()))
+    """Objects in deterministic reading order (`reading_order`)."""
+    return sorted(objects, key=reading_order)
 
 
 def format_suffix(objects: Iterable[SegObject]) -> str:

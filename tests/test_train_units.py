@@ -119,12 +119,12 @@ def test_a_run_folder_of_flat_lora_keys_still_loads(tmp_path):
 def test_augmentation_is_seeded_and_bounded():
     config = _config()
     image = np.random.default_rng(0).uniform(-1, 1, (8, 8, 3)).astype(np.float32)
-    a = train_data.augment(image, np.random.default_rng([0, 3, 5, 1]), config)
-    b = train_data.augment(image, np.random.default_rng([0, 3, 5, 1]), config)
-    c = train_data.augment(image, np.random.default_rng([0, 3, 5, 2]), config)
+    a = train_data.photometric(image, np.random.default_rng([0, 3, 5, 1]), config)
+    b = train_data.photometric(image, np.random.default_rng([0, 3, 5, 1]), config)
+    c = train_data.photometric(image, np.random.default_rng([0, 3, 5, 2]), config)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c) and a.min() >= -1 and a.max() <= 1 and a.dtype == np.float32
-    still = train_data.augment(
+    still = train_data.photometric(
         image, np.random.default_rng(1), config.replace(brightness=0.0, contrast=0.0, saturation=0.0)
     )
     np.testing.assert_allclose(still, image, atol=1e-6)

@@ -251,6 +251,48 @@ class TrainConfig:
     saturation: float = setting(
         0.2, "augmentation: saturation factors drawn from 1 +- F", metavar="F", at_least=0, below=1, group=OPTIMISATION
     )
+    augment_geometric: bool = setting(
+        False,
+        "token-aware geometric augmentation (train.augment): zoom in or out and shift each image, padding with its "
+        "mean colour; the loc tokens follow the boxes and the run's VAE re-encodes the seg tokens from the moved "
+        "masks, so the suffix describes the pixels the model sees",
+        group=OPTIMISATION,
+    )
+    augment_flip: bool = setting(
+        False,
+        "mirror half of the images left-right, with their boxes and masks (train.augment); this breaks prompts "
+        "that say left or right",
+        group=OPTIMISATION,
+    )
+    augment_min_scale: float = setting(
+        0.8,
+        "--augment-geometric: smallest zoom, drawn log-uniformly up to --augment-max-scale (below 1 the image "
+        "shrinks inside a padded frame, above 1 the frame shows a crop of it)",
+        metavar="S",
+        above=0,
+        group=OPTIMISATION,
+    )
+    augment_max_scale: float = setting(
+        1.25, "--augment-geometric: largest zoom", metavar="S", above=0, group=OPTIMISATION
+    )
+    augment_max_shift: float = setting(
+        0.1,
+        "--augment-geometric: largest shift of the image along each axis, as a fraction of the frame",
+        metavar="F",
+        at_least=0,
+        below=0.5,
+        group=OPTIMISATION,
+    )
+    augment_min_visible: float = setting(
+        0.3,
+        "--augment-geometric: an object cut by the frame stays in the suffix, as its visible part, when at least "
+        "this fraction of its mask's pixels is in the frame (of its box's area for a box-only object); else it "
+        "is dropped",
+        metavar="F",
+        above=0,
+        at_most=1,
+        group=OPTIMISATION,
+    )
 
     grpo: GrpoConfig = setting(GrpoConfig(), group=GRPO)  # --grpo-group-size, --grpo-kl-coef, ...
 
@@ -488,6 +530,15 @@ def validate(config: TrainConfig) -> None:
             not config.mask_loss_weight,
             "--mask-loss-weight is a loss of --objective supervised; GRPO's reward is the mask IoU",
         )
+    need(
+        config.augment_min_scale <= config.augment_max_scale,
+        f"--augment-min-scale {config.augment_min_scale} is above --augment-max-scale {config.augment_max_scale}",
+    )
+    need(
+        config.objective != "grpo" or not (config.augment_geometric or config.augment_flip),
+        "--augment-geometric and --augment-flip are for --objective supervised: GRPO's reward compares the "
+        "completions with the untransformed ground truth",
+    )
     if config.data_weights is not None:
         need(
             len(config.data_weights) == len(config.data),

@@ -11,9 +11,11 @@ The batch of step `s` is a pure function of (config, s), which makes `--resume` 
   sum(proportions) elements each group has exactly its share (grain scales the weights to integers, the
   smallest to 100, so a weight holds to 1%). Element n costs O(groups) to compute: no replay on resume.
 - How each example is loaded: `TrainData.load(example_id, step, slot)`, the one function of its slot:
-  the image decoded and resized with PIL (`paliseg.images`, the model's own preprocessing), photometric
-  jitter seeded by (seed, 3, step, slot), its token arrays and mask-loss targets (no tf.data: TensorFlow
-  would cost seconds and memory for none of this).
+  the image decoded and resized with PIL (`paliseg.images`, the model's own preprocessing), with
+  --augment-geometric/--augment-flip moved first and its suffix rewritten to match (`train.augment`,
+  seeded by (seed, 4, step, slot): loc tokens from the moved boxes, seg tokens from the moved masks through
+  the run's VAE, on the CPU), photometric jitter seeded by (seed, 3, step, slot), its token arrays and
+  mask-loss targets (no tf.data: TensorFlow would cost seconds and memory for none of this).
 
 Multi-host: the global batch is laid out [grad_accum, micro_batch]; process p of P loads the slice
 p/P..(p+1)/P of every micro-batch (`local_slots`), which `jax.make_array_from_process_local_data`
@@ -25,7 +27,7 @@ batches (worker i the steps i, i+N, ...), which grain hands back in step order, 
 depend on N; 0 loads them in the training process. Each loading process works on `--prefetch` batches
 at a time, in threads. A worker costs about a second of CPU to start (a fresh interpreter importing
 grain, which imports JAX without initialising any device, numpy and PIL) and some 200 MB; it exits with
-the training process, even one killed by SIGKILL (`_exit_with_parent`).
+the training process, even one killed by SIGKILL (`_start_worker`).
 
 The data state saved with each checkpoint (`state`): grain's own iterator state is that of the interleave
 of its workers' iterators, so it depends on --workers (a 2-worker state does not restore a 1-worker
@@ -44,11 +46,14 @@ import threading
 from collections.abc import Iterator
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 
+import vae
 from paliseg import dataset, images, records
 from paliseg import tokens as codec
+from train import augment
 from train.config import TrainConfig
 from vae.masks import crop_to_64
 from vae.model import MASK_SIZE
@@ -124,26 +129,37 @@ def mask_loss_fields(seq_len: int) -> dict[str, tuple[tuple[int, ...], type]]:
     }
 
 
-def mask_loss_targets(example: Example, seg_ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+def mask_loss_targets(
+    text: dict[str, np.ndarray], target_masks: np.ndarray, seg_ids: np.ndarray, seq_len: int
+) -> dict[str, np.ndarray]:
     """The mask loss's targets of one example (`train.step.mask_loss`): its objects with seg tokens, in suffix
     order, in zero-padded slots (`mask_loss_fields`): `seg_positions` int32 [slots, 16], the index in
-    `tokens[1:]` (the step's targets) of each seg token; `target_masks` float32 [slots, 64, 64], the
-    ground-truth mask cropped to the object's box (its loc tokens) and resized as the VAE's encoder sees it
-    (`vae.masks.crop_to_64`); `target_objects` float32 [slots], 1 for a real object. The record's mask is the
-    union of its prompt's objects, the mask `paliseg eval` scores against."""
-    text, record = example.text, example.record
+    `tokens[1:]` (the step's targets) of each seg token of its tokenized `text`; `target_masks` float32
+    [slots, 64, 64], the object's ground truth as the VAE's encoder sees it (`object_crops`, or the crops the
+    geometric augmentation encoded); `target_objects` float32 [slots], 1 for a real object."""
     suffix_segs = np.isin(text["tokens"], seg_ids) & (text["mask_loss"] == 1)
     positions = (np.flatnonzero(suffix_segs) - 1).reshape(-1, codec.SEG_PER_OBJECT)
-    objects = [o for o in codec.parse_suffix(record.suffix, require_seg=False).objects if o.seg is not None]
     targets = {key: np.zeros(shape, dtype) for key, (shape, dtype) in mask_loss_fields(seq_len).items()}
-    if objects:
-        mask = dataset.read_mask(record, example.width, example.height)
-        targets["seg_positions"][: len(objects)] = positions
-        targets["target_objects"][: len(objects)] = 1.0
-        for slot, obj in enumerate(objects):
-            box = codec.locs_to_box(obj.locs, example.width, example.height)
-            targets["target_masks"][slot] = crop_to_64(mask, box)
+    targets["seg_positions"][: len(positions)] = positions
+    targets["target_masks"][: len(target_masks)] = target_masks
+    targets["target_objects"][: len(target_masks)] = 1.0
     return targets
+
+
+def object_crops(example: Example) -> np.ndarray:
+    """float32 [objects with seg tokens, 64, 64]: each such object's ground truth cropped to its box (its loc
+    tokens) and resized as the VAE's encoder sees it (`vae.masks.crop_to_64`), in suffix order. The record's
+    mask is the union of its prompt's objects, the mask `paliseg eval` scores against."""
+    record = example.record
+    boxes = [
+        codec.locs_to_box(o.locs, example.width, example.height)
+        for o in codec.parse_suffix(record.suffix, require_seg=False).objects
+        if o.seg is not None
+    ]
+    if not boxes:
+        return np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32)
+    mask = dataset.read_mask(record, example.width, example.height)
+    return np.stack([crop_to_64(mask, box) for box in boxes])
 
 
 def annotation_digests(config: TrainConfig) -> dict[str, str]:
@@ -184,7 +200,7 @@ def sample_order(config: TrainConfig, per_folder: list[list[Example]]) -> grain.
     return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, config: TrainConfig) -> np.ndarray:
+def photometric(image: np.ndarray, rng: np.random.Generator, config: TrainConfig) -> np.ndarray:
     """Photometric jitter on an HxWx3 image in [-1, 1], as tf.image's adjust_* ops on [0, 1] values:
     brightness adds a delta, contrast scales around each channel's mean, saturation blends with grey."""
     x = (image + 1.0) * 0.5
@@ -199,7 +215,17 @@ def augment(image: np.ndarray, rng: np.random.Generator, config: TrainConfig) ->
 class TrainData:
     """Batches for this process: dicts of numpy arrays shaped [grad_accum, local_micro_batch, ...]."""
 
-    def __init__(self, config: TrainConfig, tokenizer, image_size: int, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        config: TrainConfig,
+        tokenizer,
+        image_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        vae_path: str | os.PathLike | None = None,
+    ):
+        """`vae_path`: the run's VAE (the one that wrote the data's seg tokens), which the geometric
+        augmentation re-encodes the moved masks with; needed only with --augment-geometric/--augment-flip."""
         if config.micro_batch_size % process_count:
             raise ValueError(
                 f"the micro-batch ({config.batch_size} / --grad-accum {config.grad_accum}) must be "
@@ -211,7 +237,12 @@ class TrainData:
         self.digests = annotation_digests(config)
         self.examples = [example for examples in self.per_folder for example in examples]
         self.order = sample_order(config, self.per_folder)
-        self.seg_ids = tokenizer.seg_ids  # where the mask loss's targets are (`mask_loss_targets`)
+        self.tokenizer = tokenizer  # the augmented suffixes are tokenized as they are made
+        self.geometric = config.augment_geometric or config.augment_flip
+        if self.geometric and vae_path is None:
+            raise ValueError("the geometric augmentation re-encodes masks: it needs the run's VAE (vae_path)")
+        self.vae_path = vae_path
+        self._vae = None  # loaded by the first augmented example, in each loading process
         local = config.micro_batch_size // process_count
         slots = np.arange(config.batch_size).reshape(config.grad_accum, config.micro_batch_size)
         self.local_slots = slots[:, process_index * local : (process_index + 1) * local]  # [accum, local]
@@ -221,18 +252,46 @@ class TrainData:
 
     def load(self, example_id: int, step: int, slot: int) -> dict[str, np.ndarray]:
         """The arrays of example `example_id` in slot `slot` of step `step`'s global batch: "image" float32
-        [size, size, 3], the TEXT_FIELDS and, with the mask loss, its targets (`mask_loss_targets`)."""
-        example = self.examples[example_id]
+        [size, size, 3], the TEXT_FIELDS and, with the mask loss, its targets (`mask_loss_targets`). With the
+        geometric augmentation (seeded by (seed, 4, step, slot)) the image is moved and the text and mask
+        targets describe the moved objects (`train.augment`)."""
+        example, config = self.examples[example_id], self.config
         try:
-            image = images.preprocess(images.read_image(example.record.image_path), self.image_size)
+            pixels = images.read_image(example.record.image_path)
         except ValueError as error:
             raise ValueError(f"{example.record.where}: {error}") from None
-        if self.config.augment:
-            image = augment(image, np.random.default_rng([self.config.seed, 3, step, slot]), self.config)
-        loaded = {"image": image, **example.text}
-        if self.config.mask_loss_weight > 0:
-            loaded.update(mask_loss_targets(example, self.seg_ids, self.config.seq_len))
+        if self.geometric:
+            image, text, crops = self._moved(example, pixels, np.random.default_rng([config.seed, 4, step, slot]))
+        else:
+            image, text = images.preprocess(pixels, self.image_size), example.text
+            crops = object_crops(example) if config.mask_loss_weight > 0 else None
+        if config.augment:
+            image = photometric(image, np.random.default_rng([config.seed, 3, step, slot]), config)
+        loaded = {"image": image, **text}
+        if config.mask_loss_weight > 0:
+            loaded.update(mask_loss_targets(text, crops, self.tokenizer.seg_ids, config.seq_len))
         return loaded
+
+    def _moved(self, example: Example, pixels, rng: np.random.Generator) -> tuple[np.ndarray, dict, np.ndarray]:
+        """(image, text fields, crops of the objects with seg tokens) of `example` under a geometric transform
+        drawn from `rng`: every object's mask is the record's union mask (see `train.augment`)."""
+        record = example.record
+        objects = codec.parse_suffix(record.suffix, require_seg=False).objects
+        union = dataset.read_mask(record, example.width, example.height) if any(o.seg for o in objects) else None
+        transform = augment.draw_transform(rng, self.config, self.image_size)
+        moved = augment.transform_example(pixels, record.suffix, [union] * len(objects), transform,
+                                          self.config.augment_min_visible)  # fmt: skip
+        # The run's VAE runs on the CPU: a worker process never claims an accelerator, and the codes do not
+        # depend on the process that encoded them (--workers 0 on a GPU host gives the batches of --workers 2).
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            if self._vae is None:
+                self._vae = vae.load(self.vae_path)
+            [targets] = augment.encode(self._vae, [moved])
+        text = self.tokenizer.encode_example(record.prefix, targets.suffix, self.config.seq_len)
+        return moved.image, {key: np.asarray(text[key], np.int32) for key in TEXT_FIELDS}, targets.target_masks
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_vae": None}  # each loading process loads its own
 
     def _element(self, index: int) -> dict[str, np.ndarray]:
         """Element `index` of this process's grain dataset: local slot index % L of step index // L."""
@@ -294,7 +353,7 @@ class TrainData:
         )
         batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=self.config.workers, per_worker_buffer_size=prefetch),
-            worker_init_fn=_exit_with_parent,
+            worker_init_fn=_start_worker,
         )
         iterator = iter(batches)
         try:
@@ -314,10 +373,12 @@ def _accept_absl_defaults() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """A grain worker's start: exit when the training process does. grain's workers stop when the iterator
+def _start_worker(worker_index: int, worker_count: int) -> None:
+    """A grain worker's start: JAX on the CPU only (the geometric augmentation's VAE; an accelerator is the
+    training process's), and exit when the training process does. grain's workers stop when the iterator
     is closed; a killed training process never closes it, and its workers would run on."""
     del worker_index, worker_count
+    jax.config.update("jax_platforms", "cpu")
     parent = multiprocessing.parent_process()
 
     def watch() -> None:

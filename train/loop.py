@@ -70,7 +70,12 @@ class Context:
     def load_vae(self) -> vae.MaskVAE:
         """The VAE that wrote the data's seg tokens (`recorded_vae`, found where it is recorded), for an
         objective that decodes the model's seg tokens into masks."""
-        return vae.load(identity.resolve(self.recorded_vae, recorded_by="the --data folders").path)
+        return vae.load(data_vae_path(self.recorded_vae))
+
+
+def data_vae_path(recorded: identity.VaeIdentity | None) -> Path:
+    """The file of the VAE that wrote the data's seg tokens (`recorded`, found where it is recorded)."""
+    return identity.resolve(recorded, recorded_by="the --data folders").path
 
 
 class Objective(Protocol):
@@ -230,13 +235,13 @@ def run(
     config = config.replace(tokenizer=tokenizer_path(config, model_cfg))  # recorded in config.json
     tokenizer = load_tokenizer(config, model_cfg)
     process, processes = jax.process_index(), jax.process_count()
-    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, process, processes)
+    saved = run_folder.Run(out) if resume else None  # config.json read once
+    recorded_vae = saved.vae if resume else run_folder.data_vae(config.data)
+    moves_masks = config.augment_geometric or config.augment_flip  # re-encoded with the run's VAE
+    vae_path = data_vae_path(recorded_vae) if moves_masks else None
+    data = train_data.TrainData(config, tokenizer, model_cfg.img.image_size, process, processes, vae_path)
     if resume:
-        saved = run_folder.Run(out)  # config.json read once
         saved.check_same_data(data.digests)
-        recorded_vae = saved.vae
-    else:
-        recorded_vae = run_folder.data_vae(config.data)
     if start_step:
         data.check_state(run_checkpoints.restore_meta(out, start_step).get("data_state"), start_step)
     mesh = sharding.make_mesh(config.mesh_fsdp)

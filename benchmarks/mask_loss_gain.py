@@ -77,39 +77,23 @@ def table(title: str, rows: dict[str, dict]) -> None:
     print(f"{'mIoU':<12} " + " ".join(f"{rows[name]['miou']:10.3f}" for name in names))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", required=True, help="a finished `paliseg demo` folder (data/shapes, run/, demo.json)")
-    parser.add_argument("--out", help="where the runs and reports go (default: DEMO/mask_loss_gain)")
-    parser.add_argument("--weight", type=float, default=1.0, help="--mask-loss-weight of the run with it")
-    parser.add_argument("--mask-loss", default="dice", choices=("dice", "bce"))
-    parser.add_argument("--mask-loss-codes", default="straight-through", choices=("straight-through", "expected"))
-    parser.add_argument("--steps", type=int, help="optimizer steps of both runs (default: the demo's)")
-    parser.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the demo's)")
-    parser.add_argument("--valid-images", type=int, default=480, help="the larger valid split's size")
-    parser.add_argument("--grpo", action="store_true", help="then the demo's GRPO stage (demo --rl) from each")
-    parser.add_argument("--overwrite", action="store_true", help="delete an earlier --out first")
-    args = parser.parse_args()
-
-    demo = Path(args.demo)
-    out = Path(args.out) if args.out else demo / "mask_loss_gain"
-    if out.exists() and args.overwrite:
-        shutil.rmtree(out)
+def compare(demo: Path, out: Path, changes: dict, label: str, args: argparse.Namespace) -> dict[str, dict]:
+    """Train the demo's recipe with `changes` (and, for a short check, without them), score both runs as the
+    demo picks their best step, on its split and the larger one; print the table. Returns each run's figures
+    ("without", "with", and with --grpo "grpo_without", "grpo_with"). `args`: --steps, --save-every,
+    --valid-images, --grpo (the other benchmarks that compare a recipe change share them)."""
     plan = DemoPlan.from_json(json.loads((demo / "demo.json").read_text())["plan"])
     steps, save_every = args.steps or plan.steps, args.save_every or plan.save_every
     demo_data = demo / "data" / "shapes"
     recipe = {**plan.train_settings(demo_data, out), "steps": steps, "save_every": save_every}
-    with_mask = {**recipe, "mask_loss_weight": args.weight, "mask_loss": args.mask_loss,
-                 "mask_loss_codes": args.mask_loss_codes}  # fmt: skip
     runs = {"without": demo / "run" if (steps, save_every) == (plan.steps, plan.save_every) else out / "without",
             "with": out / "with"}  # fmt: skip
-    print(f"the demo's recipe ({steps} steps of {plan.batch_size}, lr {plan.lr}, seed {plan.seed}) without the mask "
-          f"loss ({runs['without']}) and with {args.weight:g} x {args.mask_loss}, {args.mask_loss_codes} codes "
-          f"({runs['with']})", flush=True)  # fmt: skip
+    print(f"the demo's recipe ({steps} steps of {plan.batch_size}, lr {plan.lr}, seed {plan.seed}) as it is "
+          f"({runs['without']}) and with {label} ({runs['with']})", flush=True)  # fmt: skip
     session_s = {}
     if runs["without"] != demo / "run":
         session_s["without"] = train(recipe, runs["without"])
-    session_s["with"] = train(with_mask, runs["with"])
+    session_s["with"] = train({**recipe, **changes}, runs["with"])
     large_data = larger_valid_split(demo, out / "valid_large", args.valid_images)
     results = {name: score(run_dir, demo_data, large_data, out, name) for name, run_dir in runs.items()}
     if args.grpo:
@@ -117,8 +101,9 @@ def main() -> None:
             rl_dir = out / f"grpo_{name}"
             session_s[f"grpo_{name}"] = train(FULL_RL.train_settings(demo_data, run_dir, rl_dir, plan.seed), rl_dir)
             results[f"grpo_{name}"] = score(rl_dir, demo_data, large_data, out, f"grpo_{name}")
-    summary = {"settings": vars(args), "session_s": {k: round(v, 1) for k, v in session_s.items()}, **results}
-    files.write_json(out / "mask_loss_gain.json", summary)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    summary = {"settings": settings, "session_s": {k: round(v, 1) for k, v in session_s.items()}, **results}
+    files.write_json(out / "gain.json", summary)
 
     for name, result in results.items():
         print(f"{name}: trained {result['trained_s'] / 60:.1f} min; best step {result['picked_step']} (picked on the "
@@ -130,9 +115,41 @@ def main() -> None:
     if args.grpo:
         before, after = results["grpo_without"]["large_split"]["miou"], results["grpo_with"]["large_split"]["miou"]
         print(f"after GRPO: mask mIoU {before:.3f} -> {after:.3f}: {after - before:+.3f}")
+    return results
+
+
+def arguments(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every recipe comparison takes (`compare`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", required=True, help="a finished `paliseg demo` folder (data/shapes, run/, demo.json)")
+    parser.add_argument("--out", help=f"where the runs and reports go (default: DEMO/{default_out})")
+    parser.add_argument("--steps", type=int, help="optimizer steps of both runs (default: the demo's)")
+    parser.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the demo's)")
+    parser.add_argument("--valid-images", type=int, default=480, help="the larger valid split's size")
+    parser.add_argument("--grpo", action="store_true", help="then the demo's GRPO stage (demo --rl) from each")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier --out first")
+    return parser
+
+
+def output_folder(args: argparse.Namespace, default_out: str) -> Path:
+    out = Path(args.out) if args.out else Path(args.demo) / default_out
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    return out
+
+
+def main() -> None:
+    parser = arguments(__doc__, "mask_loss_gain")
+    parser.add_argument("--weight", type=float, default=1.0, help="--mask-loss-weight of the run with it")
+    parser.add_argument("--mask-loss", default="dice", choices=("dice", "bce"))
+    parser.add_argument("--mask-loss-codes", default="straight-through", choices=("straight-through", "expected"))
+    args = parser.parse_args()
+    changes = {"mask_loss_weight": args.weight, "mask_loss": args.mask_loss, "mask_loss_codes": args.mask_loss_codes}
+    label = f"{args.weight:g} x {args.mask_loss} mask loss ({args.mask_loss_codes} codes)"
+    results = compare(Path(args.demo), output_folder(args, "mask_loss_gain"), changes, label, args)
     before, after = results["without"]["large_split"]["miou"], results["with"]["large_split"]["miou"]
-    print(f"supervised gain of {args.weight:g} x {args.mask_loss} mask loss ({args.mask_loss_codes}): mask mIoU {before:.3f} -> {after:.3f} "
-          f"on {args.valid_images} valid images: {after - before:+.3f}")  # fmt: skip
+    print(f"supervised gain of {label}: mask mIoU {before:.3f} -> {after:.3f} on {args.valid_images} valid images: "
+          f"{after - before:+.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ number of processes; a run resumed with other --workers reads the same batches.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -283,7 +284,7 @@ class TrainData:
                                           self.config.augment_min_visible)  # fmt: skip
         # The run's VAE runs on the CPU: a worker process never claims an accelerator, and the codes do not
         # depend on the process that encoded them (--workers 0 on a GPU host gives the batches of --workers 2).
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        with _on_the_cpu():
             if self._vae is None:
                 self._vae = vae.load(self.vae_path)
             [targets] = augment.encode(self._vae, [moved])
@@ -364,6 +365,15 @@ class TrainData:
                 yield step, batch.pop("example_id"), batch
         finally:
             iterator.close()
+
+
+def _on_the_cpu() -> contextlib.AbstractContextManager:
+    """Where the geometric augmentation's VAE runs: the CPU. Only where another backend is the default does
+    this set the default device (a context that is part of jit's cache key: on a CPU host the VAE's programs
+    stay the ones every other caller compiled)."""
+    if jax.default_backend() == "cpu":
+        return contextlib.nullcontext()
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
 
 
 def _accept_absl_defaults() -> None:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 import vae
 from paliseg import checkpoints as base_checkpoints
@@ -227,6 +228,8 @@ def run(
     `stop_after` ends this session after that many steps in total, as an interruption would (tests use it
     to check resumption)."""
     out = check_out_folder(config, resume)
+    if jax.process_count() > 1:  # every process has looked at --out before process 0 writes to it
+        multihost_utils.sync_global_devices("paliseg train: --out checked")
     saved_steps = run_checkpoints.list_steps(out) if resume else []
     start_step = saved_steps[-1] if saved_steps else 0  # a run killed before its first save starts over
     if start_step >= config.steps:

@@ -171,11 +171,11 @@ class Predictor:
         size = batch_size or self.batch_size
         texts: list[decoding.Decoded] = []
         for start in range(0, len(images), size):
-            batch_images = padded(images[start : start + size], size)
+            chunk = images[start : start + size]
             decoded = self.decode_batch(
-                batch_images[self.local_rows(size)], padded(prompts[start : start + size], size)
+                padded(chunk, size)[self.local_rows(size)], padded(prompts[start : start + size], size)
             )
-            texts += decoded[: len(images[start : start + size])]
+            texts += decoded[: len(chunk)]
         return texts
 
     def local_rows(self, size: int) -> slice:

@@ -27,6 +27,8 @@ from train import run as run_folder
 from train import step as train_step
 from vae.model import SOFT_MASK_SCALE, MaskDecoder
 
+MASK_LOSS = train_config.TrainConfig(data=["d"], out="o", init="random", mask_loss_weight=1.0)
+
 
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory) -> tuple[Path, Path]:
@@ -75,7 +77,9 @@ def test_mask_loss_equals_a_direct_numpy_computation(masked, kind, codes):
         "target_masks": rng.uniform(0, 1, (size, slots, 64, 64)).astype(np.float32),
         "target_objects": np.asarray([[1, 1], [1, 0]], np.float32),
     }
-    got = train_step.mask_loss(jnp.asarray(logits), batch, train_step.mask_vae(model, seg_ids), kind, codes)
+    got = train_step.mask_loss(
+        jnp.asarray(logits), batch, train_step.seg_inputs(MASK_LOSS, model, seg_ids), kind, codes
+    )
 
     at_segs = logits[np.arange(size)[:, None, None], positions][..., seg_ids].astype(np.float64)  # [B, K, 16, 128]
     probs = np.exp(at_segs - at_segs.max(-1, keepdims=True))
@@ -104,7 +108,9 @@ def test_targets_and_gradient_reach_only_the_seg_positions(masked):
 
     vocab = tokenizer.vocab_size
     logits = jax.random.normal(jax.random.key(0), (*tokens[:, 1:].shape, vocab))
-    grads = jax.grad(train_step.mask_loss)(logits, batch, train_step.mask_vae(vae.load(vae_path), tokenizer.seg_ids))
+    grads = jax.grad(train_step.mask_loss)(
+        logits, batch, train_step.seg_inputs(MASK_LOSS, vae.load(vae_path), tokenizer.seg_ids)
+    )
     reached = np.abs(np.asarray(grads)).sum(axis=-1) > 0
     np.testing.assert_array_equal(reached, is_seg)  # loc, label, eos and prompt positions get no gradient
     is_loc = np.isin(tokens[:, 1:], tokenizer.loc_ids) & (loss_mask[:, 1:] == 1)
@@ -122,7 +128,7 @@ def test_one_hot_distributions_give_the_loss_of_the_decoded_ground_truth_tokens(
     targets = np.asarray(batch["tokens"][:, 1:])
     logits = 1e4 * jax.nn.one_hot(targets, tokenizer.vocab_size)  # the seg codes' softmax: the teacher's code
     model = vae.load(vae_path)
-    got = train_step.mask_loss(logits, batch, train_step.mask_vae(model, tokenizer.seg_ids), codes=codes)
+    got = train_step.mask_loss(logits, batch, train_step.seg_inputs(MASK_LOSS, model, tokenizer.seg_ids), codes=codes)
 
     segs = [codec.parse_suffix(train.examples[int(i)].record.suffix).objects[0].seg for i in example_ids]
     drawn = model.decode(np.asarray(segs))[:, None]  # [B, 1 object, 64, 64]
@@ -157,8 +163,8 @@ def test_the_loss_is_the_token_loss_plus_w_times_the_mask_loss(masked, trainable
     np.testing.assert_allclose(float(plain["loss"]), float(direct), rtol=1e-6)  # the token loss, as before
 
     _, _, step, state, frozen, batch, _ = _step_inputs(data, 0.5, trainable)
-    mask_vae = train_step.mask_vae(vae.load(vae_path), tokenizer.seg_ids)
-    new_state, both = step(state, frozen, batch, mask_vae)
+    seg = train_step.seg_inputs(MASK_LOSS, vae.load(vae_path), tokenizer.seg_ids)
+    new_state, both = step(state, frozen, batch, seg)
     np.testing.assert_allclose(float(both["token_loss"]), float(plain["loss"]), rtol=1e-6)
     assert float(both["mask_loss"]) > 0.01
     np.testing.assert_allclose(

@@ -210,6 +210,16 @@ class TrainConfig:
         below=1,
         group=OPTIMISATION,
     )
+    seg_label_smoothing: float = setting(
+        0.0,
+        "at seg positions, the true code keeps 1 - S and S goes to the codes nearest to it in the run's VAE "
+        "codebook (a near code draws a similar mask), so a near miss costs less than a far one; other positions "
+        "keep --label-smoothing",
+        metavar="S",
+        at_least=0,
+        below=1,
+        group=OPTIMISATION,
+    )
     mask_loss_weight: float = setting(
         0.0,
         "loss = token loss + W x mask loss: each object's seg-token distributions (teacher-forced) as expected "
@@ -529,6 +539,10 @@ def validate(config: TrainConfig) -> None:
         need(
             not config.mask_loss_weight,
             "--mask-loss-weight is a loss of --objective supervised; GRPO's reward is the mask IoU",
+        )
+        need(
+            not config.seg_label_smoothing,
+            "--seg-label-smoothing is a loss of --objective supervised; GRPO's reward is the mask IoU",
         )
     need(
         config.augment_min_scale <= config.augment_max_scale,

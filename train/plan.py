@@ -140,9 +140,9 @@ def batch_shapes(config: TrainConfig, model_cfg: ModelConfig, mesh=None) -> dict
     }
 
 
-def mask_vae_arguments(config: TrainConfig) -> tuple:
-    """The step's last argument with --mask-loss-weight (the mask VAE, as shapes); none without it."""
-    return (train_step.mask_vae_shapes(),) if config.mask_loss_weight else ()
+def seg_input_arguments(config: TrainConfig) -> tuple:
+    """The step's last argument where the seg-code losses need one (`train.step.seg_inputs`, as shapes)."""
+    return (train_step.seg_inputs_shapes(config),) if train_step.needs_seg_inputs(config) else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ class TrainStep:
 
     def compile(self) -> jax.stages.Compiled:
         return self.jitted.lower(
-            self.layout.state, self.layout.frozen, self.batch, *mask_vae_arguments(self.config)
+            self.layout.state, self.layout.frozen, self.batch, *seg_input_arguments(self.config)
         ).compile()
 
 
@@ -181,16 +181,16 @@ def activation_bytes(config: TrainConfig, model_cfg: ModelConfig, examples: int)
     micro = {key: jax.ShapeDtypeStruct(shape.shape[1:], shape.dtype) for key, shape in batch.items()}
     found = {}
 
-    def backward(trainable, frozen, micro, *mask_vae):
+    def backward(trainable, frozen, micro, *seg):
         def loss(params):
             full = param_sets.join(frozen, params)
-            return train_step.example_loss(config, model_cfg, full, micro, jax.random.key(0), *mask_vae)[0]
+            return train_step.example_loss(config, model_cfg, full, micro, jax.random.key(0), *seg)[0]
 
         _, vjp = jax.vjp(loss, trainable)
-        inputs = {id(leaf) for leaf in jax.tree.leaves((trainable, frozen, micro, mask_vae))}
+        inputs = {id(leaf) for leaf in jax.tree.leaves((trainable, frozen, micro, seg))}
         found["bytes"] = device_bytes([leaf for leaf in jax.tree.leaves(vjp) if id(leaf) not in inputs])
 
-    jax.eval_shape(backward, trainable, frozen, micro, *mask_vae_arguments(config))
+    jax.eval_shape(backward, trainable, frozen, micro, *seg_input_arguments(config))
     return found["bytes"]
 
 
@@ -202,7 +202,7 @@ def train_flops(config: TrainConfig) -> float:
     tx = optim.optimizer(micro)
     state = jax.eval_shape(lambda p: train_step.init_state(p, tx), trainable)
     step = train_step.jit_train_step(micro, model_cfg, tx, optim.schedule(micro))
-    lowered = step.lower(state, frozen, batch_shapes(micro, model_cfg), *mask_vae_arguments(config))
+    lowered = step.lower(state, frozen, batch_shapes(micro, model_cfg), *seg_input_arguments(config))
     return float(lowered.cost_analysis()["flops"]) * config.grad_accum
 
 

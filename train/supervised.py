@@ -17,16 +17,16 @@ FIELDS = ("step", "loss", "lr", "grad_norm", "examples_per_s", "elapsed_s")
 
 
 def jit_step(config, model_cfg, tx, lr_schedule, mesh, frozen_shardings, state_shardings):
-    """`train.step.jit_train_step` with the shardings of its arguments (state, frozen, batch, and with
-    --mask-loss-weight the mask VAE, replicated) and results on `mesh`: the program `paliseg train` runs
+    """`train.step.jit_train_step` with the shardings of its arguments (state, frozen, batch, and where
+    needed the seg-code losses' inputs, replicated) and results on `mesh`: the program `paliseg train` runs
     (and `train.plan` plans)."""
-    mask_vae = (sharding.replicated(mesh),) if config.mask_loss_weight else ()
+    seg = (sharding.replicated(mesh),) if train_step.needs_seg_inputs(config) else ()
     return train_step.jit_train_step(
         config,
         model_cfg,
         tx,
         lr_schedule,
-        in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh), *mask_vae),
+        in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh), *seg),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
     )
 
@@ -40,11 +40,12 @@ class Supervised:
     def __init__(self, context: Context):
         self.context = context
         self.fields = FIELDS
-        self.mask_vae: tuple = ()  # the step's last argument with --mask-loss-weight
-        if context.config.mask_loss_weight > 0:  # the VAE that wrote the data's tokens decodes the model's
+        self.seg_inputs: tuple = ()  # the step's last argument where `train.step.needs_seg_inputs`
+        if train_step.needs_seg_inputs(context.config):  # from the VAE that wrote the data's seg tokens
             model = context.load_vae()
             self.vae_source = model.source
-            self.mask_vae = (train_step.mask_vae(model, context.tokenizer.seg_ids),)
+            self.seg_inputs = (train_step.seg_inputs(context.config, model, context.tokenizer.seg_ids),)
+        if context.config.mask_loss_weight > 0:
             self.fields = FIELDS[:2] + train_step.MASK_LOSS_METRICS + FIELDS[2:]
 
     def describe(self) -> str:
@@ -55,13 +56,15 @@ class Supervised:
                 f"; + {config.mask_loss_weight:g} x {config.mask_loss} mask loss ({config.mask_loss_codes} codes) "
                 f"through the VAE {self.vae_source}"
             )
+        if config.seg_label_smoothing:
+            described += f"; seg label smoothing {config.seg_label_smoothing:g} by the codebook of {self.vae_source}"
         return described
 
     def compile(self, tx, lr_schedule, start: Start) -> None:
         self.frozen = start.frozen
         context = self.context
         replicated = sharding.replicated(context.mesh)
-        self.mask_vae = sharding.place(self.mask_vae, jax.tree.map(lambda _: replicated, self.mask_vae))
+        self.seg_inputs = sharding.place(self.seg_inputs, jax.tree.map(lambda _: replicated, self.seg_inputs))
         self.step_fn = jit_step(
             context.config,
             context.model_cfg,
@@ -73,7 +76,7 @@ class Supervised:
         )
 
     def step(self, step: int, state: Any, example_ids: np.ndarray, batch: dict[str, np.ndarray]) -> tuple[Any, dict]:
-        return self.step_fn(state, self.frozen, sharding.global_batch(batch, self.context.mesh), *self.mask_vae)
+        return self.step_fn(state, self.frozen, sharding.global_batch(batch, self.context.mesh), *self.seg_inputs)
 
     def postfix(self, row: dict[str, float]) -> dict[str, str]:
         masks = {"mask": f"{row['mask_loss']:.4f}"} if "mask_loss" in row else {}

@@ -28,6 +28,17 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # Made (deterministically) by:
 #   python -c "from paliseg.tokenizer import build_tiny_tokenizer as b; b('paliseg/assets/tiny_tokenizer.model')"
 TINY_TOKENIZER = ASSETS / "tiny_tokenizer.model"
+
+
+def installed_asset(path: Path) -> Path:
+    """`path`, or where it is missing and names a file bundled with paliseg (`.../paliseg/assets/NAME`), this
+    installation's copy: a run records the absolute path of the bundled file it used, and is still read
+    after paliseg moved (another checkout, a rebuilt venv)."""
+    if path.is_file() or path.parent.parts[-2:] != ("paliseg", "assets") or not (ASSETS / path.name).is_file():
+        return path
+    return ASSETS / path.name
+
+
 # Pieces in the bundled tiny tokenizer (tests check this against the file): the tiny presets' vocab.
 TINY_VOCAB_SIZE = 1792
 PALIGEMMA_VOCAB_SIZE = 256_000 + 1024 + 128

@@ -22,6 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from paliseg import tokens as codec
+from paliseg.config import installed_asset
 from paliseg.files import write_bytes
 
 SEPARATOR = "\n"
@@ -29,7 +30,7 @@ SEPARATOR = "\n"
 
 class Tokenizer:
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = installed_asset(Path(path))
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path = path

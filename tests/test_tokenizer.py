@@ -106,3 +106,11 @@ def test_missing_file_and_non_paligemma_tokenizer_are_clear_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="no piece for <loc0000>"):
         Tokenizer(tmp_path / "plain.model")
+
+
+def test_a_bundled_tokenizer_recorded_by_another_checkout_is_this_installations(tmp_path):
+    """A run records the absolute path of the bundled tokenizer it trained with; moved, it still loads."""
+    elsewhere = tmp_path / "old_checkout" / "paliseg" / "assets" / cfgs.TINY_TOKENIZER.name
+    assert Tokenizer(elsewhere).vocab_size == Tokenizer(cfgs.TINY_TOKENIZER).vocab_size
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        Tokenizer(tmp_path / "old_checkout" / "other" / "assets" / cfgs.TINY_TOKENIZER.name)  # not paliseg's assets

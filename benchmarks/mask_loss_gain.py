@@ -79,9 +79,10 @@ def table(title: str, rows: dict[str, dict]) -> None:
 
 def compare(demo: Path, out: Path, changes: dict, label: str, args: argparse.Namespace) -> dict[str, dict]:
     """Train the demo's recipe with `changes` (and, for a short check, without them), score both runs as the
-    demo picks their best step, on its split and the larger one; print the table. Returns each run's figures
-    ("without", "with", and with --grpo "grpo_without", "grpo_with"). `args`: --steps, --save-every,
-    --valid-images, --grpo (the other benchmarks that compare a recipe change share them)."""
+    demo picks their best step, on its split and the larger one; print the table, the supervised change last.
+    Returns each run's figures ("without", "with", and with --grpo "grpo_without", "grpo_with"). `args`:
+    --steps, --save-every, --valid-images, --grpo (the other benchmarks that compare a recipe change share
+    them)."""
     plan = DemoPlan.from_json(json.loads((demo / "demo.json").read_text())["plan"])
     steps, save_every = args.steps or plan.steps, args.save_every or plan.save_every
     demo_data = demo / "data" / "shapes"
@@ -115,6 +116,9 @@ def compare(demo: Path, out: Path, changes: dict, label: str, args: argparse.Nam
     if args.grpo:
         before, after = results["grpo_without"]["large_split"]["miou"], results["grpo_with"]["large_split"]["miou"]
         print(f"after GRPO: mask mIoU {before:.3f} -> {after:.3f}: {after - before:+.3f}")
+    before, after = results["without"]["large_split"]["miou"], results["with"]["large_split"]["miou"]
+    print(f"supervised change with {label}: mask mIoU {before:.3f} -> {after:.3f} on {args.valid_images} valid "
+          f"images: {after - before:+.3f}")  # fmt: skip
     return results
 
 
@@ -146,10 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     changes = {"mask_loss_weight": args.weight, "mask_loss": args.mask_loss, "mask_loss_codes": args.mask_loss_codes}
     label = f"{args.weight:g} x {args.mask_loss} mask loss ({args.mask_loss_codes} codes)"
-    results = compare(Path(args.demo), output_folder(args, "mask_loss_gain"), changes, label, args)
-    before, after = results["without"]["large_split"]["miou"], results["with"]["large_split"]["miou"]
-    print(f"supervised gain of {label}: mask mIoU {before:.3f} -> {after:.3f} on {args.valid_images} valid images: "
-          f"{after - before:+.3f}")  # fmt: skip
+    compare(Path(args.demo), output_folder(args, "mask_loss_gain"), changes, label, args)
 
 
 if __name__ == "__main__":

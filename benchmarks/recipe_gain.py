@@ -36,10 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     changes = dict(setting(text) for text in args.set)
     label = ", ".join(f"{name}={value}" for name, value in changes.items())
-    results = compare(Path(args.demo), output_folder(args, "recipe_gain"), changes, label, args)
-    before, after = results["without"]["large_split"]["miou"], results["with"]["large_split"]["miou"]
-    print(f"supervised change with {label}: mask mIoU {before:.3f} -> {after:.3f} on {args.valid_images} valid "
-          f"images: {after - before:+.3f}")  # fmt: skip
+    compare(Path(args.demo), output_folder(args, "recipe_gain"), changes, label, args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ image's G samples (what a policy that always drew its best sample would score).
 
 GRPO moves probability toward each group's better samples, so best-of-G bounds what it can distil from
 the policy it starts with; a run that only sharpens its policy shows a rising sample mean and a falling
-best-of-G while the greedy score barely moves. Samples are drawn as `paliseg train --objective grpo`
+best-of-G while the greedy score barely moves. Two answers decoding alone could give from the same samples
+are scored too: the sample whose mask agrees most with the others' (minimum Bayes risk by mask IoU), and
+the pixel-wise majority of the G masks (an invalid sample votes for an empty mask). Samples are drawn as `paliseg train --objective grpo`
 draws them (the KV-cached decoder under the segmentation grammar) and rewarded by its reward.
 """
 
@@ -22,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vae
+from metrics import masks as mask_metrics
 from paliseg import decoding, images
 from train import data as train_data
 from train import grpo, loop
@@ -61,7 +64,8 @@ def main() -> None:
     )
     classes = [e.record.prefix.removeprefix("segment ") for e in data.examples]
 
-    def rewards(sampling: decoding.Sampling, group: int) -> np.ndarray:
+    def masks(sampling: decoding.Sampling, group: int) -> list[list[np.ndarray]]:
+        """Per image, its `group` samples' union masks at the image's size (an invalid sample's: empty)."""
         prompts = {
             key: np.stack([rollouts.prompt(int(i))[key] for i in ids]) for key in ("tokens", "mask_ar", "mask_input")
         }
@@ -71,14 +75,24 @@ def main() -> None:
             grammar=grammar, sampling=sampling, rng=jax.random.key(args.seed), samples_per_prompt=group,
         )  # fmt: skip
         texts = [tokenizer.decode(row) for row in np.asarray(generated.tokens)]
-        return rollouts.rewards(np.repeat(ids, group), texts).reshape(-1, group)
+        sizes = [(data.examples[i].width, data.examples[i].height) for i in np.repeat(ids, group)]
+        decoded = vae.texts_masks([(text, *size) for text, size in zip(texts, sizes)], rollouts.vae)
+        unions = [np.zeros((h, w), bool) if d.union is None else d.union for d, (w, h) in zip(decoded, sizes)]
+        return [unions[row * group : (row + 1) * group] for row in range(len(ids))]
 
-    greedy = rewards(decoding.Sampling(), 1)[:, 0]
-    sampled = rewards(decoding.Sampling(args.temperature, 1.0), args.group)
+    def ious(predicted: list[np.ndarray]) -> np.ndarray:
+        return np.asarray([mask_metrics.iou(mask, rollouts.ground_truth(int(i))[0]) for i, mask in zip(ids, predicted)])
+
+    greedy = ious([group[0] for group in masks(decoding.Sampling(), 1)])
+    groups = masks(decoding.Sampling(args.temperature, 1.0), args.group)
+    sampled = np.stack([ious([group[g] for group in groups]) for g in range(args.group)], axis=1)
+    agreement = [[[mask_metrics.iou(a, b) for b in group] for a in group] for group in groups]
     rows = {
         "greedy": greedy,
         f"sample mean (T={args.temperature})": sampled.mean(1),
         f"best of {args.group}": sampled.max(1),
+        f"MBR of {args.group}": ious([group[int(np.argmax(np.sum(a, 1)))] for group, a in zip(groups, agreement)]),
+        f"vote of {args.group}": ious([np.mean(group, axis=0) > 0.5 for group in groups]),
     }
     names = sorted(set(classes))
     print(f"{args.run} step {config.init_step}, {len(ids)} {args.split} images")

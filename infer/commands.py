@@ -142,6 +142,7 @@ def load_predictor(model: ModelSettings, decoding: DecodingSettings, **options):
 
     if decoding.max_new_tokens:
         options["max_new_tokens"] = decoding.max_new_tokens
+    options.update(samples=decoding.samples, temperature=decoding.temperature)
     weights = {"tokenizer": model.tokenizer, "dtype": decoding.dtype, "quantize": decoding.quantize}
     if model.run_dir is not None:
         if model.preset:

@@ -66,6 +66,12 @@ class DecodingSettings:
         None, "decoding budget per image (default: the run's --seq-len, else 128; an object is ~22 tokens)",
         metavar="T", at_least=1, group=DECODING,
     )  # fmt: skip
+    samples: int = setting(
+        1, "each answer the consensus of G answers sampled at --temperature (their median boxes and codebook-mean "
+        "seg codes, `infer.consensus`): better masks than greedy decoding for G times the decoding; 1: greedy",
+        metavar="G", at_least=1, group=DECODING,
+    )  # fmt: skip
+    temperature: float = setting(0.7, "the sampling temperature of --samples", metavar="T", above=0, group=DECODING)
     vae: Path | None = setting(
         None, "mask VAE (default: the one the run's data was converted with; for a plain checkpoint "
         "models/vae-oid.npz, else the bundled one)", metavar="NPZ", group=DECODING,

@@ -55,10 +55,14 @@ class Predictor:
         step: int | None = None,
         constrain: bool | None = None,
         mesh=None,
+        samples: int = 1,
+        temperature: float = 0.7,
+        seed: int = 0,
     ):
         """`mesh`: decode each batch split over its devices, of every process (`train.sharding.make_mesh`;
         `paliseg eval` across devices and hosts); the batch size is rounded up to a multiple of them. None:
-        one device."""
+        one device. `samples` > 1: each answer is the consensus of that many answers sampled at `temperature`
+        (`infer.consensus`; the same `seed` for every batch), not the greedy one."""
         import vae
 
         if tokenizer.vocab_size > config.llm.vocab_size:
@@ -88,6 +92,7 @@ class Predictor:
         self.source = source
         self.step = step  # the run step the params are from (from_run), else None
         self.constrain = constrain  # the segmentation grammar: None = for "segment ..." prompts (predict_texts)
+        self.samples, self.temperature, self.seed = samples, temperature, seed
 
     @classmethod
     def from_run(
@@ -193,10 +198,26 @@ class Predictor:
         pixels = np.stack(images)
         if self.mesh is not None:
             pixels = sharding.global_rows(pixels, self.mesh)
-        return decoding.predict_texts(
+        if self.samples == 1:
+            return decoding.predict_texts(
+                self.config, self.params, self.tokenizer, pixels, prompts, max_new_tokens=self.max_new_tokens,
+                constrain=self.constrain,
+            )  # fmt: skip
+        import jax
+
+        from infer import consensus
+
+        sampled = decoding.predict_texts(
             self.config, self.params, self.tokenizer, pixels, prompts, max_new_tokens=self.max_new_tokens,
-            constrain=self.constrain,
+            constrain=self.constrain, sampling=decoding.Sampling(self.temperature, 1.0),
+            rng=jax.random.key(self.seed), samples_per_prompt=self.samples,
         )  # fmt: skip
+        codebook = np.asarray(self.vae.params["codebook"])
+        answers = []
+        for row in range(len(prompts)):
+            group = sampled[row * self.samples : (row + 1) * self.samples]
+            answers.append(decoding.Decoded(*consensus.consensus([item.text for item in group], codebook)))
+        return answers
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         from paliseg import images

@@ -85,7 +85,13 @@ class StepResult:
 
 
 def _fingerprint(
-    run: Run, step: int, max_new_tokens: int | None, dtype: str | None = None, quantize: str | None = None
+    run: Run,
+    step: int,
+    max_new_tokens: int | None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    samples: int = 1,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """What a cached text depends on: the run's settings (config.json), the step, the decoding, and --dtype and
     --quantize when given (absent otherwise, so caches written before they existed stay valid)."""
@@ -95,6 +101,11 @@ def _fingerprint(
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy; segmentation grammar for 'segment' prompts",
     }
+    if samples > 1:
+        fingerprint["decoding"] = (
+            f"consensus of {samples} samples at temperature {temperature:g} (seed 0); segmentation grammar for "
+            "'segment' prompts"
+        )
     if dtype is not None:
         fingerprint["dtype"] = dtype
     if quantize is not None:
@@ -257,7 +268,9 @@ def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | Non
 
     for step in wanted:
         started = time.perf_counter()
-        fingerprint = _fingerprint(run, step, max_new_tokens, decoding.dtype, decoding.quantize)
+        fingerprint = _fingerprint(
+            run, step, max_new_tokens, decoding.dtype, decoding.quantize, decoding.samples, decoding.temperature
+        )
         cache = (
             prediction_cache.PredictionCache(prediction_cache.step_path(out_dir, step), fingerprint) if writer else None
         )
@@ -271,6 +284,8 @@ def evaluate_run(config: EvalSettings, on_step_done: Callable[[int], None] | Non
             dtype=decoding.dtype,
             quantize=decoding.quantize,
             mesh=mesh,
+            samples=decoding.samples,
+            temperature=decoding.temperature,
         )
         try:
             decoded = decode_step(factory, todo, cache, f"step {step}")

@@ -440,8 +440,10 @@ def predict_texts(
     constrain: bool | None = None,
     sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
+    samples_per_prompt: int = 1,
 ) -> list[Decoded]:
-    """Images [B,H,W,3] in [-1,1] and one prompt per image -> decoded suffixes with per-object confidences.
+    """Images [B,H,W,3] in [-1,1] and one prompt per image -> decoded suffixes with per-object confidences
+    (with `samples_per_prompt` G: B * G of them, each prompt's G in a row, as `generate` gives them).
     `constrain=None` uses the grammar for every batch whose prompts all start with "segment". `images` may be
     a global array split over several devices and processes (`infer.predictor.Predictor` with a mesh): every
     process passes every prompt and gets every row's text."""
@@ -466,6 +468,7 @@ def predict_texts(
         grammar=grammar,
         sampling=sampling,
         rng=rng,
+        samples_per_prompt=samples_per_prompt,
     )
     tokens, logprobs = _every_row(out.tokens), _every_row(out.logprobs)
     return [Decoded(tokenizer.decode(row), chunk_scores(tokenizer, row, lp)) for row, lp in zip(tokens, logprobs)]

@@ -9,8 +9,9 @@
     prediction.mask, prediction.boxes, prediction.labels, prediction.text, prediction.objects
 
 Decoding is `paliseg.decoding.predict_texts` (KV cache, greedy, the segmentation grammar for "segment"
-prompts) in batches of `batch_size` (the last one padded, so one program is compiled per prompt-length
-bucket); masks come from the VAE at each image's own resolution (`infer.prediction.from_texts`).
+prompts; with `samples=G` the consensus of G sampled answers, `infer.consensus`) in batches of `batch_size`
+(the last one padded, so one program is compiled per prompt-length bucket); masks come from the VAE at each
+image's own resolution (`infer.prediction.from_texts`).
 """
 
 from __future__ import annotations

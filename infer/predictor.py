@@ -199,24 +199,24 @@ class Predictor:
         pixels = np.stack(images)
         if self.mesh is not None:
             pixels = sharding.global_rows(pixels, self.mesh)
-        if self.samples == 1:
-            return decoding.predict_texts(
-                self.config, self.params, self.tokenizer, pixels, prompts, max_new_tokens=self.max_new_tokens,
-                constrain=self.constrain,
-            )  # fmt: skip
-        import jax
+        sampling = {}
+        if self.samples > 1:
+            import jax
 
+            sampling = {"sampling": decoding.Sampling(self.temperature, 1.0), "rng": jax.random.key(self.seed),
+                        "samples_per_prompt": self.samples}  # fmt: skip
+        decoded = decoding.predict_texts(
+            self.config, self.params, self.tokenizer, pixels, prompts, max_new_tokens=self.max_new_tokens,
+            constrain=self.constrain, **sampling,
+        )  # fmt: skip
+        if self.samples == 1:
+            return decoded
         from infer import consensus
 
-        sampled = decoding.predict_texts(
-            self.config, self.params, self.tokenizer, pixels, prompts, max_new_tokens=self.max_new_tokens,
-            constrain=self.constrain, sampling=decoding.Sampling(self.temperature, 1.0),
-            rng=jax.random.key(self.seed), samples_per_prompt=self.samples,
-        )  # fmt: skip
         codebook = np.asarray(self.vae.params["codebook"])
         answers = []
         for row in range(len(prompts)):
-            group = sampled[row * self.samples : (row + 1) * self.samples]
+            group = decoded[row * self.samples : (row + 1) * self.samples]
             answers.append(decoding.Decoded(*consensus.consensus([item.text for item in group], codebook)))
         return answers
 

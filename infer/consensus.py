@@ -64,9 +64,14 @@ def _merged(members: Sequence[codec.SegObject], codebook: np.ndarray) -> codec.S
 
 def consensus(texts: Sequence[str], codebook) -> tuple[str, tuple[float, ...]]:
     """(the answer's text, each of its objects' share of the samples holding it) of G sampled `texts` of one
-    prompt; `codebook`: the VAE's [128, D] code vectors. Objects in reading order."""
+    prompt; `codebook`: the VAE's [128, D] code vectors. Objects in reading order. Where most samples hold
+    no object list at all (a caption, or invalid output), the answer is the most common of those texts."""
     codebook = np.asarray(codebook, np.float64)
-    samples = [codec.parse_suffix(text, require_seg=False).objects for text in texts]
+    parsed = [(text, codec.parse_suffix(text, require_seg=False).objects) for text in texts]
+    samples = [objects for text, objects in parsed if objects or not text.strip()]
+    if 2 * len(samples) < len(texts):
+        others = collections.Counter(text for text, objects in parsed if text.strip() and not objects)
+        return others.most_common(1)[0][0], ()
     counts = collections.Counter(len(objects) for objects in samples)
     size = min(count for count, times in counts.items() if times == max(counts.values()))
     if size == 0:

@@ -56,6 +56,13 @@ def test_the_most_common_object_count_wins_and_objects_match_by_label_and_box():
     assert consensus.consensus(["", "", _text(one)], CODEBOOK) == ("", ())  # most say: nothing here
 
 
+def test_texts_that_are_not_object_lists_keep_their_most_common_one():
+    captions = ["a wall with a crack", "a cracked wall", "a cracked wall", ""]
+    assert consensus.consensus(captions, CODEBOOK) == ("a cracked wall", ())
+    mostly_objects = [_text(((100, 100, 400, 400), 1, "crack"))] * 3 + ["<loc0100> broken"]
+    assert consensus.consensus(mostly_objects, CODEBOOK)[1] == (0.75,)  # the invalid sample holds no object
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp("consensus"))

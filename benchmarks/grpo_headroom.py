@@ -8,8 +8,8 @@ GRPO moves probability toward each group's better samples, so best-of-G bounds w
 the policy it starts with; a run that only sharpens its policy shows a rising sample mean and a falling
 best-of-G while the greedy score barely moves. Two answers decoding alone could give from the same samples
 are scored too: the sample whose mask agrees most with the others' (minimum Bayes risk by mask IoU), and
-the pixel-wise majority of the G masks (an invalid sample votes for an empty mask). Samples are drawn as `paliseg train --objective grpo`
-draws them (the KV-cached decoder under the segmentation grammar) and rewarded by its reward.
+the pixel-wise majority of the G masks (an invalid sample votes for an empty mask). Samples are drawn as
+`paliseg train --objective grpo` draws them (the KV-cached decoder under the segmentation grammar) and rewarded by its reward.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def main() -> None:
         unions = [np.zeros((h, w), bool) if d.union is None else d.union for d, (w, h) in zip(decoded, sizes)]
         return [unions[row * group : (row + 1) * group] for row in range(len(ids))]
 
+    truths = [rollouts.ground_truth(int(i))[0] for i in ids]  # read once: every row below scores against them
+
     def ious(predicted: list[np.ndarray]) -> np.ndarray:
-        return np.asarray([mask_metrics.iou(mask, rollouts.ground_truth(int(i))[0]) for i, mask in zip(ids, predicted)])
+        return np.asarray([mask_metrics.iou(mask, truth) for mask, truth in zip(predicted, truths)])
 
     greedy = ious([group[0] for group in masks(decoding.Sampling(), 1)])
     groups = masks(decoding.Sampling(args.temperature, 1.0), args.group)
